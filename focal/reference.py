@@ -1,0 +1,128 @@
+"""Pure-PyTorch reference for the sigmoid focal loss.
+
+Written directly from "Focal Loss for Dense Object Detection" (Lin et al., 2017): equations (1)–(5) for
+the loss and Appendix B for its derivative. It materialises every intermediate (including the one-hot
+target tensor for class-id targets), so it is slow and memory hungry, and that is the point: it is
+the plain statement of the math that the fused kernels are tested against.
+
+Both functions take the same arguments as :func:`focal.sigmoid_focal_loss` and follow the same
+conventions (see its docstring); they do no argument validation beyond what the math needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
+
+
+def expand_targets(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(soft_targets, keep)``, both shaped like ``inputs`` and in its dtype.
+
+    Float targets pass through. Integer class ids of shape ``inputs.shape[:-1]`` become one-hot rows
+    (``-1`` is an all-zero background row); rows whose id equals ``ignore_index`` get ``keep == 0``.
+    Label smoothing ``eps`` then maps every binary target ``t`` to ``t * (1 - eps) + eps / 2``.
+    """
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        soft = targets.to(inputs.dtype)
+        keep = torch.ones_like(inputs)
+    else:
+        num_classes = inputs.shape[-1]
+        ids = targets.long()
+        ignored = ids == ignore_index
+        ids = torch.where(ignored, torch.full_like(ids, -1), ids)
+        classes = torch.arange(num_classes, device=inputs.device)
+        soft = (ids.unsqueeze(-1) == classes).to(inputs.dtype)
+        keep = (~ignored).unsqueeze(-1).expand_as(inputs).to(inputs.dtype)
+    if label_smoothing:
+        soft = soft * (1.0 - label_smoothing) + label_smoothing / 2.0
+    return soft, keep
+
+
+def _alpha_t(t: torch.Tensor, alpha: float | None) -> torch.Tensor | float:
+    if alpha is None or alpha < 0:
+        return 1.0
+    return alpha * t + (1.0 - alpha) * (1.0 - t)
+
+
+def _reduce(loss, keep, reduction, normalizer):
+    if normalizer is not None:
+        loss = loss / normalizer
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / keep.sum()
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def sigmoid_focal_loss(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The focal loss of equation (5), ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)``, elementwise.
+
+    For a soft target ``t`` this is the binary cross entropy ``CE = -t log p - (1 - t) log(1 - p)``
+    scaled by ``alpha_t (1 - p_t)^gamma`` with ``p_t = p t + (1 - p)(1 - t)`` and
+    ``alpha_t = alpha t + (1 - alpha)(1 - t)``, which reduces to the paper's definitions for t in {0, 1}
+    and is what ``torchvision.ops.sigmoid_focal_loss`` computes. Differentiable by autograd.
+    """
+    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
+    p = torch.sigmoid(inputs)
+    ce = F.binary_cross_entropy_with_logits(inputs, soft, reduction="none")
+    p_t = p * soft + (1 - p) * (1 - soft)
+    loss = _alpha_t(soft, alpha) * ce * (1 - p_t) ** gamma
+    if weight is not None:
+        loss = loss * weight
+    loss = loss * keep
+    return _reduce(loss, keep, reduction, normalizer)
+
+
+def sigmoid_focal_loss_grad(
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """d loss / d inputs for hard (binary or class-id) targets, from the paper's Appendix B.
+
+    With ``y`` in {-1, +1}, ``x_t = y x`` and ``p_t = sigmoid(x_t)``:
+    ``dFL/dx = alpha_t * y * (1 - p_t)^gamma * (gamma * p_t * log(p_t) + p_t - 1)``.
+    The result is the gradient of the *reduced* loss (``sum``, ``mean`` or with ``normalizer``), or of
+    ``loss.sum()`` for ``reduction="none"``.
+    """
+    soft, keep = expand_targets(inputs, targets, ignore_index)
+    y = 2 * soft - 1
+    x_t = y * inputs
+    p_t = torch.sigmoid(x_t)
+    log_p_t = F.logsigmoid(x_t)
+    one_minus_p_t = torch.sigmoid(-x_t)
+    grad = _alpha_t(soft, alpha) * y * one_minus_p_t**gamma * (gamma * p_t * log_p_t + p_t - 1)
+    if weight is not None:
+        grad = grad * weight
+    grad = grad * keep
+    if normalizer is not None:
+        grad = grad / normalizer
+    if reduction == "mean":
+        grad = grad / keep.sum()
+    return grad
