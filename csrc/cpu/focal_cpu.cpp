@@ -1,0 +1,117 @@
+// CPU backend: checks, class-id validation, output allocation and the parallel loop. The per-row
+// work runs in focal_kernel.cpp, compiled once per instruction set; this file picks the copy.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "../focal_ops.h"
+#include "focal_kernel.h"
+#include "hugepage_alloc.h"
+
+namespace focal::cpu {
+namespace {
+
+// Elements per parallel work item. Work items are fixed by the shape alone, and their partial sums
+// are added in order, so a reduced loss is bitwise identical for any number of threads.
+constexpr int64_t kBlockElements = 16384;
+
+// Follows ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too.
+RowsFn select_rows_fn() {
+  static const RowsFn fn = [] {
+    const std::string capability = at::get_cpu_capability();
+#if defined(FOCAL_HAVE_AVX512)
+    if (capability == "AVX512") return &AVX512::focal_rows;
+#endif
+#if defined(FOCAL_HAVE_AVX2)
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::focal_rows;
+#endif
+    return &DEFAULT::focal_rows;
+  }();
+  return fn;
+}
+
+// Checks every class id and returns the number of rows that are not ignored.
+int64_t count_kept_rows(const FocalCall& call) {
+  const int64_t* ids = call.targets.const_data_ptr<int64_t>();
+  const int64_t cols = call.cols();
+  int64_t kept = 0;
+  for (int64_t r = 0; r < call.rows(); ++r) {
+    const int64_t id = ids[r];
+    if (id == call.ignore_index) continue;
+    TORCH_CHECK_VALUE(id >= -1 && id < cols, "class id ", id, " at row ", r,
+                      " is out of range: expected a class in [0, ", cols,
+                      "), -1 for background, or ignore_index (", call.ignore_index, ")");
+    ++kept;
+  }
+  return kept;
+}
+
+std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
+    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& normalizer,
+    double alpha, double gamma, double label_smoothing, int64_t ignore_index,
+    c10::string_view reduction, double scale, bool compute_grad) {
+  const FocalCall call =
+      make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
+                ignore_index, std::string_view(reduction.data(), reduction.size()), scale,
+                compute_grad);
+  const int64_t rows = call.rows(), cols = call.cols();
+
+  int64_t kept_rows = rows;
+  if (call.class_ids()) kept_rows = count_kept_rows(call);
+  double total_scale = call.scale;
+  if (normalizer) {
+    const double value = normalizer->item<double>();
+    TORCH_CHECK_VALUE(value > 0 && std::isfinite(value),
+                      "normalizer must be finite and > 0, got ", value);
+    total_scale /= value;
+  }
+  if (call.reduction == Reduction::kMean) total_scale /= static_cast<double>(kept_rows * cols);
+
+  const auto options = logits.options();
+  const at::Tensor grad = compute_grad ? empty_huge({rows, cols}, options) : at::empty({0}, options);
+  at::Tensor loss;
+  if (call.reduction == Reduction::kNone) loss = empty_huge({rows, cols}, options);
+  const FocalArgs args = call.kernel_args(loss, compute_grad ? grad : at::Tensor());
+
+  const int64_t block_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
+  const int64_t blocks = rows == 0 || cols == 0 ? 0 : (rows + block_rows - 1) / block_rows;
+  std::vector<double> partial(blocks, 0.0);
+  const RowsFn rows_fn = select_rows_fn();
+  const GammaKind gamma_kind = call.gamma_kind();
+  const auto dtype = logits.scalar_type();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block_rows, r1 = std::min(rows, r0 + block_rows);
+      partial[b] = rows_fn(args, dtype, gamma_kind, total_scale, r0, r1);
+    }
+  });
+
+  if (call.reduction != Reduction::kNone) {
+    double sum = 0;
+    for (const double p : partial) sum += p;
+    const double value =
+        call.reduction == Reduction::kMean && kept_rows * cols == 0 ? NAN : sum * total_scale;
+    loss = at::empty({}, options.dtype(call.reduced_dtype()));
+    if (loss.scalar_type() == at::kDouble) {
+      *loss.mutable_data_ptr<double>() = value;
+    } else {
+      *loss.mutable_data_ptr<float>() = static_cast<float>(value);
+    }
+  }
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(focal, CPU, m) {
+  m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cpu);
+}
+
+}  // namespace focal::cpu

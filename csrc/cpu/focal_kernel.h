@@ -1,0 +1,28 @@
+// CPU kernel entry points, one copy per instruction set (see setup.py and focal_kernel.cpp).
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "../focal_args.h"
+#include "../focal_math.h"
+
+namespace focal::cpu {
+
+// Processes rows [row_begin, row_end) of `args`: writes the loss (reduction "none") and the gradient
+// when their pointers are set, both multiplied by `scale`, and returns the unscaled sum of the
+// weighted losses of those rows (0 when the loss is written out).
+using RowsFn = double (*)(const FocalArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
+                          double scale, int64_t row_begin, int64_t row_end);
+
+#define FOCAL_DECLARE_ROWS_FN(ISA)                                                              \
+  namespace ISA {                                                                               \
+  double focal_rows(const FocalArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,         \
+                    double scale, int64_t row_begin, int64_t row_end);                          \
+  }
+
+FOCAL_DECLARE_ROWS_FN(DEFAULT)
+FOCAL_DECLARE_ROWS_FN(AVX2)
+FOCAL_DECLARE_ROWS_FN(AVX512)
+#undef FOCAL_DECLARE_ROWS_FN
+
+}  // namespace focal::cpu

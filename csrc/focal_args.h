@@ -1,0 +1,31 @@
+// Plain description of one focal-loss launch, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+namespace focal {
+
+enum class TargetKind {
+  kFloat,            // (rows, cols) binary or soft targets in the logits' dtype
+  kClassId,          // (rows,) int64 class ids: [0, cols) positive, -1 background, ignore_index
+  kClassIdSmoothed,  // class ids with label smoothing: positives 1 - eps/2, negatives eps/2
+};
+
+struct FocalArgs {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* logits = nullptr;       // (rows, cols), contiguous
+  const void* targets = nullptr;      // see TargetKind
+  const void* row_weight = nullptr;   // (rows,) or nullptr
+  const void* elem_weight = nullptr;  // (cols,) shared by every row or (rows, cols), or nullptr
+  int64_t elem_weight_row_stride = 0; // 0 for (cols,), cols for (rows, cols)
+  void* loss = nullptr;               // (rows, cols) for reduction "none", else nullptr
+  void* grad = nullptr;               // (rows, cols) d(scaled loss)/d logits, or nullptr
+  float alpha = 0.25f;                // < 0: no alpha weighting
+  float gamma = 2.f;
+  float label_smoothing = 0.f;
+  int64_t ignore_index = -100;
+  TargetKind target_kind = TargetKind::kFloat;
+};
+
+}  // namespace focal

@@ -1,0 +1,169 @@
+// Per-element math of the sigmoid focal loss and its derivative.
+//
+// This header is the only place where the math lives. The CUDA kernels instantiate it with scalar
+// `float` / `double`; the CPU kernels instantiate it with `at::vec::Vectorized<float/double>` (see
+// cpu/vec_ops.h), so the CPU tests exercise exactly the formulas that run on the GPU.
+//
+// Notation: x is the logit, t in [0, 1] the binary target, p = sigmoid(x), and
+//   CE = -t log p - (1 - t) log(1 - p),      q = 1 - p_t = p (1 - t) + (1 - p) t,
+//   FL = alpha_t * q^gamma * CE                (Lin et al., eq. 5, with torchvision's soft-target form).
+// Everything is written so that no quantity is formed by cancellation: p and 1 - p are computed
+// separately from exp(-|x|), log1p uses one log (no log1p), and q^(gamma - 1) never appears, so every
+// finite logit gives a finite loss and gradient, also for gamma in (0, 1) at saturation.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FOCAL_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FOCAL_HOST_DEVICE inline
+#endif
+
+#include <cmath>
+
+namespace focal {
+
+// gamma is dispatched once per launch: the common integer values avoid a pow (exp + log).
+enum class GammaKind { kZero, kOne, kTwo, kGeneral };
+
+// Scalar primitives. Vector types provide a specialisation with the same members.
+template <typename V>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  using Mask = bool;
+  static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
+  static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
+  static FOCAL_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
+  static FOCAL_HOST_DEVICE float relu(float x) { return x > 0.f ? x : 0.f; }
+  static FOCAL_HOST_DEVICE float min0(float x) { return x < 0.f ? x : 0.f; }
+  static FOCAL_HOST_DEVICE Mask nonneg(float x) { return x >= 0.f; }
+  static FOCAL_HOST_DEVICE Mask positive(float x) { return x > 0.f; }
+  static FOCAL_HOST_DEVICE float select(Mask m, float a, float b) { return m ? a : b; }
+};
+
+template <>
+struct Ops<double> {
+  using Mask = bool;
+  static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
+  static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
+  static FOCAL_HOST_DEVICE double abs(double x) { return ::fabs(x); }
+  static FOCAL_HOST_DEVICE double relu(double x) { return x > 0. ? x : 0.; }
+  static FOCAL_HOST_DEVICE double min0(double x) { return x < 0. ? x : 0.; }
+  static FOCAL_HOST_DEVICE Mask nonneg(double x) { return x >= 0.; }
+  static FOCAL_HOST_DEVICE Mask positive(double x) { return x > 0.; }
+  static FOCAL_HOST_DEVICE double select(Mask m, double a, double b) { return m ? a : b; }
+};
+
+// sigmoid(z), sigmoid(-z) and log1p(exp(-|z|)) from one exp, one reciprocal and one log.
+template <typename V>
+struct SigmoidParts {
+  V sig;       // sigmoid(z)
+  V sig_neg;   // sigmoid(-z) = 1 - sigmoid(z), without the cancellation
+  V log1p_e;   // log(1 + exp(-|z|)), so softplus(z) = relu(z) + log1p_e
+};
+
+template <typename V>
+FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
+  using O = Ops<V>;
+  const V one(1);
+  const V e = O::exp(V(0) - O::abs(z));  // in (0, 1]
+  const V d = one + e;
+  const V inv = one / d;                 // sigmoid(|z|)
+  const V small = e * inv;               // sigmoid(-|z|)
+  const auto z_nonneg = O::nonneg(z);
+  SigmoidParts<V> s;
+  s.sig = O::select(z_nonneg, inv, small);
+  s.sig_neg = O::select(z_nonneg, small, inv);
+  // log1p(e) = log(d) + log(1 + (e - (d - 1)) / d): d - 1 is exact, so the first-order term
+  // restores the bits of e lost when rounding 1 + e (and gives exactly e once 1 + e rounds to 1).
+  s.log1p_e = O::log(d) + (e - (d - one)) * inv;
+  return s;
+}
+
+// q^gamma from q and log q (log q only evaluated for the general case).
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE V modulating_factor(V q, V log_q, V gamma) {
+  if constexpr (G == GammaKind::kZero) {
+    return V(1);
+  } else if constexpr (G == GammaKind::kOne) {
+    return q;
+  } else if constexpr (G == GammaKind::kTwo) {
+    return q * q;
+  } else {
+    return Ops<V>::exp(gamma * log_q);
+  }
+}
+
+template <typename V>
+struct LossAndGrad {
+  V loss;
+  V grad;  // d loss / d (the argument the function was called with)
+};
+
+// Hard targets, seen from the wrong side: z = x for a negative (t = 0), z = -x for a positive.
+// Then p_t = sigmoid(-z), q = sigmoid(z), CE = softplus(z) and
+//   FL(z) = CE * q^gamma,   dFL/dz = q^gamma * (q + gamma * CE * sigmoid(-z))
+// which is the paper's Appendix B derivative, dFL/dx = y (1-p_t)^gamma (gamma p_t log p_t + p_t - 1),
+// rewritten without log(p_t) * (1 - p_t)^(gamma - 1) terms. alpha_t is applied by the caller.
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
+  using O = Ops<V>;
+  const SigmoidParts<V> s = sigmoid_parts(z);
+  const V ce = O::relu(z) + s.log1p_e;
+  V log_q(0);
+  if constexpr (G == GammaKind::kGeneral) {
+    log_q = O::min0(z) - s.log1p_e;  // log sigmoid(z), exact for every z
+  }
+  const V w = modulating_factor<G>(s.sig, log_q, gamma);
+  LossAndGrad<V> r;
+  r.loss = ce * w;
+  if constexpr (G == GammaKind::kZero) {
+    r.grad = s.sig;
+  } else {
+    r.grad = w * (s.sig + gamma * ce * s.sig_neg);
+  }
+  return r;
+}
+
+// Soft target t in [0, 1] (torchvision's definition, exact for t in {0, 1} too):
+//   dFL/dx = q^gamma * ((p - t) + gamma * (1 - 2t) * CE * p (1 - p) / q)
+// where p (1 - p) / q lies in [0, 2] for every t, so the quotient is well conditioned; at q = 0 it
+// is multiplied by q^gamma = 0 and is set to 0. alpha_t is applied by the caller.
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
+  using O = Ops<V>;
+  const V one(1);
+  const SigmoidParts<V> s = sigmoid_parts(x);
+  const V u = one - t;
+  const V ce = s.log1p_e + t * O::relu(V(0) - x) + u * O::relu(x);
+  const V q = s.sig * u + s.sig_neg * t;
+  const auto q_positive = O::positive(q);
+  V log_q(0);
+  if constexpr (G == GammaKind::kGeneral) {
+    log_q = O::log(q);
+  }
+  V w = modulating_factor<G>(q, log_q, gamma);
+  if constexpr (G == GammaKind::kGeneral) {
+    w = O::select(q_positive, w, V(0));  // 0^gamma with gamma > 0 (gamma == 0 is kZero)
+  }
+  const V p_minus_t = s.sig * u - s.sig_neg * t;
+  LossAndGrad<V> r;
+  r.loss = ce * w;
+  if constexpr (G == GammaKind::kZero) {
+    r.grad = p_minus_t;
+  } else {
+    const V ratio = O::select(q_positive, s.sig * s.sig_neg / q, V(0));
+    r.grad = w * (p_minus_t + gamma * (u - t) * ce * ratio);
+  }
+  return r;
+}
+
+// alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 means no weighting.
+template <typename V>
+FOCAL_HOST_DEVICE V alpha_factor(V t, float alpha) {
+  if (alpha < 0.f) return V(1);
+  return V(1.f - alpha) + V(2.f * alpha - 1.f) * t;
+}
+
+}  // namespace focal

@@ -1,0 +1,14 @@
+"""focal: the sigmoid focal loss as one fused CPU/CUDA operator.
+
+>>> import focal
+>>> loss = focal.sigmoid_focal_loss(logits, targets, reduction="sum", normalizer=num_pos)
+
+``focal.reference`` holds the pure-PyTorch statement of the same math.
+"""
+
+from focal import reference
+from focal.functional import sigmoid_focal_loss
+from focal.modules import SigmoidFocalLoss
+
+__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "reference"]
+__version__ = "0.1.0"

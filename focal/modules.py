@@ -1,0 +1,62 @@
+"""``focal.SigmoidFocalLoss``: the loss as an ``nn.Module``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from focal.functional import sigmoid_focal_loss
+
+__all__ = ["SigmoidFocalLoss"]
+
+
+class SigmoidFocalLoss(nn.Module):
+    """Module form of :func:`focal.sigmoid_focal_loss`; see it for the meaning of every argument.
+
+    The loss hyper-parameters are fixed at construction; ``weight`` and ``normalizer`` change from
+    batch to batch and are passed to ``forward``.
+
+    Example:
+        >>> criterion = SigmoidFocalLoss(alpha=0.25, gamma=2.0, reduction="sum")
+        >>> loss = criterion(logits, labels, normalizer=num_positive_anchors)
+    """
+
+    def __init__(
+        self,
+        alpha: float | None = 0.25,
+        gamma: float = 2.0,
+        reduction: str = "none",
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        normalizer: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sigmoid_focal_loss(
+            inputs,
+            targets,
+            self.alpha,
+            self.gamma,
+            self.reduction,
+            weight=weight,
+            normalizer=normalizer,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
+        )

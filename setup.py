@@ -1,0 +1,116 @@
+"""Builds focal and its extension module focal._C.
+
+Environment switches:
+  FOCAL_WITH_CUDA=0|1   force the CUDA kernels off or on (default: on when a CUDA toolkit and a
+                        CUDA build of torch are present, whether or not a GPU is visible)
+  FOCAL_DEBUG=1         -O0 -g builds
+  TORCH_CUDA_ARCH_LIST  architectures to compile for (default without a visible GPU: "8.0;9.0")
+  CUDA_HOME             toolkit root (default: /usr/local/cuda when it exists)
+"""
+
+import glob
+import os
+import platform
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
+    # torch would otherwise guess the root from nvcc's location, which need not hold lib64.
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def env_flag(name: str) -> bool | None:
+    value = os.environ.get(name)
+    return None if value is None else value.strip().lower() not in ("0", "false", "no", "off", "")
+
+
+DEBUG = bool(env_flag("FOCAL_DEBUG"))
+CUDA_REQUESTED = env_flag("FOCAL_WITH_CUDA")
+CUDA_POSSIBLE = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+if CUDA_REQUESTED and not CUDA_POSSIBLE:
+    sys.exit("FOCAL_WITH_CUDA=1 but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch was found")
+WITH_CUDA = CUDA_POSSIBLE if CUDA_REQUESTED is None else CUDA_REQUESTED
+X86_64 = platform.machine().lower() in ("x86_64", "amd64")
+
+# The CPU kernel file is compiled once per instruction set; focal_cpu.cpp picks one at run time.
+ISA_FLAGS = {"DEFAULT": []}
+if X86_64:
+    ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]
+    ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
+ISA_SOURCE = os.path.join(CSRC, "cpu", "focal_kernel.cpp")
+
+
+def cxx_flags() -> list[str]:
+    flags = ["-O0", "-g"] if DEBUG else ["-O3"]
+    flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    flags += [f"-DFOCAL_HAVE_{isa}" for isa in ISA_FLAGS if isa != "DEFAULT"]
+    return flags
+
+
+def nvcc_flags() -> list[str]:
+    flags = ["-O0", "-g", "-G"] if DEBUG else ["-O3", "-lineinfo"]
+    return flags + ["--expt-relaxed-constexpr", "-std=c++17"]
+
+
+def extension():
+    sources = [
+        os.path.join(CSRC, "module.cpp"),
+        os.path.join(CSRC, "focal_ops.cpp"),
+        os.path.join(CSRC, "cpu", "focal_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "hugepage_alloc.cpp"),
+    ]
+    kwargs = dict(
+        name="focal._C",
+        sources=sources,
+        extra_compile_args={"cxx": cxx_flags()},
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if not WITH_CUDA:
+        return cpp_extension.CppExtension(**kwargs)
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    kwargs["sources"] += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
+    kwargs["extra_compile_args"]["cxx"].append("-DFOCAL_WITH_CUDA")
+    # ATen's CUDA headers include cuSPARSE/cuBLAS headers, which come with torch's CUDA wheels.
+    wheel_includes = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
+    kwargs["include_dirs"] = [d for d in [wheel_includes] if os.path.isdir(d)]
+    return cpp_extension.CUDAExtension(**kwargs)
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus one object of the CPU kernel per instruction set."""
+
+    def build_extension(self, ext):
+        base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
+        for isa, flags in ISA_FLAGS.items():
+            objects = self.compiler.compile(
+                [ISA_SOURCE],
+                output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
+                include_dirs=ext.include_dirs,
+                debug=DEBUG,
+                extra_postargs={"cxx": base + flags + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]},
+                depends=ext.depends,
+            )
+            ext.extra_objects.extend(o for o in objects if o not in ext.extra_objects)
+        super().build_extension(ext)
+
+
+setup(
+    name="focal",
+    version="0.1.0",
+    description="Fused sigmoid focal loss for PyTorch (CPU + CUDA) and a RetinaNet that trains with it",
+    packages=find_packages(include=["focal", "focal.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
+    python_requires=">=3.10",
+    install_requires=["torch"],
+)
