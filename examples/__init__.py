@@ -1,0 +1,1 @@
+"""Worked examples that use focal's operators in real models."""

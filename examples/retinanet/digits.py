@@ -1,0 +1,195 @@
+"""The built-in benchmark: digits detection generated from scikit-learn's bundled handwritten digits.
+
+Each image is a noisy, cluttered canvas with several digits from ``sklearn.datasets.load_digits``
+(8x8 scans of 43 writers), each cropped to its ink, scaled to a random size and aspect ratio and pasted
+without overlap. Ten classes, "0".."9". The splits are written as PNG + COCO json:
+
+    ROOT/train/000000.png ...   ROOT/train.json
+    ROOT/val/000000.png ...     ROOT/val.json
+
+Training digits come from ``load_digits`` indices [0, 1300) and validation digits from [1300, 1797):
+the dataset is ordered by writer, so validation digits are written by people never seen in training.
+Everything is a function of ``seed`` and the parameters; ``ensure_digits_dataset`` generates on first
+use and regenerates when the parameters differ from those recorded in ``ROOT/params.json``.
+
+Run ``python -m examples.retinanet.digits --root data/digits`` to (re)generate explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASS_NAMES = [str(d) for d in range(10)]
+TRAIN_DIGITS = (0, 1300)
+VAL_DIGITS = (1300, 1797)
+
+
+@dataclass(frozen=True)
+class DigitsParams:
+    seed: int = 0
+    num_train: int = 6000
+    num_val: int = 500
+    image_size: int = 96
+    min_digit_height: int = 14
+    max_digit_height: int = 40
+    min_digits: int = 2
+    max_digits: int = 5
+    clutter: int = 6  # number of clutter strokes / blobs per image
+
+
+def _ink_crop(digit: np.ndarray) -> np.ndarray:
+    """Crop an 8x8 digit (values 0..16) to the rows and columns that carry ink."""
+    ink = digit > 2
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    return digit[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+
+
+def _background(rng: np.random.Generator, size: int, clutter: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (size, size, 3) float canvas in [0, 1] and its mean colour (3,)."""
+    base = rng.uniform(0.0, 1.0, size=3)
+    # Smooth colour gradient + Gaussian pixel noise.
+    ramp = np.linspace(-1, 1, size)
+    direction = rng.uniform(-0.25, 0.25, size=(2, 3))
+    canvas = base + ramp[:, None, None] * direction[0] + ramp[None, :, None] * direction[1]
+    canvas = canvas + rng.normal(0.0, rng.uniform(0.02, 0.10), size=(size, size, 3))
+    # Clutter: lines, arcs and blobs in random colours, drawn on a separate layer and blended.
+    layer = Image.new("RGB", (size, size))
+    alpha = Image.new("L", (size, size))
+    draw_rgb, draw_alpha = ImageDraw.Draw(layer), ImageDraw.Draw(alpha)
+    for _ in range(rng.integers(0, clutter + 1)):
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        opacity = int(rng.integers(60, 200))
+        x0, y0, x1, y1 = (int(v) for v in rng.integers(-size // 4, size + size // 4, size=4))
+        kind = rng.integers(0, 3)
+        width = int(rng.integers(1, 4))
+        if kind == 0:
+            draw_rgb.line([x0, y0, x1, y1], fill=colour, width=width)
+            draw_alpha.line([x0, y0, x1, y1], fill=opacity, width=width)
+        else:
+            box = [min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)]
+            start, end = (float(v) for v in rng.uniform(0, 360, size=2))
+            if kind == 1:
+                draw_rgb.arc(box, start, end, fill=colour, width=width)
+                draw_alpha.arc(box, start, end, fill=opacity, width=width)
+            else:
+                small = [box[0], box[1], box[0] + (box[2] - box[0]) // 6 + 2, box[1] + (box[3] - box[1]) // 6 + 2]
+                draw_rgb.ellipse(small, fill=colour)
+                draw_alpha.ellipse(small, fill=opacity // 2)
+    a = np.asarray(alpha, dtype=np.float32)[..., None] / 255.0
+    canvas = canvas * (1 - a) + np.asarray(layer, dtype=np.float32) / 255.0 * a
+    return canvas, base
+
+
+def _no_overlap(box, boxes, margin: int = 1) -> bool:
+    x0, y0, x1, y1 = box
+    return all(x0 >= b[2] + margin or x1 + margin <= b[0] or y0 >= b[3] + margin or y1 + margin <= b[1]
+               for b in boxes)
+
+
+def render_image(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, params: DigitsParams):
+    """One image: (H, W, 3) uint8 and a list of (x0, y0, x1, y1, label) with integer pixel boxes."""
+    size = params.image_size
+    canvas, base = _background(rng, size, params.clutter)
+    objects: list[tuple[int, int, int, int, int]] = []
+    wanted = int(rng.integers(params.min_digits, params.max_digits + 1))
+    attempts = 0
+    while len(objects) < wanted and attempts < 50 * wanted:
+        attempts += 1
+        index = int(rng.integers(0, len(digits)))
+        glyph = _ink_crop(digits[index])
+        height = int(rng.integers(params.min_digit_height, params.max_digit_height + 1))
+        aspect = glyph.shape[1] / glyph.shape[0] * rng.uniform(0.7, 1.4)
+        width = int(np.clip(round(height * aspect), 4, size))
+        if width > size or height > size:
+            continue
+        x0, y0 = int(rng.integers(0, size - width + 1)), int(rng.integers(0, size - height + 1))
+        box = (x0, y0, x0 + width, y0 + height)
+        if not _no_overlap(box, objects):
+            continue
+        ink = Image.fromarray((glyph * (255.0 / 16.0)).astype(np.uint8)).resize((width, height), Image.BILINEAR)
+        ink = np.asarray(ink, dtype=np.float32)[..., None] / 255.0  # (h, w, 1) opacity of the ink
+        # Ink colour far from the background's so the digit stays legible.
+        colour = np.where(base > 0.5, rng.uniform(0.0, 0.3, 3), rng.uniform(0.7, 1.0, 3))
+        region = canvas[y0: y0 + height, x0: x0 + width]
+        canvas[y0: y0 + height, x0: x0 + width] = region * (1 - ink) + colour * ink
+        objects.append((*box, int(labels[index])))
+    image = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return image, objects
+
+
+def generate_split(root: str, split: str, params: DigitsParams) -> str:
+    """Write ``root/split/*.png`` and ``root/split.json``; returns the json path."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    lo, hi = TRAIN_DIGITS if split == "train" else VAL_DIGITS
+    digits, labels = bunch.images[lo:hi], bunch.target[lo:hi]
+    count = params.num_train if split == "train" else params.num_val
+    rng = np.random.default_rng([params.seed, 0 if split == "train" else 1])
+    os.makedirs(os.path.join(root, split), exist_ok=True)
+    images, annotations = [], []
+    for image_id in range(count):
+        image, objects = render_image(rng, digits, labels, params)
+        file_name = f"{split}/{image_id:06d}.png"
+        Image.fromarray(image).save(os.path.join(root, file_name))
+        images.append({"id": image_id, "file_name": file_name, "height": image.shape[0], "width": image.shape[1]})
+        for x0, y0, x1, y1, label in objects:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0,
+            })
+    coco = {
+        "info": {"description": f"digits detection ({split}), generated from sklearn load_digits"},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": name} for i, name in enumerate(CLASS_NAMES)],
+    }
+    path = os.path.join(root, f"{split}.json")
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    return path
+
+
+def ensure_digits_dataset(root: str, params: DigitsParams | None = None, force: bool = False) -> dict:
+    """Generate the dataset under ``root`` unless it already exists with the same parameters.
+
+    Returns ``{"train": (image_root, json), "val": (image_root, json)}``.
+    """
+    params = params or DigitsParams()
+    record = os.path.join(root, "params.json")
+    wanted = asdict(params)
+    current = None
+    if os.path.exists(record):
+        with open(record) as f:
+            current = json.load(f)
+    if force or current != wanted:
+        os.makedirs(root, exist_ok=True)
+        if os.path.exists(record):
+            os.remove(record)
+        for split in ("train", "val"):
+            generate_split(root, split, params)
+        with open(record, "w") as f:
+            json.dump(wanted, f)
+    return {split: (root, os.path.join(root, f"{split}.json")) for split in ("train", "val")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="data/digits")
+    parser.add_argument("--force", action="store_true", help="regenerate even if present")
+    for name, value in asdict(DigitsParams()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    args = parser.parse_args(argv)
+    params = DigitsParams(**{k: getattr(args, k) for k in asdict(DigitsParams())})
+    paths = ensure_digits_dataset(args.root, params, force=args.force)
+    print(json.dumps(paths, indent=1))
+
+
+if __name__ == "__main__":
+    main()
