@@ -1,0 +1,27 @@
+"""Shared pytest configuration: the device fixture and the hypothesis profile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# Small, fast, reproducible property runs by default; `--hypothesis-profile=thorough` for more.
+settings.register_profile(
+    "default",
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("thorough", max_examples=500, deadline=None)
+settings.load_profile("default")
+
+requires_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)"
+)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
+def device(request) -> torch.device:
+    """Every test that takes `device` runs on the CPU and, where a GPU is visible, on CUDA."""
+    return torch.device(request.param)
