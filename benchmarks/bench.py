@@ -106,17 +106,20 @@ class Problem:
     """One benchmark case: logits and labels in every form the implementations take.
 
     ``logits`` is (N, C). ``class_ids`` is (N,) int64: a class in [0, C), -1 background, or
-    IGNORE_INDEX. Peers that take float targets get what their users would prepare once, outside the
-    loss: ``kept_rows`` (V,) int64, the non-ignored anchors, and ``one_hot`` (V, C) in the logits'
-    dtype, their targets. ``normalizer`` is a 0-dim float32 tensor, the number of positives (>= 1).
+    IGNORE_INDEX. Implementations that take float targets get what their users would prepare once,
+    outside the loss: ``one_hot`` (N, C), all-zero rows for background and ignored anchors, and
+    ``keep`` (N, 1), 0 for ignored anchors and 1 elsewhere, both in the logits' dtype; they compute
+    the elementwise loss and sum it masked by ``keep`` (faster for every peer than gathering the kept
+    rows, detectron2-style, whose backward is a slow index_add). ``normalizer`` is a 0-dim float32
+    tensor, the number of positives (>= 1).
     """
 
     shape: Shape
     dtype: torch.dtype
     logits: torch.Tensor
     class_ids: torch.Tensor
-    kept_rows: torch.Tensor
     one_hot: torch.Tensor
+    keep: torch.Tensor
     normalizer: torch.Tensor
 
     @property
@@ -133,17 +136,16 @@ def make_problem(shape: Shape, dtype: torch.dtype, device: torch.device, seed: i
     positive = kind < POSITIVE_FRACTION
     ids[positive] = torch.randint(0, c, (int(positive.sum()),), generator=gen)
     ids[(kind >= POSITIVE_FRACTION) & (kind < POSITIVE_FRACTION + IGNORED_FRACTION)] = IGNORE_INDEX
-    kept = (ids != IGNORE_INDEX).nonzero().squeeze(1)
-    kept_ids = ids[kept]
-    one_hot = (kept_ids.unsqueeze(1) == torch.arange(c)).to(dtype)
+    one_hot = (ids.unsqueeze(1) == torch.arange(c)).to(dtype)  # -1 and IGNORE_INDEX match no class
+    keep = (ids != IGNORE_INDEX).unsqueeze(1).to(dtype)
     normalizer = torch.tensor(float(max(1, int(positive.sum()))), dtype=torch.float32)
     return Problem(
         shape=shape,
         dtype=dtype,
         logits=logits.to(device),
         class_ids=ids.to(device),
-        kept_rows=kept.to(device),
         one_hot=one_hot.to(device),
+        keep=keep.to(device),
         normalizer=normalizer.to(device),
     )
 
@@ -202,20 +204,20 @@ def build_fused_ids(p: Problem):
 
 def build_fused_float(p: Problem):
     op = _fused_op()
-    rows, one_hot, norm = p.kept_rows, p.one_hot, p.normalizer
+    one_hot, keep, norm = p.one_hot, p.keep, p.normalizer
 
     def loss_fn(x):
-        return op(x.index_select(0, rows), one_hot, ALPHA, GAMMA, "sum", normalizer=norm)
+        return op(x, one_hot, ALPHA, GAMMA, "sum", weight=keep, normalizer=norm)
 
     return loss_fn
 
 
 def build_reference(p: Problem):
     ref = _load_reference().sigmoid_focal_loss
-    rows, one_hot, norm = p.kept_rows, p.one_hot, p.normalizer
+    one_hot, keep, norm = p.one_hot, p.keep, p.normalizer
 
     def loss_fn(x):
-        return ref(x.index_select(0, rows), one_hot, ALPHA, GAMMA, "sum", normalizer=norm)
+        return ref(x, one_hot, ALPHA, GAMMA, "sum", weight=keep, normalizer=norm)
 
     return loss_fn
 
@@ -223,10 +225,10 @@ def build_reference(p: Problem):
 def _torchvision_loss_fn(p: Problem):
     from torchvision.ops import sigmoid_focal_loss
 
-    rows, one_hot, norm = p.kept_rows, p.one_hot, p.normalizer
+    one_hot, keep, norm = p.one_hot, p.keep, p.normalizer
 
     def loss_fn(x):
-        return sigmoid_focal_loss(x.index_select(0, rows), one_hot, ALPHA, GAMMA, "sum") / norm
+        return (sigmoid_focal_loss(x, one_hot, ALPHA, GAMMA, "none") * keep).sum() / norm
 
     return loss_fn
 
@@ -248,10 +250,10 @@ def build_fvcore(p: Problem):
             from fvcore.nn import sigmoid_focal_loss_jit
     except ImportError as exc:
         raise Unavailable("fvcore not installed (pip install fvcore)") from exc
-    rows, one_hot, norm = p.kept_rows, p.one_hot, p.normalizer
+    one_hot, keep, norm = p.one_hot, p.keep, p.normalizer
 
     def loss_fn(x):
-        return sigmoid_focal_loss_jit(x.index_select(0, rows), one_hot, ALPHA, GAMMA, "sum") / norm
+        return (sigmoid_focal_loss_jit(x, one_hot, ALPHA, GAMMA, "none") * keep).sum() / norm
 
     return loss_fn
 
@@ -261,14 +263,12 @@ def build_kornia(p: Problem):
         from kornia.losses import binary_focal_loss_with_logits
     except ImportError as exc:
         raise Unavailable("kornia not installed (pip install kornia)") from exc
-    rows, one_hot, norm = p.kept_rows, p.one_hot, p.normalizer
+    one_hot, keep, norm = p.one_hot, p.keep, p.normalizer
 
     def loss_fn(x):
-        # Ignored anchors are already dropped, so kornia's own ignore mask is switched off.
-        loss = binary_focal_loss_with_logits(
-            x.index_select(0, rows), one_hot, ALPHA, GAMMA, "sum", ignore_index=None
-        )
-        return loss / norm
+        # Ignored anchors are masked by ``keep``, so kornia's own (per-element) ignore scan is off.
+        loss = binary_focal_loss_with_logits(x, one_hot, ALPHA, GAMMA, "none", ignore_index=None)
+        return (loss * keep).sum() / norm
 
     return loss_fn
 
@@ -304,7 +304,7 @@ IMPLS = {
 
 def exact_loss_and_grad(p: Problem, chunk_rows: int = 32768) -> tuple[float, torch.Tensor]:
     """The reference, in float64 on the (already rounded) logits, with class-id targets and
-    ``ignore_index``, so it also checks that dropping ignored rows is the same loss. Chunked over
+    ``ignore_index``, so it also checks that masking ignored rows is the same loss. Chunked over
     rows to bound memory: the loss is a sum and each gradient row depends on its own row only."""
     ref = _load_reference().sigmoid_focal_loss
     total = 0.0
@@ -417,7 +417,7 @@ def bytes_moved(impl: Impl, p: Problem, mode: str) -> int:
     if impl.key == "fused_ids":
         targets = p.class_ids.numel() * p.class_ids.element_size()
     else:
-        targets = p.one_hot.numel() * item + p.kept_rows.numel() * p.kept_rows.element_size()
+        targets = (p.one_hot.numel() + p.keep.numel()) * item
     return logits + targets + (logits if mode == "fwdbwd" else 0)
 
 
@@ -489,7 +489,7 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
         "shape": {"name": shape.name, "rows": shape.rows, "classes": NUM_CLASSES, "description": shape.description},
         "elements": p.numel,
         "positives": int(p.normalizer.item()),
-        "kept_rows": p.kept_rows.numel(),
+        "ignored": int((p.keep == 0).sum()),
         "rounds": rounds,
         "rows": rows,
         "ratios": ratios,
