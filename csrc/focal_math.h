@@ -166,4 +166,36 @@ FOCAL_HOST_DEVICE V alpha_factor(V t, float alpha) {
   return V(1.f - alpha) + V(2.f * alpha - 1.f) * t;
 }
 
+// The two entry points used by the kernels; both return alpha-weighted d loss / d x.
+
+// Hard target given as a mask: positive lanes have t = 1, the others t = 0.
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positive, V gamma,
+                                              float alpha) {
+  using O = Ops<V>;
+  const V minus_x = V(0) - x;
+  const LossAndGrad<V> r = focal_hard<G>(O::select(positive, minus_x, x), gamma);
+  LossAndGrad<V> out;
+  out.loss = r.loss;
+  out.grad = O::select(positive, V(0) - r.grad, r.grad);  // dz/dx = -1 for positives
+  if (alpha >= 0.f) {
+    const V a = O::select(positive, V(alpha), V(1.f - alpha));
+    out.loss = out.loss * a;
+    out.grad = out.grad * a;
+  }
+  return out;
+}
+
+// Any target t in [0, 1].
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_target(V x, V t, V gamma, float alpha) {
+  LossAndGrad<V> out = focal_soft<G>(x, t, gamma);
+  if (alpha >= 0.f) {
+    const V a = alpha_factor(t, alpha);
+    out.loss = out.loss * a;
+    out.grad = out.grad * a;
+  }
+  return out;
+}
+
 }  // namespace focal

@@ -29,7 +29,7 @@ def expand_targets(
     (``-1`` is an all-zero background row); rows whose id equals ``ignore_index`` get ``keep == 0``.
     Label smoothing ``eps`` then maps every binary target ``t`` to ``t * (1 - eps) + eps / 2``.
     """
-    if targets.is_floating_point() or targets.dtype == torch.bool:
+    if not _is_class_ids(targets):
         soft = targets.to(inputs.dtype)
         keep = torch.ones_like(inputs)
     else:
@@ -51,7 +51,18 @@ def _alpha_t(t: torch.Tensor, alpha: float | None) -> torch.Tensor | float:
     return alpha * t + (1.0 - alpha) * (1.0 - t)
 
 
-def _reduce(loss, keep, reduction, normalizer):
+def _mean_denominator(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:
+    # The mean is over the elements that are not ignored. With class ids, a batch whose rows are
+    # all ignored contributes 0 (the denominator is at least 1); float targets follow torch.mean.
+    count = keep.sum()
+    return count.clamp(min=1) if class_ids else count
+
+
+def _is_class_ids(targets: torch.Tensor) -> bool:
+    return not (targets.is_floating_point() or targets.dtype == torch.bool)
+
+
+def _reduce(loss, keep, reduction, normalizer, class_ids):
     if normalizer is not None:
         loss = loss / normalizer
     if reduction == "none":
@@ -59,7 +70,7 @@ def _reduce(loss, keep, reduction, normalizer):
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
-        return loss.sum() / keep.sum()
+        return loss.sum() / _mean_denominator(keep, class_ids)
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
@@ -90,7 +101,7 @@ def sigmoid_focal_loss(
     if weight is not None:
         loss = loss * weight
     loss = loss * keep
-    return _reduce(loss, keep, reduction, normalizer)
+    return _reduce(loss, keep, reduction, normalizer, _is_class_ids(targets))
 
 
 def sigmoid_focal_loss_grad(
@@ -124,5 +135,5 @@ def sigmoid_focal_loss_grad(
     if normalizer is not None:
         grad = grad / normalizer
     if reduction == "mean":
-        grad = grad / keep.sum()
+        grad = grad / _mean_denominator(keep, _is_class_ids(targets))
     return grad

@@ -1,5 +1,6 @@
 // CPU backend: checks, class-id validation, output allocation and the parallel loop. The per-row
 // work runs in focal_kernel.cpp, compiled once per instruction set; this file picks the copy.
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -72,7 +73,12 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
                       "normalizer must be finite and > 0, got ", value);
     total_scale /= value;
   }
-  if (call.reduction == Reduction::kMean) total_scale /= static_cast<double>(kept_rows * cols);
+  if (call.reduction == Reduction::kMean) {
+    // Class ids: at least one element in the denominator, so a batch of ignored rows contributes 0.
+    // Float targets: as torch.mean, the mean of no elements is NaN.
+    const int64_t kept = kept_rows * cols;
+    total_scale /= static_cast<double>(call.class_ids() ? std::max<int64_t>(kept, 1) : kept);
+  }
 
   const auto options = logits.options();
   const at::Tensor grad = compute_grad ? empty_huge({rows, cols}, options) : at::empty({0}, options);
@@ -96,8 +102,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   if (call.reduction != Reduction::kNone) {
     double sum = 0;
     for (const double p : partial) sum += p;
-    const double value =
-        call.reduction == Reduction::kMean && kept_rows * cols == 0 ? NAN : sum * total_scale;
+    const double value = call.reduction == Reduction::kMean && rows * cols == 0 && !call.class_ids()
+                             ? NAN
+                             : sum * total_scale;
     loss = at::empty({}, options.dtype(call.reduced_dtype()));
     if (loss.scalar_type() == at::kDouble) {
       *loss.mutable_data_ptr<double>() = value;

@@ -61,9 +61,6 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
   const int64_t C = a.cols;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const Vec gamma(static_cast<acc_t>(a.gamma));
-  const bool use_alpha = a.alpha >= 0.f;
-  const Vec alpha_pos(static_cast<acc_t>(a.alpha));
-  const Vec alpha_neg(static_cast<acc_t>(1.f - a.alpha));
   const acc_t eps = static_cast<acc_t>(a.label_smoothing);
   const Vec t_pos(acc_t(1) - eps / 2), t_neg(eps / 2);
   const Vec lane = Vec::arange(acc_t(0), acc_t(1));
@@ -105,29 +102,21 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
       if constexpr (TK == TargetKind::kFloat) IO::load(t_all + off + c, n, t);
       if (ew) IO::load(ew + c, n, w);
       for (int k = 0; k < K; ++k) {
-        Vec scale_k = rw;
-        if constexpr (TK == TargetKind::kClassId) {
-          const auto pos = Vec::arange(static_cast<acc_t>(c + k * kLanes), acc_t(1)) == Vec(label);
-          const auto r_ = focal_hard<G>(O::select(pos, Vec(acc_t(0)) - x[k], x[k]), gamma);
-          if (use_alpha) scale_k = scale_k * O::select(pos, alpha_pos, alpha_neg);
-          loss[k] = r_.loss;
-          grad[k] = O::select(pos, Vec(acc_t(0)) - r_.grad, r_.grad);
+        LossAndGrad<Vec> r_;
+        if constexpr (TK == TargetKind::kFloat) {
+          const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
+          r_ = focal_target<G>(x[k], tk, gamma, a.alpha);
         } else {
-          Vec tk;
-          if constexpr (TK == TargetKind::kFloat) {
-            tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
+          const auto pos = Vec::arange(static_cast<acc_t>(c + k * kLanes), acc_t(1)) == Vec(label);
+          if constexpr (TK == TargetKind::kClassId) {
+            r_ = focal_binary<G>(x[k], pos, gamma, a.alpha);
           } else {
-            const auto pos = Vec::arange(static_cast<acc_t>(c + k * kLanes), acc_t(1)) == Vec(label);
-            tk = O::select(pos, t_pos, t_neg);
+            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, a.alpha);
           }
-          const auto r_ = focal_soft<G>(x[k], tk, gamma);
-          if (use_alpha) scale_k = scale_k * alpha_factor(tk, a.alpha);
-          loss[k] = r_.loss;
-          grad[k] = r_.grad;
         }
-        if (ew) scale_k = scale_k * w[k];
-        loss[k] = loss[k] * scale_k;
-        grad[k] = grad[k] * scale_k * Vec(scale);
+        const Vec wk = ew ? rw * w[k] : rw;
+        loss[k] = r_.loss * wk;
+        grad[k] = r_.grad * wk * Vec(scale);
       }
       if (loss_all) {
         for (int k = 0; k < K; ++k) loss[k] = loss[k] * Vec(scale);
