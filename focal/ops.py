@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sigmoid_focal_loss_op", "require_kernels", "BUILD_ERROR"]
+__all__ = ["sigmoid_focal_loss_op", "require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES"]
 
 BUILD_HINT = "pip install --no-build-isolation -e .  (from the focal checkout)"
 
@@ -32,6 +32,14 @@ try:
 except ImportError as error:  # the package is importable for its reference even when unbuilt
     BUILD_ERROR = str(error)
 
+# Device types with a compiled kernel, looked up once (a plain dict also traces under torch.compile).
+KERNEL_DEVICE_TYPES = frozenset(
+    device
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if BUILD_ERROR is None
+    and torch._C._dispatch_has_kernel_for_dispatch_key("focal::sigmoid_focal_loss", key)
+)
+
 
 def require_kernels(device: torch.device) -> None:
     """Raise a RuntimeError that says how to build when no kernel exists for ``device``."""
@@ -40,10 +48,7 @@ def require_kernels(device: torch.device) -> None:
             f"focal's compiled extension focal._C could not be loaded ({BUILD_ERROR}). "
             f"Build it with: {BUILD_HINT}"
         )
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
-    if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key(
-        "focal::sigmoid_focal_loss", key
-    ):
+    if device.type not in KERNEL_DEVICE_TYPES:
         hint = (
             "rebuild focal where a CUDA toolkit (nvcc, CUDA_HOME) and a CUDA build of torch are "
             f"present, with FOCAL_WITH_CUDA=1: FOCAL_WITH_CUDA=1 {BUILD_HINT}"
