@@ -606,6 +606,8 @@ def describe_machine(device: torch.device, threads: int) -> dict:
         "git_commit": _git("rev-parse", "HEAD"),
         "git_describe": _git("describe", "--always", "--dirty"),
         "thp": _thp_mode(),
+        # Other work on the machine shows up in every timing: record how busy it was.
+        "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
@@ -787,7 +789,7 @@ def main(argv=None) -> int:
     timer = Timer(device)
 
     print(f"machine: {machine.get('gpu', machine['cpu'])}, {machine['threads']} threads, torch {machine['torch']}, "
-          f"commit {machine['git_describe']}")
+          f"commit {machine['git_describe']}, load average {machine['load_average_at_start']:.1f}")
     notes = []
     if device.type == "cpu":
         thp = machine["thp"]
@@ -830,6 +832,7 @@ def main(argv=None) -> int:
                 print_case(case, args.matrix)
                 sys.stdout.flush()
 
+    machine["load_average_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     goals = evaluate_goals(cases, device.type, machine["threads"])
     print_goals(goals)
     agreement_ok = all(r["agreement"]["ok"] for c in cases for r in c["rows"] if r["agreement"])

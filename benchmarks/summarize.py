@@ -30,7 +30,8 @@ def machine_line(result: dict) -> str:
     pages = "" if m.get("gpu") else f", huge pages {'on' if thp['huge_pages_for_large_tensors'] else 'off'}"
     return (
         f"{where}{pages}; torch {m['torch']}, torchvision {m['torchvision']}; "
-        f"commit `{m['git_describe']}`; {m['date']}"
+        f"commit `{m['git_describe']}`; {m['date']}; load average {m.get('load_average_at_start') or 0:.1f} -> "
+        f"{m.get('load_average_at_end') or 0:.1f} on {m['cpu_count']} cores"
     )
 
 
@@ -52,10 +53,10 @@ def headline_table(result: dict) -> list[str]:
             if row.get("median_s") is None:
                 cells.append("n/a")
                 continue
-            fused = case["ratios"].get(FUSED, {}).get(key)
+            vs_fused = case["ratios"][key].get(FUSED)  # time(row) / time(fused, class ids)
             cell = f"{_ms(row['median_s'])} ({row['floor_ratio']:.2f}x floor)"
-            if fused and key != FUSED and not key.startswith("floor"):
-                cell += f", focal {1 / fused:.1f}x faster" if fused < 1 else f", {fused:.1f}x focal"
+            if vs_fused and key != FUSED and not key.startswith("floor"):
+                cell += f", focal {vs_fused:.1f}x faster" if vs_fused >= 1 else f", {1 / vs_fused:.1f}x faster than class ids"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
