@@ -11,8 +11,6 @@ The classification loss is the one place that chooses an implementation (``impl`
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torchvision.ops import generalized_box_iou_loss
@@ -24,20 +22,10 @@ IGNORE_INDEX = Matcher.IGNORE  # class-id target of anchors in the ignore band
 BACKGROUND = Matcher.BACKGROUND  # class-id target of background anchors
 
 
-_warned_fallback = False
-
-
 def _focal_op(impl: str):
     if impl == "focal":
-        try:
-            from focal import sigmoid_focal_loss
-        except ImportError:  # the compiled op is not built in this checkout
-            global _warned_fallback
-            if not _warned_fallback:
-                warnings.warn("focal.sigmoid_focal_loss is not importable (is the extension built?); "
-                              "using focal.reference.sigmoid_focal_loss", RuntimeWarning, stacklevel=3)
-                _warned_fallback = True
-            from focal.reference import sigmoid_focal_loss
+        from focal import sigmoid_focal_loss  # the fused C++ op
+
         return sigmoid_focal_loss
     if impl == "reference":
         from focal import reference

@@ -1,0 +1,94 @@
+"""Smoke run on tiny images: training reduces the loss, evaluation runs, inference writes a PNG."""
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from examples.retinanet import evaluate, infer
+from examples.retinanet.config import fast_config
+from examples.retinanet.data import CocoDetection, InMemoryBatches, build_transform
+from examples.retinanet.digits import DigitsParams, ensure_digits_dataset
+from examples.retinanet.train import TrainOptions, lr_factor, train
+
+TINY = DigitsParams(seed=1, num_train=32, num_val=4, image_size=48, min_digit_height=12, max_digit_height=20,
+                    min_digits=1, max_digits=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    paths = ensure_digits_dataset(str(root / "data"), TINY)
+    options = TrainOptions(output=str(root / "run"), train_json=paths["train"][1], val_json=paths["val"][1],
+                           image_root=paths["train"][0], image_size=48, batch_size=8, iters=30, lr=0.01,
+                           warmup_iters=5, log_every=5, checkpoint_every=0, progress=False)
+    config = fast_config(backbone_width=0.25, fpn_channels=16, head_width=16)
+    torch.manual_seed(0)
+    result = train(config, options)
+    return root, paths, options, result
+
+
+def test_training_reduces_the_loss(trained):
+    _, _, options, result = trained
+    history = result["history"]
+    assert result["iterations"] == 30 and len(history) == 6
+    assert history[-1]["loss"] < 0.8 * history[0]["loss"]
+    with open(os.path.join(options.output, "log.jsonl")) as f:
+        assert len(f.readlines()) == 6
+
+
+def test_evaluation_runs_and_reports_coco_stats(trained):
+    root, paths, options, result = trained
+    stats = result["stats"]
+    assert set(evaluate.STAT_NAMES) <= set(stats)
+    assert all(-1.0 <= stats[name] <= 1.0 for name in evaluate.STAT_NAMES)
+    model, checkpoint = evaluate.load_checkpoint(os.path.join(options.output, "model_final.pth"))
+    assert checkpoint["iteration"] == 30 and checkpoint["image_size"] == 48
+    again = evaluate.evaluate_model(model, *paths["val"], image_size=48)
+    assert again["AP"] == pytest.approx(stats["AP"])
+
+
+def test_inference_writes_json_and_png(trained, tmp_path):
+    root, paths, options, _ = trained
+    image = os.path.join(paths["val"][0], "val", "000000.png")
+    out = tmp_path / "infer"
+    infer.main([image, "--checkpoint", os.path.join(options.output, "model_final.pth"), "--output", str(out),
+                "--score-threshold", "0.0", "--zoom", "2"])
+    with Image.open(out / "000000.png") as drawn:
+        assert drawn.size == (96, 96)
+    with open(out / "detections.json") as f:
+        (record,) = json.load(f)
+    assert record["file"] == image and len(record["boxes"]) == len(record["scores"]) > 0
+
+
+def test_in_memory_batches_cover_an_epoch_and_flip_boxes(trained):
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    batches = InMemoryBatches(dataset, batch_size=8)
+    seen = set()
+    for _ in range(4):
+        images, targets = batches.next_batch()
+        assert images.shape == (8, 3, 48, 48) and images.dtype == torch.uint8
+        seen.update(t["image_id"] for t in targets)
+    assert len(seen) == 32
+    flipped = InMemoryBatches(dataset, batch_size=32, flip_prob=1.0)
+    images, targets = flipped.next_batch()
+    position = {t["image_id"]: i for i, t in enumerate(batches.targets)}
+    for image, target in zip(images, targets):
+        i = position[target["image_id"]]
+        torch.testing.assert_close(target["boxes"][:, 0], 48 - batches.targets[i]["boxes"][:, 2])
+        torch.testing.assert_close(target["boxes"][:, 1::2], batches.targets[i]["boxes"][:, 1::2])
+        assert torch.equal(image, batches.images[i].flip(-1))
+
+
+def test_learning_rate_schedule():
+    options = TrainOptions(warmup_iters=100, warmup_factor=0.001, lr_steps=(2 / 3, 8 / 9), warmup_max_fraction=0.1)
+    assert lr_factor(0.0, 0, options) == pytest.approx(0.001)
+    assert lr_factor(0.01, 50, options) == pytest.approx(0.5005)
+    assert lr_factor(0.5, 1000, options) == 1.0
+    assert lr_factor(0.7, 1000, options) == pytest.approx(0.1)
+    assert lr_factor(0.9, 1000, options) == pytest.approx(0.01)
+    # a short run ends its warm-up at warmup_max_fraction of the run at the latest
+    assert lr_factor(0.1, 10, options) == 1.0
