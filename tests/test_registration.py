@@ -1,0 +1,158 @@
+"""The operator's registration: `torch.library.opcheck` on the raw op, and `torch.compile`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import focal
+
+OP = torch.ops.focal.sigmoid_focal_loss.default
+
+
+def _sample(device, dtype=torch.float32, rows=6, cols=5, targets="ids", weight=None, row_weight=False,
+            normalizer=None, alpha=0.25, gamma=2.0, label_smoothing=0.0, reduction="sum", scale=1.0,
+            compute_grad=True):
+    g = torch.Generator().manual_seed(rows * 100 + cols)
+    logits = (torch.randn(rows, cols, generator=g) * 3).to(device, dtype)
+    if targets == "ids":
+        t = torch.randint(-1, cols, (rows,), generator=g)
+        if rows:
+            t[0] = -100
+        t = t.to(device)
+    else:
+        t = torch.rand(rows, cols, generator=g).to(device, dtype)
+        if targets == "hard":
+            t = t.round()
+    w = None
+    if weight == "class":
+        w = torch.rand(cols, generator=g).to(device, dtype)
+    elif weight == "full":
+        w = torch.rand(rows, cols, generator=g).to(device, dtype)
+    rw = torch.rand(rows, generator=g).to(device, dtype) if row_weight else None
+    return (logits, t, w, rw, normalizer, alpha, gamma, label_smoothing, -100, reduction, scale, compute_grad)
+
+
+SAMPLES = {
+    "ids-sum": dict(),
+    "ids-none": dict(reduction="none"),
+    "ids-mean-no-grad": dict(reduction="mean", compute_grad=False),
+    "ids-smoothed": dict(label_smoothing=0.1, gamma=1.5),
+    "float-hard-none": dict(targets="hard", reduction="none"),
+    "float-soft-mean": dict(targets="soft", reduction="mean", alpha=-1.0, gamma=0.5),
+    "float-no-grad": dict(targets="soft", compute_grad=False, reduction="none"),
+    "weight-class": dict(weight="class", gamma=0.0),
+    "weight-full-row": dict(targets="hard", weight="full", row_weight=True, gamma=1.0),
+    "normalizer": dict(normalizer=torch.tensor(7.0), scale=0.5),
+    "normalizer-none": dict(targets="soft", normalizer=torch.tensor(3), reduction="none"),
+    "float64": dict(dtype=torch.float64, targets="soft"),
+    "bfloat16": dict(dtype=torch.bfloat16, reduction="none"),
+    "float16": dict(dtype=torch.float16, targets="hard"),
+    "empty": dict(rows=0),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLES))
+def test_opcheck(device, name):
+    args = _sample(device, **SAMPLES[name])
+    if isinstance(args[4], torch.Tensor) and device.type == "cuda":
+        args = args[:4] + (args[4].to(device),) + args[5:]
+    # schema, fake (meta) kernel, autograd registration, and AOT dispatch with dynamic shapes
+    torch.library.opcheck(OP, args)
+
+
+def test_fake_kernel_shapes_and_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            logits = torch.empty(4, 3, dtype=dtype)
+            ids = torch.empty(4, dtype=torch.long)
+            loss, grad = OP(logits, ids, None, None, None, 0.25, 2.0, 0.0, -100, "none", 1.0, True)
+            assert loss.shape == (4, 3) and loss.dtype == dtype and grad.shape == (4, 3) and grad.dtype == dtype
+            loss, grad = OP(logits, ids, None, None, None, 0.25, 2.0, 0.0, -100, "sum", 1.0, False)
+            assert loss.shape == () and loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+            assert grad.shape == (0,)
+
+
+def test_raw_op_outputs():
+    """The raw op returns (loss, d loss / d logits), the gradient only when asked for."""
+    logits, ids = _sample("cpu")[:2]
+    loss, grad = OP(*_sample("cpu", reduction="sum"))
+    x = logits.clone().requires_grad_()
+    expected = focal.sigmoid_focal_loss(x, ids, reduction="sum")
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-6, atol=0)
+    loss_only, no_grad = OP(*_sample("cpu", reduction="sum", compute_grad=False))
+    assert torch.equal(loss_only, loss) and no_grad.shape == (0,)
+    scaled, scaled_grad = OP(*_sample("cpu", reduction="sum", scale=0.5, normalizer=torch.tensor(4.0)))
+    torch.testing.assert_close(scaled, loss / 8, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scaled_grad, grad / 8, rtol=1e-6, atol=0)
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+def _compiled_matches_eager(fn, *inputs, dynamic=None, backend="inductor"):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic, backend=backend)
+    for x, *rest in inputs:
+        x_eager = x.detach().clone().requires_grad_()
+        x_compiled = x.detach().clone().requires_grad_()
+        eager = fn(x_eager, *rest)
+        got = compiled(x_compiled, *rest)
+        torch.testing.assert_close(got, eager, rtol=1e-6, atol=1e-7)
+        eager.sum().backward()
+        got.sum().backward()
+        torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_compile_class_ids_with_tensor_normalizer(device):
+    def loss_fn(logits, labels, weight):
+        num_pos = (labels >= 0).sum().clamp(min=1)  # a tensor: no host sync
+        return focal.sigmoid_focal_loss(logits, labels, reduction="sum", normalizer=num_pos, weight=weight)
+
+    labels = torch.randint(-1, 7, (2, 30), device=device)
+    labels[0, :3] = -100
+    _compiled_matches_eager(loss_fn, (torch.randn(2, 30, 7, device=device) * 3, labels, torch.rand(7, device=device)))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_compile_float_targets(device, reduction):
+    def loss_fn(logits, targets):
+        return focal.sigmoid_focal_loss(logits, targets, alpha=0.5, gamma=1.5, reduction=reduction, label_smoothing=0.1)
+
+    _compiled_matches_eager(loss_fn, (torch.randn(16, 5, device=device), torch.rand(16, 5, device=device)))
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic-dynamic", "dynamic"])
+def test_compile_module_in_a_model_over_several_shapes(device, dynamic):
+    """A second shape recompiles with symbolic sizes (None) or the first compile is symbolic (True)."""
+    head = torch.nn.Linear(8, 4).to(device)
+    criterion = focal.SigmoidFocalLoss(reduction="sum")
+
+    def loss_fn(features, labels):
+        return criterion(head(features), labels, normalizer=2.0)
+
+    _compiled_matches_eager(
+        loss_fn,
+        (torch.randn(10, 8, device=device), torch.randint(-1, 4, (10,), device=device)),
+        (torch.randn(23, 8, device=device), torch.randint(-1, 4, (23,), device=device)),
+        (torch.randn(37, 8, device=device), torch.randint(-1, 4, (37,), device=device)),
+        dynamic=dynamic,
+    )
+
+
+def test_compile_dynamic_with_default_hyperparameters(device):
+    """Under dynamic=True the defaults alpha=.25, gamma=2 reach the function as symbolic floats."""
+
+    def loss_fn(logits, labels):
+        return focal.sigmoid_focal_loss(logits, labels, reduction="sum")
+
+    _compiled_matches_eager(
+        loss_fn,
+        (torch.randn(10, 4, device=device), torch.randint(-1, 4, (10,), device=device)),
+        (torch.randn(17, 4, device=device), torch.randint(-1, 4, (17,), device=device)),
+        dynamic=True,
+    )
