@@ -717,7 +717,8 @@ def plot_cases(cases: list[dict], path: str, machine: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(c["mode"], c["dtype"]) for c in cases})
+    order = {key: i for i, key in enumerate([*MODES, *DTYPES])}
+    panels = sorted({(c["mode"], c["dtype"]) for c in cases}, key=lambda md: (order[md[0]], order[md[1]]))
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels)), squeeze=False)
     keys = [k for k in IMPLS if any(k in c["ratios"] for c in cases)]
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(IMPLS)}
@@ -741,7 +742,7 @@ def plot_cases(cases: list[dict], path: str, machine: dict) -> None:
     fig.suptitle(f"sigmoid focal loss: time relative to torch.sigmoid(x) - {where}, torch {machine['torch']}")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 if len(panels) < 3 else 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if len(panels) < 3 else 0.03, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
