@@ -38,7 +38,8 @@ def test_extension_is_loaded_and_op_registered():
 def test_signature_matches_torchvision_then_keyword_only_extras():
     parameters = inspect.signature(focal.sigmoid_focal_loss).parameters
     assert list(parameters)[:5] == ["inputs", "targets", "alpha", "gamma", "reduction"]
-    assert (parameters["alpha"].default, parameters["gamma"].default, parameters["reduction"].default) == (0.25, 2.0, "none")
+    defaults = tuple(parameters[name].default for name in ("alpha", "gamma", "reduction"))
+    assert defaults == (0.25, 2.0, "none")
     for name in ("weight", "normalizer", "ignore_index", "label_smoothing"):
         assert parameters[name].kind is inspect.Parameter.KEYWORD_ONLY
     assert parameters["ignore_index"].default == -100 and parameters["label_smoothing"].default == 0.0
@@ -80,14 +81,16 @@ def test_docstring_example_runs():
 def test_missing_cuda_kernel_error_says_how_to_rebuild(monkeypatch):
     """What a CPU-only build says for a CUDA tensor (checked without a GPU by removing the kernel)."""
     monkeypatch.setattr(focal.ops, "KERNEL_DEVICE_TYPES", frozenset({"cpu"}))
-    with pytest.raises(RuntimeError, match=r"focal has no kernel for cuda tensors: rebuild focal .*FOCAL_WITH_CUDA=1 pip install"):
+    message = r"focal has no kernel for cuda tensors: rebuild focal .*FOCAL_WITH_CUDA=1 pip install"
+    with pytest.raises(RuntimeError, match=message):
         focal.ops.require_kernels(torch.device("cuda"))
     focal.ops.require_kernels(torch.device("cpu"))  # and the CPU still passes
 
 
 def test_unloadable_extension_error_says_how_to_build(monkeypatch):
     monkeypatch.setattr(focal.ops, "BUILD_ERROR", "No module named 'focal._C'")
-    with pytest.raises(RuntimeError, match=r"focal\._C could not be loaded \(No module named 'focal._C'\)\. Build it with: pip install"):
+    message = r"focal\._C could not be loaded \(No module named 'focal._C'\)\. Build it with: pip install"
+    with pytest.raises(RuntimeError, match=message):
         focal.sigmoid_focal_loss(torch.zeros(2, 3), torch.zeros(2, 3))
 
 

@@ -100,6 +100,21 @@ def test_autograd_grad_results_belong_to_the_caller(device):
     torch.testing.assert_close(second, expected, rtol=0, atol=0)
 
 
+def test_repeated_autograd_grad_results_do_not_alias(device):
+    """Each autograd.grad through a retained graph returns its own tensor, scaled by its grad_outputs."""
+    x, t = _inputs(device, "soft")
+    x.requires_grad_()
+    loss = focal.sigmoid_focal_loss(x, t, reduction="sum")
+    (twice,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(2.0, device=device), retain_graph=True)
+    kept = twice.clone()
+    (three_times,) = torch.autograd.grad(loss, x, grad_outputs=torch.tensor(3.0, device=device), retain_graph=True)
+    (once,) = torch.autograd.grad(loss, x)
+    assert torch.equal(twice, kept)
+    torch.testing.assert_close(once, _expected_grad(x, t, "sum"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(twice, 2 * once, rtol=1e-6, atol=0)
+    torch.testing.assert_close(three_times, 3 * once, rtol=1e-6, atol=0)
+
+
 def test_scaled_and_combined_losses(device):
     """Upstream scalings (2 * loss, loss / n, sums of losses) reach the gradient."""
     x, t = _inputs(device, "ids")

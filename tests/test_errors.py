@@ -92,12 +92,14 @@ def test_complex_targets():
 def test_class_id_out_of_range(bad_id):
     ids = _ids()
     ids[1] = bad_id
-    with pytest.raises(ValueError, match=rf"class id {bad_id} at row 1 is out of range: expected a class in \[0, {C}\)"):
+    message = rf"class id {bad_id} at row 1 is out of range: expected a class in \[0, {C}\)"
+    with pytest.raises(ValueError, match=message):
         call(targets=ids)
 
 
 def test_targets_requiring_grad():
-    with pytest.raises(ValueError, match=r"gradients with respect to targets are not supported: pass targets\.detach\(\)"):
+    message = r"gradients with respect to targets are not supported: pass targets\.detach\(\)"
+    with pytest.raises(ValueError, match=message):
         call(targets=_t().requires_grad_())
 
 
@@ -264,7 +266,8 @@ def test_normalizer_on_another_device():
 
 
 def test_inputs_on_an_unsupported_device():
-    with pytest.raises(RuntimeError, match="focal has no kernel for meta tensors: only CPU and CUDA tensors are supported"):
+    message = "focal has no kernel for meta tensors: only CPU and CUDA tensors are supported"
+    with pytest.raises(RuntimeError, match=message):
         focal.sigmoid_focal_loss(_x().to("meta"), _t().to("meta"))
 
 

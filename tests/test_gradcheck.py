@@ -78,7 +78,9 @@ HYPER = [  # (alpha, gamma): the fast paths 0, 1, 2 and the general pow, with an
 
 CASES["weight-full-hard"] = (_hard, lambda d: {"weight": _soft(d, seed=6) * 3})
 # Binary targets, for which the Appendix B derivative applies.
-HARD_CASES = {name for name, (make_targets, _) in CASES.items() if make_targets is not _soft and "smoothing" not in name}
+HARD_CASES = {
+    name for name, (make_targets, _) in CASES.items() if make_targets is not _soft and "smoothing" not in name
+}
 
 # A normalizer is refused with "mean" (tested in test_errors), so those pairs are not generated.
 CASE_REDUCTIONS = [

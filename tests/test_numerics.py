@@ -48,7 +48,8 @@ def _tolerances(dtype):
     if dtype == torch.float64:
         return dict(rtol=1e-12, atol=1e-300)
     compute_rtol = 2e-6
-    return dict(rtol=compute_rtol + torch.finfo(dtype).eps, atol=2 * torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps + 1e-44)
+    finfo = torch.finfo(dtype)
+    return dict(rtol=compute_rtol + finfo.eps, atol=2 * finfo.smallest_normal * finfo.eps + 1e-44)
 
 
 @pytest.mark.parametrize("gamma", GAMMAS)
@@ -85,7 +86,8 @@ def test_every_finite_logit_with_class_ids(dtype, gamma):
     assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
     onehot = torch.zeros(x.shape, dtype=torch.float64)
     onehot[0, 0] = onehot[1, -1] = 1
-    exact = [[_exact(xi, ti, 0.25, gamma) for xi, ti in zip(xr, tr)] for xr, tr in zip(x.detach().double().tolist(), onehot.tolist())]
+    rows = zip(x.detach().double().tolist(), onehot.tolist())
+    exact = [[_exact(xi, ti, 0.25, gamma) for xi, ti in zip(xr, tr)] for xr, tr in rows]
     tol = _tolerances(dtype)
     expected_loss = torch.tensor([[e[0] for e in r] for r in exact], dtype=torch.float64)
     expected_grad = torch.tensor([[e[1] for e in r] for r in exact], dtype=torch.float64)

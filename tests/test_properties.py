@@ -276,3 +276,28 @@ def test_module_equals_function(data, dtype, kind, alpha, gamma, reduction, labe
         g_module, = torch.autograd.grad(by_module.sum(), x)
         g_function, = torch.autograd.grad(by_function.sum(), x)
         torch.testing.assert_close(g_module, g_function, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(), (1,), (5,), (1, 1), (0,), (0, 4), (4, 0), (3, 1), (1, 7), (2, 3, 4), (2, 0, 3), (2, 3, 2, 5), (1, 2, 1, 3)],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_every_shape(shape, dtype, reduction):
+    """The shapes the properties above draw, each made sure of: 0-D to 4-D, empty and single elements."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 4).to(dtype)
+    targets = [torch.rand(shape, generator=g, dtype=torch.float64).round().to(dtype)]
+    if shape and shape[-1]:
+        targets.append(torch.randint(-1, shape[-1], shape[:-1], generator=g))
+    for t in targets:
+        loss, grad = _loss_and_grad(focal.sigmoid_focal_loss, x, t, reduction=reduction)
+        ref_t = t.double() if t.is_floating_point() else t
+        ref_loss, ref_grad = _loss_and_grad(reference.sigmoid_focal_loss, x.double(), ref_t, reduction=reduction)
+        assert loss.shape == (shape if reduction == "none" else ())
+        assert grad.shape == shape
+        tol = _tolerances(dtype, reduction != "none")
+        torch.testing.assert_close(loss.double(), ref_loss, **tol)
+        torch.testing.assert_close(grad.double(), ref_grad, **_tolerances(dtype, False))
