@@ -139,6 +139,14 @@ def test_gradient_flows_to_upstream_parameters(device):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_inference_mode(device):
+    x, t = _inputs(device, "ids")
+    expected = focal.sigmoid_focal_loss(x, t, reduction="sum")
+    with torch.inference_mode():
+        got = focal.sigmoid_focal_loss(x.clone(), t, reduction="sum")
+    assert torch.equal(got, expected)
+
+
 def test_double_backward_is_refused():
     x, t = _inputs("cpu", "hard")
     x.requires_grad_()

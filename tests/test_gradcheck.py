@@ -54,6 +54,8 @@ CASES = {
     "weight-per-row": (_hard, lambda d: {"weight": _soft(d, SHAPE[:-1] + (1,), seed=3) * 2}),
     "weight-full": (_soft, lambda d: {"weight": _soft(d, seed=4) * 2}),
     "weight-broadcast-middle": (_ids, lambda d: {"weight": _soft(d, (1, 3, 1), seed=5) + 0.5}),
+    "weight-broadcast-batch": (_soft, lambda d: {"weight": _soft(d, (2, 1, 4), seed=7) * 2}),
+    "weight-scalar": (_ids, lambda d: {"weight": torch.tensor(1.5, dtype=torch.float64, device=d)}),
     "normalizer-float": (_ids, lambda d: {"normalizer": 3.0}),
     "normalizer-tensor": (_hard, lambda d: {"normalizer": torch.tensor(5.0, dtype=torch.float64, device=d)}),
     "normalizer-int-tensor": (_ids, lambda d: {"normalizer": torch.tensor(4, device=d)}),

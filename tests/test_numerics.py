@@ -146,10 +146,6 @@ def test_gamma_below_one_has_finite_gradients_at_saturation(dtype, gamma):
         assert torch.isfinite(x.grad).all(), x.grad
         assert x.grad.abs().max().item() < 1e-2  # e^(-20 gamma) at most: all of them are on the correct side
         assert math.isfinite(loss.item())
-    # What the naive autograd of the reference does here, for contrast (NaN from inf * 0):
-    ref_x = torch.tensor([800.0], dtype=torch.float64, requires_grad=True)
-    reference.sigmoid_focal_loss(ref_x, torch.ones(1, dtype=torch.float64), 0.25, gamma).sum().backward()
-    assert not torch.isfinite(ref_x.grad).all()
 
 
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
@@ -164,8 +160,8 @@ def test_gamma_below_one_matches_appendix_b(gamma):
 
 def test_no_clamp_artefacts():
     # x = 17, t = 0: p = sigmoid(17) rounds to 1 in float32, but FL = .75 * 1^2 * softplus(17)
-    # = .75 * (17 + log1p(e^-17)) = 12.75 + 3.1e-8. A clamp of p to [eps, 1 - eps] would give
-    # .75 * -log(eps) instead (~ 12.0 for eps = 1e-7... 13.5 for 1.19e-7 squared terms).
+    # = .75 * (17 + log1p(e^-17)) = 12.75 + 3.1e-8. Computing log(1 - p) with p clamped to
+    # [eps, 1 - eps] would give .75 * -log(eps) instead: 12.09 for eps = 1e-7.
     x = torch.tensor([17.0], requires_grad=True)
     loss = focal.sigmoid_focal_loss(x, torch.zeros(1), alpha=0.25, gamma=2.0)
     assert loss.item() == pytest.approx(12.75, rel=1e-6)

@@ -301,3 +301,55 @@ def test_every_shape(shape, dtype, reduction):
         tol = _tolerances(dtype, reduction != "none")
         torch.testing.assert_close(loss.double(), ref_loss, **tol)
         torch.testing.assert_close(grad.double(), ref_grad, **_tolerances(dtype, False))
+
+
+@pytest.mark.parametrize("kind", ["hard", "ids"])
+@pytest.mark.parametrize("shape", [(1, 20000), (3, 16385), (16385, 1), (5, 4099)], ids=str)
+def test_long_rows_and_many_rows(shape, kind):
+    """Rows longer than the CPU kernel's work item, and work items that end mid-row."""
+    g = torch.Generator().manual_seed(shape[0])
+    x = torch.randn(shape, generator=g) * 4
+    if kind == "ids":
+        t = torch.randint(-1, shape[1], shape[:1], generator=g)
+        t[::3] = -100
+    else:
+        t = torch.rand(shape, generator=g).round()
+    weight = torch.rand(shape[1], generator=g)
+    for reduction in ("none", "sum", "mean"):
+        loss, grad = _loss_and_grad(focal.sigmoid_focal_loss, x, t, reduction=reduction, weight=weight)
+        ref_t = t.double() if t.is_floating_point() else t
+        ref_loss, ref_grad = _loss_and_grad(reference.sigmoid_focal_loss, x.double(), ref_t, reduction=reduction,
+                                            weight=weight.double())
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_other_target_dtypes():
+    """bool targets are float targets; int32 / int16 / uint8 ids are class ids."""
+    x = torch.randn(6, 4)
+    hard = torch.rand(6, 4) > 0.5
+    by_bool = focal.sigmoid_focal_loss(x, hard)
+    assert torch.equal(by_bool, focal.sigmoid_focal_loss(x, hard.float()))
+    ids = torch.tensor([0, 3, -1, 2, -1, 1])
+    expected = focal.sigmoid_focal_loss(x, ids)
+    for dtype in (torch.int32, torch.int16, torch.int8):
+        assert torch.equal(focal.sigmoid_focal_loss(x, ids.to(dtype)), expected)
+    positive = ids.clamp(min=0).to(torch.uint8)
+    assert torch.equal(focal.sigmoid_focal_loss(x, positive), focal.sigmoid_focal_loss(x, positive.long()))
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    [4, 4.0, torch.tensor(4.0), torch.tensor(4), torch.tensor([4.0]), torch.tensor(4.0, dtype=torch.float16),
+     torch.tensor(4.0, dtype=torch.float64)],
+    ids=["int", "float", "tensor", "int-tensor", "one-element", "half-tensor", "double-tensor"],
+)
+def test_normalizer_forms(normalizer):
+    x = torch.randn(6, 4, requires_grad=True)
+    ids = torch.tensor([0, 3, -1, 2, -100, 1])
+    loss = focal.sigmoid_focal_loss(x, ids, reduction="sum", normalizer=normalizer)
+    (grad,) = torch.autograd.grad(loss, x)
+    plain = focal.sigmoid_focal_loss(x, ids, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain, x)
+    torch.testing.assert_close(loss, plain / 4, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, plain_grad / 4, rtol=1e-6, atol=0)
