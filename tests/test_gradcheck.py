@@ -50,9 +50,13 @@ CASES = {
         lambda d: _ids(d, ignore_index=7),
         lambda d: {"ignore_index": 7},
     ),
-    "weight-per-class": (_ids, lambda d: {"weight": torch.tensor([0.5, 2.0, 0.0, 1.5], dtype=torch.float64, device=d)}),
+    "weight-per-class": (
+        _ids,
+        lambda d: {"weight": torch.tensor([0.5, 2.0, 0.0, 1.5], dtype=torch.float64, device=d)},
+    ),
     "weight-per-row": (_hard, lambda d: {"weight": _soft(d, SHAPE[:-1] + (1,), seed=3) * 2}),
     "weight-full": (_soft, lambda d: {"weight": _soft(d, seed=4) * 2}),
+    "weight-full-hard": (_hard, lambda d: {"weight": _soft(d, seed=6) * 3}),
     "weight-broadcast-middle": (_ids, lambda d: {"weight": _soft(d, (1, 3, 1), seed=5) + 0.5}),
     "weight-broadcast-batch": (_soft, lambda d: {"weight": _soft(d, (2, 1, 4), seed=7) * 2}),
     "weight-scalar": (_ids, lambda d: {"weight": torch.tensor(1.5, dtype=torch.float64, device=d)}),
@@ -77,8 +81,6 @@ HYPER = [  # (alpha, gamma): the fast paths 0, 1, 2 and the general pow, with an
     (0.5, 0.25),
 ]
 
-
-CASES["weight-full-hard"] = (_hard, lambda d: {"weight": _soft(d, seed=6) * 3})
 # Binary targets, for which the Appendix B derivative applies.
 HARD_CASES = {
     name for name, (make_targets, _) in CASES.items() if make_targets is not _soft and "smoothing" not in name
