@@ -21,9 +21,9 @@ struct FocalArgs {
   int64_t elem_weight_row_stride = 0; // 0 for (cols,), cols for (rows, cols)
   void* loss = nullptr;               // (rows, cols) for reduction "none", else nullptr
   void* grad = nullptr;               // (rows, cols) d(scaled loss)/d logits, or nullptr
-  float alpha = 0.25f;                // < 0: no alpha weighting
-  float gamma = 2.f;
-  float label_smoothing = 0.f;
+  double alpha = 0.25;                // < 0: no alpha weighting
+  double gamma = 2.0;                 // hyper-parameters stay double: float64 math uses them as is
+  double label_smoothing = 0.0;
   int64_t ignore_index = -100;
   TargetKind target_kind = TargetKind::kFloat;
 };

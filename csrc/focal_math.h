@@ -121,7 +121,9 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
   if constexpr (G == GammaKind::kZero) {
     r.grad = s.sig;
   } else {
-    r.grad = w * (s.sig + gamma * ce * s.sig_neg);
+    // ce * sigmoid(-z) first: both factors are bounded together, while gamma * ce alone can
+    // overflow at the largest logits.
+    r.grad = w * (s.sig + gamma * (ce * s.sig_neg));
   }
   return r;
 }
@@ -154,16 +156,24 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
     r.grad = p_minus_t;
   } else {
     const V ratio = O::select(q_positive, s.sig * s.sig_neg / q, V(0));
-    r.grad = w * (p_minus_t + gamma * (u - t) * ce * ratio);
+    r.grad = w * (p_minus_t + gamma * (u - t) * (ce * ratio));  // ce * ratio first, as above
   }
   return r;
 }
 
-// alpha_t = alpha t + (1 - alpha)(1 - t); alpha < 0 means no weighting.
+// alpha_t = alpha t + (1 - alpha)(1 - t), built once per launch in the math type.
 template <typename V>
-FOCAL_HOST_DEVICE V alpha_factor(V t, float alpha) {
-  if (alpha < 0.f) return V(1);
-  return V(1.f - alpha) + V(2.f * alpha - 1.f) * t;
+struct AlphaWeights {
+  bool enabled;  // alpha < 0 means no weighting
+  V pos;         // alpha, the weight of t = 1
+  V neg;         // 1 - alpha, the weight of t = 0
+
+  FOCAL_HOST_DEVICE V at(V t) const { return neg + (pos - neg) * t; }
+};
+
+template <typename V, typename S>
+FOCAL_HOST_DEVICE AlphaWeights<V> make_alpha(double alpha) {
+  return {alpha >= 0.0, V(static_cast<S>(alpha)), V(static_cast<S>(1.0 - alpha))};
 }
 
 // The two entry points used by the kernels; both return alpha-weighted d loss / d x.
@@ -171,15 +181,15 @@ FOCAL_HOST_DEVICE V alpha_factor(V t, float alpha) {
 // Hard target given as a mask: positive lanes have t = 1, the others t = 0.
 template <GammaKind G, typename V>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positive, V gamma,
-                                              float alpha) {
+                                              const AlphaWeights<V>& alpha) {
   using O = Ops<V>;
   const V minus_x = V(0) - x;
   const LossAndGrad<V> r = focal_hard<G>(O::select(positive, minus_x, x), gamma);
   LossAndGrad<V> out;
   out.loss = r.loss;
   out.grad = O::select(positive, V(0) - r.grad, r.grad);  // dz/dx = -1 for positives
-  if (alpha >= 0.f) {
-    const V a = O::select(positive, V(alpha), V(1.f - alpha));
+  if (alpha.enabled) {
+    const V a = O::select(positive, alpha.pos, alpha.neg);
     out.loss = out.loss * a;
     out.grad = out.grad * a;
   }
@@ -188,10 +198,10 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positiv
 
 // Any target t in [0, 1].
 template <GammaKind G, typename V>
-FOCAL_HOST_DEVICE LossAndGrad<V> focal_target(V x, V t, V gamma, float alpha) {
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_target(V x, V t, V gamma, const AlphaWeights<V>& alpha) {
   LossAndGrad<V> out = focal_soft<G>(x, t, gamma);
-  if (alpha >= 0.f) {
-    const V a = alpha_factor(t, alpha);
+  if (alpha.enabled) {
+    const V a = alpha.at(t);
     out.loss = out.loss * a;
     out.grad = out.grad * a;
   }

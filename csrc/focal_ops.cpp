@@ -45,9 +45,9 @@ FocalArgs FocalCall::kernel_args(const at::Tensor& loss_out, const at::Tensor& g
   a.elem_weight_row_stride = weight && weight->dim() == 2 ? cols() : 0;
   a.loss = loss_out.defined() ? loss_out.mutable_data_ptr() : nullptr;
   a.grad = grad_out.defined() ? grad_out.mutable_data_ptr() : nullptr;
-  a.alpha = static_cast<float>(alpha);
-  a.gamma = static_cast<float>(gamma);
-  a.label_smoothing = static_cast<float>(label_smoothing);
+  a.alpha = alpha;
+  a.gamma = gamma;
+  a.label_smoothing = label_smoothing;
   a.ignore_index = ignore_index;
   a.target_kind = !class_ids() ? TargetKind::kFloat
                   : label_smoothing > 0 ? TargetKind::kClassIdSmoothed

@@ -36,9 +36,14 @@ class OpArgs:
 
 
 def _real_number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
+
+
+def _finite(value: float) -> bool:
+    # Comparisons rather than math.isfinite: they also work on symbolic floats under torch.compile.
+    return -math.inf < value < math.inf
 
 
 def _check_alpha(alpha) -> float:
@@ -54,7 +59,7 @@ def _check_alpha(alpha) -> float:
 
 def _check_gamma(gamma) -> float:
     value = _real_number(gamma, "gamma")
-    if not (math.isfinite(value) and value >= 0.0):
+    if not (_finite(value) and value >= 0.0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     return value
 
@@ -91,7 +96,7 @@ def _normalizer(normalizer, inputs: torch.Tensor, reduction: str):
             raise ValueError("normalizer must not require grad (detach it)")
         return normalizer.reshape(()), 1.0
     value = _real_number(normalizer, "normalizer")
-    if not (math.isfinite(value) and value > 0.0):
+    if not (_finite(value) and value > 0.0):
         raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
     return None, 1.0 / value
 

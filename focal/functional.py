@@ -30,28 +30,41 @@ def _is_exactly_one(grad_output: torch.Tensor) -> bool:
 
 
 class _SigmoidFocalLoss(torch.autograd.Function):
-    """Forward computes the loss and, when needed, its gradient; backward only scales the gradient."""
+    """Forward computes the loss and, when needed, its gradient; backward only scales the gradient.
+
+    In eager mode the gradient buffer is owned by this node and handed to the first backward, which
+    scales it in place (and not at all when ``grad_output`` is 1 on the CPU), so a training step
+    makes no copy of it. A later backward through a retained graph (``retain_graph=True``) cannot
+    reuse that buffer, which autograd may have accumulated into; it recomputes the gradient from
+    the saved inputs instead. Under ``torch.compile`` the gradient is a plain saved tensor.
+    """
 
     @staticmethod
-    def forward(ctx, logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
-                ignore_index, reduction, scale):
+    def forward(ctx, logits, targets, weight, row_weight, normalizer, *params):
         compute_grad = ctx.needs_input_grad[0]
         loss, grad = sigmoid_focal_loss_op()(
-            logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
-            ignore_index, reduction, scale, compute_grad,
+            logits, targets, weight, row_weight, normalizer, *params, compute_grad
         )
-        if compute_grad:
-            # `grad` is an intermediate, not an output: autograd keeps this very tensor and drops it
-            # after a backward without retain_graph, which lets backward hand it out uncopied.
+        ctx.traced = torch.compiler.is_compiling()
+        if compute_grad and ctx.traced:
             ctx.save_for_backward(grad)
+        elif compute_grad:
+            ctx.owned_grad = grad
+            ctx.params = params
+            ctx.save_for_backward(logits, targets, weight, row_weight, normalizer)
         return loss
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
+        if ctx.traced:
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_output,) + (None,) * 10
+        grad, ctx.owned_grad = ctx.owned_grad, None
+        if grad is None:  # a second backward through a retained graph
+            _, grad = sigmoid_focal_loss_op()(*ctx.saved_tensors, *ctx.params, True)
         if not _is_exactly_one(grad_output):
-            grad = grad * grad_output
+            grad.mul_(grad_output)
         return (grad,) + (None,) * 10
 
 

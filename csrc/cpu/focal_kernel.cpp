@@ -61,6 +61,7 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
   const int64_t C = a.cols;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const Vec gamma(static_cast<acc_t>(a.gamma));
+  const AlphaWeights<Vec> alpha = make_alpha<Vec, acc_t>(a.alpha);
   const acc_t eps = static_cast<acc_t>(a.label_smoothing);
   const Vec t_pos(acc_t(1) - eps / 2), t_neg(eps / 2);
   const Vec lane = Vec::arange(acc_t(0), acc_t(1));
@@ -105,13 +106,13 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
         LossAndGrad<Vec> r_;
         if constexpr (TK == TargetKind::kFloat) {
           const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
-          r_ = focal_target<G>(x[k], tk, gamma, a.alpha);
+          r_ = focal_target<G>(x[k], tk, gamma, alpha);
         } else {
           const auto pos = Vec::arange(static_cast<acc_t>(c + k * kLanes), acc_t(1)) == Vec(label);
           if constexpr (TK == TargetKind::kClassId) {
-            r_ = focal_binary<G>(x[k], pos, gamma, a.alpha);
+            r_ = focal_binary<G>(x[k], pos, gamma, alpha);
           } else {
-            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, a.alpha);
+            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, alpha);
           }
         }
         const Vec wk = ew ? rw * w[k] : rw;

@@ -30,14 +30,14 @@ constexpr int kBlocksPerSm = 4;
 // Loss and gradient of element (row, col), alpha- and weight-scaled, not yet multiplied by `scale`.
 template <typename scalar_t, TargetKind TK, GammaKind G>
 __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
-    const FocalArgs& a, int64_t row, int64_t col, at::opmath_type<scalar_t> x,
-    at::opmath_type<scalar_t> t) {
+    const FocalArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
+    int64_t col, at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   LossAndGrad<acc_t> r;
   if constexpr (TK == TargetKind::kFloat) {
     const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-    r = focal_target<G>(x, t * (acc_t(1) - eps) + eps / 2, gamma, a.alpha);
+    r = focal_target<G>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
@@ -48,10 +48,10 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     }
     const bool positive = id == col;
     if constexpr (TK == TargetKind::kClassId) {
-      r = focal_binary<G>(x, positive, gamma, a.alpha);
+      r = focal_binary<G>(x, positive, gamma, alpha);
     } else {
       const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-      r = focal_target<G>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, a.alpha);
+      r = focal_target<G>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, alpha);
     }
   }
   acc_t w = acc_t(1);
@@ -81,6 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
   const acc_t scale = *scale_ptr;
+  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   const auto* t_all = static_cast<const scalar_t*>(a.targets);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
@@ -109,7 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kVec; ++j) {
       if (base + j < n) {
         const acc_t tj = TK == TargetKind::kFloat ? static_cast<acc_t>(t.v[j]) : acc_t(0);
-        const auto r = element<scalar_t, TK, G>(a, row, col, static_cast<acc_t>(x.v[j]), tj);
+        const auto r = element<scalar_t, TK, G>(a, alpha, row, col, static_cast<acc_t>(x.v[j]), tj);
         sum += r.loss;
         loss.v[j] = static_cast<scalar_t>(r.loss * scale);
         grad.v[j] = static_cast<scalar_t>(r.grad * scale);
