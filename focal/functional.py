@@ -102,8 +102,9 @@ def sigmoid_focal_loss(
             no weighting.
         gamma: focusing parameter >= 0; 0, 1 and 2 have fast paths, any other value works.
         reduction: ``"none"`` (shape of ``inputs``, their dtype), ``"sum"`` or ``"mean"`` (a
-            0-dim float32 tensor, float64 for float64 inputs; the mean is over the elements
-            that are not ignored).
+            0-dim float32 tensor, float64 for float64 inputs). The mean is over the elements
+            that are not ignored; with class ids a batch whose rows are all ignored gives 0, while
+            empty float targets give NaN, as ``torch.mean`` does.
         weight: optional weights broadcastable to ``inputs``, e.g. per class ``(C,)`` or per row
             ``(..., 1)``; cast to the dtype of ``inputs``. Not differentiated.
         normalizer: optional positive number or one-element tensor (for instance the number of
@@ -115,7 +116,8 @@ def sigmoid_focal_loss(
             ``t (1 - eps) + eps / 2``, exactly as if those soft targets had been passed.
 
     Returns:
-        The loss: shape of ``inputs`` for ``"none"``, else a scalar.
+        The loss: shape of ``inputs`` for ``"none"``, else a scalar. It is differentiable once
+        with respect to ``inputs`` (not twice, and not with respect to targets or weights).
 
     Example:
         >>> logits = torch.randn(8, 100, 80, requires_grad=True)   # (N, anchors, classes)
