@@ -140,6 +140,7 @@ class InMemoryBatches:
         samples = [dataset[i] for i in items]
         self.images = torch.stack([s[0] for s in samples])
         self.targets = [s[1] for s in samples]
+        self.class_names = list(dataset.class_names)
         self.batch_size = batch_size
         self.flip_prob = flip_prob
         self.generator = torch.Generator().manual_seed(seed)

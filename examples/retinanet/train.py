@@ -84,10 +84,10 @@ def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
 
 
 def save_checkpoint(path: str, model, config: RetinaNetConfig, options: TrainOptions, iteration: int,
-                    digits_params: dict | None) -> None:
+                    digits_params: dict | None, class_names: list[str] | None = None) -> None:
     torch.save({"config": config.to_dict(), "model": model.state_dict(), "iteration": iteration,
                 "image_size": options.image_size, "options": dataclasses.asdict(options),
-                "digits_params": digits_params}, path)
+                "digits_params": digits_params, "class_names": class_names}, path)
 
 
 def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatches | None = None,
@@ -163,18 +163,20 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             bar.update(1 if total else max(0, int(elapsed) - bar.n))
         if options.checkpoint_every and iteration % options.checkpoint_every == 0:
             save_checkpoint(os.path.join(options.output, "model_last.pth"), model, config, options,
-                            iteration, digits_params)
+                            iteration, digits_params, batches.class_names)
         progress = new_progress
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     log_file.close()
     save_checkpoint(os.path.join(options.output, "model_final.pth"), model, config, options, iteration,
-                    digits_params)
+                    digits_params, batches.class_names)
     result = {"model": model, "history": history, "iterations": iteration, "seconds": seconds,
               "stats": None}
     summary = {"iterations": iteration, "train_seconds": round(seconds, 1),
-               "images_per_second": round(iteration * options.batch_size / seconds, 1)}
+               "images_per_second": round(iteration * options.batch_size / seconds, 1),
+               # other processes on the machine slow a wall-clock-budgeted run down: record them
+               "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
     if options.evaluate and paths and paths.get("val") and paths["val"][1]:
         from .evaluate import evaluate_model
 
