@@ -452,10 +452,9 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
         steps[key] = make_step(impl, loss_fn, p, mode)
 
     # Warm-up, then round-robin rounds so that load from elsewhere on the machine hits all rows alike.
-    estimate = {}
-    for key, step in steps.items():
-        for _ in range(warmup):
-            estimate[key] = timer(step)
+    # The fastest warm-up call sizes the rounds: a slow one (first call after compiling, a
+    # preempted one) would leave a latency-bound case with too few rounds for a stable median.
+    estimate = {key: min(timer(step) for _ in range(warmup)) for key, step in steps.items()}
     per_round = sum(estimate.values()) or 1e-6
     rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
     times = {key: [] for key in steps}
@@ -826,8 +825,8 @@ def main(argv=None) -> int:
                 keys = [k for k in args.impls if availability[k]["available"]]
                 case = run_case(
                     SHAPES[shape_name], DTYPES[dtype_name], mode, keys, device, timer,
-                    budget_s=args.budget, min_rounds=3 if args.quick else 5, max_rounds=20 if args.quick else 100,
-                    warmup=1 if args.quick else 2,
+                    budget_s=args.budget, min_rounds=3 if args.quick else 5, max_rounds=20 if args.quick else 200,
+                    warmup=1 if args.quick else 3,
                 )
                 cases.append(case)
                 print_case(case, args.matrix)
