@@ -109,6 +109,13 @@ def fast_config(**overrides) -> RetinaNetConfig:
 PRESETS = {"fast": fast_config, "paper": paper_config}
 
 
+CHOICES = {
+    "head_norm": ("none", "gn"),
+    "loss_impl": ("focal", "reference", "torchvision"),
+    "box_loss": ("smooth_l1", "l1", "giou"),
+}
+
+
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -132,7 +139,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         elif default is None:
             group.add_argument(flag, type=str, default=None)
         else:
-            group.add_argument(flag, type=type(default), default=None)
+            group.add_argument(flag, type=type(default), default=None, choices=CHOICES.get(f.name))
 
 
 def config_from_arguments(args: argparse.Namespace) -> RetinaNetConfig:
@@ -141,6 +148,11 @@ def config_from_arguments(args: argparse.Namespace) -> RetinaNetConfig:
         value = getattr(args, f.name, None)
         if value is not None:
             overrides[f.name] = tuple(value) if isinstance(value, list) else value
+    if "levels" in overrides and "anchor_sizes" not in overrides:
+        # Keep the preset's anchor-size-to-stride ratio (paper: 4, fast: 2) on the new levels.
+        preset = PRESETS[args.preset]()
+        ratio = preset.anchor_sizes[0] / 2 ** preset.levels[0]
+        overrides["anchor_sizes"] = tuple(ratio * 2**level for level in overrides["levels"])
     return PRESETS[args.preset](**overrides)
 
 

@@ -40,19 +40,24 @@ def draw_detections(image: Image.Image, detections: dict, class_names: list[str]
     if zoom != 1:
         canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    for box, score, label in zip(detections["boxes"], detections["scores"], detections["labels"]):
+    # Lowest score first, so that the most confident detection's label ends up on top.
+    order = sorted(range(len(detections["scores"])), key=lambda i: detections["scores"][i])
+    for i in order:
+        box, score, label = detections["boxes"][i], detections["scores"][i], detections["labels"][i]
         colour = PALETTE[label % len(PALETTE)]
         x0, y0, x1, y1 = (v * zoom for v in box)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, zoom // 2))
         text = f"{class_names[label]} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((x0, y0), text)
-        draw.rectangle([x0, y0 - (bottom - top) - 2, x0 + (right - left) + 2, y0], fill=colour)
-        draw.text((x0 + 1, y0 - (bottom - top) - 2), text, fill=(0, 0, 0))
+        left, top, right, bottom = draw.textbbox((0, 0), text)
+        text_h = bottom - top + 2
+        text_y = y0 - text_h if y0 >= text_h else y0  # inside the box when there is no room above
+        draw.rectangle([x0, text_y, x0 + (right - left) + 2, text_y + text_h], fill=colour)
+        draw.text((x0 + 1, text_y), text, fill=(0, 0, 0))
     return canvas
 
 
 @torch.no_grad()
-def detect(model, images: list[Image.Image], image_size: int, score_threshold: float = 0.3) -> list[dict]:
+def detect(model, images: list[Image.Image], image_size: int, score_threshold: float = 0.4) -> list[dict]:
     """Detections per image as plain lists, boxes in the original image's pixels."""
     letterbox = Letterbox(image_size)
     tensors, scales = [], []
@@ -75,7 +80,7 @@ def main(argv=None) -> None:
     parser.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")
     parser.add_argument("--output", default="outputs/retinanet")
-    parser.add_argument("--score-threshold", type=float, default=0.3, help="drawn and written detections")
+    parser.add_argument("--score-threshold", type=float, default=0.4, help="drawn and written detections")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training size")
     parser.add_argument("--zoom", type=int, default=4, help="enlarge the drawn PNGs (small images)")
     parser.add_argument("--threads", type=int, default=2)
