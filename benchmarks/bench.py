@@ -451,16 +451,18 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
                 continue
         steps[key] = make_step(impl, loss_fn, p, mode)
 
-    # Warm-up, then round-robin rounds so that load from elsewhere on the machine hits all rows alike.
-    # The fastest warm-up call sizes the rounds: a slow one (first call after compiling, a
-    # preempted one) would leave a latency-bound case with too few rounds for a stable median.
-    estimate = {key: min(timer(step) for _ in range(warmup)) for key, step in steps.items()}
-    per_round = sum(estimate.values()) or 1e-6
-    rounds = int(min(max_rounds, max(min_rounds, budget_s / per_round)))
+    for step in steps.values():
+        for _ in range(warmup):
+            timer(step)
+    # Rounds go on until the time budget is spent (within [min_rounds, max_rounds]); round-robin,
+    # so that load from elsewhere on the machine (preemptions of 10 ms and more on a busy host) hits
+    # every row alike, and the median sees past it.
     times = {key: [] for key in steps}
-    for _ in range(rounds):
+    rounds, start = 0, time.perf_counter()
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
         for key, step in steps.items():
             times[key].append(timer(step))
+        rounds += 1
 
     floor_s = statistics.median(times[FLOOR]) if FLOOR in times else None
     for row in rows:
@@ -759,7 +761,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--impls", nargs="+", choices=tuple(IMPLS), help="default: all (the floor is always run)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     parser.add_argument("--quick", action="store_true", help="one RetinaNet shape, float32, few rounds (CI smoke test)")
-    parser.add_argument("--budget", type=float, help="seconds of timing per case (default 3, quick 0.3)")
+    parser.add_argument("--budget", type=float, help="seconds of timed rounds per case (default 3, quick 0.3)")
     parser.add_argument("--json", metavar="PATH", help="write every measurement here")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here")
     parser.add_argument("--matrix", action="store_true", help="print each case's full time-ratio matrix")
