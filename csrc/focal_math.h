@@ -34,6 +34,7 @@ struct Ops<float> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
+  static FOCAL_HOST_DEVICE float log_1_to_2(float x) { return ::logf(x); }  // x in [1, 2]
   static FOCAL_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
   static FOCAL_HOST_DEVICE float relu(float x) { return x > 0.f ? x : 0.f; }
   static FOCAL_HOST_DEVICE float min0(float x) { return x < 0.f ? x : 0.f; }
@@ -47,6 +48,7 @@ struct Ops<double> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
+  static FOCAL_HOST_DEVICE double log_1_to_2(double x) { return ::log(x); }  // x in [1, 2]
   static FOCAL_HOST_DEVICE double abs(double x) { return ::fabs(x); }
   static FOCAL_HOST_DEVICE double relu(double x) { return x > 0. ? x : 0.; }
   static FOCAL_HOST_DEVICE double min0(double x) { return x < 0. ? x : 0.; }
@@ -77,7 +79,7 @@ FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
   s.sig_neg = O::select(z_nonneg, small, inv);
   // log1p(e) = log(d) + log(1 + (e - (d - 1)) / d): d - 1 is exact, so the first-order term
   // restores the bits of e lost when rounding 1 + e (and gives exactly e once 1 + e rounds to 1).
-  s.log1p_e = O::log(d) + (e - (d - one)) * inv;
+  s.log1p_e = O::log_1_to_2(d) + (e - (d - one)) * inv;
   return s;
 }
 

@@ -108,7 +108,7 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
           const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
           r_ = focal_target<G>(x[k], tk, gamma, alpha);
         } else {
-          const auto pos = Vec::arange(static_cast<acc_t>(c + k * kLanes), acc_t(1)) == Vec(label);
+          const auto pos = lane == Vec(label - static_cast<acc_t>(c + k * kLanes));
           if constexpr (TK == TargetKind::kClassId) {
             r_ = focal_binary<G>(x[k], pos, gamma, alpha);
           } else {
