@@ -4,7 +4,7 @@ Times forward-only and forward+backward of the fused op (``focal.sigmoid_focal_l
 and with float targets) against its peers: torchvision eager and under ``torch.compile``, the
 project's pure-PyTorch reference, and fvcore / kornia when they are installed. Every row computes the
 same loss (alpha, gamma, ``reduction="sum"`` divided by a 0-dim tensor normaliser, ignored anchors
-left out), and every row is checked against a float64 evaluation of the reference before it is timed.
+masked out), and every row is checked against a float64 evaluation of the reference before it is timed.
 
 The floor is ``torch.sigmoid(x)``: one transcendental pass that reads the logits and writes one fresh
 tensor of the same size, the least any implementation that returns a gradient must do. Every row
@@ -443,8 +443,12 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
         if not impl.floor:
             try:
                 row["agreement"] = check_agreement(loss_fn, p, mode, exact, impl.fused)
-            except Exception as exc:  # a peer that cannot run this case (dtype, ...) is reported, not fatal
-                row.update(available=False, note=f"failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            except Exception as exc:
+                message = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                if impl.fused:  # the subject of the benchmark must run: a failure fails the run
+                    row.update(note=message, agreement={"ok": False, "error": message})
+                else:  # a peer that cannot run this case (dtype, device) is reported and skipped
+                    row.update(available=False, note=message)
                 continue
             if not row["agreement"]["ok"]:
                 row["note"] = "results disagree with the exact loss: not timed"
@@ -667,6 +671,15 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e3:8.2f} ms"
 
 
+def _check_text(agreement: dict | None) -> str:
+    if not agreement or "value_error" not in agreement:
+        return ""
+    errors = f"loss {agreement['value_error']:.1e}"
+    if "grad_error" in agreement:
+        errors += f", grad {agreement['grad_error']:.1e}"
+    return f"  {'ok' if agreement['ok'] else 'MISMATCH'} ({errors}, tolerance {agreement['tolerance']:.0e})"
+
+
 def print_case(case: dict, matrix: bool) -> None:
     shape = case["shape"]
     print(
@@ -680,7 +693,7 @@ def print_case(case: dict, matrix: bool) -> None:
     for row in case["rows"]:
         line = f"{row['name']:31s} "
         if row.get("median_s") is None:
-            print(line + (row["note"] or "not timed"))
+            print(line + (row["note"] or "not timed") + _check_text(row["agreement"]))
             continue
         floor = row["floor_ratio"]
         vs_fused = case["ratios"][row["key"]].get("fused_ids")
@@ -689,13 +702,7 @@ def print_case(case: dict, matrix: bool) -> None:
         line += f" {vs_fused:8.2f}" if vs_fused else f" {'-':>8s}"
         if row.get("peak_memory_bytes") is not None:
             line += f" {row['peak_memory_bytes'] / 2**20:9.1f}"
-        agreement = row["agreement"]
-        if agreement:
-            errors = f"loss {agreement['value_error']:.1e}"
-            if "grad_error" in agreement:
-                errors += f", grad {agreement['grad_error']:.1e}"
-            line += f"  ok ({errors})"
-        print(line)
+        print(line + _check_text(row["agreement"]))
     if matrix and len(case["ratios"]) > 1:
         keys = list(case["ratios"])
         width = max(9, max(len(k) for k in keys) + 1)

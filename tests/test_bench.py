@@ -40,6 +40,22 @@ def test_retinanet_anchor_counts():
     assert bench.SHAPES["headline"].rows == 200_000
 
 
+def test_agreement_check_catches_a_different_loss():
+    import torch
+
+    bench = _load_bench()
+    problem = bench.make_problem(bench.Shape("tiny", 64, ""), torch.float32, torch.device("cpu"))
+    exact = bench.exact_loss_and_grad(problem)
+    torchvision_loss = bench.build_torchvision(problem)
+    assert bench.check_agreement(torchvision_loss, problem, "fwdbwd", exact, fused=False)["ok"]
+
+    def off_by_one_percent(x):
+        return torchvision_loss(x) * 1.01
+
+    check = bench.check_agreement(off_by_one_percent, problem, "fwdbwd", exact, fused=False)
+    assert not check["ok"] and check["value_error"] > check["tolerance"] and check["grad_error"] > check["tolerance"]
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
