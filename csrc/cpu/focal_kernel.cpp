@@ -103,6 +103,10 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
       if constexpr (TK == TargetKind::kFloat) IO::load(t_all + off + c, n, t);
       if (ew) IO::load(ew + c, n, w);
       for (int k = 0; k < K; ++k) {
+        if (k * kLanes >= n) {  // a half-width tail of bfloat16 / half rows: skip the empty half
+          loss[k] = grad[k] = Vec(acc_t(0));
+          continue;
+        }
         LossAndGrad<Vec> r_;
         if constexpr (TK == TargetKind::kFloat) {
           const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];

@@ -37,8 +37,12 @@ inline VecF exp(const VecF& x_in) {
   p = fmadd(p, r, VecF(1.6666665459e-1f));
   p = fmadd(p, r, VecF(5.0000001201e-1f));
   p = fmadd(p, r * r, r + VecF(1.f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return VecF(_mm512_scalef_ps(p, n));  // p * 2^n, rounded once, subnormals included
+#else
   const VecF n1 = (n * VecF(0.5f)).floor();
   return p * exp2_int(n1) * exp2_int(n - n1);
+#endif
 }
 
 // log(d) within about 1 ulp for d in [1, 2] (not for other d): d = 2^k m with m in
