@@ -244,3 +244,23 @@ def test_reduced_loss_is_bitwise_reproducible_across_runs_and_threads(kind, dtyp
         for loss, grad in runs[1:]:
             assert torch.equal(loss, runs[0][0]), (loss.item(), runs[0][0].item())
             assert torch.equal(grad, runs[0][1])
+
+
+def test_cpu_gradient_buffers_are_reused_only_once_freed():
+    """Large CPU gradient buffers come from a cache of freed ones: a live gradient is never handed
+    out again, and a freed one is (so a training step faults in no new pages)."""
+    x = torch.randn(40_000, 80, requires_grad=True)  # 12.8 MB: above the cached size
+    ids_a = torch.randint(-1, 80, (40_000,))
+    ids_b = torch.randint(-1, 80, (40_000,))
+
+    (grad_a,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, ids_a, reduction="sum"), x)
+    snapshot = grad_a.clone()
+    (grad_b,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, ids_b, reduction="sum"), x)
+    assert grad_b.data_ptr() != grad_a.data_ptr()
+    torch.testing.assert_close(grad_a, snapshot, rtol=0, atol=0)
+
+    freed = grad_b.data_ptr()
+    del grad_b
+    (grad_c,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, ids_a, reduction="sum"), x)
+    assert grad_c.data_ptr() == freed
+    torch.testing.assert_close(grad_c, snapshot, rtol=0, atol=0)
