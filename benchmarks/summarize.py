@@ -63,6 +63,8 @@ def headline_table(result: dict) -> list[str]:
 
 
 def goals_table(result: dict) -> list[str]:
+    if all(g["status"] == "NOT RUN" for g in result["goals"]):
+        return []
     lines = ["| goal | measured | status |", "| --- | --- | --- |"]
     for g in result["goals"]:
         measured = f"{g['measured']:.2f}x" if g["measured"] is not None else "-"
