@@ -163,19 +163,22 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   return r;
 }
 
-// alpha_t = alpha t + (1 - alpha)(1 - t), built once per launch in the math type.
+// alpha_t = alpha t + (1 - alpha)(1 - t): the weights of t = 1 and t = 0, built once per launch in
+// the math type (both 1 without alpha weighting). Kernels may fold other per-row factors into them.
 template <typename V>
 struct AlphaWeights {
-  bool enabled;  // alpha < 0 means no weighting
-  V pos;         // alpha, the weight of t = 1
-  V neg;         // 1 - alpha, the weight of t = 0
+  V pos;  // alpha
+  V neg;  // 1 - alpha
 
   FOCAL_HOST_DEVICE V at(V t) const { return neg + (pos - neg) * t; }
+  FOCAL_HOST_DEVICE AlphaWeights scaled(V factor) const { return {pos * factor, neg * factor}; }
 };
 
+// alpha < 0 means no alpha weighting.
 template <typename V, typename S>
 FOCAL_HOST_DEVICE AlphaWeights<V> make_alpha(double alpha) {
-  return {alpha >= 0.0, V(static_cast<S>(alpha)), V(static_cast<S>(1.0 - alpha))};
+  if (alpha < 0.0) return {V(S(1)), V(S(1))};
+  return {V(static_cast<S>(alpha)), V(static_cast<S>(1.0 - alpha))};
 }
 
 // The two entry points used by the kernels; both return alpha-weighted d loss / d x.
@@ -185,16 +188,10 @@ template <GammaKind G, typename V>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positive, V gamma,
                                               const AlphaWeights<V>& alpha) {
   using O = Ops<V>;
-  const V minus_x = V(0) - x;
-  const LossAndGrad<V> r = focal_hard<G>(O::select(positive, minus_x, x), gamma);
+  const LossAndGrad<V> r = focal_hard<G>(O::select(positive, V(0) - x, x), gamma);
   LossAndGrad<V> out;
-  out.loss = r.loss;
-  out.grad = O::select(positive, V(0) - r.grad, r.grad);  // dz/dx = -1 for positives
-  if (alpha.enabled) {
-    const V a = O::select(positive, alpha.pos, alpha.neg);
-    out.loss = out.loss * a;
-    out.grad = out.grad * a;
-  }
+  out.loss = r.loss * O::select(positive, alpha.pos, alpha.neg);
+  out.grad = r.grad * O::select(positive, V(0) - alpha.pos, alpha.neg);  // dz/dx = -1 if positive
   return out;
 }
 
@@ -202,11 +199,9 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positiv
 template <GammaKind G, typename V>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_target(V x, V t, V gamma, const AlphaWeights<V>& alpha) {
   LossAndGrad<V> out = focal_soft<G>(x, t, gamma);
-  if (alpha.enabled) {
-    const V a = alpha.at(t);
-    out.loss = out.loss * a;
-    out.grad = out.grad * a;
-  }
+  const V a = alpha.at(t);
+  out.loss = out.loss * a;
+  out.grad = out.grad * a;
   return out;
 }
 

@@ -93,7 +93,9 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
       }
       label = static_cast<acc_t>(ids[r]);
     }
-    const Vec rw(row_w ? static_cast<acc_t>(row_w[r]) : acc_t(1));
+    // A row weight is folded into the alpha weights: one multiply per row instead of per vector.
+    const AlphaWeights<Vec> row_alpha =
+        row_w ? alpha.scaled(Vec(static_cast<acc_t>(row_w[r]))) : alpha;
     const scalar_t* ew = elem_w ? elem_w + r * a.elem_weight_row_stride : nullptr;
 
     for (int64_t c = 0; c < span_len; c += kStep) {
@@ -110,18 +112,17 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
         LossAndGrad<Vec> r_;
         if constexpr (TK == TargetKind::kFloat) {
           const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
-          r_ = focal_target<G>(x[k], tk, gamma, alpha);
+          r_ = focal_target<G>(x[k], tk, gamma, row_alpha);
         } else {
           const auto pos = lane == Vec(label - static_cast<acc_t>(c + k * kLanes));
           if constexpr (TK == TargetKind::kClassId) {
-            r_ = focal_binary<G>(x[k], pos, gamma, alpha);
+            r_ = focal_binary<G>(x[k], pos, gamma, row_alpha);
           } else {
-            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, alpha);
+            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, row_alpha);
           }
         }
-        const Vec wk = ew ? rw * w[k] : rw;
-        loss[k] = r_.loss * wk;
-        grad[k] = r_.grad * wk * Vec(scale);
+        loss[k] = ew ? r_.loss * w[k] : r_.loss;
+        grad[k] = (ew ? r_.grad * w[k] : r_.grad) * Vec(scale);
       }
       if (loss_all) {
         for (int k = 0; k < K; ++k) loss[k] = loss[k] * Vec(scale);
