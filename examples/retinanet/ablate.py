@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     add_train_arguments(parser)
     add_config_arguments(parser)
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
-    parser.set_defaults(output="runs/retinanet/ablate", minutes=4.0)
+    parser.set_defaults(output="runs/retinanet/ablate", iters=1000)
     args = parser.parse_args(argv)
     base_options = options_from_arguments(args)
     base_config = config_from_arguments(args)
