@@ -20,20 +20,24 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Loads and stores of `scalar_t` as vectors of its math type: one vector for float and double,
-// two float vectors for bfloat16 and half.
+// Loads and stores of `scalar_t` as one vector of its math type: bfloat16 and half take half a
+// vector of their own and widen it to float (one float vector at a time keeps register pressure
+// and row tails as for float).
 template <typename scalar_t>
 struct VecIO {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-  static constexpr int kVecs = kReduced ? 2 : 1;
-  static constexpr int64_t kStep = Vec::size() * kVecs;
+  static constexpr int kVecs = 1;
+  static constexpr int64_t kStep = Vec::size();
 
   static inline void load(const scalar_t* p, int64_t n, Vec (&out)[kVecs]) {
     if constexpr (kReduced) {
-      const auto v = n == kStep ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
-      std::tie(out[0], out[1]) = at::vec::convert_to_float<scalar_t>(v);
+      if (n == kStep) {
+        at::vec::load_to_float<scalar_t>(p, out[0]);
+      } else {
+        out[0] = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
+      }
     } else {
       out[0] = n == kStep ? Vec::loadu(p) : Vec::loadu(p, n);
     }
@@ -41,7 +45,7 @@ struct VecIO {
 
   static inline void store(scalar_t* p, int64_t n, const Vec (&v)[kVecs]) {
     if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, n);
+      at::vec::convert_from_float<scalar_t>(v[0], v[0]).store(p, n);
     } else {
       v[0].store(p, n);
     }
