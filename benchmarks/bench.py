@@ -861,6 +861,9 @@ def main(argv=None) -> int:
         "goals": goals,
         "agreement_ok": agreement_ok,
     }
+    for path in (args.json, args.plot):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"\nwrote {args.json}")
