@@ -264,3 +264,33 @@ def test_cpu_gradient_buffers_are_reused_only_once_freed():
     (grad_c,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, ids_a, reduction="sum"), x)
     assert grad_c.data_ptr() == freed
     torch.testing.assert_close(grad_c, snapshot, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_cpu_backward_hands_over_the_forward_gradient_without_a_copy(monkeypatch, reduction):
+    """loss.backward() (or loss.sum().backward()) leaves in x.grad the very buffer that the forward
+    pass wrote: no pass over the gradient, not even a copy."""
+    import focal.functional as functional
+
+    written = []
+    real_op = functional.sigmoid_focal_loss_op
+
+    def spying_op():
+        op = real_op()
+
+        def call(*args):
+            loss, grad = op(*args)
+            written.append(grad.data_ptr())
+            return loss, grad
+
+        return call
+
+    monkeypatch.setattr(functional, "sigmoid_focal_loss_op", spying_op)
+    x = torch.randn(300, 80, requires_grad=True)
+    ids = torch.randint(-1, 80, (300,))
+    loss = focal.sigmoid_focal_loss(x, ids, reduction=reduction)
+    (loss.sum() if reduction == "none" else loss).backward()
+    assert len(written) == 1
+    assert x.grad.data_ptr() == written[0]
+    assert x.grad._version == 0  # not even scaled in place
+    torch.testing.assert_close(x.grad, _expected_grad(x.detach(), ids, reduction), rtol=1e-5, atol=1e-7)
