@@ -45,7 +45,7 @@ if X86_64:
     ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]
     # GCC 12 reports false "maybe uninitialized" warnings inside its own AVX-512 intrinsics.
     ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                           "-Wno-maybe-uninitialized"]
+                           "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 ISA_SOURCE = os.path.join(CSRC, "cpu", "focal_kernel.cpp")
 
 

@@ -1,8 +1,8 @@
 // Per-element math of the sigmoid focal loss and its derivative.
 //
 // This header is the only place where the math lives. The CUDA kernels instantiate it with scalar
-// `float` / `double`; the CPU kernels instantiate it with `at::vec::Vectorized<float/double>` (see
-// cpu/vec_ops.h), so the CPU tests exercise exactly the formulas that run on the GPU.
+// `float` / `double`; the CPU kernels instantiate it with SIMD vectors of float or double (see
+// cpu/simd.h), so the CPU tests exercise exactly the formulas that run on the GPU.
 //
 // Notation: x is the logit, t in [0, 1] the binary target, p = sigmoid(x), and
 //   CE = -t log p - (1 - t) log(1 - p),      q = 1 - p_t = p (1 - t) + (1 - p) t,
@@ -35,7 +35,7 @@ struct Ops<float> {
   static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
   static FOCAL_HOST_DEVICE float log_1_to_2(float x) { return ::logf(x); }  // x in [1, 2]
-  static FOCAL_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
+  static FOCAL_HOST_DEVICE float neg_abs(float x) { return -::fabsf(x); }
   static FOCAL_HOST_DEVICE float relu(float x) { return x > 0.f ? x : 0.f; }
   static FOCAL_HOST_DEVICE float min0(float x) { return x < 0.f ? x : 0.f; }
   static FOCAL_HOST_DEVICE Mask nonneg(float x) { return x >= 0.f; }
@@ -49,7 +49,7 @@ struct Ops<double> {
   static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
   static FOCAL_HOST_DEVICE double log_1_to_2(double x) { return ::log(x); }  // x in [1, 2]
-  static FOCAL_HOST_DEVICE double abs(double x) { return ::fabs(x); }
+  static FOCAL_HOST_DEVICE double neg_abs(double x) { return -::fabs(x); }
   static FOCAL_HOST_DEVICE double relu(double x) { return x > 0. ? x : 0.; }
   static FOCAL_HOST_DEVICE double min0(double x) { return x < 0. ? x : 0.; }
   static FOCAL_HOST_DEVICE Mask nonneg(double x) { return x >= 0.; }
@@ -69,7 +69,7 @@ template <typename V>
 FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
   using O = Ops<V>;
   const V one(1);
-  const V e = O::exp(V(0) - O::abs(z));  // in (0, 1]
+  const V e = O::exp(O::neg_abs(z));  // in (0, 1]
   const V d = one + e;
   const V inv = one / d;                 // sigmoid(|z|)
   const V small = e * inv;               // sigmoid(-|z|)

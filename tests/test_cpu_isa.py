@@ -1,4 +1,4 @@
-"""Every instruction-set copy of the CPU kernel computes the same loss.
+"""Every instruction-set copy of the CPU kernel computes the same loss, and rounds 16-bit outputs alike.
 
 The extension compiles its kernel once per ISA and picks the copy that matches ATen's CPU capability,
 which ATEN_CPU_CAPABILITY overrides at start-up. Each capability runs in a fresh interpreter and
@@ -75,3 +75,16 @@ def test_kernel_copy_matches_reference(capability):
     assert report["capability"] == capability.upper()  # ATen (and so the extension) took the override
     assert report["checked"] > 100
     assert report["failures"] == []
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_kernel_copy_rounds_half_precision_like_torch(capability):
+    """test_reduced_precision.py (every 16-bit logit, bitwise) against each ISA copy of the kernel."""
+    if RANK[capability.upper()] > _available_rank():
+        pytest.skip(f"this CPU supports up to {torch.backends.cpu.get_cpu_capability()}, not {capability.upper()}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
+    test_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_reduced_precision.py")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

@@ -1,74 +1,41 @@
 // The vectorised CPU kernel. setup.py compiles this file once per instruction set, each time with
-// that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so that ATen's
-// Vectorized<T> maps onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
+// that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so that the vector
+// types of simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
 // This translation unit deliberately includes nothing but the vector headers and our own math.
 #include <algorithm>
 
-#include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
 #include "focal_kernel.h"
-#include "vec_ops.h"
+#include "simd.h"
 
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must name the instruction set this file is compiled for"
 #endif
 
+// Inlining the per-vector step into both of its call sites (full vectors, the row's tail) lets the
+// compiler drop the masks from the full-vector loop.
+#if defined(__GNUC__)
+#define FOCAL_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define FOCAL_ALWAYS_INLINE
+#endif
+
 namespace focal::cpu::CPU_CAPABILITY {
 namespace {
 
-using at::vec::Vectorized;
-
-// Loads and stores of `scalar_t` as one vector of its math type: bfloat16 and half take half a
-// vector of their own and widen it to float (one float vector at a time keeps register pressure
-// and row tails as for float).
-template <typename scalar_t>
-struct VecIO {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-  static constexpr int kVecs = 1;
-  static constexpr int64_t kStep = Vec::size();
-
-  static inline void load(const scalar_t* p, int64_t n, Vec (&out)[kVecs]) {
-    if constexpr (kReduced) {
-      if (n == kStep) {
-        at::vec::load_to_float<scalar_t>(p, out[0]);
-      } else {
-        out[0] = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, n)));
-      }
-    } else {
-      out[0] = n == kStep ? Vec::loadu(p) : Vec::loadu(p, n);
-    }
-  }
-
-  static inline void store(scalar_t* p, int64_t n, const Vec (&v)[kVecs]) {
-    if constexpr (kReduced) {
-      at::vec::convert_from_float<scalar_t>(v[0], v[0]).store(p, n);
-    } else {
-      v[0].store(p, n);
-    }
-  }
-};
-
 template <typename scalar_t, TargetKind TK, GammaKind G>
 double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
-  using IO = VecIO<scalar_t>;
-  using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  using O = Ops<Vec>;
-  constexpr int K = IO::kVecs;
-  constexpr int64_t kStep = IO::kStep;
-  constexpr int64_t kLanes = Vec::size();
+  using S = simd::SimdFor<scalar_t>;
+  using V = typename S::V;
+  using acc_t = typename S::acc_t;
+  using O = Ops<V>;
+  constexpr int64_t kLanes = S::kLanes;
 
   const int64_t C = a.cols;
-  const acc_t scale = static_cast<acc_t>(scale_d);
-  const Vec gamma(static_cast<acc_t>(a.gamma));
-  const AlphaWeights<Vec> alpha = make_alpha<Vec, acc_t>(a.alpha);
+  const V scale(static_cast<acc_t>(scale_d));
+  const V gamma(static_cast<acc_t>(a.gamma));
+  const AlphaWeights<V> alpha = make_alpha<V, acc_t>(a.alpha);
   const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-  const Vec t_pos(acc_t(1) - eps / 2), t_neg(eps / 2);
-  const Vec lane = Vec::arange(acc_t(0), acc_t(1));
+  const V t_pos(acc_t(1) - eps / 2), t_neg(eps / 2);
 
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   const auto* t_all = static_cast<const scalar_t*>(a.targets);
@@ -84,69 +51,70 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1) {
   const int64_t spans = flat ? 1 : r1 - r0;
   const int64_t span_len = flat ? (r1 - r0) * C : C;
 
-  Vec acc(acc_t(0));
+  V acc(acc_t(0));
   for (int64_t s = 0; s < spans; ++s) {
     const int64_t r = r0 + s;
     const int64_t off = r * C;
-    acc_t label = -1;
+    int64_t label = -1;
     if constexpr (TK != TargetKind::kFloat) {
       if (ids[r] == a.ignore_index) {
         if (loss_all) std::fill_n(loss_all + off, C, scalar_t(0));
         if (grad_all) std::fill_n(grad_all + off, C, scalar_t(0));
         continue;
       }
-      label = static_cast<acc_t>(ids[r]);
+      label = ids[r];
     }
     // A row weight is folded into the alpha weights: one multiply per row instead of per vector.
-    const AlphaWeights<Vec> row_alpha =
-        row_w ? alpha.scaled(Vec(static_cast<acc_t>(row_w[r]))) : alpha;
+    const AlphaWeights<V> row_alpha =
+        row_w ? alpha.scaled(V(static_cast<acc_t>(row_w[r]))) : alpha;
     const scalar_t* ew = elem_w ? elem_w + r * a.elem_weight_row_stride : nullptr;
+    // What multiplies the loss (written out with reduction "none", else summed) and the gradient:
+    // the scale, and for a class-id vector without a positive lane also alpha's negative weight,
+    // which that vector's math (focal_hard with z = x) leaves out.
+    const V loss_w = loss_all ? scale : V(acc_t(1));
+    const V grad_w = scale;
+    const V neg_loss_w = loss_w * row_alpha.neg;
+    const V neg_grad_w = grad_w * row_alpha.neg;
 
-    for (int64_t c = 0; c < span_len; c += kStep) {
-      const int64_t n = std::min(kStep, span_len - c);
-      Vec x[K], t[K], w[K], loss[K], grad[K];
-      IO::load(x_all + off + c, n, x);
-      if constexpr (TK == TargetKind::kFloat) IO::load(t_all + off + c, n, t);
-      if (ew) IO::load(ew + c, n, w);
-      for (int k = 0; k < K; ++k) {
-        if (k * kLanes >= n) {  // a half-width tail of bfloat16 / half rows: skip the empty half
-          loss[k] = grad[k] = Vec(acc_t(0));
-          continue;
-        }
-        LossAndGrad<Vec> r_;
-        if constexpr (TK == TargetKind::kFloat) {
-          const Vec tk = eps != acc_t(0) ? t[k] * Vec(acc_t(1) - eps) + Vec(eps / 2) : t[k];
-          r_ = focal_target<G>(x[k], tk, gamma, row_alpha);
+    // Elements [c, c + n) of this span, n <= kLanes.
+    const auto step = [&](int64_t c, int64_t n) FOCAL_ALWAYS_INLINE {
+      const V x = S::load(x_all + off + c, n);
+      LossAndGrad<V> out;
+      V lw = loss_w, gw = grad_w;
+      if constexpr (TK == TargetKind::kFloat) {
+        V t = S::load(t_all + off + c, n);
+        if (eps != acc_t(0)) t = t * V(acc_t(1) - eps) + V(eps / 2);
+        out = focal_target<G>(x, t, gamma, row_alpha);
+      } else if constexpr (TK == TargetKind::kClassId) {
+        const int64_t positive_lane = label - c;
+        if (static_cast<uint64_t>(positive_lane) >= static_cast<uint64_t>(kLanes)) {
+          out = focal_hard<G>(x, gamma);  // every lane a negative: most vectors of a batch
+          lw = neg_loss_w;
+          gw = neg_grad_w;
         } else {
-          const auto pos = lane == Vec(label - static_cast<acc_t>(c + k * kLanes));
-          if constexpr (TK == TargetKind::kClassId) {
-            r_ = focal_binary<G>(x[k], pos, gamma, row_alpha);
-          } else {
-            r_ = focal_target<G>(x[k], O::select(pos, t_pos, t_neg), gamma, row_alpha);
-          }
+          out = focal_binary<G>(x, S::lane(positive_lane), gamma, row_alpha);
         }
-        loss[k] = ew ? r_.loss * w[k] : r_.loss;
-        grad[k] = (ew ? r_.grad * w[k] : r_.grad) * Vec(scale);
+      } else {
+        const auto positive = S::lane(label - c);
+        out = focal_target<G>(x, O::select(positive, t_pos, t_neg), gamma, row_alpha);
+      }
+      if (ew) {
+        const V w = S::load(ew + c, n);
+        out.loss = out.loss * w;
+        out.grad = out.grad * w;
       }
       if (loss_all) {
-        for (int k = 0; k < K; ++k) loss[k] = loss[k] * Vec(scale);
-        IO::store(loss_all + off + c, n, loss);
-      } else if (n == kStep) {
-        for (int k = 0; k < K; ++k) acc = acc + loss[k];
+        S::store(loss_all + off + c, n, out.loss * lw);
       } else {
-        for (int k = 0; k < K; ++k) {
-          const auto valid = lane < Vec(static_cast<acc_t>(n - k * kLanes));
-          acc = acc + O::select(valid, loss[k], Vec(acc_t(0)));
-        }
+        acc = O::fmadd(n == kLanes ? out.loss : S::zero_unless(S::first(n), out.loss), lw, acc);
       }
-      if (grad_all) IO::store(grad_all + off + c, n, grad);
-    }
+      if (grad_all) S::store(grad_all + off + c, n, out.grad * gw);
+    };
+    int64_t c = 0;
+    for (; c + kLanes <= span_len; c += kLanes) step(c, kLanes);
+    if (c < span_len) step(c, span_len - c);
   }
-  alignas(64) acc_t lanes[kLanes];
-  acc.store(lanes);
-  double total = 0;
-  for (int64_t i = 0; i < kLanes; ++i) total += lanes[i];
-  return total;
+  return S::sum(acc);
 }
 
 template <typename scalar_t, TargetKind TK>
