@@ -8,8 +8,12 @@
 //   CE = -t log p - (1 - t) log(1 - p),      q = 1 - p_t = p (1 - t) + (1 - p) t,
 //   FL = alpha_t * q^gamma * CE                (Lin et al., eq. 5, with torchvision's soft-target form).
 // Everything is written so that no quantity is formed by cancellation: p and 1 - p are computed
-// separately from exp(-|x|), log1p uses one log (no log1p), and q^(gamma - 1) never appears, so every
-// finite logit gives a finite loss and gradient, also for gamma in (0, 1) at saturation.
+// separately from exp(-|x|), log(1 + exp(-|x|)) keeps the relative accuracy of exp(-|x|) however
+// small, and q^(gamma - 1) never appears, so every finite logit gives a finite loss and gradient,
+// also for gamma in (0, 1) at saturation.
+//
+// Each vector or scalar type V supplies its primitives in Ops<V>: exp, exp_neg_abs (exp(-|z|)),
+// log, log1p_unit (log(1 + e) for e in [0, 1]), relu, min0, comparisons and select.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -34,8 +38,13 @@ struct Ops<float> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
-  static FOCAL_HOST_DEVICE float log_1_to_2(float x) { return ::logf(x); }  // x in [1, 2]
-  static FOCAL_HOST_DEVICE float neg_abs(float x) { return -::fabsf(x); }
+  static FOCAL_HOST_DEVICE float exp_neg_abs(float z) { return ::expf(-::fabsf(z)); }
+  // log(1 + e) for e in [0, 1], given d = 1 + e (rounded) and inv = 1 / d: d - 1 is exact, so the
+  // first-order term restores the bits of e lost when rounding 1 + e (and gives exactly e once
+  // 1 + e rounds to 1).
+  static FOCAL_HOST_DEVICE float log1p_unit(float e, float d, float inv) {
+    return ::logf(d) + (e - (d - 1.f)) * inv;
+  }
   static FOCAL_HOST_DEVICE float relu(float x) { return x > 0.f ? x : 0.f; }
   static FOCAL_HOST_DEVICE float min0(float x) { return x < 0.f ? x : 0.f; }
   static FOCAL_HOST_DEVICE Mask nonneg(float x) { return x >= 0.f; }
@@ -48,8 +57,10 @@ struct Ops<double> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
-  static FOCAL_HOST_DEVICE double log_1_to_2(double x) { return ::log(x); }  // x in [1, 2]
-  static FOCAL_HOST_DEVICE double neg_abs(double x) { return -::fabs(x); }
+  static FOCAL_HOST_DEVICE double exp_neg_abs(double z) { return ::exp(-::fabs(z)); }
+  static FOCAL_HOST_DEVICE double log1p_unit(double e, double d, double inv) {  // as for float
+    return ::log(d) + (e - (d - 1.)) * inv;
+  }
   static FOCAL_HOST_DEVICE double relu(double x) { return x > 0. ? x : 0.; }
   static FOCAL_HOST_DEVICE double min0(double x) { return x < 0. ? x : 0.; }
   static FOCAL_HOST_DEVICE Mask nonneg(double x) { return x >= 0.; }
@@ -57,7 +68,7 @@ struct Ops<double> {
   static FOCAL_HOST_DEVICE double select(Mask m, double a, double b) { return m ? a : b; }
 };
 
-// sigmoid(z), sigmoid(-z) and log1p(exp(-|z|)) from one exp, one reciprocal and one log.
+// sigmoid(z), sigmoid(-z) and log1p(exp(-|z|)) from one exp, one reciprocal and one log1p.
 template <typename V>
 struct SigmoidParts {
   V sig;       // sigmoid(z)
@@ -69,17 +80,15 @@ template <typename V>
 FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
   using O = Ops<V>;
   const V one(1);
-  const V e = O::exp(O::neg_abs(z));  // in (0, 1]
+  const V e = O::exp_neg_abs(z);  // in [0, 1]
   const V d = one + e;
-  const V inv = one / d;                 // sigmoid(|z|)
-  const V small = e * inv;               // sigmoid(-|z|)
+  const V inv = one / d;           // sigmoid(|z|)
+  const V small = e * inv;         // sigmoid(-|z|)
   const auto z_nonneg = O::nonneg(z);
   SigmoidParts<V> s;
   s.sig = O::select(z_nonneg, inv, small);
   s.sig_neg = O::select(z_nonneg, small, inv);
-  // log1p(e) = log(d) + log(1 + (e - (d - 1)) / d): d - 1 is exact, so the first-order term
-  // restores the bits of e lost when rounding 1 + e (and gives exactly e once 1 + e rounds to 1).
-  s.log1p_e = O::log_1_to_2(d) + (e - (d - one)) * inv;
+  s.log1p_e = O::log1p_unit(e, d, inv);
   return s;
 }
 

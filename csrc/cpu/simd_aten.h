@@ -50,11 +50,16 @@ struct Ops<at::vec::Vectorized<T>> {
     else return x.exp();
   }
   static inline V log(const V& x) { return x.log(); }
-  static inline V log_1_to_2(const V& x) {
-    if constexpr (kFloat) return vec_math::log_1_to_2_cephes(x);
-    else return x.log();
+  static inline V exp_neg_abs(const V& z) {
+    const V neg_abs = V(T(0)) - z.abs();
+    if constexpr (kFloat) return vec_math::exp<V, /*kNonPositive=*/true>(neg_abs);
+    else return neg_abs.exp();
   }
-  static inline V neg_abs(const V& x) { return V(T(0)) - x.abs(); }
+  // log(1 + e) for e in [0, 1]; float64 as the scalar Ops<double> (see focal_math.h).
+  static inline V log1p_unit(const V& e, const V& d, const V& inv) {
+    if constexpr (kFloat) return vec_math::log1p_unit(e);
+    else return d.log() + (e - (d - V(T(1)))) * inv;
+  }
   static inline V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }
   static inline V min0(const V& x) { return at::vec::minimum(x, V(T(0))); }
   static inline Mask nonneg(const V& x) { return x >= V(T(0)); }

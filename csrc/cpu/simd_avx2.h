@@ -61,9 +61,11 @@ struct Ops<simd::F32x8> {
 
   // The members focal_math.h uses.
   static inline V exp(V x) { return vec_math::exp(x); }
+  static inline V exp_neg_abs(V z) {  // -|z|: the sign bit set
+    return vec_math::exp<V, /*kNonPositive=*/true>(_mm256_or_ps(_mm256_set1_ps(-0.f), z));
+  }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
-  static inline V log_1_to_2(V x) { return vec_math::log_1_to_2_cephes(x); }
-  static inline V neg_abs(V x) { return _mm256_or_ps(_mm256_set1_ps(-0.f), x); }  // sign bit set
+  static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }
   static inline V relu(V x) { return max_keep_nan(_mm256_setzero_ps(), x); }
   static inline V min0(V x) { return min_keep_nan(_mm256_setzero_ps(), x); }
   static inline Mask nonneg(V x) { return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ); }

@@ -34,37 +34,6 @@ inline F32x16 operator-(F32x16 a, F32x16 b) { return _mm512_sub_ps(a, b); }
 inline F32x16 operator*(F32x16 a, F32x16 b) { return _mm512_mul_ps(a, b); }
 inline F32x16 operator/(F32x16 a, F32x16 b) { return _mm512_div_ps(a, b); }
 
-// log(d) within about 2 ulp for d in [1, 2] (not for other d).
-// d = 2^k m with m in [1, 2); m = c_i (1 + f) where c_i is the centre of the sixteenth of [1, 2)
-// that holds m (c_0 = 1, so that values near 1 keep their relative accuracy), looked up with one
-// in-register permute; log(1 + f), |f| <= 1/16, from its degree-6 Taylor polynomial. The table of
-// log(c_i) holds -log of the float 1 / c_i actually used, so the rounding of 1 / c_i cancels.
-inline F32x16 log_1_to_2(F32x16 d) {
-  const __m512 inv_c_table = _mm512_setr_ps(
-      1.000000000e+00f, 9.142857194e-01f, 8.648648858e-01f, 8.205128312e-01f, 7.804877758e-01f,
-      7.441860437e-01f, 7.111111283e-01f, 6.808510423e-01f, 6.530612111e-01f, 6.274510026e-01f,
-      6.037735939e-01f, 5.818181634e-01f, 5.614035130e-01f, 5.423728824e-01f, 5.245901346e-01f,
-      5.079365373e-01f);
-  const __m512 log_c_table = _mm512_setr_ps(
-      0.000000000e+00f, 8.961215615e-02f, 1.451819837e-01f, 1.978257298e-01f, 2.478362024e-01f,
-      2.954642177e-01f, 3.409265578e-01f, 3.844117224e-01f, 4.260844290e-01f, 4.660896957e-01f,
-      5.045560002e-01f, 5.415973067e-01f, 5.773153305e-01f, 6.118015647e-01f, 6.451380253e-01f,
-      6.773987412e-01f);
-  const __m512 m = _mm512_getmant_ps(d, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
-  const __m512 k = _mm512_getexp_ps(d);  // 0, or 1 for d = 2
-  // The permute reads the low 4 bits of each index: the top 4 bits of m's mantissa.
-  const __m512i index = _mm512_srli_epi32(_mm512_castps_si512(m), 19);
-  const __m512 f = _mm512_fmsub_ps(m, _mm512_permutexvar_ps(index, inv_c_table), _mm512_set1_ps(1.f));
-  __m512 p = _mm512_set1_ps(-1.f / 6.f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 5.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.f / 4.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 3.f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.f / 2.f));
-  const __m512 log1p_f = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), f);
-  const __m512 log_m = _mm512_add_ps(_mm512_permutexvar_ps(index, log_c_table), log1p_f);
-  return _mm512_fmadd_ps(k, _mm512_set1_ps(0.693147182f), log_m);
-}
-
 }  // namespace focal::simd
 
 namespace focal {
@@ -87,9 +56,11 @@ struct Ops<simd::F32x16> {
 
   // The members focal_math.h uses.
   static inline V exp(V x) { return vec_math::exp(x); }
+  static inline V exp_neg_abs(V z) {  // -|z|: the sign bit set
+    return vec_math::exp<V, /*kNonPositive=*/true>(_mm512_or_ps(_mm512_set1_ps(-0.f), z));
+  }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
-  static inline V log_1_to_2(V x) { return simd::log_1_to_2(x); }
-  static inline V neg_abs(V x) { return _mm512_or_ps(_mm512_set1_ps(-0.f), x); }  // sign bit set
+  static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }
   static inline V relu(V x) { return max_keep_nan(_mm512_setzero_ps(), x); }
   static inline V min0(V x) { return min_keep_nan(_mm512_setzero_ps(), x); }
   static inline Mask nonneg(V x) { return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ); }
