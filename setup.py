@@ -39,14 +39,14 @@ if CUDA_REQUESTED and not CUDA_POSSIBLE:
 WITH_CUDA = CUDA_POSSIBLE if CUDA_REQUESTED is None else CUDA_REQUESTED
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
-# The CPU kernel file is compiled once per instruction set; focal_cpu.cpp picks one at run time.
+# The CPU kernel files are compiled once per instruction set; focal_cpu.cpp picks one at run time.
 ISA_FLAGS = {"DEFAULT": []}
 if X86_64:
     ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]
     # GCC 12 reports false "maybe uninitialized" warnings inside its own AVX-512 intrinsics.
     ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-ISA_SOURCE = os.path.join(CSRC, "cpu", "focal_kernel.cpp")
+ISA_SOURCES = [os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", "focal_table_kernel.cpp")]
 
 
 def cxx_flags() -> list[str]:
@@ -66,6 +66,7 @@ def extension():
         os.path.join(CSRC, "module.cpp"),
         os.path.join(CSRC, "focal_ops.cpp"),
         os.path.join(CSRC, "cpu", "focal_cpu.cpp"),
+        os.path.join(CSRC, "cpu", "half_table.cpp"),
         os.path.join(CSRC, "cpu", "hugepage_alloc.cpp"),
     ]
     kwargs = dict(
@@ -89,13 +90,13 @@ def extension():
 
 
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, plus one object of the CPU kernel per instruction set."""
+    """torch's BuildExtension, plus one object of each CPU kernel file per instruction set."""
 
     def build_extension(self, ext):
         base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
         for isa, flags in ISA_FLAGS.items():
             objects = self.compiler.compile(
-                [ISA_SOURCE],
+                ISA_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
                 include_dirs=ext.include_dirs,
                 debug=DEBUG,

@@ -77,14 +77,17 @@ def test_kernel_copy_matches_reference(capability):
     assert report["failures"] == []
 
 
+@pytest.mark.parametrize("test_file", ["test_reduced_precision.py", "test_half_table.py"])
 @pytest.mark.parametrize("capability", CAPABILITIES)
-def test_kernel_copy_rounds_half_precision_like_torch(capability):
-    """test_reduced_precision.py (every 16-bit logit, bitwise) against each ISA copy of the kernel."""
+def test_kernel_copy_passes_the_bitwise_tests(capability, test_file):
+    """Tests that compare outputs bit for bit (16-bit rounding; the lookup-table kernel against the
+    direct one), run against each ISA copy of the kernels."""
     if RANK[capability.upper()] > _available_rank():
         pytest.skip(f"this CPU supports up to {torch.backends.cpu.get_cpu_capability()}, not {capability.upper()}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    test_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_reduced_precision.py")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    env.pop("FOCAL_CPU_TABLE", None)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), test_file)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

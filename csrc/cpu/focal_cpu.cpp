@@ -1,5 +1,6 @@
 // CPU backend: checks, class-id validation, output allocation and the parallel loop. The per-row
-// work runs in focal_kernel.cpp, compiled once per instruction set; this file picks the copy.
+// work runs in focal_kernel.cpp (or, for 16-bit logits with class ids, focal_table_kernel.cpp),
+// compiled once per instruction set; this file picks the copy.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -12,6 +13,7 @@
 
 #include "../focal_ops.h"
 #include "focal_kernel.h"
+#include "half_table.h"
 #include "hugepage_alloc.h"
 
 namespace focal::cpu {
@@ -21,19 +23,26 @@ namespace {
 // are added in order, so a reduced loss is bitwise identical for any number of threads.
 constexpr int64_t kBlockElements = 16384;
 
+struct Kernels {
+  RowsFn rows;
+  TableRowsFn rows_from_table;
+};
+
 // Follows ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too.
-RowsFn select_rows_fn() {
-  static const RowsFn fn = [] {
+const Kernels& select_kernels() {
+  static const Kernels kernels = []() -> Kernels {
     const std::string capability = at::get_cpu_capability();
 #if defined(FOCAL_HAVE_AVX512)
-    if (capability == "AVX512") return &AVX512::focal_rows;
+    if (capability == "AVX512") return {&AVX512::focal_rows, &AVX512::focal_rows_from_table};
 #endif
 #if defined(FOCAL_HAVE_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::focal_rows;
+    if (capability == "AVX512" || capability == "AVX2") {
+      return {&AVX2::focal_rows, &AVX2::focal_rows_from_table};
+    }
 #endif
-    return &DEFAULT::focal_rows;
+    return {&DEFAULT::focal_rows, &DEFAULT::focal_rows_from_table};
   }();
-  return fn;
+  return kernels;
 }
 
 // Checks every class id and returns the number of rows that are not ignored.
@@ -88,13 +97,17 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   const int64_t block_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
   const int64_t blocks = rows == 0 || cols == 0 ? 0 : (rows + block_rows - 1) / block_rows;
   std::vector<double> partial(blocks, 0.0);
-  const RowsFn rows_fn = select_rows_fn();
+  const Kernels& kernels = select_kernels();
   const GammaKind gamma_kind = call.gamma_kind();
   const auto dtype = logits.scalar_type();
+  const bool use_table = half_table_applies(args, dtype, rows * cols);
+  const HalfTable table =
+      use_table ? build_half_table(args, dtype, gamma_kind, total_scale, kernels.rows) : HalfTable{};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block_rows, r1 = std::min(rows, r0 + block_rows);
-      partial[b] = rows_fn(args, dtype, gamma_kind, total_scale, r0, r1);
+      partial[b] = use_table ? kernels.rows_from_table(args, dtype, gamma_kind, total_scale, table, r0, r1)
+                             : kernels.rows(args, dtype, gamma_kind, total_scale, r0, r1, nullptr);
     }
   });
 

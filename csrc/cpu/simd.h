@@ -22,7 +22,7 @@ using NativeFloat = Avx2Float;
 #endif
 
 // SimdFor<scalar_t>: V, Mask, acc_t, kLanes, load / store of scalar_t, first(n), lane(i),
-// zero_unless(mask, v) and sum(v).
+// zero_unless(mask, v), load_lanes / store_lanes (acc_t accumulators) and sum(v).
 template <typename scalar_t>
 struct SimdForImpl {
   using type = AtenIO<scalar_t>;

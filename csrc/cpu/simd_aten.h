@@ -52,7 +52,7 @@ struct Ops<at::vec::Vectorized<T>> {
   static inline V log(const V& x) { return x.log(); }
   static inline V exp_neg_abs(const V& z) {
     const V neg_abs = V(T(0)) - z.abs();
-    if constexpr (kFloat) return vec_math::exp<V, /*kNonPositive=*/true>(neg_abs);
+    if constexpr (kFloat) return vec_math::exp_nonpositive(neg_abs);
     else return neg_abs.exp();
   }
   // log(1 + e) for e in [0, 1]; float64 as the scalar Ops<double> (see focal_math.h).
@@ -110,6 +110,10 @@ struct AtenIO {
       x.store(p, n);
     }
   }
+
+  // Accumulator lanes kept in memory between calls.
+  static inline V load_lanes(const acc_t* p) { return V::loadu(p); }
+  static inline void store_lanes(acc_t* p, const V& x) { x.store(p); }
 
   static inline double sum(const V& x) {
     alignas(64) acc_t lanes[kLanes];

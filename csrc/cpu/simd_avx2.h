@@ -62,7 +62,7 @@ struct Ops<simd::F32x8> {
   // The members focal_math.h uses.
   static inline V exp(V x) { return vec_math::exp(x); }
   static inline V exp_neg_abs(V z) {  // -|z|: the sign bit set
-    return vec_math::exp<V, /*kNonPositive=*/true>(_mm256_or_ps(_mm256_set1_ps(-0.f), z));
+    return vec_math::exp_nonpositive(V(_mm256_or_ps(_mm256_set1_ps(-0.f), z)));
   }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
   static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }
@@ -130,6 +130,10 @@ struct Avx2Float {
   static inline void store(c10::Half* p, int64_t n, V x) {
     store_halves(p, n, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
+
+  // Accumulator lanes kept in memory between calls.
+  static inline V load_lanes(const float* p) { return _mm256_loadu_ps(p); }
+  static inline void store_lanes(float* p, V x) { _mm256_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
   static inline double sum(V x) {

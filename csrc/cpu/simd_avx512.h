@@ -56,8 +56,10 @@ struct Ops<simd::F32x16> {
 
   // The members focal_math.h uses.
   static inline V exp(V x) { return vec_math::exp(x); }
-  static inline V exp_neg_abs(V z) {  // -|z|: the sign bit set
-    return vec_math::exp<V, /*kNonPositive=*/true>(_mm512_or_ps(_mm512_set1_ps(-0.f), z));
+  // exp(-|z|), -|z| by setting the sign bit. (VRANGEPS would also clamp, in one instruction, but
+  // it turns NaN into a number.)
+  static inline V exp_neg_abs(V z) {
+    return vec_math::exp_nonpositive(V(_mm512_or_ps(_mm512_set1_ps(-0.f), z)));
   }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
   static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }
@@ -126,6 +128,10 @@ struct Avx512Float {
     if (n == kLanes) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
     else _mm256_mask_storeu_epi16(p, first(n), h);
   }
+
+  // Accumulator lanes kept in memory between calls.
+  static inline V load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+  static inline void store_lanes(float* p, V x) { _mm512_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
   static inline double sum(V x) {

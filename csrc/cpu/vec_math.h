@@ -10,25 +10,35 @@
 
 namespace focal::vec_math {
 
-// exp(x) within about 1 ulp for every float x (kNonPositive: every x <= 0), subnormal results
-// included. x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in two), exp(r) from a degree-5
-// minimax polynomial (the coefficients of Cephes' expf), and 2^n applied by scale_by_pow2.
-template <typename V, bool kNonPositive = false>
-inline V exp(V x_in) {
+// exp(x) for x in [-104, 88.8] (or NaN) within about 1.5 ulp, subnormal results included.
+// x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in two), exp(r) = 1 + r Q(r) with Q a
+// degree-5 minimax fit (six multiply-adds in all), and 2^n applied by scale_by_pow2.
+template <typename V>
+inline V exp_in_range(V x) {
   using O = Ops<V>;
-  V x = O::max_keep_nan(V(-104.f), x_in);
-  if constexpr (!kNonPositive) x = O::min_keep_nan(V(88.8f), x);
   const V n = O::round_nearest(x * V(1.44269504088896341f));
   V r = O::fmadd(n, V(-0.693359375f), x);
   r = O::fmadd(n, V(2.12194440e-4f), r);
-  V p(1.9875691500e-4f);
-  p = O::fmadd(p, r, V(1.3981999507e-3f));
-  p = O::fmadd(p, r, V(8.3334519073e-3f));
-  p = O::fmadd(p, r, V(4.1665795894e-2f));
-  p = O::fmadd(p, r, V(1.6666665459e-1f));
-  p = O::fmadd(p, r, V(5.0000001201e-1f));
-  p = O::fmadd(p, r * r, r + V(1.f));
-  return O::scale_by_pow2(p, n);
+  V q(1.3843611814081669e-3f);
+  q = O::fmadd(q, r, V(8.374197408556938e-3f));
+  q = O::fmadd(q, r, V(4.166800528764725e-2f));
+  q = O::fmadd(q, r, V(1.6666430234909058e-1f));
+  q = O::fmadd(q, r, V(4.999999403953552e-1f));
+  q = O::fmadd(q, r, V(1.f));
+  return O::scale_by_pow2(O::fmadd(q, r, V(1.f)), n);
+}
+
+// exp(x) for every float x: below -104 the result is 0, above 88.8 infinity.
+template <typename V>
+inline V exp(V x) {
+  using O = Ops<V>;
+  return exp_in_range(O::min_keep_nan(V(88.8f), O::max_keep_nan(V(-104.f), x)));
+}
+
+// exp(x) for x <= 0 (or NaN).
+template <typename V>
+inline V exp_nonpositive(V x) {
+  return exp_in_range(Ops<V>::max_keep_nan(V(-104.f), x));
 }
 
 // log(1 + e) for e in [0, 1] within about 3 ulp (NaN passes through): 2 atanh(e / (2 + e)).
