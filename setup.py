@@ -51,7 +51,9 @@ ISA_SOURCES = [os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", 
 
 def cxx_flags() -> list[str]:
     flags = ["-O0", "-g"] if DEBUG else ["-O3"]
-    flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # No floating-point contraction: the math spells out its fused multiply-adds, and every
+    # instantiation of it must round alike (see csrc/focal_math.h).
+    flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-ffp-contract=off"]
     flags += [f"-DFOCAL_HAVE_{isa}" for isa in ISA_FLAGS if isa != "DEFAULT"]
     return flags
 

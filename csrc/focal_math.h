@@ -12,8 +12,11 @@
 // small, and q^(gamma - 1) never appears, so every finite logit gives a finite loss and gradient,
 // also for gamma in (0, 1) at saturation.
 //
-// Each vector or scalar type V supplies its primitives in Ops<V>: exp, exp_neg_abs (exp(-|z|)),
-// log, log1p_unit (log(1 + e) for e in [0, 1]), relu, min0, comparisons and select.
+// Each vector or scalar type V supplies its primitives in Ops<V>: fmadd (a * b + c, rounded once),
+// exp, exp_neg_abs (exp(-|z|)), log, log1p_unit (log(1 + e) for e in [0, 1]), relu, min0,
+// comparisons and select. Multiply-adds are spelled out with fmadd: the CPU kernels are compiled
+// without floating-point contraction, so every instantiation (float, bfloat16, half; one vector or
+// a pair) performs exactly the same roundings.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
@@ -38,6 +41,7 @@ struct Ops<float> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
+  static FOCAL_HOST_DEVICE float fmadd(float a, float b, float c) { return ::fmaf(a, b, c); }
   static FOCAL_HOST_DEVICE float exp_neg_abs(float z) { return ::expf(-::fabsf(z)); }
   // log(1 + e) for e in [0, 1], given d = 1 + e (rounded) and inv = 1 / d: d - 1 is exact, so the
   // first-order term restores the bits of e lost when rounding 1 + e (and gives exactly e once
@@ -57,6 +61,7 @@ struct Ops<double> {
   using Mask = bool;
   static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
+  static FOCAL_HOST_DEVICE double fmadd(double a, double b, double c) { return ::fma(a, b, c); }
   static FOCAL_HOST_DEVICE double exp_neg_abs(double z) { return ::exp(-::fabs(z)); }
   static FOCAL_HOST_DEVICE double log1p_unit(double e, double d, double inv) {  // as for float
     return ::log(d) + (e - (d - 1.)) * inv;
@@ -134,7 +139,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
   } else {
     // ce * sigmoid(-z) first: both factors are bounded together, while gamma * ce alone can
     // overflow at the largest logits.
-    r.grad = w * (s.sig + gamma * (ce * s.sig_neg));
+    r.grad = w * O::fmadd(gamma, ce * s.sig_neg, s.sig);
   }
   return r;
 }
@@ -149,8 +154,9 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   const V one(1);
   const SigmoidParts<V> s = sigmoid_parts(x);
   const V u = one - t;
-  const V ce = s.log1p_e + t * O::relu(V(0) - x) + u * O::relu(x);
-  const V q = s.sig * u + s.sig_neg * t;
+  const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
+  const V sig_neg_t = s.sig_neg * t;
+  const V q = O::fmadd(s.sig, u, sig_neg_t);
   const auto q_positive = O::positive(q);
   V log_q(0);
   if constexpr (G == GammaKind::kGeneral) {
@@ -160,14 +166,14 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   if constexpr (G == GammaKind::kGeneral) {
     w = O::select(q_positive, w, V(0));  // 0^gamma with gamma > 0 (gamma == 0 is kZero)
   }
-  const V p_minus_t = s.sig * u - s.sig_neg * t;
+  const V p_minus_t = O::fmadd(s.sig, u, V(0) - sig_neg_t);
   LossAndGrad<V> r;
   r.loss = ce * w;
   if constexpr (G == GammaKind::kZero) {
     r.grad = p_minus_t;
   } else {
     const V ratio = O::select(q_positive, s.sig * s.sig_neg / q, V(0));
-    r.grad = w * (p_minus_t + gamma * (u - t) * (ce * ratio));  // ce * ratio first, as above
+    r.grad = w * O::fmadd(gamma * (u - t), ce * ratio, p_minus_t);  // ce * ratio first, as above
   }
   return r;
 }
@@ -179,7 +185,7 @@ struct AlphaWeights {
   V pos;  // alpha
   V neg;  // 1 - alpha
 
-  FOCAL_HOST_DEVICE V at(V t) const { return neg + (pos - neg) * t; }
+  FOCAL_HOST_DEVICE V at(V t) const { return Ops<V>::fmadd(pos - neg, t, neg); }
   FOCAL_HOST_DEVICE AlphaWeights scaled(V factor) const { return {pos * factor, neg * factor}; }
 };
 

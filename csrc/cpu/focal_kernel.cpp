@@ -8,6 +8,7 @@
 
 #include "focal_kernel.h"
 #include "simd.h"
+#include "simd_pair.h"
 
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must name the instruction set this file is compiled for"
@@ -79,6 +80,22 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
     const V neg_loss_w = loss_w * row_alpha.neg;
     const V neg_grad_w = grad_w * row_alpha.neg;
 
+    // Weights, output and sum of the loss and gradient of elements [c, c + n), n <= kLanes.
+    const auto finish = [&](int64_t c, int64_t n, LossAndGrad<V> out, const V& lw, const V& gw)
+                            FOCAL_ALWAYS_INLINE {
+      if (ew) {
+        const V w = S::load(ew + c, n);
+        out.loss = out.loss * w;
+        out.grad = out.grad * w;
+      }
+      if (loss_all) {
+        S::store(loss_all + off + c, n, out.loss * lw);
+      } else {
+        acc = O::fmadd(n == kLanes ? out.loss : S::zero_unless(S::first(n), out.loss), lw, acc);
+      }
+      if (grad_all) S::store(grad_all + off + c, n, out.grad * gw);
+    };
+
     // Elements [c, c + n) of this span, n <= kLanes.
     const auto step = [&](int64_t c, int64_t n) FOCAL_ALWAYS_INLINE {
       const V x = S::load(x_all + off + c, n);
@@ -86,7 +103,7 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
       V lw = loss_w, gw = grad_w;
       if constexpr (TK == TargetKind::kFloat) {
         V t = S::load(t_all + off + c, n);
-        if (eps != acc_t(0)) t = t * V(acc_t(1) - eps) + V(eps / 2);
+        if (eps != acc_t(0)) t = O::fmadd(t, V(acc_t(1) - eps), V(eps / 2));
         out = focal_target<G>(x, t, gamma, row_alpha);
       } else if constexpr (TK == TargetKind::kClassId) {
         const int64_t positive_lane = label - c;
@@ -101,19 +118,40 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
         const auto positive = S::lane(label - c);
         out = focal_target<G>(x, O::select(positive, t_pos, t_neg), gamma, row_alpha);
       }
-      if (ew) {
-        const V w = S::load(ew + c, n);
-        out.loss = out.loss * w;
-        out.grad = out.grad * w;
-      }
-      if (loss_all) {
-        S::store(loss_all + off + c, n, out.loss * lw);
-      } else {
-        acc = O::fmadd(n == kLanes ? out.loss : S::zero_unless(S::first(n), out.loss), lw, acc);
-      }
-      if (grad_all) S::store(grad_all + off + c, n, out.grad * gw);
+      finish(c, n, out, lw, gw);
+    };
+
+    // Two vectors at a time, as one simd::Pair, where both take the same math: float targets, and
+    // class-id vectors that hold negatives only. Each is then finished as step() would.
+    using P = simd::Pair<V>;
+    const auto load_pair = [&](const scalar_t* p) FOCAL_ALWAYS_INLINE {
+      return P{S::load(p, kLanes), S::load(p + kLanes, kLanes)};
+    };
+    const auto finish_pair = [&](int64_t c, const LossAndGrad<P>& out, const V& lw, const V& gw)
+                                 FOCAL_ALWAYS_INLINE {
+      finish(c, kLanes, {out.loss.lo, out.grad.lo}, lw, gw);
+      finish(c + kLanes, kLanes, {out.loss.hi, out.grad.hi}, lw, gw);
     };
     int64_t c = 0;
+    if constexpr (TK == TargetKind::kClassId) {
+      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
+        if (static_cast<uint64_t>(label - c) < static_cast<uint64_t>(2 * kLanes)) {
+          step(c, kLanes);
+          step(c + kLanes, kLanes);
+        } else {
+          finish_pair(c, focal_hard<G>(load_pair(x_all + off + c), P{gamma, gamma}), neg_loss_w,
+                      neg_grad_w);
+        }
+      }
+    } else if constexpr (TK == TargetKind::kFloat) {
+      const AlphaWeights<P> pair_alpha{{row_alpha.pos, row_alpha.pos}, {row_alpha.neg, row_alpha.neg}};
+      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
+        P t = load_pair(t_all + off + c);
+        if (eps != acc_t(0)) t = Ops<P>::fmadd(t, P(acc_t(1) - eps), P(eps / 2));
+        finish_pair(c, focal_target<G>(load_pair(x_all + off + c), t, P{gamma, gamma}, pair_alpha),
+                    loss_w, grad_w);
+      }
+    }
     for (; c + kLanes <= span_len; c += kLanes) step(c, kLanes);
     if (c < span_len) step(c, span_len - c);
   }

@@ -1,0 +1,63 @@
+// Two SIMD vectors computed as one value of focal_math.h.
+//
+// The per-element math is one long chain of dependent operations; a core keeps only so many in
+// flight. Evaluating two independent vectors operation by operation puts two chains side by side,
+// so one fills the other's latency. Every lane's arithmetic is exactly that of V.
+#pragma once
+
+#include <type_traits>
+
+#include "../focal_math.h"
+
+namespace focal::simd {
+
+template <typename V>
+struct Pair {
+  V lo, hi;
+
+  Pair() = default;
+  Pair(const V& l, const V& h) : lo(l), hi(h) {}
+  template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+  explicit Pair(T s) : lo(V(s)), hi(V(s)) {}
+};
+
+template <typename V>
+inline Pair<V> operator+(const Pair<V>& a, const Pair<V>& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+template <typename V>
+inline Pair<V> operator-(const Pair<V>& a, const Pair<V>& b) { return {a.lo - b.lo, a.hi - b.hi}; }
+template <typename V>
+inline Pair<V> operator*(const Pair<V>& a, const Pair<V>& b) { return {a.lo * b.lo, a.hi * b.hi}; }
+template <typename V>
+inline Pair<V> operator/(const Pair<V>& a, const Pair<V>& b) { return {a.lo / b.lo, a.hi / b.hi}; }
+
+}  // namespace focal::simd
+
+namespace focal {
+
+template <typename V>
+struct Ops<simd::Pair<V>> {
+  using P = simd::Pair<V>;
+  using O = Ops<V>;
+  struct Mask {
+    typename O::Mask lo, hi;
+  };
+
+  static inline P fmadd(const P& a, const P& b, const P& c) {
+    return {O::fmadd(a.lo, b.lo, c.lo), O::fmadd(a.hi, b.hi, c.hi)};
+  }
+  static inline P exp(const P& x) { return {O::exp(x.lo), O::exp(x.hi)}; }
+  static inline P exp_neg_abs(const P& z) { return {O::exp_neg_abs(z.lo), O::exp_neg_abs(z.hi)}; }
+  static inline P log(const P& x) { return {O::log(x.lo), O::log(x.hi)}; }
+  static inline P log1p_unit(const P& e, const P& d, const P& inv) {
+    return {O::log1p_unit(e.lo, d.lo, inv.lo), O::log1p_unit(e.hi, d.hi, inv.hi)};
+  }
+  static inline P relu(const P& x) { return {O::relu(x.lo), O::relu(x.hi)}; }
+  static inline P min0(const P& x) { return {O::min0(x.lo), O::min0(x.hi)}; }
+  static inline Mask nonneg(const P& x) { return {O::nonneg(x.lo), O::nonneg(x.hi)}; }
+  static inline Mask positive(const P& x) { return {O::positive(x.lo), O::positive(x.hi)}; }
+  static inline P select(const Mask& m, const P& a, const P& b) {
+    return {O::select(m.lo, a.lo, b.lo), O::select(m.hi, a.hi, b.hi)};
+  }
+};
+
+}  // namespace focal
