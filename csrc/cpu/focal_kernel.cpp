@@ -1,7 +1,8 @@
 // The vectorised CPU kernel. setup.py compiles this file once per instruction set, each time with
 // that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so that the vector
 // types of simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
-// This translation unit deliberately includes nothing but the vector headers and our own math.
+// This translation unit deliberately includes nothing but the vector headers, c10's checks and our
+// own math.
 #include <algorithm>
 
 #include <c10/util/Exception.h>
@@ -12,14 +13,6 @@
 
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must name the instruction set this file is compiled for"
-#endif
-
-// Inlining the per-vector step into both of its call sites (full vectors, the row's tail) lets the
-// compiler drop the masks from the full-vector loop.
-#if defined(__GNUC__)
-#define FOCAL_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define FOCAL_ALWAYS_INLINE
 #endif
 
 namespace focal::cpu::CPU_CAPABILITY {

@@ -25,12 +25,6 @@
 #pragma GCC optimize("no-tree-slp-vectorize")
 #endif
 
-#if defined(__GNUC__)
-#define FOCAL_ALWAYS_INLINE __attribute__((always_inline))
-#else
-#define FOCAL_ALWAYS_INLINE
-#endif
-
 namespace focal::cpu::CPU_CAPABILITY {
 namespace {
 

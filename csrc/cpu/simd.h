@@ -13,6 +13,14 @@
 #include "simd_avx2.h"
 #endif
 
+// For the kernels' per-vector lambdas: inlined at each call site (full vectors, a row's tail), the
+// compiler drops the masks from the full-vector loop.
+#if defined(__GNUC__)
+#define FOCAL_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define FOCAL_ALWAYS_INLINE
+#endif
+
 namespace focal::simd {
 
 #if defined(CPU_CAPABILITY_AVX512)
