@@ -40,6 +40,9 @@ WITH_CUDA = CUDA_POSSIBLE if CUDA_REQUESTED is None else CUDA_REQUESTED
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 # The CPU kernel files are compiled once per instruction set; focal_cpu.cpp picks one at run time.
+# Their own code lives in namespaces named after the instruction set. DEFAULT comes first: inline
+# functions of other headers that a copy emits out of line (debug builds do) are merged by the
+# linker into the first copy it sees, which must be the one every CPU can run.
 ISA_FLAGS = {"DEFAULT": []}
 if X86_64:
     ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]

@@ -17,14 +17,14 @@ import focal
 from focal import _C
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
-MIN_ELEMENTS = 1 << 19  # half_table.cpp's threshold
+MIN_ELEMENTS = 1 << 19  # half_table.cpp's threshold, on the elements of background rows
 
 
 def make_batch(dtype, cols, rows=None, seed=0, non_finite=False):
     """Logits around the background prior with some saturated values (and, if asked, NaN and
     infinities in background rows); class ids that are mostly background (-1), with some positives
     and some ignored rows (-100)."""
-    rows = rows or -(-MIN_ELEMENTS // cols) + 3
+    rows = rows or int(MIN_ELEMENTS / cols / 0.9) + 8  # about 95 % background rows
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, cols, generator=g) * 3 - 4
     x.view(-1)[::997] = 30.0
@@ -68,7 +68,7 @@ def assert_same_bits(got, want, what):
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.5])
-@pytest.mark.parametrize("cols", [80, 37, 4])
+@pytest.mark.parametrize("cols", [80, 37, 4, 1])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_table_kernel_is_bitwise_the_direct_kernel(monkeypatch, dtype, cols, gamma, reduction):
     x, ids = make_batch(dtype, cols, seed=cols)
@@ -100,14 +100,39 @@ def test_table_kernel_keeps_nan_and_infinities(monkeypatch, dtype, gamma):
     assert torch.isnan(summed)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_table_kernel_without_gradient_and_without_alpha(monkeypatch, dtype):
+def test_table_kernel_without_gradient_and_without_alpha(monkeypatch, dtype, reduction):
     x, ids = make_batch(dtype, 80, seed=1)
     for alpha in (None, 0.9):
-        loss_t, _, used = run(x, ids, monkeypatch, table=True, requires_grad=False, alpha=alpha, reduction="sum")
-        loss_d, _, _ = run(x, ids, monkeypatch, table=False, requires_grad=False, alpha=alpha, reduction="sum")
+        kwargs = dict(requires_grad=False, alpha=alpha, reduction=reduction)
+        loss_t, _, used = run(x, ids, monkeypatch, table=True, **kwargs)
+        loss_d, _, _ = run(x, ids, monkeypatch, table=False, **kwargs)
         assert used
-        assert torch.isfinite(loss_t) and torch.equal(loss_t, loss_d)
+        if reduction == "sum":
+            assert torch.isfinite(loss_t) and torch.equal(loss_t, loss_d)
+        else:
+            assert_same_bits(loss_t, loss_d, "loss")
+
+
+def test_table_kernel_from_several_python_threads(monkeypatch):
+    """Each calling thread fills its own table: concurrent launches with different scales (their
+    tables differ) give what they give one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, ids = make_batch(torch.bfloat16, 80, seed=5)
+    normalizers = [torch.tensor(float(n)) for n in (3, 5, 7, 11, 13, 17)]
+
+    def launch(norm):
+        loss, grad, used = run(x, ids, monkeypatch, table=True, reduction="sum", normalizer=norm)
+        return loss, grad, used
+
+    alone = [launch(n) for n in normalizers]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        together = list(pool.map(launch, normalizers * 2))
+    for i, (loss, grad, used) in enumerate(together):
+        want = alone[i % len(normalizers)]
+        assert used and torch.equal(loss, want[0]) and torch.equal(grad, want[1])
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
@@ -127,11 +152,12 @@ def test_table_kernel_gives_the_same_sum_for_any_thread_count(monkeypatch, dtype
 
 @pytest.mark.parametrize(
     "case",
-    ["float32", "float targets", "label smoothing", "class weight", "small"],
+    ["float32", "float targets", "label smoothing", "class weight", "anchor weight", "small", "no background"],
 )
 def test_table_kernel_serves_only_what_it_can(monkeypatch, case):
     """Weights, smoothing, float targets and other dtypes change what a background element's
-    output depends on; small launches do not pay for the table. All of these take the direct kernel."""
+    output depends on; launches with few background elements do not pay for the table. All of these
+    take the direct kernel."""
     x, ids = make_batch(torch.bfloat16, 80, seed=3)
     kwargs = {}
     if case == "float32":
@@ -142,6 +168,10 @@ def test_table_kernel_serves_only_what_it_can(monkeypatch, case):
         kwargs["label_smoothing"] = 0.1
     elif case == "class weight":
         kwargs["weight"] = torch.linspace(0.5, 1.5, 80).to(x.dtype)
+    elif case == "anchor weight":
+        kwargs["weight"] = torch.rand(x.shape[0], 1).to(x.dtype)
+    elif case == "no background":  # every row a positive: nothing for the table to serve
+        ids = torch.arange(x.shape[0]) % 80
     elif case == "small":
         x, ids = x[:100], ids[:100]
     _, _, used = run(x, ids, monkeypatch, table=True, reduction="sum", **kwargs)

@@ -86,17 +86,20 @@ def test_reduced_loss_is_the_float32_sum(dtype):
     assert torch.equal(loss, loss_f)
 
 
-def test_bfloat16_rounding_ties_go_to_even():
+@pytest.mark.parametrize("cols", [16, 37])
+def test_bfloat16_rounding_ties_go_to_even(cols):
     """Gradients that land exactly halfway between two bfloat16 values round to the even one.
 
-    With gamma = 0, alpha off and class ids, a background row's gradient is sigmoid(x) * scale. At
-    x = 0 that is 0.5 * scale; scales of 1 + k * 2^-8 put 0.5 * scale halfway between bfloat16 values
-    for odd k.
+    With gamma = 0, alpha off and class ids, the gradient at x = 0 is sigmoid(0) * scale = 0.5 * scale
+    for a negative and (sigmoid(0) - 1) * scale = -0.5 * scale for the positive; scales of
+    1 + k * 2^-8 put those halfway between bfloat16 values for odd k. 37 columns include a tail.
     """
-    x = torch.zeros(1, 16, dtype=torch.bfloat16)
-    ids = torch.tensor([-1])
+    x = torch.zeros(2, cols, dtype=torch.bfloat16)
+    ids = torch.tensor([-1, cols - 1])  # a background row; a row whose positive is in the tail
     for k in range(1, 16):
         scale = 1.0 + k * 2.0**-8
         _, grad = OP(x, ids, None, None, None, -1.0, 0.0, 0.0, -100, "sum", scale, True)
-        want = torch.tensor(0.5 * scale, dtype=torch.float32).to(torch.bfloat16)
-        assert torch.equal(grad, torch.full_like(grad, want.item())), (k, grad[0, 0].item(), want.item())
+        half = torch.tensor(0.5 * scale, dtype=torch.float32).to(torch.bfloat16).item()
+        want = torch.full((2, cols), half, dtype=torch.bfloat16)
+        want[1, cols - 1] = -half
+        assert torch.equal(grad, want), (k, grad, want)

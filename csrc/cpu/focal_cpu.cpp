@@ -45,20 +45,26 @@ const Kernels& select_kernels() {
   return kernels;
 }
 
-// Checks every class id and returns the number of rows that are not ignored.
-int64_t count_kept_rows(const FocalCall& call) {
+struct RowCounts {
+  int64_t kept = 0;        // not ignored
+  int64_t background = 0;  // label -1
+};
+
+// Checks every class id and counts the rows that are not ignored, and the background ones.
+RowCounts count_rows(const FocalCall& call) {
   const int64_t* ids = call.targets.const_data_ptr<int64_t>();
   const int64_t cols = call.cols();
-  int64_t kept = 0;
+  RowCounts counts;
   for (int64_t r = 0; r < call.rows(); ++r) {
     const int64_t id = ids[r];
     if (id == call.ignore_index) continue;
     TORCH_CHECK_VALUE(id >= -1 && id < cols, "class id ", id, " at row ", r,
                       " is out of range: expected a class in [0, ", cols,
                       "), -1 for background, or ignore_index (", call.ignore_index, ")");
-    ++kept;
+    ++counts.kept;
+    counts.background += id == -1;
   }
-  return kept;
+  return counts;
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
@@ -72,8 +78,9 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
                 compute_grad);
   const int64_t rows = call.rows(), cols = call.cols();
 
-  int64_t kept_rows = rows;
-  if (call.class_ids()) kept_rows = count_kept_rows(call);
+  RowCounts counts{rows, 0};
+  if (call.class_ids()) counts = count_rows(call);
+  const int64_t kept_rows = counts.kept;
   double total_scale = call.scale;
   if (normalizer) {
     const double value = normalizer->item<double>();
@@ -100,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   const Kernels& kernels = select_kernels();
   const GammaKind gamma_kind = call.gamma_kind();
   const auto dtype = logits.scalar_type();
-  const bool use_table = half_table_applies(args, dtype, rows * cols);
+  const bool use_table = half_table_applies(args, dtype, counts.background * cols);
   const HalfTable table =
       use_table ? build_half_table(args, dtype, gamma_kind, total_scale, kernels.rows) : HalfTable{};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {

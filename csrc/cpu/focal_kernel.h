@@ -15,8 +15,8 @@ namespace focal::cpu {
 // when their pointers are set, both multiplied by `scale`, and returns the unscaled sum of the
 // weighted losses of those rows (0 when the loss is written out). The sum is accumulated in lanes of
 // the kernel's vector width; with `lanes` (float and 16-bit dtypes only) the accumulation starts
-// from those lanes and leaves its result there, as if these rows had been processed in one call
-// with the rows before them, and the function returns 0.
+// from those lanes and leaves its result there, and the function returns 0: for class ids, the
+// lanes then hold what one call over these rows and the rows before them would have summed.
 using RowsFn = double (*)(const FocalArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
                           double scale, int64_t row_begin, int64_t row_end, float* lanes);
 

@@ -28,14 +28,11 @@
 namespace focal::cpu::CPU_CAPABILITY {
 namespace {
 
-// One lane of the direct kernel's sum: Ops<V>::fmadd, one lane at a time.
-inline float lane_fmadd(float a, float b, float c) {
-#if defined(__x86_64__) && !defined(__FMA__)
-  return a * b + c;  // as simd_aten.h's fmadd on an x86-64 without FMA: two roundings
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+constexpr bool kLittleEndian = true;
 #else
-  return std::fma(a, b, c);
+constexpr bool kLittleEndian = false;
 #endif
-}
 
 template <typename scalar_t, bool kSum, bool kLossOut, bool kGrad>
 double rows_from_table(const FocalArgs& a, c10::ScalarType dtype, GammaKind gamma_kind,
@@ -43,15 +40,15 @@ double rows_from_table(const FocalArgs& a, c10::ScalarType dtype, GammaKind gamm
   using S = simd::SimdFor<scalar_t>;
   constexpr int64_t kLanes = S::kLanes;
   static_assert(std::is_same_v<typename S::acc_t, float> && kLanes % 4 == 0);
-  static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__);
 
   const int64_t C = a.cols;
   const auto* ids = static_cast<const int64_t*>(a.targets);
   const auto* x_all = static_cast<const uint16_t*>(a.logits);
   auto* loss_all = static_cast<uint16_t*>(a.loss);
   auto* grad_all = static_cast<uint16_t*>(a.grad);
-  // The direct kernel's weight of a background vector's loss in a sum: V(1) * alpha.neg.
-  const float neg_loss_w = 1.f * make_alpha<float, float>(a.alpha).neg;
+  // The direct kernel's weight of a background vector's loss in a sum: V(1) * alpha.neg, with
+  // alpha.neg as make_alpha builds it.
+  const float neg_loss_w = 1.f * (a.alpha < 0.0 ? 1.f : static_cast<float>(1.0 - a.alpha));
 
   // The direct kernel's accumulator, lane by lane; in registers, and copied through `spill` only
   // for the rows handed to the direct kernel.
@@ -73,28 +70,33 @@ double rows_from_table(const FocalArgs& a, c10::ScalarType dtype, GammaKind gamm
       continue;
     }
     const uint16_t* x = x_all + off;
+    const auto one = [&](int64_t i, int64_t j) FOCAL_ALWAYS_INLINE {
+      const uint16_t v = x[i];
+      if constexpr (kSum) acc[j] = S::lane_fmadd(table.loss[v], neg_loss_w, acc[j]);
+      if constexpr (kLossOut) loss_all[off + i] = table.loss_out[v];
+      if constexpr (kGrad) grad_all[off + i] = table.grad[v];
+    };
     // Element c + j of a row goes into lane j, as in the direct kernel's vector at c. Four logits
     // are read, and four outputs written, 64 bits at a time (little-endian: element i + k is bits
     // 16k to 16k + 15).
     const auto four = [&](int64_t i, int64_t j) FOCAL_ALWAYS_INLINE {
+      if constexpr (!kLittleEndian) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) one(i + k, j + k);
+        return;
+      }
       uint64_t logits;
       std::memcpy(&logits, x + i, sizeof(logits));
       uint64_t loss_bits = 0, grad_bits = 0;
 #pragma GCC unroll 4
       for (int k = 0; k < 4; ++k) {
         const uint16_t v = static_cast<uint16_t>(logits >> (16 * k));
-        if constexpr (kSum) acc[j + k] = lane_fmadd(table.loss[v], neg_loss_w, acc[j + k]);
+        if constexpr (kSum) acc[j + k] = S::lane_fmadd(table.loss[v], neg_loss_w, acc[j + k]);
         if constexpr (kLossOut) loss_bits |= uint64_t(table.loss_out[v]) << (16 * k);
         if constexpr (kGrad) grad_bits |= uint64_t(table.grad[v]) << (16 * k);
       }
       if constexpr (kLossOut) std::memcpy(loss_all + off + i, &loss_bits, sizeof(loss_bits));
       if constexpr (kGrad) std::memcpy(grad_all + off + i, &grad_bits, sizeof(grad_bits));
-    };
-    const auto one = [&](int64_t i, int64_t j) FOCAL_ALWAYS_INLINE {
-      const uint16_t v = x[i];
-      if constexpr (kSum) acc[j] = lane_fmadd(table.loss[v], neg_loss_w, acc[j]);
-      if constexpr (kLossOut) loss_all[off + i] = table.loss_out[v];
-      if constexpr (kGrad) grad_all[off + i] = table.grad[v];
     };
     int64_t c = 0;
     for (; c + kLanes <= C; c += kLanes) {

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -12,7 +13,7 @@ namespace focal::cpu {
 
 namespace {
 
-// Below this many elements the table costs more to fill than it saves.
+// Below this many elements in background rows the table costs more to fill than it saves.
 constexpr int64_t kMinElements = int64_t(1) << 19;
 
 // The 65536 values are laid out as background rows of kCols classes: whole vectors of negatives,
@@ -49,18 +50,27 @@ struct Storage {
   }
 };
 
-// One table per calling thread: launches from several threads never share one.
+// One table per calling thread (about 0.9 MB, kept for the thread's lifetime): launches from
+// several threads never share one.
 Storage& storage() {
   thread_local Storage s;
   return s;
 }
 
+// The table's rows, computed by every thread of the launch (each element's output depends on its
+// logit alone, so how the rows are split changes nothing).
+void fill(const FocalArgs& b, c10::ScalarType dtype, GammaKind gamma_kind, double scale, RowsFn rows_fn) {
+  at::parallel_for(0, kRows, 64, [&](int64_t r0, int64_t r1) {
+    rows_fn(b, dtype, gamma_kind, scale, r0, r1, nullptr);
+  });
+}
+
 }  // namespace
 
-bool half_table_applies(const FocalArgs& args, c10::ScalarType dtype, int64_t elements) {
+bool half_table_applies(const FocalArgs& args, c10::ScalarType dtype, int64_t background_elements) {
   if (dtype != c10::ScalarType::BFloat16 && dtype != c10::ScalarType::Half) return false;
   if (args.target_kind != TargetKind::kClassId || args.row_weight || args.elem_weight) return false;
-  if (elements < kMinElements) return false;
+  if (background_elements < kMinElements) return false;
   const char* env = std::getenv("FOCAL_CPU_TABLE");
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
@@ -82,7 +92,7 @@ HalfTable build_half_table(const FocalArgs& args, c10::ScalarType dtype, GammaKi
     b.logits = s.patterns.data();
     b.loss = args.loss ? s.loss_out.data() : nullptr;
     b.grad = args.grad ? s.grad.data() : nullptr;
-    rows_fn(b, dtype, gamma_kind, scale, 0, kRows, nullptr);
+    fill(b, dtype, gamma_kind, scale, rows_fn);
     if (args.loss) table.loss_out = s.loss_out.data();
     if (args.grad) table.grad = s.grad.data();
   }
@@ -94,7 +104,7 @@ HalfTable build_half_table(const FocalArgs& args, c10::ScalarType dtype, GammaKi
     b.alpha = -1.0;
     b.loss = s.loss.data();
     b.grad = nullptr;
-    rows_fn(b, c10::ScalarType::Float, gamma_kind, 1.0, 0, kRows, nullptr);
+    fill(b, c10::ScalarType::Float, gamma_kind, 1.0, rows_fn);
     table.loss = s.loss.data();
   }
   launches.fetch_add(1, std::memory_order_relaxed);

@@ -11,10 +11,11 @@
 
 namespace focal::cpu {
 
-// Whether a launch of `elements` elements is served by focal_rows_from_table: bfloat16 or float16
-// logits, class ids without label smoothing, no weights, and enough elements that filling the
-// table (131072 evaluations at most) costs less than it saves. FOCAL_CPU_TABLE=0 turns it off.
-bool half_table_applies(const FocalArgs& args, c10::ScalarType dtype, int64_t elements);
+// Whether a launch is served by focal_rows_from_table: bfloat16 or float16 logits, class ids without
+// label smoothing, no weights, and enough elements in background rows (label -1, the rows the
+// table serves) that filling it (131072 evaluations at most) costs less than it saves.
+// FOCAL_CPU_TABLE=0 turns it off.
+bool half_table_applies(const FocalArgs& args, c10::ScalarType dtype, int64_t background_elements);
 
 // Fills the calling thread's table for this launch with `rows_fn`'s own results for every 16-bit
 // value in a background row; the pointers stay valid until the thread's next call.

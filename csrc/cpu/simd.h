@@ -1,6 +1,11 @@
 // The vector type and loads/stores the CPU kernel uses for each data type, per instruction set:
 // our own AVX-512 / AVX2 float vectors for float, bfloat16 and half data, ATen's Vectorized for
 // float64 data and for the DEFAULT build.
+//
+// These headers are compiled once per instruction set into one library. Everything they define sits
+// in an inline namespace named after the instruction set (as ATen's vector code does), so no symbol
+// is shared between the copies: a function emitted out of line is always the copy of its own
+// instruction set, never one the linker picked from another (which could need AVX-512 to run).
 #pragma once
 
 #include <type_traits>
@@ -22,6 +27,7 @@
 #endif
 
 namespace focal::simd {
+inline namespace CPU_CAPABILITY {
 
 #if defined(CPU_CAPABILITY_AVX512)
 using NativeFloat = Avx512Float;
@@ -30,7 +36,8 @@ using NativeFloat = Avx2Float;
 #endif
 
 // SimdFor<scalar_t>: V, Mask, acc_t, kLanes, load / store of scalar_t, first(n), lane(i),
-// zero_unless(mask, v), load_lanes / store_lanes (acc_t accumulators) and sum(v).
+// zero_unless(mask, v), load_lanes / store_lanes (acc_t accumulators), lane_fmadd (one lane of
+// Ops<V>::fmadd, with the same rounding) and sum(v).
 template <typename scalar_t>
 struct SimdForImpl {
   using type = AtenIO<scalar_t>;
@@ -53,4 +60,5 @@ struct SimdForImpl<c10::Half> {
 template <typename scalar_t>
 using SimdFor = typename SimdForImpl<scalar_t>::type;
 
+}  // namespace CPU_CAPABILITY
 }  // namespace focal::simd

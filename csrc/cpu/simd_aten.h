@@ -23,13 +23,9 @@ struct Ops<at::vec::Vectorized<T>> {
   static constexpr bool kFloat = std::is_same_v<T, float>;
 
   // Primitives of vec_math.h (float only).
-  static inline V fmadd(const V& a, const V& b, const V& c) {
-#if defined(__x86_64__) && !defined(__FMA__)
-    return a * b + c;  // the generic fmadd calls std::fma, a library call per lane without FMA
-#else
-    return at::vec::fmadd(a, b, c);
-#endif
-  }
+  // Not fused, whatever ATen's backend for V (its generic one has no FMA, others do), so that
+  // AtenIO::lane_fmadd can match it lane by lane.
+  static inline V fmadd(const V& a, const V& b, const V& c) { return a * b + c; }
   // For |x| < 2^22, by adding and removing 1.5 * 2^23: plain arithmetic, which the generic
   // (DEFAULT) Vectorized runs as SIMD, where its round() calls nearbyint once per lane.
   static inline V round_nearest(const V& x) {
@@ -75,6 +71,7 @@ struct Ops<at::vec::Vectorized<T>> {
 };
 
 namespace simd {
+inline namespace CPU_CAPABILITY {
 
 // Loads and stores of `scalar_t` as one Vectorized of its math type (float for bfloat16 / half);
 // `n` < kLanes touches only the first n elements.
@@ -111,8 +108,9 @@ struct AtenIO {
     }
   }
 
-  // Accumulator lanes kept in memory between calls.
+  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
   static inline V load_lanes(const acc_t* p) { return V::loadu(p); }
+  static inline acc_t lane_fmadd(acc_t a, acc_t b, acc_t c) { return a * b + c; }
   static inline void store_lanes(acc_t* p, const V& x) { x.store(p); }
 
   static inline double sum(const V& x) {
@@ -124,5 +122,6 @@ struct AtenIO {
   }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace simd
 }  // namespace focal

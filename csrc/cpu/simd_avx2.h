@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -20,6 +21,7 @@
 #include "vec_math.h"
 
 namespace focal::simd {
+inline namespace CPU_CAPABILITY {
 
 struct F32x8 {
   __m256 v;
@@ -35,6 +37,7 @@ inline F32x8 operator-(F32x8 a, F32x8 b) { return _mm256_sub_ps(a, b); }
 inline F32x8 operator*(F32x8 a, F32x8 b) { return _mm256_mul_ps(a, b); }
 inline F32x8 operator/(F32x8 a, F32x8 b) { return _mm256_div_ps(a, b); }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace focal::simd
 
 namespace focal {
@@ -81,6 +84,7 @@ struct Ops<simd::F32x8> {
 };
 
 namespace simd {
+inline namespace CPU_CAPABILITY {
 
 // Loads, stores and lane masks of the CPU kernel for float, bfloat16 and half data computed in float.
 // `n` < kLanes touches only the first n elements.
@@ -131,8 +135,9 @@ struct Avx2Float {
     store_halves(p, n, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 
-  // Accumulator lanes kept in memory between calls.
+  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
   static inline V load_lanes(const float* p) { return _mm256_loadu_ps(p); }
+  static inline float lane_fmadd(float a, float b, float c) { return std::fma(a, b, c); }
   static inline void store_lanes(float* p, V x) { _mm256_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
@@ -165,5 +170,6 @@ struct Avx2Float {
   }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace simd
 }  // namespace focal

@@ -9,6 +9,7 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include <ATen/cpu/vec/vec.h>
@@ -19,6 +20,7 @@
 #include "vec_math.h"
 
 namespace focal::simd {
+inline namespace CPU_CAPABILITY {
 
 struct F32x16 {
   __m512 v;
@@ -34,6 +36,7 @@ inline F32x16 operator-(F32x16 a, F32x16 b) { return _mm512_sub_ps(a, b); }
 inline F32x16 operator*(F32x16 a, F32x16 b) { return _mm512_mul_ps(a, b); }
 inline F32x16 operator/(F32x16 a, F32x16 b) { return _mm512_div_ps(a, b); }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace focal::simd
 
 namespace focal {
@@ -71,6 +74,7 @@ struct Ops<simd::F32x16> {
 };
 
 namespace simd {
+inline namespace CPU_CAPABILITY {
 
 // Loads, stores and lane masks of the CPU kernel for float, bfloat16 and half data computed in float.
 // `n` < kLanes touches only the first n elements (masked memory accesses never fault beyond them).
@@ -129,8 +133,9 @@ struct Avx512Float {
     else _mm256_mask_storeu_epi16(p, first(n), h);
   }
 
-  // Accumulator lanes kept in memory between calls.
+  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
   static inline V load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+  static inline float lane_fmadd(float a, float b, float c) { return std::fma(a, b, c); }
   static inline void store_lanes(float* p, V x) { _mm512_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
@@ -150,5 +155,6 @@ struct Avx512Float {
   }
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace simd
 }  // namespace focal

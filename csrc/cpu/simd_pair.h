@@ -10,6 +10,7 @@
 #include "../focal_math.h"
 
 namespace focal::simd {
+inline namespace CPU_CAPABILITY {
 
 template <typename V>
 struct Pair {
@@ -30,6 +31,7 @@ inline Pair<V> operator*(const Pair<V>& a, const Pair<V>& b) { return {a.lo * b.
 template <typename V>
 inline Pair<V> operator/(const Pair<V>& a, const Pair<V>& b) { return {a.lo / b.lo, a.hi / b.hi}; }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace focal::simd
 
 namespace focal {

@@ -9,6 +9,7 @@
 #include "../focal_math.h"
 
 namespace focal::vec_math {
+inline namespace CPU_CAPABILITY {
 
 // exp(x) for x in [-104, 88.8] (or NaN) within about 1.5 ulp, subnormal results included.
 // x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in two), exp(r) = 1 + r Q(r) with Q a
@@ -58,4 +59,5 @@ inline V log1p_unit(V e) {
   return O::fmadd(t, v * r, t);
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace focal::vec_math
