@@ -15,6 +15,7 @@ import torch
 
 import focal
 from focal import _C
+from bitwise import assert_bitwise_equal
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
 MIN_ELEMENTS = 1 << 19  # half_table.cpp's threshold, on the elements of background rows
@@ -57,15 +58,6 @@ def run(x, ids, monkeypatch, table: bool, requires_grad=True, **kwargs):
     return loss.detach(), grad, used
 
 
-def assert_same_bits(got, want, what):
-    assert got.dtype == want.dtype and got.shape == want.shape, what
-    nan = torch.isnan(got)
-    assert torch.equal(nan, torch.isnan(want)), f"{what}: NaN at different places"
-    bits = torch.int16 if got.element_size() == 2 else torch.int32
-    differ = (got.view(bits) != want.view(bits)) & ~nan
-    assert not differ.any(), f"{what}: {int(differ.sum())} elements differ"
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.5])
 @pytest.mark.parametrize("cols", [80, 37, 4, 1])
@@ -79,11 +71,11 @@ def test_table_kernel_is_bitwise_the_direct_kernel(monkeypatch, dtype, cols, gam
     loss_d, grad_d, used_d = run(x, ids, monkeypatch, table=False, **kwargs)
     assert used_t and not used_d
     if reduction == "none":
-        assert_same_bits(loss_t, loss_d, "loss")
+        assert_bitwise_equal(loss_t, loss_d, "loss")
     else:
         assert loss_t.dtype == torch.float32 and torch.isfinite(loss_t)
         assert torch.equal(loss_t, loss_d)
-    assert_same_bits(grad_t, grad_d, "grad")
+    assert_bitwise_equal(grad_t, grad_d, "grad")
 
 
 @pytest.mark.parametrize("gamma", [0.0, 2.0, 2.5])
@@ -94,8 +86,8 @@ def test_table_kernel_keeps_nan_and_infinities(monkeypatch, dtype, gamma):
     loss_d, grad_d, _ = run(x, ids, monkeypatch, table=False, gamma=gamma, reduction="none")
     assert used
     assert torch.isnan(loss_t[5, 0]) and torch.isnan(grad_t[5, 0])
-    assert_same_bits(loss_t, loss_d, "loss")
-    assert_same_bits(grad_t, grad_d, "grad")
+    assert_bitwise_equal(loss_t, loss_d, "loss")
+    assert_bitwise_equal(grad_t, grad_d, "grad")
     summed, _, _ = run(x, ids, monkeypatch, table=True, gamma=gamma, reduction="sum")
     assert torch.isnan(summed)
 
@@ -112,7 +104,7 @@ def test_table_kernel_without_gradient_and_without_alpha(monkeypatch, dtype, red
         if reduction == "sum":
             assert torch.isfinite(loss_t) and torch.equal(loss_t, loss_d)
         else:
-            assert_same_bits(loss_t, loss_d, "loss")
+            assert_bitwise_equal(loss_t, loss_d, "loss")
 
 
 def test_table_kernel_from_several_python_threads(monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import focal  # noqa: F401  (loads the operators)
+from bitwise import assert_bitwise_equal
 
 OP = torch.ops.focal.sigmoid_focal_loss.default
 HALF_DTYPES = [torch.bfloat16, torch.float16]
@@ -25,21 +26,6 @@ def every_value(dtype: torch.dtype, cols: int) -> torch.Tensor:
     padded = torch.zeros(rows * cols, dtype=dtype)
     padded[: values.numel()] = values
     return padded.reshape(rows, cols)
-
-
-def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Equal bit patterns, except that any NaN matches any NaN."""
-    assert got.dtype == want.dtype and got.shape == want.shape
-    got_nan, want_nan = torch.isnan(got), torch.isnan(want)
-    assert torch.equal(got_nan, want_nan), f"{what}: NaN at different positions"
-    bits_differ = got.view(torch.int16) != want.view(torch.int16)
-    bad = bits_differ & ~got_nan
-    if bad.any():
-        i = bad.nonzero()[0].tolist()
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} values differ, first at {i}: {got[tuple(i)].item()!r} "
-            f"!= {want[tuple(i)].item()!r}"
-        )
 
 
 def run_op(logits, targets, weight, gamma, reduction, label_smoothing=0.0, normalizer=None):
