@@ -1,4 +1,5 @@
-// Shared by the backends: argument checks and the translation of op arguments into FocalArgs.
+// Shared by the backends: the operator schemas, the argument checks and the translation of op
+// arguments into KernelArgs.
 #pragma once
 
 #include <optional>
@@ -6,15 +7,36 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/accumulate.h>
 
-#include "focal_args.h"
+#include "kernel_args.h"
 #include "focal_math.h"
 
 namespace focal {
 
+// Schemas, declared once in focal_ops.cpp; a test-only build registers the same ones in another
+// namespace.
+//
+// sigmoid_focal_loss: loss and, when compute_grad, d(loss)/d(logits) from one pass over the logits.
+//   logits (..., C), contiguous; targets of the logits' shape and dtype, or int64 class ids of shape
+//   logits.shape[:-1]; weight (C,) or of the logits' shape and row_weight of shape logits.shape[:-1],
+//   in the logits' dtype; normalizer: a one-element tensor dividing the loss; scale: a number
+//   multiplying it. Returns loss (the logits' shape and dtype for "none", else a 0-dim float32
+//   tensor, float64 for float64 logits) and grad (the logits' shape and dtype, or an empty (0,)
+//   tensor when compute_grad is false).
+inline constexpr const char* kSigmoidFocalLossSchema =
+    "sigmoid_focal_loss(Tensor logits, Tensor targets, Tensor? weight, Tensor? row_weight, "
+    "Tensor? normalizer, float alpha, float gamma, float label_smoothing, int ignore_index, "
+    "str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+// scale_grad_: grad *= grad_output (broadcast to grad). When grad_output holds one value (one
+// element, or every stride 0) equal to 1, no element of grad is touched; on CUDA that test runs on
+// the device, so the call never waits for the GPU.
+inline constexpr const char* kScaleGradSchema =
+    "scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()";
+
 enum class Reduction { kNone, kMean, kSum };
 
-// The op's arguments, checked once, in the order of the schema in focal_ops.cpp.
+// The op's arguments, checked once, in the order of the schema.
 struct FocalCall {
   at::Tensor logits;
   at::Tensor targets;
@@ -30,21 +52,38 @@ struct FocalCall {
   bool compute_grad;
 
   bool class_ids() const { return !targets.is_floating_point(); }
-  int64_t rows() const { return logits.size(0); }
-  int64_t cols() const { return logits.size(1); }
+  int64_t cols() const { return logits.dim() == 0 ? 1 : logits.size(-1); }
+  // Leading dimensions flattened (1 for 0-dim and 1-D logits).
+  int64_t rows() const {
+    return logits.dim() <= 1 ? 1 : c10::multiply_integers(logits.sizes().slice(0, logits.dim() - 1));
+  }
   GammaKind gamma_kind() const;
+  // `scale`, divided by the normaliser when that is a CPU tensor (read here, on the host, and
+  // checked to be finite and > 0). A normaliser on the GPU is left to the CUDA backend.
+  double host_scale() const;
+  // The normaliser when it lives on the logits' (non-CPU) device, else nullopt.
+  std::optional<at::Tensor> device_normalizer() const;
   // Kernel arguments pointing into this call's tensors and the given outputs (either may be undefined).
-  FocalArgs kernel_args(const at::Tensor& loss_out, const at::Tensor& grad_out) const;
+  KernelArgs kernel_args(const at::Tensor& loss_out, const at::Tensor& grad_out) const;
   // dtype of a reduced loss: float32 for float32/bfloat16/float16 inputs, float64 for float64.
   at::ScalarType reduced_dtype() const;
+  // The loss of reduction "mean" over no element: NaN for float targets (as torch.mean), 0 with
+  // class ids (every row ignored).
+  double empty_mean() const;
 };
 
-// Validates every argument (TORCH_CHECK_VALUE / TORCH_CHECK_TYPE with messages naming the problem).
+// Checks what the kernels rely on for memory safety (dtypes, shapes, contiguity, devices) and parses
+// the reduction. The values of alpha, gamma, label_smoothing and ignore_index are validated, with
+// messages for users, by focal.sigmoid_focal_loss.
 FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& row_weight,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
                     double scale, bool compute_grad);
+
+// For scale_grad_: true when grad_output is one value broadcast over grad (one element, or every
+// stride 0); checks that it broadcasts to grad and lives on grad's device (or is a CPU scalar).
+bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output);
 
 }  // namespace focal

@@ -77,15 +77,14 @@ def test_kernel_copy_matches_reference(capability):
     assert report["failures"] == []
 
 
-@pytest.mark.parametrize("test_file", ["test_reduced_precision.py", "test_half_table.py"])
+@pytest.mark.parametrize("test_file", ["test_reduced_precision.py"])
 @pytest.mark.parametrize("capability", CAPABILITIES)
 def test_kernel_copy_passes_the_bitwise_tests(capability, test_file):
-    """Tests that compare outputs bit for bit (16-bit rounding; the lookup-table kernel against the
-    direct one), run against each ISA copy of the kernels."""
+    """Tests that compare outputs bit for bit (16-bit rounding), run against each ISA copy of the
+    kernels."""
     if RANK[capability.upper()] > _available_rank():
         pytest.skip(f"this CPU supports up to {torch.backends.cpu.get_cpu_capability()}, not {capability.upper()}")
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    env.pop("FOCAL_CPU_TABLE", None)
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), test_file)
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)

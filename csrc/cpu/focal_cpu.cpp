@@ -1,6 +1,5 @@
-// CPU backend: checks, class-id validation, output allocation and the parallel loop. The per-row
-// work runs in focal_kernel.cpp (or, for 16-bit logits with class ids, focal_table_kernel.cpp),
-// compiled once per instruction set; this file picks the copy.
+// CPU backend: class-id validation, output allocation and the parallel loop. The per-row work runs
+// in focal_kernel.cpp, compiled once per instruction set; this file picks the copy.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -13,7 +12,6 @@
 
 #include "../focal_ops.h"
 #include "focal_kernel.h"
-#include "half_table.h"
 #include "hugepage_alloc.h"
 
 namespace focal::cpu {
@@ -23,48 +21,35 @@ namespace {
 // are added in order, so a reduced loss is bitwise identical for any number of threads.
 constexpr int64_t kBlockElements = 16384;
 
-struct Kernels {
-  RowsFn rows;
-  TableRowsFn rows_from_table;
-};
-
 // Follows ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too.
-const Kernels& select_kernels() {
-  static const Kernels kernels = []() -> Kernels {
+RowsFn select_kernel() {
+  static const RowsFn kernel = []() -> RowsFn {
     const std::string capability = at::get_cpu_capability();
 #if defined(FOCAL_HAVE_AVX512)
-    if (capability == "AVX512") return {&AVX512::focal_rows, &AVX512::focal_rows_from_table};
+    if (capability == "AVX512") return &AVX512::focal_rows;
 #endif
 #if defined(FOCAL_HAVE_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") {
-      return {&AVX2::focal_rows, &AVX2::focal_rows_from_table};
-    }
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::focal_rows;
 #endif
-    return {&DEFAULT::focal_rows, &DEFAULT::focal_rows_from_table};
+    return &DEFAULT::focal_rows;
   }();
-  return kernels;
+  return kernel;
 }
 
-struct RowCounts {
-  int64_t kept = 0;        // not ignored
-  int64_t background = 0;  // label -1
-};
-
-// Checks every class id and counts the rows that are not ignored, and the background ones.
-RowCounts count_rows(const FocalCall& call) {
+// Checks every class id and counts the rows that are not ignored.
+int64_t count_kept_rows(const FocalCall& call) {
   const int64_t* ids = call.targets.const_data_ptr<int64_t>();
   const int64_t cols = call.cols();
-  RowCounts counts;
+  int64_t kept = 0;
   for (int64_t r = 0; r < call.rows(); ++r) {
     const int64_t id = ids[r];
     if (id == call.ignore_index) continue;
     TORCH_CHECK_VALUE(id >= -1 && id < cols, "class id ", id, " at row ", r,
                       " is out of range: expected a class in [0, ", cols,
                       "), -1 for background, or ignore_index (", call.ignore_index, ")");
-    ++counts.kept;
-    counts.background += id == -1;
+    ++kept;
   }
-  return counts;
+  return kept;
 }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
@@ -78,16 +63,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
                 compute_grad);
   const int64_t rows = call.rows(), cols = call.cols();
 
-  RowCounts counts{rows, 0};
-  if (call.class_ids()) counts = count_rows(call);
-  const int64_t kept_rows = counts.kept;
-  double total_scale = call.scale;
-  if (normalizer) {
-    const double value = normalizer->item<double>();
-    TORCH_CHECK_VALUE(value > 0 && std::isfinite(value),
-                      "normalizer must be finite and > 0, got ", value);
-    total_scale /= value;
-  }
+  const int64_t kept_rows = call.class_ids() ? count_kept_rows(call) : rows;
+  double total_scale = call.host_scale();
   if (call.reduction == Reduction::kMean) {
     // Class ids: at least one element in the denominator, so a batch of ignored rows contributes 0.
     // Float targets: as torch.mean, the mean of no elements is NaN.
@@ -96,34 +73,29 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   }
 
   const auto options = logits.options();
-  const at::Tensor grad = compute_grad ? empty_huge({rows, cols}, options) : at::empty({0}, options);
+  const at::Tensor grad = compute_grad ? empty_huge(logits.sizes(), options) : at::empty({0}, options);
   at::Tensor loss;
-  if (call.reduction == Reduction::kNone) loss = empty_huge({rows, cols}, options);
-  const FocalArgs args = call.kernel_args(loss, compute_grad ? grad : at::Tensor());
+  if (call.reduction == Reduction::kNone) loss = empty_huge(logits.sizes(), options);
+  const KernelArgs args = call.kernel_args(loss, compute_grad ? grad : at::Tensor());
 
   const int64_t block_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
   const int64_t blocks = rows == 0 || cols == 0 ? 0 : (rows + block_rows - 1) / block_rows;
   std::vector<double> partial(blocks, 0.0);
-  const Kernels& kernels = select_kernels();
+  const RowsFn kernel = select_kernel();
   const GammaKind gamma_kind = call.gamma_kind();
   const auto dtype = logits.scalar_type();
-  const bool use_table = half_table_applies(args, dtype, counts.background * cols);
-  const HalfTable table =
-      use_table ? build_half_table(args, dtype, gamma_kind, total_scale, kernels.rows) : HalfTable{};
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block_rows, r1 = std::min(rows, r0 + block_rows);
-      partial[b] = use_table ? kernels.rows_from_table(args, dtype, gamma_kind, total_scale, table, r0, r1)
-                             : kernels.rows(args, dtype, gamma_kind, total_scale, r0, r1, nullptr);
+      partial[b] = kernel(args, dtype, gamma_kind, total_scale, r0, r1);
     }
   });
 
   if (call.reduction != Reduction::kNone) {
     double sum = 0;
     for (const double p : partial) sum += p;
-    const double value = call.reduction == Reduction::kMean && rows * cols == 0 && !call.class_ids()
-                             ? NAN
-                             : sum * total_scale;
+    const double value =
+        call.reduction == Reduction::kMean && rows * cols == 0 ? call.empty_mean() : sum * total_scale;
     loss = at::empty({}, options.dtype(call.reduced_dtype()));
     if (loss.scalar_type() == at::kDouble) {
       *loss.mutable_data_ptr<double>() = value;
@@ -134,10 +106,21 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   return {loss, grad};
 }
 
+void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
+  if (!check_scale_grad(grad, grad_output)) {
+    grad.mul_(grad_output);
+    return;
+  }
+  // One value broadcast over grad: read on the host (free for a CPU tensor), and 1 needs no pass.
+  const at::Scalar value = grad_output.reshape(-1)[0].item();
+  if (value.toDouble() != 1.0) grad.mul_(value);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(focal, CPU, m) {
   m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cpu);
+  m.impl("scale_grad_", &scale_grad_cpu);
 }
 
 }  // namespace focal::cpu

@@ -19,8 +19,7 @@ namespace focal::cpu::CPU_CAPABILITY {
 namespace {
 
 template <typename scalar_t, TargetKind TK, GammaKind G>
-double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
-                 typename simd::SimdFor<scalar_t>::acc_t* lanes) {
+double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
   using S = simd::SimdFor<scalar_t>;
   using V = typename S::V;
   using acc_t = typename S::acc_t;
@@ -48,7 +47,7 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
   const int64_t spans = flat ? 1 : r1 - r0;
   const int64_t span_len = flat ? (r1 - r0) * C : C;
 
-  V acc = lanes ? S::load_lanes(lanes) : V(acc_t(0));
+  V acc(acc_t(0));
   for (int64_t s = 0; s < spans; ++s) {
     const int64_t r = r0 + s;
     const int64_t off = r * C;
@@ -148,50 +147,43 @@ double rows_impl(const FocalArgs& a, double scale_d, int64_t r0, int64_t r1,
     for (; c + kLanes <= span_len; c += kLanes) step(c, kLanes);
     if (c < span_len) step(c, span_len - c);
   }
-  if (lanes) {
-    S::store_lanes(lanes, acc);
-    return 0.0;
-  }
   return S::sum(acc);
 }
 
 template <typename scalar_t, TargetKind TK>
-double dispatch_gamma(const FocalArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1,
-                      typename simd::SimdFor<scalar_t>::acc_t* lanes) {
+double dispatch_gamma(const KernelArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1) {
   switch (g) {
-    case GammaKind::kZero: return rows_impl<scalar_t, TK, GammaKind::kZero>(a, scale, r0, r1, lanes);
-    case GammaKind::kOne: return rows_impl<scalar_t, TK, GammaKind::kOne>(a, scale, r0, r1, lanes);
-    case GammaKind::kTwo: return rows_impl<scalar_t, TK, GammaKind::kTwo>(a, scale, r0, r1, lanes);
-    default: return rows_impl<scalar_t, TK, GammaKind::kGeneral>(a, scale, r0, r1, lanes);
+    case GammaKind::kZero: return rows_impl<scalar_t, TK, GammaKind::kZero>(a, scale, r0, r1);
+    case GammaKind::kOne: return rows_impl<scalar_t, TK, GammaKind::kOne>(a, scale, r0, r1);
+    case GammaKind::kTwo: return rows_impl<scalar_t, TK, GammaKind::kTwo>(a, scale, r0, r1);
+    default: return rows_impl<scalar_t, TK, GammaKind::kGeneral>(a, scale, r0, r1);
   }
 }
 
 template <typename scalar_t>
-double dispatch_target(const FocalArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1,
-                       typename simd::SimdFor<scalar_t>::acc_t* lanes) {
+double dispatch_target(const KernelArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1) {
   switch (a.target_kind) {
     case TargetKind::kClassId:
-      return dispatch_gamma<scalar_t, TargetKind::kClassId>(a, g, scale, r0, r1, lanes);
+      return dispatch_gamma<scalar_t, TargetKind::kClassId>(a, g, scale, r0, r1);
     case TargetKind::kClassIdSmoothed:
-      return dispatch_gamma<scalar_t, TargetKind::kClassIdSmoothed>(a, g, scale, r0, r1, lanes);
-    default: return dispatch_gamma<scalar_t, TargetKind::kFloat>(a, g, scale, r0, r1, lanes);
+      return dispatch_gamma<scalar_t, TargetKind::kClassIdSmoothed>(a, g, scale, r0, r1);
+    default: return dispatch_gamma<scalar_t, TargetKind::kFloat>(a, g, scale, r0, r1);
   }
 }
 
 }  // namespace
 
-double focal_rows(const FocalArgs& args, c10::ScalarType dtype, GammaKind gamma_kind, double scale,
-                  int64_t row_begin, int64_t row_end, float* lanes) {
+double focal_rows(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind, double scale,
+                  int64_t row_begin, int64_t row_end) {
   switch (dtype) {
     case c10::ScalarType::Double:
-      TORCH_INTERNAL_ASSERT(lanes == nullptr, "float64 rows accumulate in float64 lanes");
-      return dispatch_target<double>(args, gamma_kind, scale, row_begin, row_end, nullptr);
+      return dispatch_target<double>(args, gamma_kind, scale, row_begin, row_end);
     case c10::ScalarType::BFloat16:
-      return dispatch_target<c10::BFloat16>(args, gamma_kind, scale, row_begin, row_end, lanes);
+      return dispatch_target<c10::BFloat16>(args, gamma_kind, scale, row_begin, row_end);
     case c10::ScalarType::Half:
-      return dispatch_target<c10::Half>(args, gamma_kind, scale, row_begin, row_end, lanes);
+      return dispatch_target<c10::Half>(args, gamma_kind, scale, row_begin, row_end);
     default:
-      return dispatch_target<float>(args, gamma_kind, scale, row_begin, row_end, lanes);
+      return dispatch_target<float>(args, gamma_kind, scale, row_begin, row_end);
   }
 }
 

@@ -36,8 +36,7 @@ using NativeFloat = Avx2Float;
 #endif
 
 // SimdFor<scalar_t>: V, Mask, acc_t, kLanes, load / store of scalar_t, first(n), lane(i),
-// zero_unless(mask, v), load_lanes / store_lanes (acc_t accumulators), lane_fmadd (one lane of
-// Ops<V>::fmadd, with the same rounding) and sum(v).
+// zero_unless(mask, v) and sum(v).
 template <typename scalar_t>
 struct SimdForImpl {
   using type = AtenIO<scalar_t>;

@@ -23,8 +23,8 @@ struct Ops<at::vec::Vectorized<T>> {
   static constexpr bool kFloat = std::is_same_v<T, float>;
 
   // Primitives of vec_math.h (float only).
-  // Not fused, whatever ATen's backend for V (its generic one has no FMA, others do), so that
-  // AtenIO::lane_fmadd can match it lane by lane.
+  // Not fused, whatever ATen's backend for V (its generic one has no FMA, others do): every
+  // backend rounds alike.
   static inline V fmadd(const V& a, const V& b, const V& c) { return a * b + c; }
   // For |x| < 2^22, by adding and removing 1.5 * 2^23: plain arithmetic, which the generic
   // (DEFAULT) Vectorized runs as SIMD, where its round() calls nearbyint once per lane.
@@ -108,10 +108,6 @@ struct AtenIO {
     }
   }
 
-  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
-  static inline V load_lanes(const acc_t* p) { return V::loadu(p); }
-  static inline acc_t lane_fmadd(acc_t a, acc_t b, acc_t c) { return a * b + c; }
-  static inline void store_lanes(acc_t* p, const V& x) { x.store(p); }
 
   static inline double sum(const V& x) {
     alignas(64) acc_t lanes[kLanes];

@@ -135,10 +135,6 @@ struct Avx2Float {
     store_halves(p, n, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
 
-  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
-  static inline V load_lanes(const float* p) { return _mm256_loadu_ps(p); }
-  static inline float lane_fmadd(float a, float b, float c) { return std::fma(a, b, c); }
-  static inline void store_lanes(float* p, V x) { _mm256_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
   static inline double sum(V x) {

@@ -133,10 +133,6 @@ struct Avx512Float {
     else _mm256_mask_storeu_epi16(p, first(n), h);
   }
 
-  // Accumulator lanes kept in memory between calls, and one lane of Ops<V>::fmadd.
-  static inline V load_lanes(const float* p) { return _mm512_loadu_ps(p); }
-  static inline float lane_fmadd(float a, float b, float c) { return std::fma(a, b, c); }
-  static inline void store_lanes(float* p, V x) { _mm512_storeu_ps(p, x); }
 
   // The lanes added in order, in double: the same total for any compiler.
   static inline double sum(V x) {

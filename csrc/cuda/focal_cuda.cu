@@ -29,7 +29,7 @@ constexpr int kBlocksPerSm = 4;
 // Loss and gradient of element (row, col), alpha- and weight-scaled, not yet multiplied by `scale`.
 template <typename scalar_t, TargetKind TK, GammaKind G>
 __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
-    const FocalArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
+    const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
     int64_t col, at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t gamma = static_cast<acc_t>(a.gamma);
@@ -73,7 +73,7 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
 // accesses when `aligned`; the last, partial pack falls back to element accesses.
 template <typename scalar_t, TargetKind TK, GammaKind G>
 __global__ void __launch_bounds__(kThreads)
-    focal_kernel(FocalArgs a, bool aligned, const at::opmath_type<scalar_t>* __restrict__ scale_ptr,
+    focal_kernel(KernelArgs a, bool aligned, const at::opmath_type<scalar_t>* __restrict__ scale_ptr,
                  at::opmath_type<scalar_t>* __restrict__ block_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, TargetKind TK>
-void launch_for_target(const FocalArgs& a, GammaKind g, int blocks, bool aligned,
+void launch_for_target(const KernelArgs& a, GammaKind g, int blocks, bool aligned,
                        const at::opmath_type<scalar_t>* scale, at::opmath_type<scalar_t>* sums,
                        cudaStream_t stream) {
 #define FOCAL_LAUNCH(KIND)                                                                  \
@@ -198,14 +198,13 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
     }
   }
 
-  const at::Tensor grad = compute_grad ? at::empty({rows, cols}, options) : at::empty({0}, options);
-  at::Tensor loss = reduce ? at::empty({}, acc_options) : at::empty({rows, cols}, options);
+  const at::Tensor grad = compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
+  at::Tensor loss = reduce ? at::empty({}, acc_options) : at::empty(logits.sizes(), options);
   if (numel == 0) {
-    // As torch.mean: the mean of no elements is NaN for float targets (class ids: see above).
-    if (reduce) loss.fill_(call.reduction == Reduction::kMean && !call.class_ids() ? NAN : 0.0);
+    if (reduce) loss.fill_(call.reduction == Reduction::kMean ? call.empty_mean() : 0.0);
     return {loss, grad};
   }
-  const FocalArgs args = call.kernel_args(reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
+  const KernelArgs args = call.kernel_args(reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
 
   const int elems_per_thread = 16 / static_cast<int>(logits.element_size());
   const int64_t packs = (numel + elems_per_thread - 1) / elems_per_thread;
@@ -243,10 +242,16 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
   return {loss, grad};
 }
 
+void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+  check_scale_grad(grad, grad_output);
+  grad.mul_(grad_output);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(focal, CUDA, m) {
   m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cuda);
+  m.impl("scale_grad_", &scale_grad_cuda);
 }
 
 }  // namespace focal::cuda

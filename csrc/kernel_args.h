@@ -1,4 +1,5 @@
-// Plain description of one focal-loss launch, shared by the CPU and CUDA kernels.
+// Plain description of one focal-loss launch (pointers and numbers), shared by the CPU and CUDA
+// kernels.
 #pragma once
 
 #include <cstdint>
@@ -11,7 +12,7 @@ enum class TargetKind {
   kClassIdSmoothed,  // class ids with label smoothing: positives 1 - eps/2, negatives eps/2
 };
 
-struct FocalArgs {
+struct KernelArgs {
   int64_t rows = 0;
   int64_t cols = 0;
   const void* logits = nullptr;       // (rows, cols), contiguous
