@@ -51,7 +51,7 @@ double FocalCall::empty_mean() const { return class_ids() ? 0.0 : NAN; }
 double FocalCall::host_scale() const {
   if (!normalizer || !normalizer->device().is_cpu()) return scale;
   const double value = normalizer->item<double>();
-  TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be finite and > 0, got ",
+  TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be a finite number > 0, got ",
                     value);
   return scale / value;
 }

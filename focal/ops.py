@@ -1,27 +1,29 @@
-"""The compiled operators: loading ``focal._C`` and their fake (meta) kernels.
+"""The compiled operators and what Python registers on them: fake kernels, autograd and vmap.
 
 ``torch.ops.focal.sigmoid_focal_loss(logits, targets, weight, row_weight, normalizer, alpha, gamma,
 label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
 
-- ``logits``: (N, C) contiguous float32 / float64 / float16 / bfloat16.
-- ``targets``: (N, C) in the logits' dtype (binary or soft targets), or (N,) int64 class ids
-  (``[0, C)`` positive class, ``-1`` background, ``ignore_index`` ignored).
-- ``weight``: None, (C,) or (N, C); ``row_weight``: None or (N,); both in the logits' dtype.
-- ``normalizer``: None or a 0-dim tensor that divides the loss; ``scale``: a float multiplying it.
+- ``logits``: ``(..., C)`` contiguous float32 / float64 / float16 / bfloat16.
+- ``targets``: the logits' shape and dtype (binary or soft targets), or int64 class ids of shape
+  ``logits.shape[:-1]`` (``[0, C)`` positive class, ``-1`` background, ``ignore_index`` ignored).
+- ``weight``: None, ``(C,)`` or the logits' shape; ``row_weight``: None or ``logits.shape[:-1]``;
+  both in the logits' dtype.
+- ``normalizer``: None or a one-element tensor that divides the loss; ``scale``: a float multiplying it.
 - ``alpha`` < 0 disables alpha weighting; ``reduction`` is "none", "mean" or "sum".
-- Returns ``loss`` ((N, C) in the logits' dtype for "none", else a 0-dim float32 tensor, float64
-  for float64 logits) and ``grad`` = d loss / d logits ((N, C) in the logits' dtype), or an empty (0,)
-  tensor when ``compute_grad`` is False.
+- Returns ``loss`` (the logits' shape and dtype for "none", else a 0-dim float32 tensor, float64
+  for float64 logits) and ``grad`` = d loss / d logits (the logits' shape and dtype), or an empty
+  ``(0,)`` tensor when ``compute_grad`` is False.
 
-These ops are not differentiable themselves: :func:`focal.sigmoid_focal_loss` wraps them in an
-autograd function whose backward only scales the saved ``grad``.
+The op is differentiable with respect to ``logits`` (see :mod:`focal._autograd`); ``grad`` is not
+differentiable. ``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place
+(no pass at all when ``grad_output`` is a single 1, decided on the device for CUDA tensors).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["sigmoid_focal_loss_op", "require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES"]
+__all__ = ["require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES"]
 
 BUILD_HINT = "pip install --no-build-isolation -e .  (from the focal checkout)"
 
@@ -32,7 +34,7 @@ try:
 except ImportError as error:  # the package is importable for its reference even when unbuilt
     BUILD_ERROR = str(error)
 
-# Device types with a compiled kernel, looked up once (a plain dict also traces under torch.compile).
+# Device types with a compiled kernel, looked up once (a plain set also traces under torch.compile).
 KERNEL_DEVICE_TYPES = frozenset(
     device
     for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
@@ -58,33 +60,42 @@ def require_kernels(device: torch.device) -> None:
         raise RuntimeError(f"focal has no kernel for {device.type} tensors: {hint}")
 
 
-def sigmoid_focal_loss_op():
-    """The OpOverload ``torch.ops.focal.sigmoid_focal_loss.default``."""
-    return torch.ops.focal.sigmoid_focal_loss.default
+def _sigmoid_focal_loss_fake(
+    logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing, ignore_index,
+    reduction, scale, compute_grad,
+):
+    if reduction == "none":
+        loss = logits.new_empty(logits.shape)
+    else:
+        loss = logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return loss, grad
+
+
+def _scale_grad_fake(grad, grad_output):
+    return None
+
+
+def _sigmoid_focal_loss_vmap(info, in_dims, logits, targets, weight, row_weight, normalizer, *rest):
+    """One call per sample: every argument combination batches correctly, including reductions
+    and a normaliser per sample. Slower than one fused call over the stacked batch, but vmap of a
+    loss is rare outside of per-sample gradients, where correctness is what counts."""
+    tensors = (logits, targets, weight, row_weight, normalizer)
+    losses, grads = [], []
+    for b in range(info.batch_size):
+        sample = [
+            t if t is None or d is None else t.select(d, b).contiguous() for t, d in zip(tensors, in_dims[:5])
+        ]
+        loss, grad = torch.ops.focal.sigmoid_focal_loss(*sample, *rest)
+        losses.append(loss)
+        grads.append(grad)
+    return (torch.stack(losses), torch.stack(grads)), (0, 0)
 
 
 if BUILD_ERROR is None:
+    torch.library.register_fake("focal::sigmoid_focal_loss")(_sigmoid_focal_loss_fake)
+    torch.library.register_fake("focal::scale_grad_")(_scale_grad_fake)
+    torch.library.register_vmap("focal::sigmoid_focal_loss")(_sigmoid_focal_loss_vmap)
+    from focal import _autograd
 
-    @torch.library.register_fake("focal::sigmoid_focal_loss")
-    def _sigmoid_focal_loss_fake(
-        logits,
-        targets,
-        weight,
-        row_weight,
-        normalizer,
-        alpha,
-        gamma,
-        label_smoothing,
-        ignore_index,
-        reduction,
-        scale,
-        compute_grad,
-    ):
-        torch._check(logits.dim() == 2, lambda: "logits must be 2D")
-        if reduction == "none":
-            loss = logits.new_empty(logits.shape)
-        else:
-            reduced = torch.float64 if logits.dtype == torch.float64 else torch.float32
-            loss = logits.new_empty((), dtype=reduced)
-        grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
-        return loss, grad
+    _autograd.register()

@@ -114,21 +114,26 @@ def sigmoid_focal_loss_grad(
     weight: torch.Tensor | None = None,
     normalizer: float | torch.Tensor | None = None,
     ignore_index: int = -100,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """d loss / d inputs for hard (binary or class-id) targets, from the paper's Appendix B.
+    """d loss / d inputs, written out: the paper's Appendix B derivative, for any target in [0, 1].
 
-    With ``y`` in {-1, +1}, ``x_t = y x`` and ``p_t = sigmoid(x_t)``:
-    ``dFL/dx = alpha_t * y * (1 - p_t)^gamma * (gamma * p_t * log(p_t) + p_t - 1)``.
-    The result is the gradient of the *reduced* loss (``sum``, ``mean`` or with ``normalizer``), or of
-    ``loss.sum()`` for ``reduction="none"``.
+    With ``p = sigmoid(x)``, ``p_t = p t + (1 - p)(1 - t)`` and ``q = 1 - p_t``:
+    ``dFL/dx = alpha_t * (q^gamma (p - t) + gamma (1 - 2t) p (1 - p) q^(gamma - 1) CE)``, which for
+    a hard target (``y`` in {-1, +1}, ``x_t = y x``, ``t = (y + 1) / 2``) is Appendix B's
+    ``alpha_t y (1 - p_t)^gamma (gamma p_t log(p_t) + p_t - 1)``. The result is the gradient of the
+    *reduced* loss (``sum``, ``mean`` or with ``normalizer``), or of ``loss.sum()`` for
+    ``reduction="none"``. Differentiable by autograd, which gives the second derivatives.
     """
-    soft, keep = expand_targets(inputs, targets, ignore_index)
-    y = 2 * soft - 1
-    x_t = y * inputs
-    p_t = torch.sigmoid(x_t)
-    log_p_t = F.logsigmoid(x_t)
-    one_minus_p_t = torch.sigmoid(-x_t)
-    grad = _alpha_t(soft, alpha) * y * one_minus_p_t**gamma * (gamma * p_t * log_p_t + p_t - 1)
+    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
+    p = torch.sigmoid(inputs)
+    one_minus_p = torch.sigmoid(-inputs)  # without the cancellation of 1 - p
+    q = p * (1 - soft) + one_minus_p * soft
+    ce = F.binary_cross_entropy_with_logits(inputs, soft, reduction="none")
+    grad = q**gamma * (p - soft)
+    if gamma != 0:
+        grad = grad + gamma * (1 - 2 * soft) * p * one_minus_p * q ** (gamma - 1) * ce
+    grad = _alpha_t(soft, alpha) * grad
     if weight is not None:
         grad = grad * weight
     grad = grad * keep

@@ -12,24 +12,27 @@ OP = torch.ops.focal.sigmoid_focal_loss.default
 
 def _sample(device, dtype=torch.float32, rows=6, cols=5, targets="ids", weight=None, row_weight=False,
             normalizer=None, alpha=0.25, gamma=2.0, label_smoothing=0.0, reduction="sum", scale=1.0,
-            compute_grad=True):
+            compute_grad=True, lead=()):
+    """The raw op's arguments; the logits require grad when the gradient is asked for, so that
+    opcheck also runs the op's autograd. ``lead`` adds leading dimensions: logits (*lead, rows, cols)."""
     g = torch.Generator().manual_seed(rows * 100 + cols)
-    logits = (torch.randn(rows, cols, generator=g) * 3).to(device, dtype)
+    shape = (*lead, rows, cols)
+    logits = (torch.randn(shape, generator=g) * 3).to(device, dtype).requires_grad_(compute_grad)
     if targets == "ids":
-        t = torch.randint(-1, cols, (rows,), generator=g)
+        t = torch.randint(-1, cols, shape[:-1], generator=g)
         if rows:
-            t[0] = -100
+            t[..., 0] = -100
         t = t.to(device)
     else:
-        t = torch.rand(rows, cols, generator=g).to(device, dtype)
+        t = torch.rand(shape, generator=g).to(device, dtype)
         if targets == "hard":
             t = t.round()
     w = None
     if weight == "class":
         w = torch.rand(cols, generator=g).to(device, dtype)
     elif weight == "full":
-        w = torch.rand(rows, cols, generator=g).to(device, dtype)
-    rw = torch.rand(rows, generator=g).to(device, dtype) if row_weight else None
+        w = torch.rand(shape, generator=g).to(device, dtype)
+    rw = torch.rand(shape[:-1], generator=g).to(device, dtype) if row_weight else None
     return (logits, t, w, rw, normalizer, alpha, gamma, label_smoothing, -100, reduction, scale, compute_grad)
 
 
@@ -49,6 +52,8 @@ SAMPLES = {
     "bfloat16": dict(dtype=torch.bfloat16, reduction="none"),
     "float16": dict(dtype=torch.float16, targets="hard"),
     "empty": dict(rows=0),
+    "3d-ids-none": dict(lead=(2,), reduction="none", row_weight=True),
+    "3d-float-sum": dict(lead=(3,), targets="soft", weight="full"),
 }
 
 
@@ -79,7 +84,7 @@ def test_raw_op_outputs():
     """The raw op returns (loss, d loss / d logits), the gradient only when asked for."""
     logits, ids = _sample("cpu")[:2]
     loss, grad = OP(*_sample("cpu", reduction="sum"))
-    x = logits.clone().requires_grad_()
+    x = logits.detach().clone().requires_grad_()
     expected = focal.sigmoid_focal_loss(x, ids, reduction="sum")
     expected.backward()
     torch.testing.assert_close(loss, expected.detach(), rtol=1e-6, atol=0)

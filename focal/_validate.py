@@ -1,0 +1,205 @@
+"""Validation of the public arguments and their translation into the operator's arguments.
+
+Everything here looks only at shapes, dtypes, devices and Python numbers, so it is cheap, never
+synchronises with a GPU, traces under ``torch.compile`` and compiles under ``torch.jit.script``
+(checks of Python types, which TorchScript enforces by itself, run in eager mode only). Errors are
+ValueError (bad value or shape) or TypeError (bad type), each naming the argument and what was
+expected; the operator itself keeps only the checks that guard memory.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["op_arguments", "OpArguments"]
+
+# The arguments of torch.ops.focal.sigmoid_focal_loss, in the schema's order, less compute_grad:
+# logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing, ignore_index,
+# reduction, scale.
+OpArguments = Tuple[
+    Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], float, float, float, int, str, float
+]
+
+
+def _is_supported_dtype(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or dtype == torch.float64 or dtype == torch.float16 or dtype == torch.bfloat16
+
+
+def _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing):
+    """What TorchScript's signature checks do for scripted callers, for eager ones."""
+
+    def real(value, name: str, optional: bool = False) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+    for value, name in ((inputs, "inputs"), (targets, "targets")):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    real(alpha, "alpha", optional=True)
+    real(gamma, "gamma")
+    real(label_smoothing, "label_smoothing")
+    if not isinstance(normalizer, Tensor):
+        real(normalizer, "normalizer", optional=True)
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a string, got {type(reduction).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _shape(shape: List[int]) -> str:
+    """A shape as Python prints a tuple, also under TorchScript: (4, 3), (4,), ()."""
+    if len(shape) == 1:
+        return f"({shape[0]},)"
+    return "(" + ", ".join([str(size) for size in shape]) + ")"
+
+
+def _finite(value: float) -> bool:
+    # Comparisons rather than math.isfinite: they also work on symbolic floats under torch.compile.
+    return -float("inf") < value < float("inf")
+
+
+def _alpha(alpha: Optional[float]) -> float:
+    if alpha is None or alpha == -1.0:
+        return -1.0
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], or None / -1 for no weighting, got {alpha}")
+    return float(alpha)
+
+
+def _broadcasts_to(shape: List[int], target: List[int]) -> bool:
+    if len(shape) > len(target):
+        return False
+    offset = len(target) - len(shape)
+    for i in range(len(shape)):
+        if shape[i] != 1 and shape[i] != target[offset + i]:
+            return False
+    return True
+
+
+def _weights(weight: Optional[Tensor], inputs: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Splits a weight broadcastable to ``inputs`` into the op's (weight, row_weight): a per-class
+    ``(C,)`` or full weight of the logits' shape, or one weight per row of shape ``shape[:-1]``."""
+    if weight is None:
+        return None, None
+    if not (weight.is_floating_point() or weight.dtype == torch.bool):
+        raise TypeError(f"weight must be a floating point tensor, got {weight.dtype}")
+    if weight.device != inputs.device:
+        raise ValueError(f"weight is on {weight.device} but inputs are on {inputs.device}")
+    if weight.requires_grad:
+        raise ValueError("gradients with respect to weight are not supported: pass weight.detach()")
+    shape: List[int] = list(inputs.shape)
+    if not _broadcasts_to(list(weight.shape), shape):
+        raise ValueError(
+            f"weight of shape {_shape(list(weight.shape))} cannot be broadcast to inputs of shape {_shape(shape)}; "
+            "use e.g. a per-class weight (C,) or a per-row weight (..., 1)"
+        )
+    weight = weight.to(inputs.dtype)
+    if list(weight.shape) == shape:  # passed on as it is when contiguous: no copy of an N x C tensor
+        return weight.contiguous(), None
+    if weight.dim() == 0 or weight.shape[-1] == 1:  # constant along the classes: one per row
+        rows: List[int] = shape[:-1]
+        return None, weight.expand(rows + [1]).reshape(rows).contiguous()
+    leading_ones = True
+    for size in weight.shape[:-1]:
+        if size != 1:
+            leading_ones = False
+    if leading_ones:  # one per class, shared by every row
+        return weight.reshape(shape[-1]).contiguous(), None
+    return weight.expand(shape).contiguous(), None
+
+
+def _normalizer(
+    normalizer: Optional[Union[float, Tensor]], inputs: Tensor, reduction: str
+) -> Tuple[Optional[Tensor], float]:
+    """Returns (tensor or None, scale factor). A tensor's value is checked by the op where it can be
+    read without a GPU sync (on the CPU); a number's here."""
+    if normalizer is None:
+        return None, 1.0
+    if reduction == "mean":
+        raise ValueError(
+            "normalizer divides the summed loss: use it with reduction='sum' (or 'none'), not 'mean'"
+        )
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError(
+                f"normalizer must be a number or a one-element tensor, got shape {_shape(list(normalizer.shape))}"
+            )
+        if normalizer.dtype == torch.bool or normalizer.is_complex():
+            raise TypeError(f"normalizer must be a real number tensor, got {normalizer.dtype}")
+        if normalizer.device != inputs.device and normalizer.device.type != "cpu":
+            raise ValueError(f"normalizer is on {normalizer.device} but inputs are on {inputs.device}")
+        if normalizer.requires_grad:
+            raise ValueError("normalizer must not require grad (detach it)")
+        return normalizer, 1.0
+    value = float(normalizer)
+    if not (_finite(value) and value > 0.0):
+        raise ValueError(f"normalizer must be a finite number > 0, got {normalizer}")
+    return None, 1.0 / value
+
+
+def op_arguments(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: Optional[float],
+    gamma: float,
+    reduction: str,
+    weight: Optional[Tensor],
+    normalizer: Optional[Union[float, Tensor]],
+    ignore_index: int,
+    label_smoothing: float,
+) -> OpArguments:
+    """Checks the arguments of :func:`focal.sigmoid_focal_loss` and returns the operator's."""
+    if not torch.jit.is_scripting():
+        _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing)
+    if not _is_supported_dtype(inputs.dtype):
+        raise TypeError(f"inputs must be float32, float64, float16 or bfloat16 logits, got {inputs.dtype}")
+    if targets.device != inputs.device:
+        raise ValueError(f"targets is on {targets.device} but inputs are on {inputs.device}")
+    if reduction != "none" and reduction != "mean" and reduction != "sum":
+        raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got '{reduction}'")
+    alpha_value = _alpha(alpha)
+    if not (_finite(gamma) and gamma >= 0.0):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if targets.requires_grad:
+        raise ValueError("gradients with respect to targets are not supported: pass targets.detach()")
+    if targets.is_complex():
+        raise TypeError(f"targets must be float (same shape as inputs) or integer class ids, got {targets.dtype}")
+
+    shape: List[int] = list(inputs.shape)
+    if targets.is_floating_point() or targets.dtype == torch.bool:
+        if list(targets.shape) != shape:
+            raise ValueError(
+                f"float targets must have the shape of inputs {_shape(shape)}, got {_shape(list(targets.shape))} "
+                "(integer class-id targets have shape inputs.shape[:-1])"
+            )
+        op_targets = targets.to(inputs.dtype).contiguous()
+    else:
+        if inputs.dim() == 0 or list(targets.shape) != shape[:-1]:
+            raise ValueError(
+                f"integer class-id targets must have shape inputs.shape[:-1] = {_shape(shape[:-1])}, "
+                f"got {_shape(list(targets.shape))} (for one-hot targets pass a float tensor)"
+            )
+        classes = shape[-1]
+        if -1 <= ignore_index < classes:
+            raise ValueError(
+                f"ignore_index={ignore_index} collides with a class id in [0, {classes}) or with "
+                "background (-1); use a value outside [-1, C), e.g. -100"
+            )
+        op_targets = targets.to(torch.long).contiguous()
+
+    op_weight, row_weight = _weights(weight, inputs)
+    op_normalizer, scale = _normalizer(normalizer, inputs, reduction)
+    return (
+        inputs.contiguous(), op_targets, op_weight, row_weight, op_normalizer, alpha_value,
+        float(gamma), float(label_smoothing), int(ignore_index), reduction, scale,
+    )

@@ -1,0 +1,155 @@
+"""Second derivatives: create_graph=True, hessians and gradgradcheck against focal.reference."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+
+import focal
+from focal import reference
+
+GAMMAS = [0.0, 1.0, 2.0, 1.5, 0.5]  # the three fast paths, the general one above and below 1
+
+
+def _problem(kind, shape=(5, 4), seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).to(dtype).requires_grad_()
+    if kind == "ids":
+        t = torch.randint(-1, shape[-1], shape[:-1], generator=g)
+        t.view(-1)[0] = -100
+    elif kind == "soft":
+        t = torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    else:
+        t = torch.randint(0, 2, shape, generator=g).to(dtype)
+    return x, t
+
+
+CASES = {
+    "ids-sum": dict(kind="ids", reduction="sum"),
+    "ids-mean-smoothed": dict(kind="ids", reduction="mean", label_smoothing=0.1),
+    "ids-none-class-weight": dict(kind="ids", reduction="none", weight="class"),
+    "hard-sum-row-weight": dict(kind="hard", reduction="sum", weight="row"),
+    "soft-mean-no-alpha": dict(kind="soft", reduction="mean", alpha=None),
+    "soft-none-full-weight": dict(kind="soft", reduction="none", weight="full"),
+    "ids-sum-tensor-normalizer": dict(kind="ids", reduction="sum", normalizer="tensor"),
+    "hard-sum-number-normalizer": dict(kind="hard", reduction="sum", normalizer=3.0),
+}
+
+
+def _kwargs(case, x):
+    kwargs = {k: v for k, v in case.items() if k not in ("kind", "weight", "normalizer")}
+    g = torch.Generator().manual_seed(1)
+    weight = case.get("weight")
+    if weight == "class":
+        kwargs["weight"] = torch.rand(x.shape[-1], generator=g, dtype=x.dtype) + 0.5
+    elif weight == "row":
+        kwargs["weight"] = torch.rand(*x.shape[:-1], 1, generator=g, dtype=x.dtype) + 0.5
+    elif weight == "full":
+        kwargs["weight"] = torch.rand(x.shape, generator=g, dtype=x.dtype) + 0.5
+    normalizer = case.get("normalizer")
+    if normalizer == "tensor":
+        kwargs["normalizer"] = torch.tensor(7)
+    elif normalizer is not None:
+        kwargs["normalizer"] = normalizer
+    return kwargs
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradgradcheck(name, gamma):
+    case = CASES[name]
+    x, t = _problem(case["kind"])
+    kwargs = _kwargs(case, x)
+    assert torch.autograd.gradcheck(lambda x: focal.sigmoid_focal_loss(x, t, gamma=gamma, **kwargs), (x,))
+    assert torch.autograd.gradgradcheck(lambda x: focal.sigmoid_focal_loss(x, t, gamma=gamma, **kwargs), (x,))
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_hessian_matches_the_reference(name, gamma):
+    """The second derivatives are those of focal.reference differentiated twice by autograd."""
+    case = CASES[name]
+    x, t = _problem(case["kind"], shape=(3, 4))
+    kwargs = _kwargs(case, x)
+
+    def total(fn):
+        return lambda x: fn(x, t, gamma=gamma, **kwargs).sum()
+
+    got = torch.autograd.functional.hessian(total(focal.sigmoid_focal_loss), x.detach())
+    expected = torch.autograd.functional.hessian(total(reference.sigmoid_focal_loss), x.detach())
+    assert got.abs().max() > 0  # never silently zero
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_hessian_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    x, t = _problem("soft", shape=(4, 3))
+    got = torch.autograd.functional.hessian(lambda x: focal.sigmoid_focal_loss(x, t, reduction="sum"), x.detach())
+    expected = torch.autograd.functional.hessian(
+        lambda x: torchvision.ops.sigmoid_focal_loss(x, t, reduction="sum"), x.detach()
+    )
+    diagonal = got.reshape(12, 12).diagonal()
+    assert (diagonal.abs() > 1e-3).all()
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["ids", "soft"])
+def test_create_graph_gradient_equals_the_fused_gradient(device, dtype, kind):
+    """The differentiable recomputation gives the first derivative the fused op gives."""
+    x, t = _problem(kind, shape=(40, 7), dtype=dtype)
+    x, t = x.detach().to(device).requires_grad_(), t.to(device)
+    (fused,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, t, reduction="sum"), x)
+    (graph,) = torch.autograd.grad(focal.sigmoid_focal_loss(x, t, reduction="sum"), x, create_graph=True)
+    assert graph.requires_grad and graph.dtype == dtype
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(graph.detach(), fused, rtol=tol, atol=tol * 1e-2)
+
+
+def test_gradient_penalty_through_a_model():
+    """A second derivative with respect to parameters, through logits the caller still holds."""
+    head = torch.nn.Linear(6, 4).double()
+    features = torch.randn(10, 6, dtype=torch.float64)
+    ids = torch.randint(-1, 4, (10,))
+
+    def penalty(loss_fn):
+        head.zero_grad()
+        logits = head(features)
+        loss = loss_fn(logits, ids, reduction="sum")
+        grads = torch.autograd.grad(loss, head.parameters(), create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
+        return [p.grad.clone() for p in head.parameters()]
+
+    for got, expected in zip(penalty(focal.sigmoid_focal_loss), penalty(reference.sigmoid_focal_loss)):
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10)
+
+
+def test_second_derivative_after_the_logits_are_freed_says_so():
+    head = torch.nn.Linear(6, 4)
+    ids = torch.randint(-1, 4, (10,))
+    logits = head(torch.randn(10, 6))
+    ref = weakref.ref(logits)
+    loss = focal.sigmoid_focal_loss(logits, ids, reduction="sum")
+    del logits
+    assert ref() is None
+    with pytest.raises(RuntimeError, match="recomputes the loss from its logits, which no longer exist"):
+        torch.autograd.grad(loss, head.weight, create_graph=True)
+
+
+def test_second_derivative_after_the_logits_changed_in_place_says_so():
+    x, t = _problem("ids")
+    logits = x * 1.0
+    loss = focal.sigmoid_focal_loss(logits, t, reduction="sum")
+    with torch.no_grad():
+        logits.add_(1.0)
+    with pytest.raises(RuntimeError, match="which were modified in place after the forward pass"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+def test_second_derivative_needs_float_targets_alive():
+    x, _ = _problem("soft")
+    loss = focal.sigmoid_focal_loss(x, torch.rand(5, 4, dtype=torch.float64), reduction="sum")
+    with pytest.raises(RuntimeError, match="from its float targets, which no longer exist"):
+        torch.autograd.grad(loss, x, create_graph=True)
