@@ -218,3 +218,53 @@ def test_bench_on_cuda_reports_device_and_host_time(tmp_path):
                 assert row["peak_memory_bytes"] > 0 and row["host_median_s"] > 0
                 assert 0.0 <= row["launch_hidden_fraction"] <= 1.0
 
+
+# --------------------------------------------------------------------------------------------------
+# benchmarks/sanitize_cases.py: the cases compute-sanitizer runs (make gpu-check)
+
+SANITIZE = REPO_ROOT / "benchmarks" / "sanitize_cases.py"
+
+
+def _load_sanitize_cases():
+    spec = importlib.util.spec_from_file_location("sanitize_cases", SANITIZE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sanitize_cases_reach_every_path():
+    sc = _load_sanitize_cases()
+    cases = list(sc.cases())
+    assert {(d, t, r) for _, d, t, _, r, _, _ in cases} == {
+        (d, t, r) for d in sc.DTYPES for t in sc.TARGETS for r in sc.REDUCTIONS}
+    assert {g for *_, g, _ in cases} == set(sc.GAMMAS) and {w for _, _, _, w, *_ in cases} == set(sc.WEIGHTS)
+    for dtype in sc.DTYPES:
+        mine = [c for c in cases if c[1] == dtype]
+        assert any(c[6] for c in mine), "an unaligned case"
+        assert any(c[0][0] * c[0][1] == 0 for c in mine), "an empty case"
+        # More 16-byte packs than 132 SMs x 4 blocks x 256 threads: a second trip round the loop.
+        packs = max(c[0][0] * c[0][1] for c in mine) * dtype.itemsize // 16
+        assert packs > 132 * 4 * 256
+        assert any(c[0][0] * c[0][1] * dtype.itemsize % 16 for c in mine), "a partial last pack"
+    x = torch.randn(37, 13)
+    unaligned = sc.place(x, "cpu", unaligned=True)
+    assert unaligned.data_ptr() % 16 != 0 and unaligned.is_contiguous() and unaligned.is_leaf
+    assert torch.equal(unaligned.detach(), x) and unaligned.requires_grad
+
+
+def test_sanitize_cases_compare_catches_a_difference():
+    sc = _load_sanitize_cases()
+    loss, grad = torch.rand(5, 3), torch.rand(5, 3)
+    assert sc.compare("same", (loss, grad), (loss.clone(), grad.clone()), torch.float32) is None
+    assert "grad differs" in sc.compare("off", (loss, grad), (loss, grad * 1.001), torch.float32)
+    assert "loss is torch.float64" in sc.compare("dtype", (loss, grad), (loss.double(), grad), torch.float32)
+    # bfloat16 outputs are compared at bfloat16's rounding, not float32's.
+    assert sc.compare("bf16", (loss, grad), (loss * (1 + 2**-9), grad), torch.bfloat16) is None
+
+
+@requires_gpu
+def test_sanitize_cases_pass_on_cuda():
+    proc = subprocess.run([sys.executable, str(SANITIZE)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    count = len(list(_load_sanitize_cases().cases()))
+    assert f"{count} of {count} cases agree with the CPU op" in proc.stdout
