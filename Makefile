@@ -57,3 +57,10 @@ demo: build $(BENCH_PEERS_STAMP)
 
 clean:
 	rm -rf build focal/_C*.so *.egg-info $(BUILD_STAMP)
+
+# GPU checks on a machine with its own python3, torch and CUDA toolkit (no venv, no downloads): builds
+# for the visible GPU, then SASS budgets, CUDA tests, benchmark, compute-sanitizer, each logged to
+# OUTDIR (default outputs/gpu-check). See benchmarks/README.md.
+.PHONY: gpu-check
+gpu-check:
+	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh $(OUTDIR)

@@ -1,0 +1,555 @@
+"""Static instruction budget of the CUDA focal kernel: SASS instructions per element of its hot loop.
+
+Reads the machine code of the built extension (``focal/_C*.so``, or any file ``cuobjdump`` reads: a
+cubin, an object file) for one architecture, finds every instantiation of the kernel by its demangled
+name, finds the loop that walks the elements (the grid-stride loop) and reports, per instantiation
+(dtype x target kind x gamma kind): registers, stack and spill instructions, the loop's length in
+instructions, the elements one trip of it handles, and their ratio.
+
+    python benchmarks/sass_count.py                          # table for sm_90 of focal/_C*.so
+    python benchmarks/sass_count.py --check --json sass.json  # exit 1 if a budget is exceeded
+    python benchmarks/sass_count.py --binary build/x.so --arch sm_80 --kernel 'focal_ids_kernel<'
+
+How the hot loop is found (see also benchmarks/README.md):
+
+1. Every branch (``BRA``) whose target address is at or before its own address closes a loop that
+   spans [target, branch]; the one-instruction ``BRA`` to itself that ends every function is not a
+   loop. Loops inside another loop's span are nested in it; only outermost loops are candidates.
+2. The grid-stride loop is the outermost loop that stores to global memory (``STG`` / generic
+   ``ST``): it writes the gradient. When the compiler made several such loops (an unrolled loop and
+   its remainder, say), the longest is counted, and its unroll factor is its number of global stores
+   over that of the loop with the fewest.
+3. Elements per trip = unroll x (``--bytes-per-iteration`` / size of the dtype), 16 bytes by default:
+   each thread takes one 16-byte pack of logits per trip of the source loop. ``--elements-per-
+   iteration N`` overrides the pack size for kernels that take another amount.
+4. The loop's length is static: every instruction in its address range, taken or not on a given
+   trip. For a loop body without branches it is the executed count; ``branches`` and ``calls`` in the
+   table say when it is not (a ``CALL`` runs code outside the range, not counted).
+
+Spills: ``cuobjdump -res-usage`` gives registers and the stack frame; spill traffic is counted as the
+local-memory instructions in the code (``STL`` stores, ``LDL`` loads), the only local accesses of a
+kernel without local arrays.
+
+Template arguments are named from the demangled name: ``float``/``double``/``c10::BFloat16``/
+``c10::Half`` give the dtype, ``(ns::TargetKind)1`` is looked up in the ``enum class TargetKind`` of
+the headers under ``--source`` (csrc/ by default), so ``ClassId``; the same for ``GammaKind``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+DEFAULT_KERNEL_PATTERN = r"\bfocal_kernel<"
+DEFAULT_ARCH = "sm_90"
+DEFAULT_BYTES_PER_ITERATION = 16
+
+# Demangled C++ scalar types of the kernel's template arguments -> (dtype name, bytes).
+SCALAR_TYPES = {
+    "float": ("float32", 4),
+    "double": ("float64", 8),
+    "c10::BFloat16": ("bfloat16", 2),
+    "c10::Half": ("float16", 2),
+}
+DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+# (dtype, target kind, gamma kind) -> the most instructions per element allowed (sm_90).
+DEFAULT_BUDGETS = {
+    ("float32", "ClassId", "Two"): 55.0,
+    ("bfloat16", "ClassId", "Two"): 28.0,
+}
+
+# One instruction line of `cuobjdump -sass`:  /*0350*/   @!P0 BRA 0x350 ;   /* 0x... */
+INSTRUCTION = re.compile(r"^\s*/\*(?P<addr>[0-9a-fA-F]{4,})\*/\s+(?P<text>[^;]*);")
+FUNCTION_HEADER = re.compile(r"^\s*Function\s*:\s*(?P<name>\S+)")
+ARCH_HEADER = re.compile(r"^\s*code for (?P<arch>sm_\w+)")
+BRANCH = re.compile(r"^BRA(?:\.[\w.]+)?\s+(?:[!\w.]+\s*,\s*)*(?P<target>0x[0-9a-fA-F]+)\s*$")
+GLOBAL_STORE = re.compile(r"^(?:STG|ST)(?:\.|$)")
+GLOBAL_LOAD = re.compile(r"^(?:LDG|LD)(?:\.|$)")
+
+
+class SassError(Exception):
+    """A problem with the input: no tool, no such architecture, no matching kernel."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    address: int
+    predicate: str | None  # "@!P0" or None
+    opcode: str  # "BRA", "STG.E.128", ...
+    operands: str
+
+    @property
+    def base_opcode(self) -> str:
+        return self.opcode.split(".", 1)[0]
+
+
+@dataclasses.dataclass
+class Function:
+    mangled: str
+    arch: str
+    instructions: list[Instruction]
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    start: int  # address of the branch target (loop head)
+    end: int  # address of the backward branch
+    instructions: tuple[Instruction, ...]
+
+    def count(self, pattern: re.Pattern) -> int:
+        return sum(1 for i in self.instructions if pattern.match(i.opcode))
+
+    def summary(self) -> dict:
+        return {
+            "start": hex(self.start),
+            "end": hex(self.end),
+            "instructions": len(self.instructions),
+            "global_stores": self.count(GLOBAL_STORE),
+            "global_loads": self.count(GLOBAL_LOAD),
+            # Branches other than the loop's own back edge: the body is straight-line when 0.
+            "branches": sum(1 for i in self.instructions if i.base_opcode in ("BRA", "BRX", "JMP", "JMX")) - 1,
+            "calls": sum(1 for i in self.instructions if i.base_opcode == "CALL"),
+            "spill_stores": sum(1 for i in self.instructions if i.base_opcode == "STL"),
+            "spill_loads": sum(1 for i in self.instructions if i.base_opcode == "LDL"),
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_instruction(address: str, text: str) -> Instruction:
+    text = " ".join(text.split())
+    predicate = None
+    if text.startswith("@"):
+        predicate, text = text.split(" ", 1)
+    opcode, _, operands = text.partition(" ")
+    return Instruction(int(address, 16), predicate, opcode, operands.strip())
+
+
+def parse_sass(text: str) -> list[Function]:
+    """Functions of a ``cuobjdump -sass`` listing, each with its architecture and instructions."""
+    functions: list[Function] = []
+    arch = "unknown"
+    current: Function | None = None
+    for line in text.splitlines():
+        if m := ARCH_HEADER.match(line):
+            arch = m["arch"]
+            current = None
+        elif m := FUNCTION_HEADER.match(line):
+            current = Function(m["name"], arch, [])
+            functions.append(current)
+        elif current is not None and (m := INSTRUCTION.match(line)):
+            current.instructions.append(parse_instruction(m["addr"], m["text"]))
+    return functions
+
+
+def parse_resource_usage(text: str) -> dict[tuple[str, str], dict[str, int]]:
+    """``cuobjdump -res-usage``: (arch, mangled name) -> {"REG": .., "STACK": .., "LOCAL": .., ...}."""
+    usage: dict[tuple[str, str], dict[str, int]] = {}
+    arch = "unknown"
+    name = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if m := re.match(r"arch\s*=\s*(sm_\w+)", stripped):
+            arch = m[1]
+        elif m := re.match(r"Function\s+(\S+?):?$", stripped):
+            name = m[1]
+        elif name is not None and stripped.startswith("REG:"):
+            usage[(arch, name)] = {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", stripped)}
+            name = None
+    return usage
+
+
+def find_loops(instructions: list[Instruction]) -> list[Loop]:
+    """Every loop closed by a backward branch, in address order."""
+    by_address = {i.address: n for n, i in enumerate(instructions)}
+    loops = []
+    for n, ins in enumerate(instructions):
+        if ins.base_opcode != "BRA":
+            continue
+        m = BRANCH.match(f"{ins.opcode} {ins.operands}")
+        if not m:
+            continue
+        target = int(m["target"], 16)
+        if target > ins.address or target not in by_address:
+            continue
+        if target == ins.address and ins.predicate is None:
+            continue  # the `BRA .` that ends every function: the end of the code, not a loop
+        loops.append(Loop(target, ins.address, tuple(instructions[by_address[target] : n + 1])))
+    return sorted(loops, key=lambda lp: (lp.start, -lp.end))
+
+
+def outermost(loops: list[Loop]) -> list[Loop]:
+    return [a for a in loops if not any(b is not a and b.start <= a.start and a.end <= b.end for b in loops)]
+
+
+@dataclasses.dataclass
+class HotLoop:
+    loop: Loop
+    unroll: int
+    candidates: list[Loop]  # the outermost loops that store to global memory
+
+
+def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
+    """The grid-stride loop: the longest outermost loop that stores to global memory (see the
+    module docstring). None when the function has no such loop."""
+    candidates = [lp for lp in outermost(find_loops(instructions)) if lp.count(GLOBAL_STORE) > 0]
+    if not candidates:
+        return None
+    hot = max(candidates, key=lambda lp: len(lp.instructions))
+    fewest = min(lp.count(GLOBAL_STORE) for lp in candidates)
+    stores = hot.count(GLOBAL_STORE)
+    unroll = stores // fewest if stores % fewest == 0 else 1
+    return HotLoop(hot, unroll, candidates)
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+
+
+def split_template_args(demangled: str, kernel_pattern: re.Pattern) -> list[str]:
+    """The template arguments of the kernel's name: ``f<a, b<c, d>, e>(...)`` -> [a, b<c, d>, e]."""
+    m = kernel_pattern.search(demangled)
+    start = demangled.find("<", m.start()) if m else -1
+    if start < 0:
+        return []
+    args, depth, current = [], 0, []
+    for ch in demangled[start + 1 :]:
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            if depth == 0:
+                break
+            depth -= 1
+        if ch == "," and depth == 0:
+            args.append("".join(current).strip())
+            current = []
+        else:
+            current.append(ch)
+    args.append("".join(current).strip())
+    return [a for a in args if a]
+
+
+def read_enums(source_root: Path) -> dict[str, list[str]]:
+    """``enum class Name { kA, kB = 4, ... }`` of the headers and sources under ``source_root``:
+    Name -> enumerator names by value (leading ``k`` dropped), so that ``(ns::Name)1`` can be named."""
+    enums: dict[str, list[str]] = {}
+    if not source_root.is_dir():
+        return enums
+    for path in sorted(source_root.rglob("*")):
+        if path.suffix not in (".h", ".hpp", ".cuh", ".cu", ".cpp"):
+            continue
+        text = re.sub(r"//[^\n]*|/\*.*?\*/", "", path.read_text(errors="replace"), flags=re.S)
+        for m in re.finditer(r"enum\s+class\s+(\w+)\s*(?::\s*[\w:]+\s*)?\{([^}]*)\}", text):
+            names: dict[int, str] = {}
+            value = -1
+            for item in (s.strip() for s in m[2].split(",")):
+                if not item:
+                    continue
+                name, _, explicit = (p.strip() for p in item.partition("="))
+                value = int(explicit, 0) if explicit else value + 1
+                names[value] = name[1:] if re.match(r"k[A-Z]", name) else name
+            enums[m[1]] = [names.get(v, str(v)) for v in range(max(names, default=-1) + 1)]
+    return enums
+
+
+def describe_instantiation(args: list[str], enums: dict[str, list[str]]) -> dict:
+    """dtype, target and gamma kinds (and any other template argument) of one instantiation."""
+    info: dict = {"dtype": None, "target": None, "gamma": None, "extra": []}
+    for arg in args:
+        if arg in SCALAR_TYPES:
+            info["dtype"] = SCALAR_TYPES[arg][0]
+            info["element_bytes"] = SCALAR_TYPES[arg][1]
+            continue
+        m = re.fullmatch(r"\((?:[\w:]+::)?(\w+)\)(-?\d+)", arg)
+        if m:
+            enum, value = m[1], int(m[2])
+            names = enums.get(enum, [])
+            name = names[value] if 0 <= value < len(names) else f"{enum}={value}"
+            key = {"TargetKind": "target", "GammaKind": "gamma"}.get(enum)
+            if key:
+                info[key] = name
+                continue
+            arg = f"{enum}::{name}"
+        info["extra"].append(arg)
+    return info
+
+
+def demangle(names: list[str], tool: str) -> dict[str, str]:
+    if not names:
+        return {}
+    out = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, check=True).stdout
+    demangled = out.splitlines()
+    if len(demangled) != len(names):
+        raise SassError(f"{tool} returned {len(demangled)} names for {len(names)}")
+    return dict(zip(names, demangled))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tools and inputs
+
+
+def cuda_home() -> Path | None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    return None
+
+
+def find_tool(name: str, env_var: str | None = None) -> str | None:
+    """``$ENV_VAR``, then ``$CUDA_HOME/bin``, then PATH, then the copy that ships with triton."""
+    if env_var and os.environ.get(env_var):
+        return os.environ[env_var]
+    home = cuda_home()
+    if home and (home / "bin" / name).is_file():
+        return str(home / "bin" / name)
+    if found := shutil.which(name):
+        return found
+    spec = importlib.util.find_spec("triton") if name in ("cuobjdump", "nvdisasm") else None
+    if spec and spec.origin:
+        bundled = Path(spec.origin).parent / "backends" / "nvidia" / "bin" / name
+        if bundled.is_file():
+            return str(bundled)
+    return None
+
+
+def find_demangler() -> str | None:
+    return find_tool("cu++filt", "CUFILT") or shutil.which("c++filt")
+
+
+def default_binary() -> Path | None:
+    built = sorted(glob.glob(str(REPO_ROOT / "focal" / "_C*.so")))
+    return Path(built[0]) if built else None
+
+
+def run_cuobjdump(tool: str, flag: str, binary: Path) -> str:
+    proc = subprocess.run([tool, flag, str(binary)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SassError(f"{tool} {flag} {binary} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def analyse(
+    sass: str,
+    resource_usage: str,
+    arch: str,
+    kernel_pattern: str,
+    enums: dict[str, list[str]],
+    demangler: str,
+    bytes_per_iteration: int = DEFAULT_BYTES_PER_ITERATION,
+    elements_per_iteration: int | None = None,
+) -> list[dict]:
+    """One record per kernel instantiation matching ``kernel_pattern`` in ``arch``'s code."""
+    functions = parse_sass(sass)
+    arches = sorted({f.arch for f in functions})
+    functions = [f for f in functions if f.arch == arch]
+    if not functions:
+        raise SassError(f"no {arch} code in the binary (it holds: {', '.join(arches) or 'no SASS'})")
+    names = demangle([f.mangled for f in functions], demangler)
+    usage = parse_resource_usage(resource_usage)
+    pattern = re.compile(kernel_pattern)
+    records = []
+    for fn in functions:
+        demangled = names[fn.mangled]
+        if not pattern.search(demangled):
+            continue
+        info = describe_instantiation(split_template_args(demangled, pattern), enums)
+        res = usage.get((arch, fn.mangled)) or usage.get(("unknown", fn.mangled), {})
+        record = {
+            "name": demangled,
+            "mangled": fn.mangled,
+            "arch": arch,
+            **{k: info[k] for k in ("dtype", "target", "gamma")},
+            "other_template_args": info["extra"],
+            "registers": res.get("REG"),
+            "stack_bytes": res.get("STACK"),
+            "local_bytes": res.get("LOCAL"),
+            "shared_bytes": res.get("SHARED"),
+            "spill_stores": sum(1 for i in fn.instructions if i.base_opcode == "STL"),
+            "spill_loads": sum(1 for i in fn.instructions if i.base_opcode == "LDL"),
+            "function_instructions": len(fn.instructions),
+            "loops": [lp.summary() for lp in find_loops(fn.instructions)],
+            "hot_loop": None,
+        }
+        hot = find_hot_loop(fn.instructions)
+        if hot is not None:
+            if elements_per_iteration is not None:
+                per_pack = elements_per_iteration
+            elif info.get("element_bytes"):
+                per_pack = max(1, bytes_per_iteration // info["element_bytes"])
+            else:
+                per_pack = None  # no dtype among the template arguments: say so rather than guess
+            elements = hot.unroll * per_pack if per_pack else None
+            record["hot_loop"] = {
+                **hot.loop.summary(),
+                "candidate_loops": len(hot.candidates),
+                "unroll": hot.unroll,
+                "elements_per_iteration": elements,
+                "instructions_per_element": len(hot.loop.instructions) / elements if elements else None,
+            }
+        records.append(record)
+    if not records:
+        raise SassError(f"no {arch} function's demangled name matches {kernel_pattern!r}")
+    order = {name: i for i, name in enumerate(["float32", "bfloat16", "float16", "float64"])}
+    records.sort(key=lambda r: (order.get(r["dtype"], 9), str(r["target"]), str(r["gamma"]), r["name"]))
+    return records
+
+
+def check_budgets(records: list[dict], budgets: dict[tuple[str, str, str], float]) -> list[dict]:
+    """PASS / FAIL per budget; a budget that matches no instantiation FAILS (a renamed kernel or
+    enum must not pass silently)."""
+    results = []
+    for (dtype, target, gamma), limit in budgets.items():
+        match = [r for r in records if (r["dtype"], r["target"], r["gamma"]) == (dtype, target, gamma)]
+        result = {"dtype": dtype, "target": target, "gamma": gamma, "max_instructions_per_element": limit}
+        measured = [r["hot_loop"]["instructions_per_element"] for r in match if r["hot_loop"]]
+        measured = [m for m in measured if m is not None]
+        if not match or not measured:
+            result.update(measured=None, status="FAIL",
+                          note="no instantiation matched" if not match else "no hot loop found")
+        else:
+            worst = max(measured)
+            result.update(measured=worst, status="PASS" if worst <= limit else "FAIL")
+        results.append(result)
+    return results
+
+
+def parse_budget(spec: str) -> tuple[tuple[str, str, str], float]:
+    """``DTYPE,TARGET,GAMMA=N``, e.g. ``float32,ClassId,Two=55``."""
+    try:
+        key, value = spec.split("=")
+        dtype, target, gamma = (s.strip() for s in key.split(","))
+        return (DTYPE_ALIASES.get(dtype, dtype), target, gamma), float(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"budget {spec!r} is not DTYPE,TARGET,GAMMA=N (e.g. float32,ClassId,Two=55)") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Output
+
+
+def format_table(records: list[dict]) -> str:
+    header = (f"{'dtype':9s} {'target':16s} {'gamma':8s} {'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} "
+              f"{'loop':>6s} {'branch':>6s} {'calls':>5s} {'unroll':>6s} {'elem/it':>7s} {'instr/elem':>10s}")
+    lines = [header, "-" * len(header)]
+    for r in records:
+        hot = r["hot_loop"] or {}
+        ipe = hot.get("instructions_per_element")
+        lines.append(
+            f"{r['dtype'] or '?':9s} {r['target'] or '?':16s} {r['gamma'] or '?':8s} "
+            f"{r['registers'] if r['registers'] is not None else '?':>4} {r['stack_bytes'] if r['stack_bytes'] is not None else '?':>5} "
+            f"{r['spill_stores']:>5d}/{r['spill_loads']:<5d} "
+            f"{hot.get('instructions', '-'):>6} {hot.get('branches', '-'):>6} {hot.get('calls', '-'):>5} "
+            f"{hot.get('unroll', '-'):>6} {hot.get('elements_per_iteration') or '-':>7} "
+            + (f"{ipe:10.1f}" if ipe is not None else f"{'-':>10s}")
+        )
+    return "\n".join(lines)
+
+
+def format_budgets(results: list[dict]) -> str:
+    lines = []
+    for b in results:
+        measured = f"{b['measured']:.1f}" if b["measured"] is not None else "-"
+        note = f"  [{b['note']}]" if b.get("note") else ""
+        lines.append(f"  {b['status']:4s} {b['dtype']} {b['target']} gamma {b['gamma']}: "
+                     f"{measured} instructions/element (budget <= {b['max_instructions_per_element']:g}){note}")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", type=Path, help="file with the kernels' machine code (default: focal/_C*.so)")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, help=f"architecture whose code is read (default {DEFAULT_ARCH})")
+    parser.add_argument("--kernel", default=DEFAULT_KERNEL_PATTERN,
+                        help=f"regular expression matched against demangled names (default {DEFAULT_KERNEL_PATTERN!r})")
+    parser.add_argument("--bytes-per-iteration", type=int, default=DEFAULT_BYTES_PER_ITERATION,
+                        help="logits bytes one thread takes per trip of the source loop (default 16)")
+    parser.add_argument("--elements-per-iteration", type=int, help="elements per trip of the source loop, overriding --bytes-per-iteration")
+    parser.add_argument("--source", type=Path, default=REPO_ROOT / "csrc", help="where the TargetKind / GammaKind enums are read (default csrc/)")
+    parser.add_argument("--budget", action="append", type=parse_budget, metavar="DTYPE,TARGET,GAMMA=N",
+                        help="instructions-per-element budget (repeatable; default: float32,ClassId,Two=55 and bfloat16,ClassId,Two=28)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a budget is exceeded or matches no kernel")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write every record here")
+    parser.add_argument("--cuobjdump", help="cuobjdump to use (default: $CUOBJDUMP, $CUDA_HOME/bin, PATH, triton's)")
+    args = parser.parse_args(argv)
+    if args.elements_per_iteration is not None and args.elements_per_iteration < 1:
+        parser.error("--elements-per-iteration must be >= 1")
+    if args.bytes_per_iteration < 1:
+        parser.error("--bytes-per-iteration must be >= 1")
+    try:
+        re.compile(args.kernel)
+    except re.error as exc:
+        parser.error(f"--kernel {args.kernel!r} is not a regular expression: {exc}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    binary = args.binary or default_binary()
+    if binary is None or not binary.is_file():
+        print(f"error: no binary to read ({binary or 'focal/_C*.so not built'}); build with "
+              "TORCH_CUDA_ARCH_LIST=9.0 python setup.py build_ext --inplace, or pass --binary", file=sys.stderr)
+        return 2
+    cuobjdump = args.cuobjdump or find_tool("cuobjdump", "CUOBJDUMP")
+    demangler = find_demangler()
+    if cuobjdump is None:
+        print("error: cuobjdump not found (set CUOBJDUMP or CUDA_HOME, or pass --cuobjdump)", file=sys.stderr)
+        return 2
+    if demangler is None:
+        print("error: neither cu++filt nor c++filt found to demangle kernel names", file=sys.stderr)
+        return 2
+    budgets = dict(args.budget) if args.budget else dict(DEFAULT_BUDGETS)
+    try:
+        records = analyse(
+            run_cuobjdump(cuobjdump, "-sass", binary),
+            run_cuobjdump(cuobjdump, "-res-usage", binary),
+            args.arch, args.kernel, read_enums(args.source), demangler,
+            args.bytes_per_iteration, args.elements_per_iteration,
+        )
+    except SassError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    budget_results = check_budgets(records, budgets)
+    print(f"{binary} ({args.arch}): {len(records)} instantiations of {args.kernel!r}")
+    print(format_table(records))
+    print("\nbudgets (static SASS instructions of the hot loop per element):")
+    print(format_budgets(budget_results))
+    ok = all(b["status"] == "PASS" for b in budget_results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "binary": str(binary),
+            "arch": args.arch,
+            "kernel_pattern": args.kernel,
+            "bytes_per_iteration": args.bytes_per_iteration,
+            "elements_per_iteration": args.elements_per_iteration,
+            "kernels": records,
+            "budgets": budget_results,
+            "budgets_ok": ok,
+        }, indent=1))
+        print(f"wrote {args.json}")
+    if args.check and not ok:
+        print("error: a SASS budget is exceeded or matched no kernel (see 'budgets' above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""benchmarks/sass_count.py: parsing of cuobjdump listings, finding the grid-stride loop, naming the
+instantiations, the budget check; end to end on a small kernel compiled with nvcc at test time (no
+GPU needed to compile), and on the built extension when it holds sm_90 code."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "benchmarks" / "sass_count.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("sass_count", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("sass_count", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+sc = _load()
+
+
+def sass(*lines: str) -> str:
+    """A `cuobjdump -sass` style listing: numbered instruction lines with their encoding comments."""
+    out = []
+    for line in lines:
+        if line.startswith(("code for", "Function")):
+            out.append(f"\t{line}" if line.startswith("code") else f"\t\t{line}")
+        else:
+            addr, text = line.split(" ", 1)
+            out.append(f"        /*{addr}*/                   {text} ;   /* 0x000fe20000000f00 */")
+            out.append("                                                 /* 0x000fc80000000000 */")
+    return "\n".join(out) + "\n"
+
+
+# A kernel shaped like focal's: prologue, the grid-stride loop (with an inner loop that stores
+# nothing, and a predicated exit from it), a block-reduction loop without global stores, a
+# subroutine called from the loop, and the `BRA .` that ends every function.
+GRID_STRIDE = sass(
+    "code for sm_90",
+    "Function : _Z6kernelPf",
+    "0000 S2R R0, SR_TID.X",
+    "0010 @P0 EXIT",
+    "0020 LDG.E.128 R4, desc[UR4][R2.64]",  # loop head
+    "0030 FMUL R4, R4, R4",
+    "0040 IADD3 R9, R9, 0x1, RZ",  # inner loop head
+    "0050 ISETP.NE.AND P1, PT, R9, 0x4, PT",
+    "0060 @P1 BRA 0x40",  # inner back edge
+    "0070 @!P2 BRA P3, 0x90",
+    "0080 CALL.REL.NOINC 0x120",
+    "0090 STG.E.128 desc[UR4][R6.64], R4",
+    "00a0 ISETP.GE.AND P0, PT, R8, R10, PT",
+    "00b0 @!P0 BRA 0x20",  # grid-stride back edge
+    "00c0 SHFL.DOWN PT, R3, R2, 0x1, 0x1f",  # reduction loop: no global store
+    "00d0 @P4 BRA 0xc0",
+    "00e0 STG.E desc[UR4][R10.64], R3",
+    "00f0 EXIT",
+    "0100 BRA 0x100",
+    "0110 NOP",
+    "0120 RET.REL.NODEC R20 0x0",
+)
+
+# An unrolled loop and its remainder, as nvcc emits for a short grid-stride body.
+UNROLLED = sass(
+    "code for sm_80",
+    "Function : _Z3oldPf",
+    "0000 EXIT",
+    "code for sm_90",
+    "Function : _Z8unrolledPf",
+    "0000 LDG.E R4, desc[UR4][R2.64]",  # remainder loop
+    "0010 STG.E desc[UR4][R6.64], R4",
+    "0020 @P1 BRA 0x0",
+    "0030 @!P0 EXIT",
+    "0040 LDG.E R4, desc[UR4][R2.64]",  # main loop, four elements per trip
+    "0050 LDG.E R5, desc[UR4][R2.64+0x4]",
+    "0060 LDG.E R6, desc[UR4][R2.64+0x8]",
+    "0070 LDG.E R7, desc[UR4][R2.64+0xc]",
+    "0080 STG.E desc[UR4][R8.64], R4",
+    "0090 STG.E desc[UR4][R8.64+0x4], R5",
+    "00a0 STG.E desc[UR4][R8.64+0x8], R6",
+    "00b0 STG.E desc[UR4][R8.64+0xc], R7",
+    "00c0 @P0 BRA.U !UP0, 0x40",
+    "00d0 EXIT",
+    "00e0 BRA 0xe0",
+)
+
+
+def test_parse_sass_reads_functions_arches_and_predicates():
+    functions = sc.parse_sass(UNROLLED)
+    assert [(f.mangled, f.arch, len(f.instructions)) for f in functions] == [
+        ("_Z3oldPf", "sm_80", 1),
+        ("_Z8unrolledPf", "sm_90", 15),
+    ]
+    branch = functions[1].instructions[2]
+    assert (branch.address, branch.predicate, branch.opcode, branch.operands) == (0x20, "@P1", "BRA", "0x0")
+    assert functions[1].instructions[4].opcode == "LDG.E"
+
+
+def test_hot_loop_is_the_outermost_loop_that_stores():
+    (fn,) = sc.parse_sass(GRID_STRIDE)
+    loops = sc.find_loops(fn.instructions)
+    # The grid-stride, inner and reduction loops; the final `BRA .` is not one.
+    assert [(lp.start, lp.end) for lp in loops] == [(0x20, 0xB0), (0x40, 0x60), (0xC0, 0xD0)]
+    hot = sc.find_hot_loop(fn.instructions)
+    assert (hot.loop.start, hot.loop.end, hot.unroll, len(hot.candidates)) == (0x20, 0xB0, 1, 1)
+    summary = hot.loop.summary()
+    assert summary["instructions"] == 10
+    assert summary["global_stores"] == 1 and summary["global_loads"] == 1
+    assert summary["branches"] == 2  # the inner back edge and the forward branch; not its own back edge
+    assert summary["calls"] == 1
+
+
+def test_unrolled_loop_counts_its_unroll_factor():
+    fn = sc.parse_sass(UNROLLED)[1]
+    hot = sc.find_hot_loop(fn.instructions)
+    assert (hot.loop.start, hot.loop.end) == (0x40, 0xC0)  # the longer of the two, `BRA.U !UP0, addr` parsed
+    assert hot.unroll == 4 and len(hot.candidates) == 2
+    assert hot.loop.summary()["branches"] == 0
+
+
+def test_function_without_loop_has_no_hot_loop():
+    fn = sc.parse_sass(UNROLLED)[0]
+    assert sc.find_loops(fn.instructions) == []
+    assert sc.find_hot_loop(fn.instructions) is None
+    only_end = sc.parse_sass(sass("code for sm_90", "Function : f", "0000 STG.E [R2], R3", "0010 EXIT", "0020 BRA 0x20"))
+    assert sc.find_hot_loop(only_end[0].instructions) is None
+
+
+def test_resource_usage():
+    text = textwrap.dedent("""\
+        Fatbin elf code:
+        ================
+        arch = sm_90
+        code version = [1,8]
+
+        Resource usage:
+         Common:
+          GLOBAL:28 CONSTANT[4]:224
+         Function _Z6kernelPf:
+          REG:58 STACK:16 SHARED:1068 LOCAL:8 CONSTANT[0]:664 TEXTURE:0 SURFACE:0 SAMPLER:0
+        """)
+    usage = sc.parse_resource_usage(text)
+    assert usage == {("sm_90", "_Z6kernelPf"): {"REG": 58, "STACK": 16, "SHARED": 1068, "LOCAL": 8, "CONSTANT[0]": 664,
+                                                 "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0}}
+
+
+def test_template_arguments_are_named_from_the_source_enums(tmp_path):
+    (tmp_path / "kinds.h").write_text(textwrap.dedent("""\
+        enum class TargetKind {
+          kFloat,    // dense, {not, an, enumerator}
+          kClassId,  /* ids */
+        };
+        enum class GammaKind : int { kZero = 0, kTwo = 2, kGeneral };
+        """))
+    enums = sc.read_enums(tmp_path)
+    assert enums == {"TargetKind": ["Float", "ClassId"], "GammaKind": ["Zero", "1", "Two", "General"]}
+    name = ("void focal::cuda::(anonymous namespace)::focal_kernel<c10::BFloat16, (focal::TargetKind)1, "
+            "(focal::GammaKind)3, 8>(focal::FocalArgs, bool, at::OpMathType<c10::BFloat16>::type const*)")
+    pattern = re.compile(sc.DEFAULT_KERNEL_PATTERN)
+    args = sc.split_template_args(name, pattern)
+    assert args == ["c10::BFloat16", "(focal::TargetKind)1", "(focal::GammaKind)3", "8"]
+    info = sc.describe_instantiation(args, enums)
+    assert (info["dtype"], info["element_bytes"], info["target"], info["gamma"], info["extra"]) == (
+        "bfloat16", 2, "ClassId", "General", ["8"])
+    nested = sc.split_template_args("k<std::pair<float, int>, (focal::GammaKind)9>()", re.compile(r"\bk<"))
+    assert nested == ["std::pair<float, int>", "(focal::GammaKind)9"]
+    assert sc.describe_instantiation(nested, enums)["gamma"] == "GammaKind=9"  # out of range: raw value
+
+
+def _record(dtype, target, gamma, per_element):
+    hot = None if per_element is None else {"instructions_per_element": per_element}
+    return {"dtype": dtype, "target": target, "gamma": gamma, "hot_loop": hot}
+
+
+def test_budgets_pass_fail_and_fail_when_nothing_matches():
+    records = [_record("float32", "ClassId", "Two", 50.0), _record("bfloat16", "ClassId", "Two", 30.0),
+               _record("float16", "ClassId", "Two", None)]
+    results = sc.check_budgets(records, {
+        ("float32", "ClassId", "Two"): 55, ("bfloat16", "ClassId", "Two"): 28,
+        ("float64", "ClassId", "Two"): 100, ("float16", "ClassId", "Two"): 100,
+    })
+    assert [(r["status"], r["measured"]) for r in results] == [("PASS", 50.0), ("FAIL", 30.0), ("FAIL", None), ("FAIL", None)]
+    assert results[2]["note"] == "no instantiation matched" and results[3]["note"] == "no hot loop found"
+    assert sc.parse_budget("bf16,ClassId,Two=28") == (("bfloat16", "ClassId", "Two"), 28.0)
+    with pytest.raises(Exception, match="DTYPE,TARGET,GAMMA=N"):
+        sc.parse_budget("float32=55")
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on real compiler output
+
+NVCC = (sc.cuda_home() / "bin" / "nvcc") if sc.cuda_home() and (sc.cuda_home() / "bin" / "nvcc").is_file() else shutil.which("nvcc")
+CUOBJDUMP = sc.find_tool("cuobjdump", "CUOBJDUMP")
+DEMANGLER = sc.find_demangler()
+needs_toolkit = pytest.mark.skipif(
+    not (NVCC and CUOBJDUMP and DEMANGLER),
+    reason=f"needs nvcc ({NVCC}), cuobjdump ({CUOBJDUMP}) and c++filt/cu++filt ({DEMANGLER})",
+)
+
+TINY_KERNEL = """\
+#include "kinds.h"
+namespace focal::cuda { namespace {
+template <typename scalar_t, TargetKind TK, GammaKind G>
+__global__ void focal_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, long n) {
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+    float v = (float)x[i];
+    if (G == GammaKind::kTwo) v = v * v;
+    if (TK == TargetKind::kClassId) v = v + 1.f;
+    y[i] = (scalar_t)v;
+  }
+}
+__global__ void other_kernel(float* y) { y[threadIdx.x] = 0.f; }
+}  // namespace
+void launch(const float* x, float* y, long n) {
+  focal_kernel<float, TargetKind::kClassId, GammaKind::kTwo><<<1, 32>>>(x, y, n);
+  focal_kernel<double, TargetKind::kFloat, GammaKind::kZero><<<1, 32>>>((const double*)x, (double*)y, n);
+  other_kernel<<<1, 32>>>(y);
+}
+}  // namespace focal::cuda
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_cubin(tmp_path_factory):
+    src = tmp_path_factory.mktemp("tiny")
+    (src / "kinds.h").write_text("namespace focal {\nenum class TargetKind { kFloat, kClassId };\n"
+                                 "enum class GammaKind { kZero, kOne, kTwo };\n}\n")
+    (src / "tiny.cu").write_text(TINY_KERNEL)
+    cubin = src / "tiny.cubin"
+    subprocess.run([str(NVCC), "-cubin", "-arch=sm_90", "-O3", "-o", str(cubin), str(src / "tiny.cu")],
+                   check=True, capture_output=True, timeout=120)
+    return cubin
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+@needs_toolkit
+def test_tiny_kernel_end_to_end(tiny_cubin, tmp_path):
+    out = tmp_path / "sass.json"
+    proc = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--elements-per-iteration", 1,
+                "--budget", "float32,ClassId,Two=1000", "--check", "--json", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    kernels = {(k["dtype"], k["target"], k["gamma"]): k for k in result["kernels"]}
+    assert set(kernels) == {("float32", "ClassId", "Two"), ("float64", "Float", "Zero")}  # not other_kernel
+    for k in kernels.values():
+        hot = k["hot_loop"]
+        assert k["registers"] > 0 and k["spill_stores"] == k["spill_loads"] == 0
+        # One element and one global store per trip of the source loop: the unroll factor the
+        # script derives must be the number of stores in the loop it picked.
+        assert hot["global_stores"] == hot["unroll"] == hot["elements_per_iteration"]
+        assert hot["instructions_per_element"] == pytest.approx(hot["instructions"] / hot["unroll"])
+        assert hot["instructions"] < k["function_instructions"]
+        assert (hot["start"], hot["end"]) in {(lp["start"], lp["end"]) for lp in k["loops"]}
+    assert result["budgets"][0]["status"] == "PASS" and result["budgets_ok"]
+    assert "float32   ClassId" in proc.stdout and "PASS" in proc.stdout
+
+
+@needs_toolkit
+def test_tiny_kernel_budget_failure_and_errors(tiny_cubin):
+    too_tight = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--budget", "float32,ClassId,Two=0.5", "--check")
+    assert too_tight.returncode == 1 and "FAIL float32 ClassId gamma Two" in too_tight.stdout
+    without_check = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--budget", "float32,ClassId,Two=0.5")
+    assert without_check.returncode == 0 and "FAIL" in without_check.stdout
+    renamed = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--check")  # default budgets: no bfloat16 here
+    assert renamed.returncode == 1 and "no instantiation matched" in renamed.stdout
+    wrong_arch = _run("--binary", tiny_cubin, "--arch", "sm_80")
+    assert wrong_arch.returncode == 2 and "no sm_80 code in the binary (it holds: sm_90)" in wrong_arch.stderr
+    no_match = _run("--binary", tiny_cubin, "--kernel", r"\bnot_a_kernel<")
+    assert no_match.returncode == 2 and "matches" in no_match.stderr
+    missing = _run("--binary", tiny_cubin.parent / "missing.so")
+    assert missing.returncode == 2 and "no binary to read" in missing.stderr
+
+
+BUILT = sc.default_binary()
+
+
+@needs_toolkit
+@pytest.mark.skipif(BUILT is None, reason="focal/_C*.so is not built")
+def test_built_extension_every_instantiation_has_a_hot_loop(tmp_path):
+    out = tmp_path / "built.json"
+    proc = _run("--json", out)
+    if proc.returncode == 2 and ("no sm_90 code" in proc.stderr or "does not contain device code" in proc.stderr):
+        pytest.skip(f"{BUILT} holds no sm_90 code (CPU-only build, or built for other arches)")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    kernels = json.loads(out.read_text())["kernels"]
+    found = {(k["dtype"], k["target"], k["gamma"]) for k in kernels}
+    for dtype in ("float32", "bfloat16", "float16", "float64"):
+        for target in ("Float", "ClassId"):
+            assert (dtype, target, "Two") in found
+    size = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
+    for k in kernels:
+        hot = k["hot_loop"]
+        assert hot is not None and hot["global_stores"] >= 1, k["name"]
+        assert hot["elements_per_iteration"] == hot["unroll"] * 16 // size[k["dtype"]]
