@@ -15,7 +15,9 @@
 //
 // Each vector or scalar type V supplies its primitives in Ops<V>: fmadd (a * b + c, rounded once),
 // exp, exp_neg_abs (exp(-|z|)), log, log1p_unit (log(1 + e) for e in [0, 1]), relu, min0,
-// comparisons and select. Multiply-adds are spelled out with fmadd: the CPU kernels are compiled
+// comparisons and select; optionally recip(x) and div(a, b) (else 1 / x and a / b). Every function
+// below also takes the primitives as a template parameter O (default Ops<V>), so that a backend can
+// trade accuracy for speed where its precision contract allows (the CUDA kernels for 16-bit data). Multiply-adds are spelled out with fmadd: the CPU kernels are compiled
 // without floating-point contraction, so every instantiation (float, bfloat16, half; one vector or
 // a pair) performs exactly the same roundings.
 #pragma once
@@ -74,6 +76,25 @@ struct Ops<double> {
   static FOCAL_HOST_DEVICE double select(Mask m, double a, double b) { return m ? a : b; }
 };
 
+// 1 / x and a / b through the primitives when they define them.
+template <typename O, typename V>
+FOCAL_HOST_DEVICE V reciprocal(V x) {
+  if constexpr (requires { O::recip(x); }) {
+    return O::recip(x);
+  } else {
+    return V(1) / x;
+  }
+}
+
+template <typename O, typename V>
+FOCAL_HOST_DEVICE V divide(V a, V b) {
+  if constexpr (requires { O::div(a, b); }) {
+    return O::div(a, b);
+  } else {
+    return a / b;
+  }
+}
+
 // sigmoid(z), sigmoid(-z) and log1p(exp(-|z|)) from one exp, one reciprocal and one log1p.
 template <typename V>
 struct SigmoidParts {
@@ -82,13 +103,12 @@ struct SigmoidParts {
   V log1p_e;   // log(1 + exp(-|z|)), so softplus(z) = relu(z) + log1p_e
 };
 
-template <typename V>
+template <typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
-  using O = Ops<V>;
   const V one(1);
   const V e = O::exp_neg_abs(z);  // in [0, 1]
   const V d = one + e;
-  const V inv = one / d;           // sigmoid(|z|)
+  const V inv = reciprocal<O>(d);      // sigmoid(|z|)
   const V small = e * inv;         // sigmoid(-|z|)
   const auto z_nonneg = O::nonneg(z);
   SigmoidParts<V> s;
@@ -99,7 +119,7 @@ FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
 }
 
 // q^gamma from q and log q (log q only evaluated for the general case).
-template <GammaKind G, typename V>
+template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE V modulating_factor(V q, V log_q, V gamma) {
   if constexpr (G == GammaKind::kZero) {
     return V(1);
@@ -108,7 +128,7 @@ FOCAL_HOST_DEVICE V modulating_factor(V q, V log_q, V gamma) {
   } else if constexpr (G == GammaKind::kTwo) {
     return q * q;
   } else {
-    return Ops<V>::exp(gamma * log_q);
+    return O::exp(gamma * log_q);
   }
 }
 
@@ -123,16 +143,15 @@ struct LossAndGrad {
 //   FL(z) = CE * q^gamma,   dFL/dz = q^gamma * (q + gamma * CE * sigmoid(-z))
 // which is the paper's Appendix B derivative, dFL/dx = y (1-p_t)^gamma (gamma p_t log p_t + p_t - 1),
 // rewritten without log(p_t) * (1 - p_t)^(gamma - 1) terms. alpha_t is applied by the caller.
-template <GammaKind G, typename V>
+template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
-  using O = Ops<V>;
-  const SigmoidParts<V> s = sigmoid_parts(z);
+  const SigmoidParts<V> s = sigmoid_parts<V, O>(z);
   const V ce = O::relu(z) + s.log1p_e;
   V log_q(0);
   if constexpr (G == GammaKind::kGeneral) {
     log_q = O::min0(z) - s.log1p_e;  // log sigmoid(z), exact for every z
   }
-  const V w = modulating_factor<G>(s.sig, log_q, gamma);
+  const V w = modulating_factor<G, V, O>(s.sig, log_q, gamma);
   LossAndGrad<V> r;
   r.loss = ce * w;
   if constexpr (G == GammaKind::kZero) {
@@ -149,11 +168,10 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
 //   dFL/dx = q^gamma * ((p - t) + gamma * (1 - 2t) * CE * p (1 - p) / q)
 // where p (1 - p) / q lies in [0, 2] for every t, so the quotient is well conditioned; at q = 0 it
 // is multiplied by q^gamma = 0 and is set to 0. alpha_t is applied by the caller.
-template <GammaKind G, typename V>
+template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
-  using O = Ops<V>;
   const V one(1);
-  const SigmoidParts<V> s = sigmoid_parts(x);
+  const SigmoidParts<V> s = sigmoid_parts<V, O>(x);
   const V u = one - t;
   const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
   const V sig_neg_t = s.sig_neg * t;
@@ -163,7 +181,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   if constexpr (G == GammaKind::kGeneral) {
     log_q = O::log(q);
   }
-  V w = modulating_factor<G>(q, log_q, gamma);
+  V w = modulating_factor<G, V, O>(q, log_q, gamma);
   if constexpr (G == GammaKind::kGeneral) {
     w = O::select(q_positive, w, V(0));  // 0^gamma with gamma > 0 (gamma == 0 is kZero)
   }
@@ -173,7 +191,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   if constexpr (G == GammaKind::kZero) {
     r.grad = p_minus_t;
   } else {
-    const V ratio = O::select(q_positive, s.sig * s.sig_neg / q, V(0));
+    const V ratio = O::select(q_positive, divide<O>(s.sig * s.sig_neg, q), V(0));
     r.grad = w * O::fmadd(gamma * (u - t), ce * ratio, p_minus_t);  // ce * ratio first, as above
   }
   return r;
@@ -200,11 +218,10 @@ FOCAL_HOST_DEVICE AlphaWeights<V> make_alpha(double alpha) {
 // The two entry points used by the kernels; both return alpha-weighted d loss / d x.
 
 // Hard target given as a mask: positive lanes have t = 1, the others t = 0.
-template <GammaKind G, typename V>
+template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positive, V gamma,
                                               const AlphaWeights<V>& alpha) {
-  using O = Ops<V>;
-  const LossAndGrad<V> r = focal_hard<G>(O::select(positive, V(0) - x, x), gamma);
+  const LossAndGrad<V> r = focal_hard<G, V, O>(O::select(positive, V(0) - x, x), gamma);
   LossAndGrad<V> out;
   out.loss = r.loss * O::select(positive, alpha.pos, alpha.neg);
   out.grad = r.grad * O::select(positive, V(0) - alpha.pos, alpha.neg);  // dz/dx = -1 if positive
@@ -212,9 +229,9 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_binary(V x, typename Ops<V>::Mask positiv
 }
 
 // Any target t in [0, 1].
-template <GammaKind G, typename V>
+template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_target(V x, V t, V gamma, const AlphaWeights<V>& alpha) {
-  LossAndGrad<V> out = focal_soft<G>(x, t, gamma);
+  LossAndGrad<V> out = focal_soft<G, V, O>(x, t, gamma);
   const V a = alpha.at(t);
   out.loss = out.loss * a;
   out.grad = out.grad * a;

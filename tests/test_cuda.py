@@ -47,11 +47,43 @@ def test_out_of_range_class_id_gives_nan_row_not_an_error():
     assert math.isnan(focal.sigmoid_focal_loss(x.detach(), ids, reduction="sum").item())
 
 
+# Precision contract (README.md, "Precision"): relative error of each output against float64.
+# float32: a few ulp of the exact value (with an absolute allowance of a few ulp of the largest
+# output where soft targets cancel near p = t); 16-bit: one ulp of the stored result;
+# reduced losses of 16-bit data, kept in float32: 2^-15.
+ELEMENT_RTOL = {torch.float64: 1e-12, torch.float32: 8 * 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+SUM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2**-15, torch.float16: 2**-15}
+
+
+def _exact(x, t, **kwargs):
+    """Loss and gradient in float64 from the reference, for comparison with either device."""
+    x64 = x.detach().cpu().double().requires_grad_()
+    t64 = t.cpu().double() if t.is_floating_point() else t.cpu()
+    w = kwargs.pop("weight", None)
+    loss = reference.sigmoid_focal_loss(x64, t64, weight=None if w is None else w.cpu().double(), **kwargs)
+    (grad,) = torch.autograd.grad(loss.sum(), x64)
+    return loss.detach(), grad
+
+
+def _assert_within_contract(got, exact, dtype, reduced):
+    got = got.detach().cpu().double()
+    if reduced:
+        torch.testing.assert_close(got, exact, rtol=SUM_RTOL[dtype], atol=0)
+        return
+    rtol = ELEMENT_RTOL[dtype]
+    # Values below the dtype's smallest normal, or cancelling soft-target gradients, get an absolute
+    # allowance relative to the largest output.
+    atol = max(torch.finfo(dtype).smallest_normal, rtol * exact.abs().max().item() * 1e-2)
+    torch.testing.assert_close(got, exact, rtol=rtol, atol=atol)
+
+
 @cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["hard", "soft", "ids"])
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 1.5])
-def test_cuda_matches_cpu(dtype, kind, gamma):
+def test_cuda_and_cpu_within_the_precision_contract(dtype, kind, gamma):
+    """Both devices against a float64 evaluation of the reference, not against each other: they
+    may round differently, each within its contract."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(300, 37, generator=g) * 4).to(dtype)
     if kind == "ids":
@@ -61,20 +93,139 @@ def test_cuda_matches_cpu(dtype, kind, gamma):
         t = torch.rand(300, 37, generator=g).to(dtype)
         t = t.round() if kind == "hard" else t
     weight = torch.rand(37, generator=g).to(dtype)
-    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     for reduction in ("none", "sum", "mean"):
-        results = []
+        kwargs = dict(alpha=0.25, gamma=gamma, reduction=reduction, weight=weight, label_smoothing=0.1)
+        exact_loss, exact_grad = _exact(x, t, **kwargs)
         for device in ("cpu", "cuda"):
             xd = x.to(device).requires_grad_()
-            loss = focal.sigmoid_focal_loss(xd, t.to(device), 0.25, gamma, reduction, weight=weight.to(device),
-                                            label_smoothing=0.1)
+            kwargs["weight"] = weight.to(device)
+            loss = focal.sigmoid_focal_loss(xd, t.to(device), **kwargs)
             loss.sum().backward()
             assert loss.device.type == device and xd.grad.device.type == device
-            results.append((loss.detach().cpu(), xd.grad.cpu()))
-        (cpu_loss, cpu_grad), (cuda_loss, cuda_grad) = results
-        assert cuda_loss.dtype == cpu_loss.dtype
-        torch.testing.assert_close(cuda_loss, cpu_loss, rtol=tol, atol=tol * 1e-3)
-        torch.testing.assert_close(cuda_grad, cpu_grad, rtol=tol, atol=tol * 1e-3)
+            _assert_within_contract(loss, exact_loss, dtype, reduced=reduction != "none")
+            _assert_within_contract(xd.grad, exact_grad.to(dtype).double(), dtype, reduced=False)
+
+
+def _offset_view(shape, dtype, offset=1):
+    """A contiguous tensor whose data starts `offset` elements into its storage: not 16-byte aligned."""
+    numel = math.prod(shape)
+    return torch.randn(numel + offset, device="cuda").to(dtype)[offset:].view(shape)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["ids", "soft"])
+def test_unaligned_inputs_and_ragged_tails(dtype, kind):
+    """Logits (and float targets) that start off a 16-byte boundary, and sizes that are no multiple
+    of the vector width, give the aligned results."""
+    for rows, cols in ((97, 80), (33, 7), (5, 1203)):
+        x = _offset_view((rows, cols), dtype)
+        t = torch.randint(-1, cols, (rows,), device="cuda") if kind == "ids" else _offset_view((rows, cols), dtype).sigmoid()
+        assert x.data_ptr() % 16 != 0
+        xa = x.clone().requires_grad_()
+        xu = x.requires_grad_()
+        for reduction in ("none", "sum"):
+            xa.grad = xu.grad = None
+            aligned = focal.sigmoid_focal_loss(xa, t.clone(), reduction=reduction)
+            unaligned = focal.sigmoid_focal_loss(xu, t, reduction=reduction)
+            aligned.sum().backward()
+            unaligned.sum().backward()
+            torch.testing.assert_close(unaligned, aligned, rtol=SUM_RTOL[dtype], atol=0)
+            torch.testing.assert_close(xu.grad, xa.grad, rtol=ELEMENT_RTOL[dtype], atol=torch.finfo(dtype).tiny)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("weight_kind", ["row", "full", "class"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weights_on_cuda(weight_kind, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 50, 80, generator=g) * 3).to(dtype)
+    ids = torch.randint(-1, 80, (4, 50), generator=g)
+    shape = {"row": (4, 50, 1), "full": (4, 50, 80), "class": (80,)}[weight_kind]
+    weight = torch.rand(shape, generator=g).to(dtype)
+    exact_loss, exact_grad = _exact(x, ids, reduction="sum", weight=weight)
+    xd = x.cuda().requires_grad_()
+    loss = focal.sigmoid_focal_loss(xd, ids.cuda(), reduction="sum", weight=weight.cuda())
+    loss.backward()
+    _assert_within_contract(loss, exact_loss, dtype, reduced=True)
+    _assert_within_contract(xd.grad, exact_grad.to(dtype).double(), dtype, reduced=False)
+
+
+@cuda_kernels
+def test_cuda_graph_capture_of_forward_and_backward():
+    """A training step's loss, with a device normaliser, captured once and replayed: no host sync,
+    no allocation outside the graph's pool, the same numbers as eager."""
+    x = torch.randn(512, 80, device="cuda", requires_grad=True)
+    ids = torch.randint(-1, 80, (512,), device="cuda")
+
+    def step():
+        num_pos = (ids >= 0).sum().clamp(min=1)
+        loss = focal.sigmoid_focal_loss(x, ids, reduction="sum", normalizer=num_pos)
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up outside the capture
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = step()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x.data.copy_(torch.randn_like(x))
+        ids.copy_(torch.randint(-1, 80, ids.shape, device="cuda"))
+        graph.replay()
+        x_eager = x.detach().clone().requires_grad_()
+        eager = focal.sigmoid_focal_loss(x_eager, ids, reduction="sum", normalizer=(ids >= 0).sum().clamp(min=1))
+        eager.backward()
+        torch.testing.assert_close(captured_loss, eager, rtol=0, atol=0)
+        torch.testing.assert_close(x.grad, x_eager.grad, rtol=0, atol=0)
+
+
+@cuda_kernels
+def test_more_than_two_to_the_31_elements():
+    """Indices past 2^31 (64-bit offsets into the logits, 32-bit columns)."""
+    rows, cols = 2**31 // 80 + 1000, 80
+    need = rows * cols * (2 + 2) + rows * 8 + (1 << 30)  # bfloat16 logits and gradient, int64 ids, slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.full((rows, cols), -2.0, device="cuda", dtype=torch.bfloat16)
+    x[-1, -1] = 3.0
+    ids = torch.full((rows,), -1, device="cuda")
+    ids[-1] = 79
+    x.requires_grad_()
+    loss = focal.sigmoid_focal_loss(x, ids, reduction="sum")
+    loss.backward()
+    one = focal.sigmoid_focal_loss(x.detach()[:1].float().cpu(), ids[:1].cpu(), reduction="sum").item()
+    last = focal.sigmoid_focal_loss(x.detach()[-1:].float().cpu(), ids[-1:].cpu(), reduction="sum").item()
+    assert loss.item() == pytest.approx((rows - 1) * one + last, rel=1e-4)
+    assert x.grad[-1, -1].item() < 0 and x.grad[-1, 0].item() == x.grad[0, 0].item()
+
+
+@cuda_kernels
+def test_backward_with_grad_output_one_leaves_the_forward_gradient_untouched():
+    """loss.backward() on CUDA: the forward's gradient buffer becomes x.grad without a pass over it."""
+    x = torch.randn(300, 80, device="cuda", requires_grad=True)
+    ids = torch.randint(-1, 80, (300,), device="cuda")
+    pointers = []
+
+    def pack(t):
+        pointers.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = focal.sigmoid_focal_loss(x, ids, reduction="sum")
+    loss.backward()
+    assert x.grad.data_ptr() in pointers
+    x2 = x.detach().clone().requires_grad_()
+    (focal.sigmoid_focal_loss(x2, ids, reduction="sum") * 3.0).backward()
+    torch.testing.assert_close(x2.grad, 3.0 * x.grad, rtol=1e-6, atol=0)
 
 
 @cuda_kernels
@@ -105,12 +256,16 @@ def test_no_host_sync_with_tensor_normalizer():
 
 @cuda_kernels
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_cuda_reduction_is_bitwise_reproducible(reduction):
-    x = torch.randn(4096, 80, device="cuda")
-    ids = torch.randint(-1, 80, (4096,), device="cuda")
-    first = focal.sigmoid_focal_loss(x, ids, reduction=reduction)
+@pytest.mark.parametrize("kind", ["ids", "soft"])
+def test_cuda_reduction_is_bitwise_reproducible(reduction, kind):
+    x = torch.randn(40960, 80, device="cuda", requires_grad=True)
+    t = torch.randint(-1, 80, (40960,), device="cuda") if kind == "ids" else torch.rand(40960, 80, device="cuda")
+    first = focal.sigmoid_focal_loss(x, t, reduction=reduction)
+    (first_grad,) = torch.autograd.grad(first, x)
     for _ in range(3):
-        assert torch.equal(focal.sigmoid_focal_loss(x, ids, reduction=reduction), first)
+        again = focal.sigmoid_focal_loss(x, t, reduction=reduction)
+        assert torch.equal(again, first)
+        assert torch.equal(torch.autograd.grad(again, x)[0], first_grad)
 
 
 @cuda_kernels
