@@ -2,8 +2,8 @@
 // and the launches of the kernels in focal_kernels.cuh. A reduced loss is summed per block with CUB
 // and the block sums are added in a fixed order by a second, one-block kernel (no atomics: bitwise
 // reproducible). The host never reads device memory, so nothing here waits for the GPU and the op
-// can be captured in a CUDA graph. Compiled by nvcc, and for tests as host C++ against the emulation
-// (host_runtime.cuh, README.md).
+// can be captured in a CUDA graph. Compiled by nvcc, and for tests as host C++ against the
+// emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 #include <optional>
 #include <string_view>
@@ -78,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
   }
   if (call.reduction == Reduction::kMean && !call.class_ids()) s.count = static_cast<double>(numel);
 
-  const at::Tensor grad = compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
+  const at::Tensor grad =
+      compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
   at::Tensor loss = reduce ? at::empty({}, options.dtype(call.reduced_dtype()))
                            : at::empty(logits.sizes(), options);
   if (numel == 0) {
@@ -91,8 +92,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
   if (call.reduction == Reduction::kMean && call.class_ids()) {
     // The one launch beyond the loss kernels: the count is only known on the device.
     kept_rows = at::empty({}, options.dtype(at::kLong));
-    rt::launch(&count_kept_rows_kernel, 1, kThreads, stream, targets.const_data_ptr<int64_t>(), rows,
-               ignore_index, kept_rows.mutable_data_ptr<int64_t>());
+    rt::launch(&count_kept_rows_kernel, 1, kThreads, stream, targets.const_data_ptr<int64_t>(),
+               rows, ignore_index, kept_rows.mutable_data_ptr<int64_t>());
     s.kept_rows = kept_rows.const_data_ptr<int64_t>();
     s.cols = cols;
   }

@@ -54,7 +54,7 @@ __device__ __forceinline__ double resolve_scale(const ScaleArgs& s) {
   return f / count;
 }
 
-// Loss and gradient of element (row, col), alpha- and weight-scaled, not yet multiplied by the scale.
+// Loss and gradient of element (row, col), alpha- and weight-scaled, not yet times the scale.
 template <typename scalar_t, TargetKind TK, GammaKind G>
 __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,

@@ -67,7 +67,7 @@ void launch(void (*kernel)(Params...), int blocks, int threads, Stream, Args&&..
 
 #endif
 
-// The number `one_value` holds (its first element), as a pointer and dtype tag for a kernel to read.
+// The number `one_value` holds (its first element), as pointer and dtype tag for a kernel to read.
 // Dtypes without a tag are converted to float64 into `converted`, which must outlive the launch.
 inline ScalarRef scalar_ref(const at::Tensor& one_value, at::Tensor& converted) {
   const at::Tensor* t = &one_value;

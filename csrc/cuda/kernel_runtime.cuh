@@ -1,7 +1,7 @@
 // What the kernels use beyond C++: the CUDA language and cub::BlockReduce from the toolkit, or, in
-// the test-only emulated build (-DFOCAL_CUDA_EMULATION), from tests/cuda_emulation/cuda_emulation.h,
-// which runs the same kernel source on the CPU (see README.md). Keep this file the only place that
-// tells the two apart on the device side.
+// the test-only emulated build (-DFOCAL_CUDA_EMULATION), from
+// tests/cuda_emulation/cuda_emulation.h, which runs the same kernel source on the CPU (README.md).
+// Keep this file the only place that tells the two apart on the device side.
 #pragma once
 
 #include <cstdint>
@@ -17,8 +17,8 @@
 
 namespace focal::cuda {
 
-// a + b, rounded once and never fused with a neighbouring multiply: a running sum then takes the same
-// values on the GPU and in the emulation, whatever nvcc contracts elsewhere.
+// a + b, rounded once and never fused with a neighbouring multiply: a running sum then takes the
+// same values on the GPU and in the emulation, whatever nvcc contracts elsewhere.
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
@@ -35,7 +35,8 @@ __device__ __forceinline__ void trace_elements(int64_t n) {
 // Deliberate bugs for the test of the tests (tests/test_cuda_emulated.py), which builds the
 // emulation with them and expects the sanitizers to report the fault. Always false otherwise.
 #if defined(FOCAL_CUDA_EMULATION) && defined(FOCAL_EMU_BREAK_TAIL)
-inline constexpr bool kFaultVectorTail = true;  // the last, partial pack read and written as a whole
+// The last, partial pack read and written as a whole.
+inline constexpr bool kFaultVectorTail = true;
 #else
 inline constexpr bool kFaultVectorTail = false;
 #endif
@@ -47,7 +48,9 @@ inline constexpr bool kFaultAssumeAligned = false;
 
 // The dtype of one number in device memory that a kernel reads itself (a normaliser, a gradient
 // scale), so the host needs neither to read it nor to convert it first.
-enum class ScalarTag : int8_t { kDouble, kFloat, kHalf, kBFloat16, kLong, kInt, kShort, kChar, kByte };
+enum class ScalarTag : int8_t {
+  kDouble, kFloat, kHalf, kBFloat16, kLong, kInt, kShort, kChar, kByte
+};
 
 struct ScalarRef {
   const void* ptr = nullptr;  // nullptr: absent

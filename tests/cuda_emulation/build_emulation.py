@@ -82,7 +82,8 @@ def _digest(name: str, flags: list[str]) -> str:
     version = subprocess.run([CXX, "--version"], capture_output=True, text=True, check=True).stdout
     for part in (name, version, torch.__version__, sys.version, *flags):
         h.update(part.encode() + b"\0")
-    files = sorted(p for p in (*CSRC.rglob("*"), *HERE.glob("*")) if p.is_file() and p.suffix in (".h", ".cuh", ".cu", ".cpp"))
+    sources = (*CSRC.rglob("*"), *HERE.glob("*"))
+    files = sorted(p for p in sources if p.is_file() and p.suffix in (".h", ".cuh", ".cu", ".cpp"))
     for path in files:
         h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]

@@ -1,5 +1,6 @@
 // Host C++ stand-ins for the parts of CUDA that csrc/cuda uses, so that its kernels and host code
-// compile as plain C++ (-DFOCAL_CUDA_EMULATION) and run on the CPU under AddressSanitizer and UBSan.
+// compile as plain C++ (-DFOCAL_CUDA_EMULATION) and run on the CPU under AddressSanitizer and
+// UBSan.
 // Test-only: never part of the installed package. What this cannot show is in csrc/cuda/README.md.
 //
 // Execution model. A launch runs its blocks one after another, in blockIdx order. A block runs on
@@ -28,7 +29,7 @@
 #include <utility>
 #include <vector>
 
-// ---- The language ---------------------------------------------------------------------------------
+// ---- The language -------------------------------------------------------------------------------
 
 #define __global__
 #define __device__
@@ -90,8 +91,8 @@ class Device {
 
   void run_grid(dim3 grid, dim3 block, const std::function<void()>& kernel) {
     const uint64_t threads = uint64_t(block.x) * block.y * block.z;
-    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 || threads > kMaxThreadsPerBlock ||
-        block.z > 64 || grid.y > 65535 || grid.z > 65535) {
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 ||
+        threads > kMaxThreadsPerBlock || block.z > 64 || grid.y > 65535 || grid.z > 65535) {
       throw std::runtime_error("emulated CUDA launch: invalid configuration argument (grid " +
                                std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
                                std::to_string(grid.z) + ", block " + std::to_string(threads) +
@@ -105,7 +106,9 @@ class Device {
     block_ = block;
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) run_block(uint3{x, y, z}, static_cast<unsigned>(threads));
+        for (unsigned x = 0; x < grid.x; ++x) {
+          run_block(uint3{x, y, z}, static_cast<unsigned>(threads));
+        }
       }
     }
     kernel_ = nullptr;

@@ -1,6 +1,6 @@
-// The operator library of the emulated CUDA backend (test-only): the schemas of namespace focal_emu,
-// the same as focal's (focal_ops.h), and the emulation's controls. The host code of csrc/cuda/*.cu,
-// compiled into the same library, registers its kernels for them on the CPU key
+// The operator library of the emulated CUDA backend (test-only): the schemas of namespace
+// focal_emu, the same as focal's (focal_ops.h), and the emulation's controls. The host code of
+// csrc/cuda/*.cu, compiled into the same library, registers its kernels for them on the CPU key
 // (FOCAL_CUDA_REGISTER_KERNELS in host_runtime.cuh).
 #include <cstdint>
 #include <vector>
@@ -24,7 +24,7 @@ void reset_emulation_counters() {
 
 int64_t emulated_multiprocessors() { return focal_emu::kMultiprocessors; }
 
-// Sets whether one-value tensors count as device memory (see cuda_emulation.h); returns the old value.
+// Sets whether one-value tensors count as device memory (cuda_emulation.h); returns the old value.
 bool set_scalars_on_device(bool on) { return focal_emu::scalars_on_device_flag.exchange(on); }
 
 }  // namespace

@@ -1,9 +1,10 @@
-// Runs csrc/cuda's focal_kernel (float32 logits and targets, gamma 2, loss and gradient written out,
-// block sums) on the emulation, over buffers allocated to their exact size: once 16-byte aligned and
-// once at a 4-byte offset. The program of the test that checks that the sanitizers catch a broken
-// kernel (tests/test_cuda_emulated.py): built as is it must run clean; with -DFOCAL_EMU_BREAK_TAIL
-// AddressSanitizer must report the overflow of the last, partial pack; with -DFOCAL_EMU_BREAK_ALIGN
-// UBSan must report a misaligned 128-bit access. No torch library is involved, so it builds fast.
+// Runs csrc/cuda's focal_kernel (float32 logits and targets, gamma 2, loss and gradient written
+// out, block sums) on the emulation, over buffers allocated to their exact size: once 16-byte
+// aligned and once at a 4-byte offset. The program of the test that checks that the sanitizers
+// catch a broken kernel (tests/test_cuda_emulated.py): built as is it must run clean; with
+// -DFOCAL_EMU_BREAK_TAIL AddressSanitizer must report the overflow of the last, partial pack; with
+// -DFOCAL_EMU_BREAK_ALIGN UBSan must report a misaligned 128-bit access. No torch library is
+// involved, so it builds fast.
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,7 +21,8 @@ using focal::TargetKind;
 // the last of them.
 struct Buffer {
   Buffer(int64_t count, int offset) {
-    base = static_cast<float*>(::operator new[]((count + offset) * sizeof(float), std::align_val_t(16)));
+    const size_t bytes = (count + offset) * sizeof(float);
+    base = static_cast<float*>(::operator new[](bytes, std::align_val_t(16)));
     data = base + offset;
   }
   ~Buffer() { ::operator delete[](base, std::align_val_t(16)); }
