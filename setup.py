@@ -4,7 +4,7 @@ Environment switches:
   FOCAL_WITH_CUDA=0|1   force the CUDA kernels off or on (default: on when a CUDA toolkit and a
                         CUDA build of torch are present, whether or not a GPU is visible)
   FOCAL_DEBUG=1         -O0 -g builds
-  TORCH_CUDA_ARCH_LIST  architectures to compile for (default without a visible GPU: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST  architectures to compile for (default without a visible GPU: "8.0;9.0+PTX")
   CUDA_HOME             toolkit root (default: /usr/local/cuda when it exists)
 """
 
@@ -66,6 +66,25 @@ def nvcc_flags() -> list[str]:
     return flags + ["--expt-relaxed-constexpr", "-std=c++20"]
 
 
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+# Headers of the CUDA libraries that ATen's CUDA headers include (ATen/cuda/CUDAContextLight.h).
+CUDA_LIBRARY_HEADERS = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+
+
+def cuda_library_include_dirs() -> list[str]:
+    """The include folders of torch's CUDA wheels (site-packages/nvidia/<package>/include) that hold
+    the library headers ATen needs: one folder for the CUDA 13 wheels (nvidia/cu13), one per library
+    for the CUDA 12 ones (nvidia/cusparse, nvidia/cublas, ...). Empty when the toolkit has them."""
+    site_packages = os.path.dirname(os.path.dirname(torch.__file__))
+    found = []
+    for header in CUDA_LIBRARY_HEADERS:
+        for path in sorted(glob.glob(os.path.join(site_packages, "nvidia", "*", "include", header))):
+            folder = os.path.dirname(path)
+            if folder not in found:
+                found.append(folder)
+    return found
+
+
 def extension():
     sources = [
         os.path.join(CSRC, "module.cpp"),
@@ -83,13 +102,12 @@ def extension():
     if not WITH_CUDA:
         return cpp_extension.CppExtension(**kwargs)
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        # SASS for Ampere and Hopper, plus Hopper's PTX, which newer GPUs compile when loading.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     kwargs["sources"] += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
     kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
     kwargs["extra_compile_args"]["cxx"].append("-DFOCAL_WITH_CUDA")
-    # ATen's CUDA headers include cuSPARSE/cuBLAS headers, which come with torch's CUDA wheels.
-    wheel_includes = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include")
-    kwargs["include_dirs"] = [d for d in [wheel_includes] if os.path.isdir(d)]
+    kwargs["include_dirs"] = cuda_library_include_dirs()
     return cpp_extension.CUDAExtension(**kwargs)
 
 

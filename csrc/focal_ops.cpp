@@ -146,8 +146,3 @@ bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
 }
 
 }  // namespace focal
-
-TORCH_LIBRARY(focal, m) {
-  m.def(focal::kSigmoidFocalLossSchema);
-  m.def(focal::kScaleGradSchema);
-}

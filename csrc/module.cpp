@@ -2,9 +2,21 @@
 // operators (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); the module itself has no functions.
 #include <Python.h>
 
+#include <torch/library.h>
+
+#include "focal_ops.h"
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
+}
+
+// The schemas are defined here, with the module, rather than in focal_ops.cpp, so that the checks of
+// focal_ops.cpp can also be linked into the test-only emulated CUDA backend (namespace focal_emu)
+// that is loaded next to this module.
+TORCH_LIBRARY(focal, m) {
+  m.def(focal::kSigmoidFocalLossSchema);
+  m.def(focal::kScaleGradSchema);
 }

@@ -10,6 +10,8 @@ import torch
 
 import focal
 import focal.ops
+from bitwise import assert_bitwise_equal
+from cuda_cases import cuda_reduced_sum, grid_blocks, make_logits, make_targets
 from focal import reference
 
 requires_cuda = pytest.mark.skipif(
@@ -298,3 +300,57 @@ def test_second_gpu():
     assert loss.device == x.grad.device == torch.device("cuda:1")
     expected = focal.sigmoid_focal_loss(x.detach().cpu(), ids.cpu(), reduction="sum")
     torch.testing.assert_close(loss.detach().cpu(), expected, rtol=1e-5, atol=0)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("numel", [37 * 1000 + 3, 3 * 1000 * 1000 + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_cuda_reduced_sum_is_cubs_order_bitwise(dtype, numel):
+    """The model of the kernels' summation order in tests/cuda_cases.py, which the CPU emulation
+    follows (tests/cuda_emulation), holds on the GPU bit for bit."""
+    g = torch.Generator().manual_seed(7)
+    x_cpu = make_logits((numel, 1), dtype, g)
+    t = make_targets("soft", x_cpu, g).cuda()
+    x = x_cpu.cuda()
+    op = torch.ops.focal.sigmoid_focal_loss.default
+    common = (None, None, None, 0.25, 2.0, 0.0, -100)
+    unscaled, _ = op(x, t, *common, "none", 1.0, False)  # scale 1: the kernel's own per-element losses
+    total, _ = op(x, t, *common, "sum", 1.0, False)
+    multiprocessors = torch.cuda.get_device_properties(x.device).multi_processor_count
+    model = cuda_reduced_sum(unscaled.cpu(), dtype, grid_blocks(numel, dtype, multiprocessors))
+    assert_bitwise_equal(total.cpu(), model, "GPU sum vs model of its order")
+
+
+@cuda_kernels
+def test_cuda_scale_grad_by_one_device_value_never_syncs():
+    """scale_grad_ reads a one-value grad_output on the device: no host sync, 1 leaves grad as is."""
+    grad = torch.randn(1000, 10, device="cuda")
+    before = grad.clone()
+    one, two = torch.ones((), device="cuda"), torch.full((1,), 2.0, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.ops.focal.scale_grad_(grad, one)
+        torch.ops.focal.scale_grad_(grad, two)
+        torch.ops.focal.scale_grad_(grad, one.expand(1000, 10))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(grad, before * 2)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("norm_dtype", [torch.int64, torch.float16, torch.float64], ids=str)
+def test_cuda_device_normalizer_of_any_real_dtype(norm_dtype):
+    """A normaliser on the device is read by the kernels in its own dtype: bitwise scale = 1 / n."""
+    g = torch.Generator().manual_seed(6)
+    x = make_logits((400, 9), torch.float32, g)
+    ids = make_targets("ids", x, g)
+    x, ids = x.cuda(), ids.cuda()
+    op = torch.ops.focal.sigmoid_focal_loss.default
+    for reduction in ("none", "sum", "mean"):
+        common = (None, None)
+        want = op(x, ids, *common, None, 0.25, 2.0, 0.0, -100, reduction, 1 / 7, True)
+        got = op(x, ids, *common, torch.tensor(7, dtype=norm_dtype, device="cuda"), 0.25, 2.0, 0.0, -100,
+                 reduction, 1.0, True)
+        assert_bitwise_equal(got[0].cpu(), want[0].cpu(), f"{reduction} loss")
+        assert_bitwise_equal(got[1].cpu(), want[1].cpu(), f"{reduction} grad")

@@ -1,0 +1,191 @@
+// The loss kernel of the CUDA backend and the kernel that adds up its per-block totals. Compiled by
+// nvcc, and for tests as host C++ against the emulation (kernel_runtime.cuh, README.md).
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/OpMathType.h>
+
+#include "../focal_math.h"
+#include "../kernel_args.h"
+#include "kernel_runtime.cuh"
+
+namespace focal::cuda {
+
+constexpr int kThreads = 256;
+
+// Blocks per SM that __launch_bounds__ guarantees to fit in the register file, and the grid's cap
+// per SM, so that a full grid is exactly one wave. The float64 kernels need up to 76 registers:
+// at 4 blocks (64 registers) they would spill, so they run 3 blocks per SM.
+template <typename scalar_t>
+inline constexpr int kBlocksPerSm = sizeof(scalar_t) == 8 ? 3 : 4;
+
+// Blocks of kThreads threads for `items` work items (one per thread), at most `max_blocks`.
+inline int grid_blocks(int64_t items, int64_t max_blocks) {
+  const int64_t wanted = (items + kThreads - 1) / kThreads;
+  return static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
+}
+
+// The factor applied to every loss and gradient element and to a reduced loss, in double and in
+// the CPU backend's order: factor / normaliser / count. The normaliser and the count of the rows
+// that are not ignored (the "mean" of class-id targets) may only be known on the device.
+struct ScaleArgs {
+  double factor = 1.0;                 // the op's scale, divided by a normaliser the host read
+  ScalarRef normalizer;                // a normaliser in device memory, or absent
+  double count = 1.0;                  // the "mean" denominator when the host knows it
+  const int64_t* kept_rows = nullptr;  // else: count = max(*kept_rows * cols, 1)
+  int64_t cols = 1;
+};
+
+__device__ __forceinline__ double resolve_scale(const ScaleArgs& s) {
+  double f = s.factor;
+  if (s.normalizer.ptr != nullptr) {
+    const double v = load(s.normalizer);
+    // The host cannot check a value it never reads: an invalid normaliser poisons the result.
+    f = v > 0.0 && v <= DBL_MAX ? f / v : static_cast<double>(NAN);
+  }
+  double count = s.count;
+  if (s.kept_rows != nullptr) {
+    const int64_t kept = *s.kept_rows * s.cols;
+    count = static_cast<double>(kept > 0 ? kept : 1);
+  }
+  return f / count;
+}
+
+// Loss and gradient of element (row, col), alpha- and weight-scaled, not yet times the scale.
+template <typename scalar_t, TargetKind TK, GammaKind G>
+__device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
+    const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
+    int64_t col, at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  LossAndGrad<acc_t> r;
+  if constexpr (TK == TargetKind::kFloat) {
+    const acc_t eps = static_cast<acc_t>(a.label_smoothing);
+    r = focal_target<G>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
+  } else {
+    const int64_t id = static_cast<const int64_t*>(a.targets)[row];
+    if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
+    if (id < -1 || id >= a.cols) {
+      // An invalid class id cannot raise without a host sync: make it impossible to miss.
+      const acc_t nan = static_cast<acc_t>(NAN);
+      return {nan, nan};
+    }
+    const bool positive = id == col;
+    if constexpr (TK == TargetKind::kClassId) {
+      r = focal_binary<G>(x, positive, gamma, alpha);
+    } else {
+      const acc_t eps = static_cast<acc_t>(a.label_smoothing);
+      r = focal_target<G>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, alpha);
+    }
+  }
+  acc_t w = acc_t(1);
+  if (a.row_weight) w = static_cast<acc_t>(static_cast<const scalar_t*>(a.row_weight)[row]);
+  if (a.elem_weight) {
+    w *= static_cast<acc_t>(
+        static_cast<const scalar_t*>(a.elem_weight)[row * a.elem_weight_row_stride + col]);
+  }
+  r.loss *= w;
+  r.grad *= w;
+  return r;
+}
+
+template <typename scalar_t, int kVec>
+struct alignas(sizeof(scalar_t) * kVec) Pack {
+  scalar_t v[kVec];
+};
+
+// Loss (reduction "none") and gradient of every element, times the scale; with `block_sums`, also
+// each block's sum of the unscaled losses. Each thread handles packs of kVec consecutive elements
+// (16 bytes), grid-stride, read and written with 128-bit accesses when `aligned` (every pointer
+// accessed in packs is 16-byte aligned); the last, partial pack takes element accesses.
+template <typename scalar_t, TargetKind TK, GammaKind G>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    focal_kernel(KernelArgs a, bool aligned, ScaleArgs s,
+                 at::opmath_type<scalar_t>* __restrict__ block_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kVec>;
+  const int64_t n = a.rows * a.cols;
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
+  const auto* x_all = static_cast<const scalar_t*>(a.logits);
+  const auto* t_all = static_cast<const scalar_t*>(a.targets);
+  auto* loss_all = static_cast<scalar_t*>(a.loss);
+  auto* grad_all = static_cast<scalar_t*>(a.grad);
+  const bool packs = aligned || kFaultAssumeAligned;
+
+  acc_t sum = 0;
+  int64_t touched = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
+  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; base < n;
+       base += stride) {
+    const bool vector_io = packs && (base + kVec <= n || kFaultVectorTail);
+    P x, t, loss, grad;
+    if (vector_io) {
+      x = *reinterpret_cast<const P*>(x_all + base);
+      if constexpr (TK == TargetKind::kFloat) t = *reinterpret_cast<const P*>(t_all + base);
+    } else {
+      for (int j = 0; j < kVec; ++j) {
+        if (base + j < n) {
+          x.v[j] = x_all[base + j];
+          if constexpr (TK == TargetKind::kFloat) t.v[j] = t_all[base + j];
+        }
+      }
+    }
+    int64_t row = base / a.cols;
+    int64_t col = base - row * a.cols;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if (base + j < n) {
+        const acc_t tj = TK == TargetKind::kFloat ? static_cast<acc_t>(t.v[j]) : acc_t(0);
+        const auto r = element<scalar_t, TK, G>(a, alpha, row, col, static_cast<acc_t>(x.v[j]), tj);
+        sum = add_rn(sum, r.loss);
+        loss.v[j] = static_cast<scalar_t>(r.loss * scale);
+        grad.v[j] = static_cast<scalar_t>(r.grad * scale);
+      }
+      if (++col == a.cols) {
+        col = 0;
+        ++row;
+      }
+    }
+    if (vector_io) {
+      if (loss_all) *reinterpret_cast<P*>(loss_all + base) = loss;
+      if (grad_all) *reinterpret_cast<P*>(grad_all + base) = grad;
+    } else {
+      for (int j = 0; j < kVec; ++j) {
+        if (base + j < n) {
+          if (loss_all) loss_all[base + j] = loss.v[j];
+          if (grad_all) grad_all[base + j] = grad.v[j];
+        }
+      }
+    }
+    touched += n - base < kVec ? n - base : kVec;
+  }
+  trace_elements(touched);
+  if (block_sums) {
+    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+    __shared__ typename BlockReduce::TempStorage storage;
+    const acc_t block_sum = BlockReduce(storage).Sum(sum);
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+  }
+}
+
+// *out = scale * (sum of block_sums), the sum in an order fixed by `blocks`: thread i adds
+// block_sums[i], [i + kThreads], ... in turn, then cub::BlockReduce adds the threads' sums.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    sum_blocks_kernel(const acc_t* __restrict__ block_sums, int blocks, ScaleArgs s,
+                      acc_t* __restrict__ out) {
+  acc_t sum = 0;
+  for (int i = threadIdx.x; i < blocks; i += kThreads) sum = add_rn(sum, block_sums[i]);
+  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  const acc_t total = BlockReduce(storage).Sum(sum);
+  // In double, as the CPU backend scales its sum.
+  if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(total) * resolve_scale(s));
+}
+
+}  // namespace focal::cuda

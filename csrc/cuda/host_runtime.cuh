@@ -1,0 +1,93 @@
+// What the host code of the CUDA backend uses from the CUDA runtime and ATen's CUDA layer: device
+// guard, stream, device size, kernel launch, where a tensor lives, and the operator registration.
+// In the test-only emulated build (-DFOCAL_CUDA_EMULATION) the same names come from
+// tests/cuda_emulation/cuda_emulation.h and register under the namespace focal_emu on the CPU key
+// (README.md). Keep this file the only place that tells the two apart on the host side.
+#pragma once
+
+#include <utility>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include "kernel_runtime.cuh"
+
+#if !defined(FOCAL_CUDA_EMULATION)
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace focal::cuda::rt {
+
+#if !defined(FOCAL_CUDA_EMULATION)
+
+using DeviceGuard = c10::cuda::CUDAGuard;
+using Stream = cudaStream_t;
+
+inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+
+inline int multiprocessor_count() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// True when the host may read the tensor without waiting for the GPU.
+inline bool resides_on_host(const at::Tensor& t) { return t.device().is_cpu(); }
+
+// kernel<<<blocks, threads, 0, stream>>>(args...), with the launch checked.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int blocks, int threads, Stream stream, Args&&... args) {
+  kernel<<<blocks, threads, 0, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Opens the block that registers this backend's kernels.
+#define FOCAL_CUDA_REGISTER_KERNELS(m) TORCH_LIBRARY_IMPL(focal, CUDA, m)
+
+#else  // the emulation
+
+struct DeviceGuard {
+  explicit DeviceGuard(const c10::Device&) {}
+};
+using Stream = std::nullptr_t;
+
+inline Stream current_stream() { return nullptr; }
+inline int multiprocessor_count() { return focal_emu::kMultiprocessors; }
+inline bool resides_on_host(const at::Tensor& t) {
+  return t.device().is_cpu() && !focal_emu::scalars_on_device();
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int blocks, int threads, Stream, Args&&... args) {
+  focal_emu::launch(kernel, dim3(blocks), dim3(threads), std::forward<Args>(args)...);
+}
+
+// The schemas of namespace focal_emu are defined by the emulated library itself.
+#define FOCAL_CUDA_REGISTER_KERNELS(m) TORCH_LIBRARY_IMPL(focal_emu, CPU, m)
+
+#endif
+
+// The number `one_value` holds (its first element), as pointer and dtype tag for a kernel to read.
+// Dtypes without a tag are converted to float64 into `converted`, which must outlive the launch.
+inline ScalarRef scalar_ref(const at::Tensor& one_value, at::Tensor& converted) {
+  const at::Tensor* t = &one_value;
+  ScalarTag tag;
+  switch (one_value.scalar_type()) {
+    case at::kDouble: tag = ScalarTag::kDouble; break;
+    case at::kFloat: tag = ScalarTag::kFloat; break;
+    case at::kHalf: tag = ScalarTag::kHalf; break;
+    case at::kBFloat16: tag = ScalarTag::kBFloat16; break;
+    case at::kLong: tag = ScalarTag::kLong; break;
+    case at::kInt: tag = ScalarTag::kInt; break;
+    case at::kShort: tag = ScalarTag::kShort; break;
+    case at::kChar: tag = ScalarTag::kChar; break;
+    case at::kByte: tag = ScalarTag::kByte; break;
+    default:
+      converted = one_value.as_strided({}, {}).to(at::kDouble);  // the first element only
+      t = &converted;
+      tag = ScalarTag::kDouble;
+  }
+  return {t->const_data_ptr(), tag};
+}
+
+}  // namespace focal::cuda::rt

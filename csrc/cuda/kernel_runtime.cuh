@@ -1,0 +1,76 @@
+// What the kernels use beyond C++: the CUDA language and cub::BlockReduce from the toolkit, or, in
+// the test-only emulated build (-DFOCAL_CUDA_EMULATION), from
+// tests/cuda_emulation/cuda_emulation.h, which runs the same kernel source on the CPU (README.md).
+// Keep this file the only place that tells the two apart on the device side.
+#pragma once
+
+#include <cstdint>
+
+#if defined(FOCAL_CUDA_EMULATION)
+#include "cuda_emulation.h"
+#else
+#include <cub/block/block_reduce.cuh>
+#endif
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace focal::cuda {
+
+// a + b, rounded once and never fused with a neighbouring multiply: a running sum then takes the
+// same values on the GPU and in the emulation, whatever nvcc contracts elsewhere.
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// Reports that the calling thread touched `n` elements. Only the emulation counts them (tests check
+// that a kernel does the work they expect, e.g. none); on the GPU this compiles to nothing.
+__device__ __forceinline__ void trace_elements(int64_t n) {
+#if defined(FOCAL_CUDA_EMULATION)
+  focal_emu::trace_elements(n);
+#else
+  (void)n;
+#endif
+}
+
+// Deliberate bugs for the test of the tests (tests/test_cuda_emulated.py), which builds the
+// emulation with them and expects the sanitizers to report the fault. Always false otherwise.
+#if defined(FOCAL_CUDA_EMULATION) && defined(FOCAL_EMU_BREAK_TAIL)
+// The last, partial pack read and written as a whole.
+inline constexpr bool kFaultVectorTail = true;
+#else
+inline constexpr bool kFaultVectorTail = false;
+#endif
+#if defined(FOCAL_CUDA_EMULATION) && defined(FOCAL_EMU_BREAK_ALIGN)
+inline constexpr bool kFaultAssumeAligned = true;  // 128-bit accesses whatever the alignment
+#else
+inline constexpr bool kFaultAssumeAligned = false;
+#endif
+
+// The dtype of one number in device memory that a kernel reads itself (a normaliser, a gradient
+// scale), so the host needs neither to read it nor to convert it first.
+enum class ScalarTag : int8_t {
+  kDouble, kFloat, kHalf, kBFloat16, kLong, kInt, kShort, kChar, kByte
+};
+
+struct ScalarRef {
+  const void* ptr = nullptr;  // nullptr: absent
+  ScalarTag tag = ScalarTag::kDouble;
+};
+
+// Exact for every tag (int64 up to 2^53).
+__device__ __forceinline__ double load(const ScalarRef& s) {
+  switch (s.tag) {
+    case ScalarTag::kDouble: return *static_cast<const double*>(s.ptr);
+    case ScalarTag::kFloat: return *static_cast<const float*>(s.ptr);
+    case ScalarTag::kHalf: return static_cast<float>(*static_cast<const c10::Half*>(s.ptr));
+    case ScalarTag::kBFloat16: return static_cast<float>(*static_cast<const c10::BFloat16*>(s.ptr));
+    case ScalarTag::kLong: return static_cast<double>(*static_cast<const int64_t*>(s.ptr));
+    case ScalarTag::kInt: return *static_cast<const int32_t*>(s.ptr);
+    case ScalarTag::kShort: return *static_cast<const int16_t*>(s.ptr);
+    case ScalarTag::kChar: return *static_cast<const int8_t*>(s.ptr);
+    case ScalarTag::kByte: return *static_cast<const uint8_t*>(s.ptr);
+  }
+  return 0.0;
+}
+
+}  // namespace focal::cuda

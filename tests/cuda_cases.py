@@ -1,0 +1,133 @@
+"""Inputs, tolerances and the summation order of the CUDA backend, shared by the tests that run its
+kernels: tests/test_cuda.py on a GPU, tests/cuda_emulation/emulated_checks.py on the CPU emulation.
+
+The launch constants mirror csrc/cuda/focal_kernels.cuh: change both together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+THREADS = 256  # kThreads
+WARP = 32
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+GAMMAS = [0.0, 1.0, 2.0, 1.5]  # the three fast paths and the general one
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def vector_width(dtype: torch.dtype) -> int:
+    """Elements per 16-byte pack."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def blocks_per_sm(dtype: torch.dtype) -> int:
+    """kBlocksPerSm: the grid's cap per SM (float64 kernels use more registers)."""
+    return 3 if dtype == torch.float64 else 4
+
+
+def grid_blocks(numel: int, dtype: torch.dtype, multiprocessors: int) -> int:
+    """Blocks of the loss kernel for `numel` elements: one thread per pack, at most one wave."""
+    packs = -(-numel // vector_width(dtype))
+    return min(-(-packs // THREADS), multiprocessors * blocks_per_sm(dtype))
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_logits(shape, dtype: torch.dtype, generator: torch.Generator, spread: float = 4.0) -> torch.Tensor:
+    """Standard normal logits times `spread`, drawn in float64 and rounded to `dtype`."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * spread).to(dtype)
+
+
+def make_targets(kind: str, logits: torch.Tensor, generator: torch.Generator, ignore_index: int = -100) -> torch.Tensor:
+    """'hard' (0/1) or 'soft' targets of the logits' shape and dtype, or 'ids': int64 class ids of
+    shape logits.shape[:-1] with every kind of row (positive, background -1, ignored)."""
+    if kind == "ids":
+        classes = logits.shape[-1]
+        ids = torch.randint(-1, classes, logits.shape[:-1], generator=generator)
+        flat = ids.view(-1)
+        flat[::7] = ignore_index
+        return ids
+    t = torch.rand(logits.shape, generator=generator, dtype=torch.float64)
+    return (t.round() if kind == "hard" else t).to(logits.dtype)
+
+
+def assert_close_ulps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, ulps: float, what: str,
+                      normwise: bool = False) -> None:
+    """|got - want| <= ulps * eps(dtype) * (|want| + (max|want| if normwise else 0)), elementwise, give
+    or take one step of dtype's subnormals; NaN must match NaN.
+
+    `normwise` bounds the error by the tensor's largest value as well: for a gradient of soft targets,
+    (p - t) near its zero is a difference of terms of that size, whose own relative error is large.
+    """
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.double(), want.double()
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan), f"{what}: NaN at different positions"
+    got, want = got[~nan], want[~nan]
+    if want.numel() == 0:
+        return
+    info = torch.finfo(dtype)
+    scale = want.abs() + (want.abs().max() if normwise else 0)
+    bound = ulps * info.eps * scale + info.eps * info.tiny
+    excess = (got - want).abs() - bound
+    if (excess > 0).any():
+        i = int(excess.argmax())
+        raise AssertionError(
+            f"{what}: {int((excess > 0).sum())} of {want.numel()} values beyond {ulps} ulps of {dtype}; "
+            f"worst: got {got[i].item()!r}, want {want[i].item()!r}"
+        )
+
+
+def _block_reduce(x: torch.Tensor) -> torch.Tensor:
+    """cub::BlockReduce<T, 256>::Sum (BLOCK_REDUCE_WARP_REDUCTIONS) of each row of x (blocks, 256):
+    five shuffle-down steps per warp of 32 (offsets 1, 2, 4, 8, 16; a lane adds the value `offset`
+    lanes up when that lane is in the warp), then the warp totals added in warp order."""
+    v = x.reshape(x.shape[0], THREADS // WARP, WARP)
+    offset = 1
+    while offset < WARP:
+        nxt = v.clone()
+        nxt[..., : WARP - offset] = v[..., : WARP - offset] + v[..., offset:]
+        v = nxt
+        offset *= 2
+    warp_totals = v[..., 0]
+    total = warp_totals[:, 0]
+    for w in range(1, warp_totals.shape[1]):
+        total = total + warp_totals[:, w]
+    return total
+
+
+def _thread_sums(values: torch.Tensor, threads: int, per_step: int) -> torch.Tensor:
+    """Each of `threads` threads adds, one at a time, the `per_step` values at a time it visits in a
+    grid-stride loop (thread i: values [i*per_step, (i+1)*per_step), then one stride further)."""
+    stride = threads * per_step
+    steps = max(1, -(-values.numel() // stride))
+    padded = torch.zeros(steps * stride, dtype=values.dtype)  # adding +0.0 leaves a sum unchanged
+    padded[: values.numel()] = values
+    per_thread = padded.view(steps, threads, per_step).permute(1, 0, 2).reshape(threads, -1)
+    acc = torch.zeros(threads, dtype=values.dtype)
+    for k in range(per_thread.shape[1]):
+        acc = acc + per_thread[:, k]
+    return acc
+
+
+def cuda_reduced_sum(losses: torch.Tensor, dtype: torch.dtype, blocks: int) -> torch.Tensor:
+    """The unscaled sum that focal_kernel and sum_blocks_kernel compute, in their order, of `losses`
+    (every element's unscaled loss, in the accumulation dtype, in memory order) for logits of
+    `dtype` on a grid of `blocks` blocks: bitwise what the GPU (and the emulation) must return."""
+    values = losses.reshape(-1).to(accumulation_dtype(dtype))
+    block_sums = _block_reduce(_thread_sums(values, blocks * THREADS, vector_width(dtype)).view(blocks, THREADS))
+    return _block_reduce(_thread_sums(block_sums, THREADS, 1).view(1, THREADS))[0]
+
+
+def summation_error_bound(numel: int, dtype: torch.dtype, blocks: int) -> float:
+    """Relative error bound of the GPU's sum of `numel` non-negative terms: the longest chain of
+    roundings (a thread's sequential sum, the warp tree, the warps, then the same over the blocks)
+    times the accumulation dtype's unit roundoff, doubled for the terms' own error."""
+    eps = torch.finfo(accumulation_dtype(dtype)).eps
+    per_thread = math.ceil(numel / (blocks * THREADS))
+    chain = per_thread + 5 + THREADS // WARP + math.ceil(blocks / THREADS) + 5 + THREADS // WARP
+    return 2 * chain * eps

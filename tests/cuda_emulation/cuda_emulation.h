@@ -1,0 +1,250 @@
+// Host C++ stand-ins for the parts of CUDA that csrc/cuda uses, so that its kernels and host code
+// compile as plain C++ (-DFOCAL_CUDA_EMULATION) and run on the CPU under AddressSanitizer and
+// UBSan.
+// Test-only: never part of the installed package. What this cannot show is in csrc/cuda/README.md.
+//
+// Execution model. A launch runs its blocks one after another, in blockIdx order. A block runs on
+// one OS thread per CUDA thread, taken from a pool that lives as long as the process, so the
+// threads of a block really run concurrently and a missing __syncthreads() is a real data race.
+// __syncthreads() is a barrier of the block's threads; a thread that returns leaves the barrier,
+// as an exited thread does on the GPU. `__shared__` variables are function-local statics: one copy
+// per kernel instantiation, used by the one block that runs at a time. Launches are serialised, as
+// on one stream, and complete before launch() returns.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <semaphore>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+// ---- The language -------------------------------------------------------------------------------
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// Set for each emulated thread before it enters the kernel.
+inline thread_local uint3 threadIdx;
+inline thread_local uint3 blockIdx;
+inline thread_local dim3 blockDim;
+inline thread_local dim3 gridDim;
+
+// Additions rounded once, as the GPU's: host code is compiled with -ffp-contract=off.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
+
+namespace focal_emu {
+
+// The emulated device: its size (what the grid sizing of csrc/cuda sees), and what tests observe.
+inline constexpr int kMultiprocessors = 2;
+inline constexpr unsigned kMaxThreadsPerBlock = 1024;
+inline constexpr int kWarpThreads = 32;
+
+struct Counters {
+  std::atomic<int64_t> launches{0};
+  std::atomic<int64_t> elements{0};  // reported by the kernels through trace_elements()
+};
+inline Counters counters;
+
+inline void trace_elements(int64_t n) { counters.elements.fetch_add(n, std::memory_order_relaxed); }
+
+// When true, one-value tensors (a tensor normaliser, a one-value grad_output) count as device
+// memory: the host code must hand them to a kernel instead of reading them. Every emulated tensor
+// is in host memory, so this is the emulation's only notion of "on the device".
+inline std::atomic<bool> scalars_on_device_flag{false};
+inline bool scalars_on_device() { return scalars_on_device_flag.load(); }
+
+inline thread_local std::barrier<>* block_barrier = nullptr;
+
+// Runs the blocks of a grid on a pool of OS threads, one per thread of a block.
+class Device {
+ public:
+  static Device& get() {
+    // Never destroyed: its threads wait for work until the process ends.
+    static Device* device = new Device;
+    return *device;
+  }
+
+  void run_grid(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+    const uint64_t threads = uint64_t(block.x) * block.y * block.z;
+    if (grid.x == 0 || grid.y == 0 || grid.z == 0 || threads == 0 ||
+        threads > kMaxThreadsPerBlock || block.z > 64 || grid.y > 65535 || grid.z > 65535) {
+      throw std::runtime_error("emulated CUDA launch: invalid configuration argument (grid " +
+                               std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
+                               std::to_string(grid.z) + ", block " + std::to_string(threads) +
+                               " threads)");
+    }
+    const std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
+    counters.launches.fetch_add(1);
+    grow(static_cast<unsigned>(threads));
+    kernel_ = &kernel;
+    grid_ = grid;
+    block_ = block;
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          run_block(uint3{x, y, z}, static_cast<unsigned>(threads));
+        }
+      }
+    }
+    kernel_ = nullptr;
+  }
+
+ private:
+  struct Worker {
+    std::binary_semaphore start{0};
+    std::thread thread;
+  };
+
+  void grow(unsigned threads) {
+    while (workers_.size() < threads) {
+      const unsigned id = static_cast<unsigned>(workers_.size());
+      workers_.push_back(std::make_unique<Worker>());
+      Worker* w = workers_.back().get();
+      w->thread = std::thread([this, id, w] { work(id, w); });
+    }
+  }
+
+  void run_block(uint3 block_idx, unsigned threads) {
+    block_idx_ = block_idx;
+    barrier_.emplace(static_cast<std::ptrdiff_t>(threads));
+    {
+      const std::lock_guard<std::mutex> lock(done_mutex_);
+      running_ = threads;
+    }
+    for (unsigned t = 0; t < threads; ++t) workers_[t]->start.release();
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_.wait(lock, [this] { return running_ == 0; });
+  }
+
+  void work(unsigned id, Worker* w) {
+    for (;;) {
+      w->start.acquire();
+      threadIdx = uint3{id % block_.x, (id / block_.x) % block_.y, id / (block_.x * block_.y)};
+      blockIdx = block_idx_;
+      blockDim = block_;
+      gridDim = grid_;
+      block_barrier = &*barrier_;
+      (*kernel_)();
+      // An exited thread no longer takes part in __syncthreads(), as on the GPU.
+      block_barrier->arrive_and_drop();
+      block_barrier = nullptr;
+      const std::lock_guard<std::mutex> lock(done_mutex_);
+      if (--running_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex launch_mutex_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  // The block being run; written by the launching thread before it releases the workers.
+  const std::function<void()>* kernel_ = nullptr;
+  dim3 grid_, block_;
+  uint3 block_idx_;
+  std::optional<std::barrier<>> barrier_;
+  std::mutex done_mutex_;
+  std::condition_variable done_;
+  unsigned running_ = 0;
+};
+
+// kernel<<<grid, block>>>(args...): every thread calls the kernel with its own copy of the
+// arguments, as parameters are passed on the GPU.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
+  const std::function<void()> body = [&] { kernel(args...); };
+  Device::get().run_grid(grid, block, body);
+}
+
+}  // namespace focal_emu
+
+inline void __syncthreads() {
+  if (focal_emu::block_barrier == nullptr) {
+    std::fputs("emulated CUDA: __syncthreads() outside a kernel\n", stderr);
+    std::abort();
+  }
+  focal_emu::block_barrier->arrive_and_wait();
+}
+
+// ---- CUB --------------------------------------------------------------------------------------
+
+namespace cub {
+
+// cub::BlockReduce<T, BLOCK_THREADS> with its default algorithm, BLOCK_REDUCE_WARP_REDUCTIONS, for
+// Sum() over a full 1-D block, adding in the order the GPU does (cub/block/specializations/
+// block_reduce_warp_reductions.cuh, cub/warp/specializations/warp_reduce_shfl.cuh):
+//  1. each warp of 32 threads reduces with five shuffle-down steps, offsets 1, 2, 4, 8, 16: at each
+//     step every lane whose source lane + offset is still in the warp adds that lane's value to its
+//     own (all lanes read before any writes); lane 0 then holds the warp's total;
+//  2. lane 0 of each warp stores its total in shared memory, __syncthreads();
+//  3. thread 0 adds the warp totals to warp 0's, in warp order: ((w0 + w1) + w2) + ...
+// Only thread 0's result is the block total, as with CUB. Each step is a + b or b + a depending on
+// the type in CUB's PTX; IEEE addition is commutative, so the order of the operands is immaterial.
+template <typename T, int BLOCK_THREADS>
+class BlockReduce {
+  static constexpr int kWarp = focal_emu::kWarpThreads;
+  static constexpr int kWarps = BLOCK_THREADS / kWarp;
+  static_assert(BLOCK_THREADS % kWarp == 0, "the emulation handles whole warps only");
+
+ public:
+  struct TempStorage {
+    T lanes[BLOCK_THREADS];
+  };
+
+  explicit BlockReduce(TempStorage& storage) : storage_(storage) {
+    if (blockDim.x * blockDim.y * blockDim.z != static_cast<unsigned>(BLOCK_THREADS)) {
+      std::fputs("emulated cub::BlockReduce: block size differs from BLOCK_THREADS\n", stderr);
+      std::abort();
+    }
+  }
+
+  T Sum(T input) {
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    storage_.lanes[tid] = input;
+    __syncthreads();
+    if (tid != 0) return input;
+    T total = warp_total(storage_.lanes);
+    for (int w = 1; w < kWarps; ++w) total = total + warp_total(storage_.lanes + w * kWarp);
+    return total;
+  }
+
+ private:
+  static T warp_total(const T* lanes) {
+    T v[kWarp];
+    for (int i = 0; i < kWarp; ++i) v[i] = lanes[i];
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      T next[kWarp];
+      for (int lane = 0; lane < kWarp; ++lane) {
+        next[lane] = lane + offset <= kWarp - 1 ? v[lane] + v[lane + offset] : v[lane];
+      }
+      for (int lane = 0; lane < kWarp; ++lane) v[lane] = next[lane];
+    }
+    return v[0];
+  }
+
+  TempStorage& storage_;
+};
+
+}  // namespace cub

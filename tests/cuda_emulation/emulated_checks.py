@@ -1,0 +1,430 @@
+"""The CUDA backend's kernels and host code, run on the CPU emulation (csrc/cuda/README.md).
+
+Run by tests/test_cuda_emulated.py in a separate interpreter with the AddressSanitizer runtime
+preloaded; FOCAL_EMU_LIBRARY names the library it built. The main test session does not collect
+this file (its name does not match test_*.py): loading the library needs that runtime.
+
+The emulated op ``torch.ops.focal_emu.sigmoid_focal_loss`` is compared with the CPU op
+``torch.ops.focal.sigmoid_focal_loss`` (the same math over another libm: a few ulps apart) and with
+``focal.reference`` in float64. Kernel launches and the elements they touch are read from the
+emulation's counters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+import focal  # noqa: F401  (loads focal._C, whose CPU op is the comparison)
+from bitwise import assert_bitwise_equal
+from cuda_cases import (
+    DTYPES,
+    GAMMAS,
+    REDUCTIONS,
+    accumulation_dtype,
+    assert_close_ulps,
+    cuda_reduced_sum,
+    grid_blocks,
+    make_logits,
+    make_targets,
+    summation_error_bound,
+    vector_width,
+)
+from focal import reference
+
+torch.ops.load_library(os.environ["FOCAL_EMU_LIBRARY"])
+EMU = torch.ops.focal_emu
+CPU = torch.ops.focal
+MULTIPROCESSORS = EMU.emulated_multiprocessors()
+
+# Agreement with the CPU op (the same math over another libm's exp and log), in ulps of the logits'
+# dtype: losses elementwise (float32: pow's exp(gamma log q) turns one rounding of its argument into
+# up to |gamma log q| ulps), gradients also relative to their largest value (see assert_close_ulps).
+# 16-bit outputs are rounded from float32 math: one ulp apart at most.
+LOSS_ULPS = {torch.float32: 32, torch.float64: 8, torch.float16: 1, torch.bfloat16: 1}
+GRAD_ULPS = {torch.float32: 8, torch.float64: 8, torch.float16: 1, torch.bfloat16: 1}
+# Against focal.reference in float64, in ulps of REFERENCE_DTYPE: the reference forms 1 - p_t by
+# cancellation, so at saturated logits it is itself only float32-accurate.
+REFERENCE_DTYPE = {torch.float32: torch.float32, torch.float64: torch.float32, torch.float16: torch.float16,
+                   torch.bfloat16: torch.bfloat16}
+KINDS = ["hard", "soft", "ids", "ids_smoothed"]
+WEIGHTS = ["none", "class", "full", "row"]
+NORMALIZERS = ["none", "number", "cpu_tensor", "device_tensor"]
+
+
+@contextlib.contextmanager
+def scalars_on_device():
+    """One-value tensors (normaliser, grad_output) count as device memory in this block."""
+    old = EMU.set_scalars_on_device(True)
+    try:
+        yield
+    finally:
+        EMU.set_scalars_on_device(old)
+
+
+def counted(fn):
+    """fn()'s result, the kernel launches it made and the elements its kernels touched."""
+    EMU.reset_emulation_counters()
+    out = fn()
+    launches, elements = EMU.emulation_counters()
+    return out, launches, elements
+
+
+def loss_op(op, x, t, *, weight=None, row_weight=None, normalizer=None, alpha=0.25, gamma=2.0, smoothing=0.0,
+            ignore_index=-100, reduction="none", scale=1.0, compute_grad=True):
+    return op.sigmoid_focal_loss(x, t, weight, row_weight, normalizer, alpha, gamma, smoothing, ignore_index,
+                                 reduction, scale, compute_grad)
+
+
+def expected(x, t, *, weight=None, row_weight=None, normalizer=None, alpha=0.25, gamma=2.0, smoothing=0.0,
+             ignore_index=-100, reduction="none", scale=1.0):
+    """Loss and d(loss)/d(logits) (of loss.sum() for "none") by focal.reference in float64."""
+    xd = x.double().requires_grad_()
+    td = t.double() if t.is_floating_point() else t
+    w = None if weight is None else weight.double()
+    if row_weight is not None:
+        rw = row_weight.double().unsqueeze(-1)
+        w = rw if w is None else w * rw
+    norm = None if normalizer is None else float(normalizer)
+    loss = reference.sigmoid_focal_loss(xd, td, alpha, gamma, reduction, weight=w, normalizer=norm,
+                                        ignore_index=ignore_index, label_smoothing=smoothing) * scale
+    (grad,) = torch.autograd.grad(loss.sum(), xd)
+    return loss.detach(), grad
+
+
+def assert_reduced_close(got, want, dtype, numel, what, terms_dtype=None):
+    """A reduced loss within the error bound of the GPU's summation order, plus LOSS_ULPS of
+    `terms_dtype` (default: the accumulation dtype) for the error of the terms themselves."""
+    blocks = grid_blocks(numel, dtype, MULTIPROCESSORS)
+    terms_dtype = terms_dtype or accumulation_dtype(dtype)
+    rtol = summation_error_bound(numel, dtype, blocks) + LOSS_ULPS[terms_dtype] * torch.finfo(terms_dtype).eps
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=0, equal_nan=True, msg=what)
+
+
+# ---- The matrix -----------------------------------------------------------------------------------
+
+MATRIX = list(itertools.product(DTYPES, KINDS, GAMMAS, REDUCTIONS))
+
+
+@pytest.mark.parametrize(("dtype", "kind", "gamma", "reduction"), MATRIX, ids=lambda v: str(v).replace("torch.", ""))
+def test_matches_cpu_op_and_reference(dtype, kind, gamma, reduction):
+    """Every dtype, target kind, gamma path and reduction. The weight's form (none, (C,), full, per
+    row) rotates so that each meets every dtype and target kind, the normaliser's (none, a number,
+    a CPU tensor, a device tensor) so that each meets every dtype and reduction; alpha is 0.25 or
+    off (-1)."""
+    i = MATRIX.index((dtype, kind, gamma, reduction))
+    g = torch.Generator().manual_seed(i)
+    cols = (37, 5, 80, 13)[i % 4]
+    x = make_logits((61, cols), dtype, g)
+    t = make_targets("ids" if kind.startswith("ids") else kind, x, g)
+    smoothing = 0.1 if kind in ("soft", "ids_smoothed") else 0.0
+    weight_mode = WEIGHTS[(i // 3) % 4]
+    norm_mode = NORMALIZERS[(i // 16 + i) % 4]
+    kwargs = dict(alpha=-1.0 if i % 3 == 0 else 0.25, gamma=gamma, smoothing=smoothing, reduction=reduction)
+    if weight_mode == "class":
+        kwargs["weight"] = torch.rand(cols, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    elif weight_mode == "full":
+        kwargs["weight"] = torch.rand(x.shape, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    elif weight_mode == "row":
+        kwargs["row_weight"] = torch.rand(x.shape[:-1], generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    norm_value = 3.0
+    op_kwargs = dict(kwargs)
+    if norm_mode == "number":
+        op_kwargs["scale"] = 1.0 / norm_value
+    elif norm_mode != "none":
+        op_kwargs["normalizer"] = torch.tensor(norm_value)
+
+    with scalars_on_device() if norm_mode == "device_tensor" else contextlib.nullcontext():
+        emu_loss, emu_grad = loss_op(EMU, x, t, **op_kwargs)
+    cpu_loss, cpu_grad = loss_op(CPU, x, t, **op_kwargs)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "smoothing"}
+    ref_loss, ref_grad = expected(x, t, smoothing=smoothing, normalizer=None if norm_mode == "none" else norm_value,
+                                  **ref_kwargs)
+
+    assert emu_loss.dtype == cpu_loss.dtype and emu_grad.dtype == dtype
+    ref_dtype = REFERENCE_DTYPE[dtype]
+    assert_close_ulps(emu_grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op", normwise=True)
+    assert_close_ulps(emu_grad, ref_grad, ref_dtype, GRAD_ULPS[ref_dtype], "grad vs reference", normwise=True)
+    if reduction == "none":
+        assert_close_ulps(emu_loss, cpu_loss, dtype, LOSS_ULPS[dtype], "loss vs CPU op")
+        assert_close_ulps(emu_loss, ref_loss, ref_dtype, LOSS_ULPS[ref_dtype], "loss vs reference")
+    else:
+        assert emu_loss.shape == ()
+        assert_reduced_close(emu_loss, cpu_loss, dtype, x.numel(), "loss vs CPU op")
+        # float32 terms for every dtype: the op's 16-bit math and the reference's own accuracy
+        assert_reduced_close(emu_loss, ref_loss, dtype, x.numel(), "loss vs reference", torch.float32)
+
+
+def test_logits_of_any_rank():
+    g = torch.Generator().manual_seed(1)
+    x = make_logits((2, 3, 7), torch.float32, g)
+    ids = make_targets("ids", x, g)
+    for reduction in REDUCTIONS:
+        emu = loss_op(EMU, x, ids, reduction=reduction)
+        cpu = loss_op(CPU, x, ids, reduction=reduction)
+        assert emu[0].shape == cpu[0].shape and emu[1].shape == x.shape
+        assert_close_ulps(emu[1], cpu[1], torch.float32, GRAD_ULPS[torch.float32], f"{reduction} grad", normwise=True)
+
+
+def test_argument_checks_are_the_shared_ones():
+    x = torch.randn(4, 6)
+    with pytest.raises(ValueError, match="logits must be contiguous"):
+        loss_op(EMU, x.t(), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="reduction must be"):
+        loss_op(EMU, x, torch.zeros_like(x), reduction="avg")
+
+
+# ---- Memory access: alignment, tails, grid-stride loops, empty inputs -------------------------------
+
+@pytest.mark.parametrize("kind", ["soft", "ids"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_unaligned_inputs_take_element_accesses_with_the_same_results(dtype, kind):
+    """Logits (and float targets) one element past a 16-byte boundary: the kernel must not use its
+    128-bit accesses, and must compute exactly what it computes for an aligned copy."""
+    g = torch.Generator().manual_seed(2)
+    rows, cols = 23, 11
+    x_storage = make_logits(rows * cols + 1, dtype, g)
+    x = x_storage[1:].view(rows, cols)
+    t = make_targets(kind, x.contiguous(), g)
+    if kind == "soft":
+        t_storage = torch.cat([t.new_zeros(1), t.reshape(-1)])
+        t = t_storage[1:].view(rows, cols)
+        assert t.data_ptr() % 16 != 0
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    for reduction in REDUCTIONS:
+        loss, grad = loss_op(EMU, x, t, reduction=reduction, gamma=1.5, smoothing=0.05)
+        aligned_loss, aligned_grad = loss_op(EMU, x.clone(), t.clone(), reduction=reduction, gamma=1.5, smoothing=0.05)
+        assert_bitwise_equal(loss, aligned_loss, f"{reduction} loss")
+        assert_bitwise_equal(grad, aligned_grad, f"{reduction} grad")
+        cpu_grad = loss_op(CPU, x, t, reduction=reduction, gamma=1.5, smoothing=0.05)[1]
+        assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], f"{reduction} grad vs CPU op", normwise=True)
+
+
+def _sizes(dtype):
+    vec = vector_width(dtype)
+    one_pass = MULTIPROCESSORS * (3 if dtype == torch.float64 else 4) * 256 * vec
+    # Around the pack width, and grid-stride loops of two and three passes ending in a partial pack.
+    return [1, vec - 1, vec, vec + 1, 3 * vec + 1, 2 * one_pass + vec + 1, 3 * one_pass - 1]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_element_once_at_any_size(dtype):
+    g = torch.Generator().manual_seed(3)
+    for numel in _sizes(dtype):
+        x = make_logits((numel, 1), dtype, g)
+        t = make_targets("soft", x, g)
+        (loss, grad), launches, elements = counted(lambda: loss_op(EMU, x, t))
+        assert (launches, elements) == (1, numel), numel
+        cpu_loss, cpu_grad = loss_op(CPU, x, t)
+        assert_close_ulps(loss, cpu_loss, dtype, LOSS_ULPS[dtype], f"loss, {numel} elements")
+        assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], f"grad, {numel} elements", normwise=True)
+        (total, no_grad), launches, elements = counted(lambda: loss_op(EMU, x, t, reduction="sum", compute_grad=False))
+        assert (launches, elements) == (2, numel), numel
+        assert no_grad.shape == (0,)
+        assert_reduced_close(total, loss_op(CPU, x, t, reduction="sum")[0], dtype, numel, f"sum of {numel}")
+
+
+@pytest.mark.parametrize("kind", ["soft", "ids"])
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,)], ids=str)
+def test_empty_inputs_launch_nothing(shape, kind):
+    if kind == "ids" and len(shape) == 1:
+        pytest.skip("class ids need logits of at least one dimension plus the classes")
+    x = torch.randn(shape)
+    t = torch.full(shape[:-1], -1, dtype=torch.long) if kind == "ids" else torch.rand(shape)
+    for reduction in REDUCTIONS:
+        (loss, grad), launches, _ = counted(lambda: loss_op(EMU, x, t, reduction=reduction))
+        cpu_loss, cpu_grad = loss_op(CPU, x, t, reduction=reduction)
+        assert launches == 0
+        assert loss.shape == cpu_loss.shape and grad.shape == x.shape
+        torch.testing.assert_close(loss, cpu_loss, equal_nan=True)  # "mean": NaN for float targets, 0 for ids
+
+
+# ---- Class ids ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_invalid_class_ids_give_nan_rows_not_an_error(dtype):
+    """The GPU cannot raise without a host sync: an id outside [-1, C) poisons its row instead."""
+    g = torch.Generator().manual_seed(4)
+    x = make_logits((6, 5), dtype, g)
+    ids = torch.tensor([0, 5, -1, -2, 4, -100])
+    loss, grad = loss_op(EMU, x, ids)
+    bad = torch.tensor([False, True, False, True, False, False])
+    assert torch.isnan(loss[bad]).all() and torch.isnan(grad[bad]).all()
+    cpu_loss, cpu_grad = loss_op(CPU, x[~bad], ids[~bad])
+    assert_close_ulps(loss[~bad], cpu_loss, dtype, LOSS_ULPS[dtype], "loss of the valid rows")
+    assert_close_ulps(grad[~bad], cpu_grad, dtype, GRAD_ULPS[dtype], "grad of the valid rows", normwise=True)
+    for reduction in ("sum", "mean"):
+        assert math.isnan(loss_op(EMU, x, ids, reduction=reduction)[0].item())
+    with pytest.raises(ValueError, match="out of range"):  # the CPU op checks on the host
+        loss_op(CPU, x, ids)
+
+
+def test_class_id_mean_counts_rows_on_the_device():
+    """"mean" over class ids divides by the rows that are not ignored, counted by one extra launch."""
+    g = torch.Generator().manual_seed(5)
+    x = make_logits((50, 7), torch.float32, g)
+    ids = make_targets("ids", x, g)
+    (loss, grad), launches, _ = counted(lambda: loss_op(EMU, x, ids, reduction="mean"))
+    assert launches == 3  # count, loss, sum of the block sums
+    cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction="mean")
+    assert_reduced_close(loss, cpu_loss, torch.float32, x.numel(), "mean")
+    assert_close_ulps(grad, cpu_grad, torch.float32, GRAD_ULPS[torch.float32], "grad", normwise=True)
+    all_ignored = torch.full((50,), -100)
+    loss, grad = loss_op(EMU, x, all_ignored, reduction="mean")
+    assert loss.item() == 0 and not grad.any()
+
+
+# ---- The scale: a number, a normaliser on the host or on the device ---------------------------------
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(
+    "norm_dtype",
+    [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+     torch.uint8, torch.uint16],
+    ids=str,
+)
+def test_normalizer_on_host_or_device_equals_the_scale(norm_dtype, reduction):
+    """A normaliser read on the host (CPU tensor) or by the kernels (device tensor, any real dtype)
+    gives bitwise what scale = 1 / normaliser gives, and the device one costs no extra launch."""
+    g = torch.Generator().manual_seed(6)
+    x = make_logits((40, 9), torch.float32, g)
+    ids = make_targets("ids", x, g)
+    normalizer = torch.tensor(7, dtype=norm_dtype)
+    want_loss, want_grad = loss_op(EMU, x, ids, reduction=reduction, scale=1 / 7)
+    (host_loss, host_grad), host_launches, _ = counted(lambda: loss_op(EMU, x, ids, reduction=reduction,
+                                                                       normalizer=normalizer))
+    with scalars_on_device():
+        (dev_loss, dev_grad), dev_launches, _ = counted(lambda: loss_op(EMU, x, ids, reduction=reduction,
+                                                                        normalizer=normalizer))
+    for what, got in (("host", (host_loss, host_grad)), ("device", (dev_loss, dev_grad))):
+        assert_bitwise_equal(got[0], want_loss, f"{what} normaliser, loss")
+        assert_bitwise_equal(got[1], want_grad, f"{what} normaliser, grad")
+    assert dev_launches == host_launches == {"none": 1, "sum": 2, "mean": 3}[reduction]
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, math.nan, math.inf])
+def test_invalid_normalizer_on_device_poisons_the_result(value):
+    """The host checks a CPU normaliser; one on the device is never read there (that would wait for
+    the GPU), so an invalid value turns loss and gradient into NaN instead of raising."""
+    x = torch.randn(8, 4)
+    t = torch.rand(8, 4)
+    normalizer = torch.tensor(value)
+    with pytest.raises(ValueError, match="normalizer must be finite and > 0"):
+        loss_op(EMU, x, t, normalizer=normalizer)
+    with scalars_on_device():
+        loss, grad = loss_op(EMU, x, t, normalizer=normalizer)
+        total, _ = loss_op(EMU, x, t, normalizer=normalizer, reduction="sum")
+    assert torch.isnan(loss).all() and torch.isnan(grad).all() and torch.isnan(total)
+
+
+# ---- Reductions: CUB's order, bitwise ----------------------------------------------------------------
+
+@pytest.mark.parametrize("numel", [1000, 37 * 1000 + 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_reduced_sum_is_cubs_order_bitwise(dtype, numel):
+    """The sum equals, bit for bit, the model of the kernels' order in tests/cuda_cases.py (per-thread
+    grid-stride sums, CUB's warp-shuffle tree, warps in order, then the same over the blocks), run
+    after run. For the larger input a plain left-to-right sum differs, so the comparison can fail."""
+    g = torch.Generator().manual_seed(7)
+    x = make_logits((numel, 1), dtype, g)
+    t = make_targets("soft", x, g)
+    unscaled, _ = loss_op(EMU, x, t, compute_grad=False)  # scale 1: the kernel's own per-element losses
+    total, _ = loss_op(EMU, x, t, reduction="sum", compute_grad=False)
+    model = cuda_reduced_sum(unscaled, dtype, grid_blocks(numel, dtype, MULTIPROCESSORS))
+    assert_bitwise_equal(total, model, "sum vs model of the CUDA order")
+    for _ in range(3):
+        assert_bitwise_equal(loss_op(EMU, x, t, reduction="sum", compute_grad=False)[0], total, "repeat")
+    if numel > 1000:
+        sequential = torch.zeros((), dtype=accumulation_dtype(dtype))
+        for v in unscaled.reshape(-1):
+            sequential = sequential + v
+        assert not torch.equal(sequential, total)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_sum_of_16_bit_logits_is_repeatable(dtype):
+    g = torch.Generator().manual_seed(8)
+    x = make_logits((3000, 13), dtype, g)
+    ids = make_targets("ids", x, g)
+    first, _ = loss_op(EMU, x, ids, reduction="mean")
+    for _ in range(3):
+        assert_bitwise_equal(loss_op(EMU, x, ids, reduction="mean")[0], first, "repeat")
+
+
+# ---- scale_grad_ ----------------------------------------------------------------------------------
+
+def _grad(dtype, numel=1000):
+    return make_logits((numel // 10, 10), dtype, torch.Generator().manual_seed(9))
+
+
+ONE_VALUE_FORMS = {
+    "0-dim": lambda v: torch.tensor(v),
+    "(1,)": lambda v: torch.tensor([v]),
+    "expanded": lambda v: torch.tensor(v).expand(100, 10),
+}
+
+
+@pytest.mark.parametrize("form", list(ONE_VALUE_FORMS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad_by_one_on_device_makes_no_pass(dtype, form):
+    """grad_output = 1 on the device (loss.backward()): one launch whose threads all return at once."""
+    grad = _grad(dtype)
+    before = grad.clone()
+    with scalars_on_device():
+        _, launches, elements = counted(lambda: EMU.scale_grad_(grad, ONE_VALUE_FORMS[form](1.0)))
+    assert (launches, elements) == (1, 0)
+    assert_bitwise_equal(grad, before, "grad")
+
+
+@pytest.mark.parametrize("value", [2.0, 0.3, 1.0 + 2**-12])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scale_grad_by_a_device_value_is_one_pass(dtype, value):
+    """Any other value: one pass over grad, rounding the value to grad's dtype and multiplying in
+    the math type, as ATen's mul_ by a one-value CUDA tensor does (1 + 2^-12 rounds to 1 in
+    bfloat16 and float16: the pass then leaves grad unchanged)."""
+    grad = _grad(dtype)
+    math_dtype = accumulation_dtype(dtype)
+    want = (grad.to(math_dtype) * torch.tensor(value).to(dtype).to(math_dtype)).to(dtype)
+    with scalars_on_device():
+        _, launches, elements = counted(lambda: EMU.scale_grad_(grad, torch.tensor(value)))
+    rounds_to_one = torch.tensor(value).to(dtype).item() == 1
+    assert (launches, elements) == (1, 0 if rounds_to_one else grad.numel())
+    assert_bitwise_equal(grad, want, "grad")
+
+
+def test_scale_grad_with_a_cpu_scalar_reads_it_on_the_host():
+    grad = _grad(torch.float32)
+    before = grad.clone()
+    _, launches, elements = counted(lambda: EMU.scale_grad_(grad, torch.tensor(1.0)))
+    assert (launches, elements) == (0, 0)
+    assert_bitwise_equal(grad, before, "grad by 1")
+    EMU.scale_grad_(grad, torch.tensor(0.5))
+    assert_bitwise_equal(grad, before * 0.5, "grad by 0.5")
+
+
+def test_scale_grad_by_a_full_tensor_multiplies():
+    grad = _grad(torch.float32)
+    grad_output = torch.rand(grad.shape)
+    want = grad * grad_output
+    with scalars_on_device():
+        _, launches, _ = counted(lambda: EMU.scale_grad_(grad, grad_output))
+    assert launches == 0  # ATen's mul_
+    assert_bitwise_equal(grad, want, "grad")
+
+
+def test_scale_grad_of_empty_or_strided_grad():
+    with scalars_on_device():
+        empty = torch.empty(0, 5)
+        _, launches, _ = counted(lambda: EMU.scale_grad_(empty, torch.tensor(3.0)))
+        assert launches == 0
+        base = _grad(torch.float32)
+        strided = base.t()  # not contiguous: ATen's mul_
+        want = strided * 3
+        _, launches, _ = counted(lambda: EMU.scale_grad_(strided, torch.tensor(3.0)))
+        assert launches == 0
+        assert_bitwise_equal(strided, want, "strided grad")

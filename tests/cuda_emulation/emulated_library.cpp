@@ -1,0 +1,39 @@
+// The operator library of the emulated CUDA backend (test-only): the schemas of namespace
+// focal_emu, the same as focal's (focal_ops.h), and the emulation's controls. The host code of
+// csrc/cuda/*.cu, compiled into the same library, registers its kernels for them on the CPU key
+// (FOCAL_CUDA_REGISTER_KERNELS in host_runtime.cuh).
+#include <cstdint>
+#include <vector>
+
+#include <torch/library.h>
+
+#include "cuda_emulation.h"
+#include "focal_ops.h"
+
+namespace {
+
+// [kernel launches, elements the kernels reported touching] since the last reset.
+std::vector<int64_t> emulation_counters() {
+  return {focal_emu::counters.launches.load(), focal_emu::counters.elements.load()};
+}
+
+void reset_emulation_counters() {
+  focal_emu::counters.launches = 0;
+  focal_emu::counters.elements = 0;
+}
+
+int64_t emulated_multiprocessors() { return focal_emu::kMultiprocessors; }
+
+// Sets whether one-value tensors count as device memory (cuda_emulation.h); returns the old value.
+bool set_scalars_on_device(bool on) { return focal_emu::scalars_on_device_flag.exchange(on); }
+
+}  // namespace
+
+TORCH_LIBRARY(focal_emu, m) {
+  m.def(focal::kSigmoidFocalLossSchema);
+  m.def(focal::kScaleGradSchema);
+  m.def("emulation_counters() -> int[]", &emulation_counters);
+  m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
+  m.def("set_scalars_on_device(bool on) -> bool", &set_scalars_on_device);
+  m.def("emulated_multiprocessors() -> int", &emulated_multiprocessors);
+}
