@@ -15,12 +15,14 @@ How the hot loop is found (see also benchmarks/README.md):
 1. Every branch (``BRA``) whose target address is at or before its own address closes a loop that
    spans [target, branch]; the one-instruction ``BRA`` to itself that ends every function is not a
    loop. Loops inside another loop's span are nested in it; only outermost loops are candidates.
-2. The grid-stride loop is the outermost loop that stores to global memory (``STG`` / generic
-   ``ST``): it writes the gradient. When the compiler made several such loops (an unrolled loop and
+2. The hot loop writes the gradient in 16-byte packs (``STG.E.128``): it is the innermost loop that
+   does (focal_ids_kernel keeps its rare slow chunks in an outer loop around it, so that the call
+   they make stays out of the hot one). Without such a loop, the outermost loop that stores to global
+   memory (``STG`` / generic ``ST``) is taken. When the compiler made several such loops (an unrolled loop and
    its remainder, say), the longest is counted, and its unroll factor is its number of global stores
    over that of the loop with the fewest.
-3. Elements per trip = unroll x (``--bytes-per-iteration`` / size of the dtype), 16 bytes by default:
-   each thread takes one 16-byte pack of logits per trip of the source loop. ``--elements-per-
+3. Elements per trip = unroll x (``--bytes-per-iteration`` / size of the dtype): 32 bytes for
+   focal_ids_kernel (two packs per trip), 16 for other kernels (one pack). ``--elements-per-
    iteration N`` overrides the pack size for kernels that take another amount.
 4. The loop's length is static: every instruction in its address range, taken or not on a given
    trip. For a loop body without branches it is the executed count; ``branches`` and ``calls`` in the
@@ -51,9 +53,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-DEFAULT_KERNEL_PATTERN = r"\bfocal_kernel<"
+DEFAULT_KERNEL_PATTERN = r"\bfocal_ids_kernel<"
+
+# What a kernel's name implies that its template arguments do not say: focal_ids_kernel is the
+# class-id kernel and takes two 16-byte packs per trip.
+KERNEL_FACTS = {
+    "focal_ids_kernel": {"target": "ClassId", "bytes_per_iteration": 32},
+}
 DEFAULT_ARCH = "sm_90"
-DEFAULT_BYTES_PER_ITERATION = 16
 
 # Demangled C++ scalar types of the kernel's template arguments -> (dtype name, bytes).
 SCALAR_TYPES = {
@@ -76,6 +83,7 @@ FUNCTION_HEADER = re.compile(r"^\s*Function\s*:\s*(?P<name>\S+)")
 ARCH_HEADER = re.compile(r"^\s*code for (?P<arch>sm_\w+)")
 BRANCH = re.compile(r"^BRA(?:\.[\w.]+)?\s+(?:[!\w.]+\s*,\s*)*(?P<target>0x[0-9a-fA-F]+)\s*$")
 GLOBAL_STORE = re.compile(r"^(?:STG|ST)(?:\.|$)")
+PACK_STORE = re.compile(r"^(?:STG|ST)\..*\b128$")
 GLOBAL_LOAD = re.compile(r"^(?:LDG|LD)(?:\.|$)")
 
 
@@ -203,10 +211,17 @@ class HotLoop:
     candidates: list[Loop]  # the outermost loops that store to global memory
 
 
+def innermost(loops: list[Loop]) -> list[Loop]:
+    return [a for a in loops if not any(b is not a and a.start <= b.start and b.end <= a.end for b in loops)]
+
+
 def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
-    """The grid-stride loop: the longest outermost loop that stores to global memory (see the
-    module docstring). None when the function has no such loop."""
-    candidates = [lp for lp in outermost(find_loops(instructions)) if lp.count(GLOBAL_STORE) > 0]
+    """The loop that walks the elements (see the module docstring): the innermost loops that store
+    16-byte packs, else the outermost loops that store to global memory; the longest of them. None
+    when the function has no loop that stores."""
+    storing = [lp for lp in find_loops(instructions) if lp.count(GLOBAL_STORE) > 0]
+    packed = [lp for lp in storing if lp.count(PACK_STORE) > 0]
+    candidates = innermost(packed) if packed else outermost(storing)
     if not candidates:
         return None
     hot = max(candidates, key=lambda lp: len(lp.instructions))
@@ -353,7 +368,7 @@ def analyse(
     kernel_pattern: str,
     enums: dict[str, list[str]],
     demangler: str,
-    bytes_per_iteration: int = DEFAULT_BYTES_PER_ITERATION,
+    bytes_per_iteration: int | None = None,
     elements_per_iteration: int | None = None,
 ) -> list[dict]:
     """One record per kernel instantiation matching ``kernel_pattern`` in ``arch``'s code."""
@@ -371,6 +386,8 @@ def analyse(
         if not pattern.search(demangled):
             continue
         info = describe_instantiation(split_template_args(demangled, pattern), enums)
+        facts = next((f for name, f in KERNEL_FACTS.items() if re.search(rf"\b{name}<", demangled)), {})
+        info["target"] = info["target"] or facts.get("target")
         res = usage.get((arch, fn.mangled)) or usage.get(("unknown", fn.mangled), {})
         record = {
             "name": demangled,
@@ -393,7 +410,7 @@ def analyse(
             if elements_per_iteration is not None:
                 per_pack = elements_per_iteration
             elif info.get("element_bytes"):
-                per_pack = max(1, bytes_per_iteration // info["element_bytes"])
+                per_pack = max(1, (bytes_per_iteration or facts.get("bytes_per_iteration", 16)) // info["element_bytes"])
             else:
                 per_pack = None  # no dtype among the template arguments: say so rather than guess
             elements = hot.unroll * per_pack if per_pack else None
@@ -479,7 +496,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--arch", default=DEFAULT_ARCH, help=f"architecture whose code is read (default {DEFAULT_ARCH})")
     parser.add_argument("--kernel", default=DEFAULT_KERNEL_PATTERN,
                         help=f"regular expression matched against demangled names (default {DEFAULT_KERNEL_PATTERN!r})")
-    parser.add_argument("--bytes-per-iteration", type=int, default=DEFAULT_BYTES_PER_ITERATION,
+    parser.add_argument("--bytes-per-iteration", type=int, default=None,
                         help="logits bytes one thread takes per trip of the source loop (default 16)")
     parser.add_argument("--elements-per-iteration", type=int, help="elements per trip of the source loop, overriding --bytes-per-iteration")
     parser.add_argument("--source", type=Path, default=REPO_ROOT / "csrc", help="where the TargetKind / GammaKind enums are read (default csrc/)")
@@ -491,7 +508,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.elements_per_iteration is not None and args.elements_per_iteration < 1:
         parser.error("--elements-per-iteration must be >= 1")
-    if args.bytes_per_iteration < 1:
+    if args.bytes_per_iteration is not None and args.bytes_per_iteration < 1:
         parser.error("--bytes-per-iteration must be >= 1")
     try:
         re.compile(args.kernel)

@@ -120,6 +120,43 @@ def test_hot_loop_is_the_outermost_loop_that_stores():
     assert summary["calls"] == 1
 
 
+# focal_ids_kernel's shape: an outer loop (the slow chunks, with a call) around the hot loop, which
+# alone stores 16-byte packs.
+NESTED = sass(
+    "code for sm_90",
+    "Function : _Z16focal_ids_kernelIfLN5focal9GammaKindE2EEvv",
+    "0000 MOV R1, c[0x0][0x28]",
+    "0010 LDG.E.64 R2, desc[UR4][R4.64]",        # outer loop: the class id
+    "0020 LDG.E.128 R8, desc[UR4][R6.64]",       # hot loop start
+    "0030 FFMA R8, R8, R9, R10",
+    "0040 STG.E.128 desc[UR4][R6.64], R8",
+    "0050 STG.E.128 desc[UR4][R12.64], R8",
+    "0060 @P0 BRA 0x20",                         # hot loop end
+    "0070 CALL.REL.NOINC 0x100",
+    "0080 STG.E desc[UR4][R6.64], R8",
+    "0090 @P1 BRA 0x10",                         # outer loop end
+    "00a0 EXIT",
+    "00b0 BRA 0xb0",
+)
+
+
+def test_hot_loop_is_the_innermost_loop_that_stores_packs():
+    (fn,) = sc.parse_sass(NESTED)
+    hot = sc.find_hot_loop(fn.instructions)
+    assert (hot.loop.start, hot.loop.end, hot.unroll) == (0x20, 0x60, 1)
+    assert hot.loop.summary()["calls"] == 0
+
+
+@pytest.mark.skipif(sc.find_demangler() is None, reason="needs c++filt (binutils) to demangle kernel names")
+def test_focal_ids_kernel_is_the_class_id_kernel_with_two_packs_per_trip():
+    """Its name, not its template arguments, says ClassId; a trip takes 32 bytes: 8 float32."""
+    (record,) = sc.analyse(NESTED, "", "sm_90", sc.DEFAULT_KERNEL_PATTERN, {"GammaKind": ["Zero", "One", "Two"]},
+                           sc.find_demangler())
+    assert (record["dtype"], record["target"], record["gamma"]) == ("float32", "ClassId", "Two")
+    assert record["hot_loop"]["elements_per_iteration"] == 8
+    assert record["hot_loop"]["instructions_per_element"] == 5 / 8
+
+
 def test_unrolled_loop_counts_its_unroll_factor():
     fn = sc.parse_sass(UNROLLED)[1]
     hot = sc.find_hot_loop(fn.instructions)
@@ -166,7 +203,7 @@ def test_template_arguments_are_named_from_the_source_enums(tmp_path):
     assert enums == {"TargetKind": ["Float", "ClassId"], "GammaKind": ["Zero", "1", "Two", "General"]}
     name = ("void focal::cuda::(anonymous namespace)::focal_kernel<c10::BFloat16, (focal::TargetKind)1, "
             "(focal::GammaKind)3, 8>(focal::FocalArgs, bool, at::OpMathType<c10::BFloat16>::type const*)")
-    pattern = re.compile(sc.DEFAULT_KERNEL_PATTERN)
+    pattern = re.compile(r"\bfocal_kernel<")
     args = sc.split_template_args(name, pattern)
     assert args == ["c10::BFloat16", "(focal::TargetKind)1", "(focal::GammaKind)3", "8"]
     info = sc.describe_instantiation(args, enums)
@@ -249,7 +286,7 @@ def _run(*args):
 @needs_toolkit
 def test_tiny_kernel_end_to_end(tiny_cubin, tmp_path):
     out = tmp_path / "sass.json"
-    proc = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--elements-per-iteration", 1,
+    proc = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--kernel", r"\bfocal_kernel<", "--elements-per-iteration", 1,
                 "--budget", "float32,ClassId,Two=1000", "--check", "--json", out)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
@@ -270,11 +307,12 @@ def test_tiny_kernel_end_to_end(tiny_cubin, tmp_path):
 
 @needs_toolkit
 def test_tiny_kernel_budget_failure_and_errors(tiny_cubin):
-    too_tight = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--budget", "float32,ClassId,Two=0.5", "--check")
+    kernel = ("--kernel", r"\bfocal_kernel<")
+    too_tight = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, *kernel, "--budget", "float32,ClassId,Two=0.5", "--check")
     assert too_tight.returncode == 1 and "FAIL float32 ClassId gamma Two" in too_tight.stdout
-    without_check = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--budget", "float32,ClassId,Two=0.5")
+    without_check = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, *kernel, "--budget", "float32,ClassId,Two=0.5")
     assert without_check.returncode == 0 and "FAIL" in without_check.stdout
-    renamed = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, "--check")  # default budgets: no bfloat16 here
+    renamed = _run("--binary", tiny_cubin, "--source", tiny_cubin.parent, *kernel, "--check")  # default budgets: no bfloat16 here
     assert renamed.returncode == 1 and "no instantiation matched" in renamed.stdout
     wrong_arch = _run("--binary", tiny_cubin, "--arch", "sm_80")
     assert wrong_arch.returncode == 2 and "no sm_80 code in the binary (it holds: sm_90)" in wrong_arch.stderr

@@ -51,6 +51,22 @@ void launch_for_target(const KernelArgs& a, GammaKind g, int blocks, bool aligne
   }
 }
 
+template <typename scalar_t>
+void launch_ids(const KernelArgs& a, GammaKind g, int blocks, const ScaleArgs& s,
+                at::opmath_type<scalar_t>* sums, rt::Stream stream) {
+  switch (g) {
+    case GammaKind::kZero:
+      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kZero>, blocks, kThreads, stream, a, s, sums);
+    case GammaKind::kOne:
+      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kOne>, blocks, kThreads, stream, a, s, sums);
+    case GammaKind::kTwo:
+      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kTwo>, blocks, kThreads, stream, a, s, sums);
+    default:
+      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kGeneral>, blocks, kThreads, stream, a, s,
+                        sums);
+  }
+}
+
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
@@ -104,26 +120,30 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
                        (call.class_ids() || aligned16(args.targets));
   const int64_t multiprocessors = rt::multiprocessor_count();
 
+  // The roofline kernel takes the loss of dense detection (focal_ids_kernel); everything else the
+  // general one.
+  const bool ids_kernel = args.target_kind == TargetKind::kClassId && reduce && aligned &&
+                          args.row_weight == nullptr && args.elem_weight == nullptr;
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int64_t kVec = 16 / sizeof(scalar_t);
-    const int blocks =
-        grid_blocks((numel + kVec - 1) / kVec, multiprocessors * kBlocksPerSm<scalar_t>);
+    const int64_t per_thread = ids_kernel ? kIdsChunk<scalar_t> : 16 / sizeof(scalar_t);
+    const int blocks = grid_blocks((numel + per_thread - 1) / per_thread,
+                                   multiprocessors * kBlocksPerSm<scalar_t>);
     const at::Tensor block_sums =
         reduce ? at::empty({blocks}, options.dtype(call.reduced_dtype())) : at::Tensor();
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
-    switch (args.target_kind) {
-      case TargetKind::kClassId:
-        launch_for_target<scalar_t, TargetKind::kClassId>(args, call.gamma_kind(), blocks, aligned,
-                                                          s, sums, stream);
-        break;
-      case TargetKind::kClassIdSmoothed:
-        launch_for_target<scalar_t, TargetKind::kClassIdSmoothed>(args, call.gamma_kind(), blocks,
-                                                                  aligned, s, sums, stream);
-        break;
-      default:
-        launch_for_target<scalar_t, TargetKind::kFloat>(args, call.gamma_kind(), blocks, aligned, s,
+    if (ids_kernel) {
+      launch_ids<scalar_t>(args, call.gamma_kind(), blocks, s, sums, stream);
+    } else if (args.target_kind == TargetKind::kClassId) {
+      launch_for_target<scalar_t, TargetKind::kClassId>(args, call.gamma_kind(), blocks, aligned, s,
                                                         sums, stream);
+    } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
+      launch_for_target<scalar_t, TargetKind::kClassIdSmoothed>(args, call.gamma_kind(), blocks,
+                                                                aligned, s, sums, stream);
+    } else {
+      launch_for_target<scalar_t, TargetKind::kFloat>(args, call.gamma_kind(), blocks, aligned, s,
+                                                      sums, stream);
     }
     if (reduce) {
       rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, blocks, s,

@@ -10,6 +10,7 @@
 
 #include "../focal_math.h"
 #include "../kernel_args.h"
+#include "device_math.cuh"
 #include "kernel_runtime.cuh"
 
 namespace focal::cuda {
@@ -60,11 +61,12 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
     int64_t col, at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
   using acc_t = at::opmath_type<scalar_t>;
+  using M = MathFor<scalar_t>;
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   LossAndGrad<acc_t> r;
   if constexpr (TK == TargetKind::kFloat) {
     const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-    r = focal_target<G>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
+    r = focal_target<G, acc_t, M>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
@@ -75,10 +77,10 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     }
     const bool positive = id == col;
     if constexpr (TK == TargetKind::kClassId) {
-      r = focal_binary<G>(x, positive, gamma, alpha);
+      r = focal_binary<G, acc_t, M>(x, positive, gamma, alpha);
     } else {
       const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-      r = focal_target<G>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, alpha);
+      r = focal_target<G, acc_t, M>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, alpha);
     }
   }
   acc_t w = acc_t(1);
@@ -166,6 +168,124 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   }
   trace_elements(touched);
   if (block_sums) {
+    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+    __shared__ typename BlockReduce::TempStorage storage;
+    const acc_t block_sum = BlockReduce(storage).Sum(sum);
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+  }
+}
+
+// Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
+// loss (reduction "none") and gradient times `scale` written out; returns the sum of their
+// alpha-weighted losses. What focal_ids_kernel leaves to the general code; not inlined, so that
+// the fast loop stays short.
+template <typename scalar_t, GammaKind G>
+__device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
+    const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha,
+    at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row, int64_t col) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto* x_all = static_cast<const scalar_t*>(a.logits);
+  auto* loss_all = static_cast<scalar_t*>(a.loss);
+  auto* grad_all = static_cast<scalar_t*>(a.grad);
+  acc_t sum = 0;
+  for (int j = 0; j < len; ++j) {
+    const auto r = element<scalar_t, TargetKind::kClassId, G>(
+        a, alpha, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
+    sum += r.loss;
+    if (loss_all) loss_all[e0 + j] = static_cast<scalar_t>(r.loss * scale);
+    if (grad_all) grad_all[e0 + j] = static_cast<scalar_t>(r.grad * scale);
+    if (++col == a.cols) {
+      col = 0;
+      ++row;
+    }
+  }
+  return sum;
+}
+
+// Elements each thread of focal_ids_kernel takes per step: two 16-byte packs.
+template <typename scalar_t>
+inline constexpr int kIdsChunk = 2 * 16 / static_cast<int>(sizeof(scalar_t));
+
+// Class-id targets without label smoothing or per-element weights, a reduced loss, 16-byte aligned
+// logits and gradient: the loss of dense detection, written for the memory roofline
+// (csrc/cuda/README.md). Each thread takes chunks of two 16-byte packs, grid-stride, both loaded
+// before any is used, and follows its chunk's row and column incrementally (no division in the
+// loop), reading the row's class id once per chunk. A chunk within one row and without a positive
+// (nearly every chunk: a row has at most one positive among its C classes, a background row none)
+// runs focal_hard with z = x on every element, alpha's negative weight and the scale folded into
+// one factor; any other chunk (a positive, an ignored or invalid id, a row boundary, the tail) goes
+// to focal_chunk_slow.
+template <typename scalar_t, GammaKind G>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    focal_ids_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = MathFor<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kChunk = kIdsChunk<scalar_t>;
+  using P = Pack<scalar_t, kVec>;
+  const int64_t n = a.rows * a.cols;
+  const int64_t cols = a.cols;
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const acc_t negative_grad_w = alpha.neg * scale;
+  const auto* ids = static_cast<const int64_t*>(a.targets);
+  const auto* x_all = static_cast<const P*>(a.logits);
+  auto* grad_all = static_cast<P*>(a.grad);
+
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kChunk;
+  const int64_t stride_rows = stride / cols, stride_cols = stride - stride_rows * cols;
+  int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kChunk;
+  int64_t row = e0 / cols, col = e0 - row * cols;
+  acc_t negatives = 0;  // losses of the fast chunks, before alpha's negative weight
+  acc_t others = 0;     // alpha- and weight-scaled losses of the other chunks
+  int64_t touched = 0;
+  const auto next_chunk = [&]() {
+    e0 += stride;
+    col += stride_cols;
+    row += stride_rows;
+    if (col >= cols) {
+      col -= cols;
+      ++row;
+    }
+  };
+  while (e0 < n) {
+    // The fast chunks, one after another: the loop that runs for nearly every element. The call to
+    // focal_chunk_slow stays outside it, so nothing in it waits for or spills around a call.
+    for (; e0 < n; next_chunk()) {
+      const int64_t label = ids[row];
+      // -1 <= label < cols, and label outside [col, col + kChunk); the chunk ends in this row.
+      const bool fast = col + kChunk <= cols &&
+                        static_cast<uint64_t>(label + 1) <= static_cast<uint64_t>(cols) &&
+                        static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
+      if (!fast) break;
+      const int64_t p = e0 / kVec;
+      const P x[2] = {x_all[p], x_all[p + 1]};
+      P grad[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(static_cast<acc_t>(x[h].v[j]), gamma);
+          negatives += r.loss;
+          grad[h].v[j] = static_cast<scalar_t>(r.grad * negative_grad_w);
+        }
+      }
+      if (grad_all) {
+        grad_all[p] = grad[0];
+        grad_all[p + 1] = grad[1];
+      }
+      touched += kChunk;
+    }
+    if (e0 >= n) break;
+    const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
+    others += focal_chunk_slow<scalar_t, G>(a, alpha, scale, e0, len, row, col);
+    touched += len;
+    next_chunk();
+  }
+  trace_elements(touched);
+  if (block_sums) {
+    const acc_t sum = negatives * alpha.neg + others;
     using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
     __shared__ typename BlockReduce::TempStorage storage;
     const acc_t block_sum = BlockReduce(storage).Sum(sum);

@@ -4,6 +4,7 @@
 // Keep this file the only place that tells the two apart on the device side.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(FOCAL_CUDA_EMULATION)
@@ -21,6 +22,29 @@ namespace focal::cuda {
 // same values on the GPU and in the emulation, whatever nvcc contracts elsewhere.
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+
+// The hardware's approximate reciprocal (within 1 ulp) and base-2 exponential (relative error about
+// 2^-22), both flushing subnormal results to zero; the emulation computes them exactly, which is
+// within those bounds. Used only by the precision tiers of device_math.cuh.
+__device__ __forceinline__ float approx_reciprocal(float x) {
+#if defined(FOCAL_CUDA_EMULATION)
+  return 1.0f / x;
+#else
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+__device__ __forceinline__ float approx_exp2(float x) {
+#if defined(FOCAL_CUDA_EMULATION)
+  return exp2f(x);
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
 
 // Reports that the calling thread touched `n` elements. Only the emulation counts them (tests check
 // that a kernel does the work they expect, e.g. none); on the GPU this compiles to nothing.

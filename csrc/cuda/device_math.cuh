@@ -1,0 +1,82 @@
+// The primitives of focal_math.h for the CUDA kernels, in two precision tiers (README.md,
+// "Precision"). Each tier is an Ops policy that focal_math.h's functions take as their O parameter.
+//
+// float32 data (AccurateFloatOps): CUDA's expf (within 2 ulp), log(1 + e) from a degree-8
+// polynomial (within 2 ulp), and the hardware's reciprocal (within 1 ulp, subnormal results
+// flushed): outputs within a few float32 ulp of the exact values.
+// bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2 and log(1 + e) from a
+// degree-5 polynomial, every intermediate within about 2^-16 of its exact value, far below the
+// spacing of the stored results (2^-8 for bfloat16, 2^-11 for float16); reduced sums, kept in
+// float32, inherit that relative accuracy.
+// float64 data: the libm functions of Ops<double>, as on the CPU.
+#pragma once
+
+#include "../focal_math.h"
+#include "kernel_runtime.cuh"
+
+namespace focal::cuda {
+
+// log(1 + e) = e P(e) for e in [0, 1], P fitted for the smallest relative error after rounding of
+// the coefficients to float: below 1.5e-7 (degree 8) and 1e-5 (degree 5) over every float e.
+template <int kDegree>
+__device__ __forceinline__ float log1p_unit_polynomial(float e);
+
+template <>
+__device__ __forceinline__ float log1p_unit_polynomial<8>(float e) {
+  float p = 0.005364729557186365f;
+  p = fmaf(p, e, -0.030065415427088737f);
+  p = fmaf(p, e, 0.07920392602682114f);
+  p = fmaf(p, e, -0.13753750920295715f);
+  p = fmaf(p, e, 0.1915363073348999f);
+  p = fmaf(p, e, -0.24857157468795776f);
+  p = fmaf(p, e, 0.333213210105896f);
+  p = fmaf(p, e, -0.49999648332595825f);
+  return fmaf(p * e, e, e);  // e + e^2 (P(e) - 1) / e: exactly e for tiny e
+}
+
+template <>
+__device__ __forceinline__ float log1p_unit_polynomial<5>(float e) {
+  float p = -0.024734117090702057f;
+  p = fmaf(p, e, 0.10359159857034683f);
+  p = fmaf(p, e, -0.2124033272266388f);
+  p = fmaf(p, e, 0.32622578740119934f);
+  p = fmaf(p, e, -0.49953943490982056f);
+  return fmaf(p * e, e, e);
+}
+
+struct AccurateFloatOps : Ops<float> {
+  static __device__ __forceinline__ float exp_neg_abs(float z) { return expf(-fabsf(z)); }
+  static __device__ __forceinline__ float log1p_unit(float e, float, float) {
+    return log1p_unit_polynomial<8>(e);
+  }
+  static __device__ __forceinline__ float recip(float x) { return approx_reciprocal(x); }
+  static __device__ __forceinline__ float div(float a, float b) { return a * approx_reciprocal(b); }
+};
+
+struct FastFloatOps : AccurateFloatOps {
+  static __device__ __forceinline__ float exp_neg_abs(float z) {
+    return approx_exp2(fabsf(z) * -1.4426950408889634f);
+  }
+  static __device__ __forceinline__ float log1p_unit(float e, float, float) {
+    return log1p_unit_polynomial<5>(e);
+  }
+};
+
+template <typename scalar_t>
+struct MathForImpl {
+  using type = FastFloatOps;  // bfloat16, float16
+};
+template <>
+struct MathForImpl<float> {
+  using type = AccurateFloatOps;
+};
+template <>
+struct MathForImpl<double> {
+  using type = Ops<double>;
+};
+
+// The primitives the kernels use for data of type scalar_t.
+template <typename scalar_t>
+using MathFor = typename MathForImpl<scalar_t>::type;
+
+}  // namespace focal::cuda
