@@ -1,6 +1,6 @@
 // The vectorised CPU kernel. setup.py compiles this file once per instruction set, each time with
 // that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so that the vector
-// types of simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
+// types of vec/simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
 // This translation unit deliberately includes nothing but the vector headers, c10's checks and our
 // own math.
 #include <algorithm>
@@ -8,8 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include "focal_kernel.h"
-#include "simd.h"
-#include "simd_pair.h"
+#include "vec/simd.h"
 
 #ifndef CPU_CAPABILITY
 #error "CPU_CAPABILITY must name the instruction set this file is compiled for"

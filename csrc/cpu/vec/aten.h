@@ -11,8 +11,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include "../focal_math.h"
-#include "vec_math.h"
+#include "../../focal_math.h"
+#include "exp_log1p.h"
 
 namespace focal {
 
@@ -22,7 +22,7 @@ struct Ops<at::vec::Vectorized<T>> {
   using Mask = V;  // all-ones lanes where true
   static constexpr bool kFloat = std::is_same_v<T, float>;
 
-  // Primitives of vec_math.h (float only).
+  // Primitives of exp_log1p.h (float only).
   // Not fused, whatever ATen's backend for V (its generic one has no FMA, others do): every
   // backend rounds alike.
   static inline V fmadd(const V& a, const V& b, const V& c) { return a * b + c; }

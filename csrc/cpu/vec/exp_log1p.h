@@ -6,7 +6,7 @@
 // log1p call) are slower at this accuracy.
 #pragma once
 
-#include "../focal_math.h"
+#include "../../focal_math.h"
 
 namespace focal::vec_math {
 inline namespace CPU_CAPABILITY {

@@ -1,8 +1,8 @@
 // 8 floats in one AVX2 register, for focal_math.h.
 //
-// As simd_avx512.h, minus mask registers: comparisons give all-ones lanes, used directly by
-// blendv; relu and the clamps are one max or min whose operand order keeps NaN (ATen's spend three
-// more instructions on it). Only for a translation unit compiled with -mavx2 -mfma -mf16c
+// As avx512.h, minus mask registers: comparisons give all-ones lanes, used directly by blendv;
+// relu and the clamps are one max or min whose operand order keeps NaN (ATen's spend three more
+// instructions on it). Only for a translation unit compiled with -mavx2 -mfma -mf16c
 // (CPU_CAPABILITY_AVX2).
 #pragma once
 
@@ -17,8 +17,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../focal_math.h"
-#include "vec_math.h"
+#include "../../focal_math.h"
+#include "exp_log1p.h"
 
 namespace focal::simd {
 inline namespace CPU_CAPABILITY {
@@ -47,7 +47,7 @@ struct Ops<simd::F32x8> {
   using V = simd::F32x8;
   using Mask = __m256;  // all-ones lanes where true
 
-  // Primitives of vec_math.h.
+  // Primitives of exp_log1p.h.
   static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static inline V round_nearest(V x) {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

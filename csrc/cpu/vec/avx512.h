@@ -16,8 +16,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-#include "../focal_math.h"
-#include "vec_math.h"
+#include "../../focal_math.h"
+#include "exp_log1p.h"
 
 namespace focal::simd {
 inline namespace CPU_CAPABILITY {
@@ -46,7 +46,7 @@ struct Ops<simd::F32x16> {
   using V = simd::F32x16;
   using Mask = __mmask16;
 
-  // Primitives of vec_math.h.
+  // Primitives of exp_log1p.h.
   static inline V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static inline V round_nearest(V x) {
     return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
