@@ -2,8 +2,8 @@
 //
 // This header is the only place where the math lives. The CUDA kernels instantiate it with scalar
 // `float` / `double`; the CPU kernels instantiate it with SIMD vectors of float or double (see
-// cpu/simd.h), so the CPU tests exercise the formulas that run on the GPU. Only the primitives
-// (exp, log1p of a number in [0, 1], ...) differ: CUDA's libm on the GPU, cpu/vec_math.h on the CPU.
+// cpu/vec/simd.h), so the CPU tests exercise the formulas that run on the GPU. Only the primitives
+// (exp, log1p of a number in [0, 1], ...) differ: CUDA's libm on the GPU, cpu/vec/exp_log1p.h on the CPU.
 //
 // Notation: x is the logit, t in [0, 1] the binary target, p = sigmoid(x), and
 //   CE = -t log p - (1 - t) log(1 - p),      q = 1 - p_t = p (1 - t) + (1 - p) t,

@@ -8,7 +8,8 @@
 
 from focal import reference
 from focal.functional import sigmoid_focal_loss
+from focal.memory import empty_cache
 from focal.modules import SigmoidFocalLoss
 
-__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "reference"]
+__all__ = ["sigmoid_focal_loss", "SigmoidFocalLoss", "empty_cache", "reference"]
 __version__ = "0.1.0"

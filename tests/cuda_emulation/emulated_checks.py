@@ -229,6 +229,55 @@ def test_every_element_once_at_any_size(dtype):
         assert_reduced_close(total, loss_op(CPU, x, t, reduction="sum")[0], dtype, numel, f"sum of {numel}")
 
 
+# ---- The class-id kernel (focal_ids_kernel) ------------------------------------------------------
+
+def _ids_with_every_case(rows, cols, g, ignore_index=-100):
+    """Class ids with a positive at every column (chunk starts, ends and middles), background rows,
+    ignored rows and, when asked for, invalid ids."""
+    ids = torch.randint(-1, cols, (rows,), generator=g)
+    ids[: min(rows, cols)] = torch.arange(min(rows, cols))
+    ids[cols::5] = -1
+    ids[cols + 1 :: 11] = ignore_index
+    return ids
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [1, 3, 8, 16, 17, 80, 203])
+def test_class_id_kernel_over_row_layouts(dtype, cols):
+    """Reduced class-id losses take the roofline kernel: chunks of two packs that may straddle rows,
+    hold the positive anywhere, or end in a partial tail; every element counted once, results as the
+    CPU op's, gradients too."""
+    g = torch.Generator().manual_seed(cols)
+    chunk = 2 * vector_width(dtype)
+    for rows in (1, 7, 3 * chunk + 1, 1 + MULTIPROCESSORS * 4 * 256 * chunk // cols):
+        x = make_logits((rows, cols), dtype, g)
+        ids = _ids_with_every_case(rows, cols, g)
+        for reduction, gamma in (("sum", 2.0), ("mean", 1.5), ("sum", 0.0), ("mean", 1.0)):
+            (loss, grad), launches, elements = counted(lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma))
+            assert elements == rows * cols, (rows, cols)
+            assert launches == (3 if reduction == "mean" else 2)
+            cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma)
+            what = f"{rows}x{cols} {reduction} gamma={gamma}"
+            assert_reduced_close(loss, cpu_loss, dtype, x.numel(), "loss vs CPU op, " + what,
+                                 torch.float32 if dtype != torch.float64 else None)
+            assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op, " + what, normwise=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_class_id_kernel_invalid_ids_poison_their_rows(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = make_logits((300, 80), dtype, g)
+    ids = _ids_with_every_case(300, 80, g)
+    ids[17], ids[250] = 80, -7  # out of range
+    total, grad = loss_op(EMU, x, ids, reduction="sum")
+    assert torch.isnan(total)
+    bad = torch.zeros(300, dtype=torch.bool)
+    bad[[17, 250]] = True
+    assert torch.isnan(grad[bad]).all() and not torch.isnan(grad[~bad]).any()
+    ok_total, ok_grad = loss_op(CPU, x[~bad], ids[~bad], reduction="sum")
+    assert_close_ulps(grad[~bad], ok_grad, dtype, GRAD_ULPS[dtype], "grad of the valid rows", normwise=True)
+
+
 @pytest.mark.parametrize("kind", ["soft", "ids"])
 @pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0,)], ids=str)
 def test_empty_inputs_launch_nothing(shape, kind):
@@ -314,7 +363,7 @@ def test_invalid_normalizer_on_device_poisons_the_result(value):
     x = torch.randn(8, 4)
     t = torch.rand(8, 4)
     normalizer = torch.tensor(value)
-    with pytest.raises(ValueError, match="normalizer must be finite and > 0"):
+    with pytest.raises(ValueError, match="normalizer must be a finite number > 0"):
         loss_op(EMU, x, t, normalizer=normalizer)
     with scalars_on_device():
         loss, grad = loss_op(EMU, x, t, normalizer=normalizer)
