@@ -5,6 +5,8 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 
@@ -202,6 +204,24 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
   return sum;
 }
 
+// The elements of a pack in the math type. bfloat16 is the upper half of a float: a shift for the
+// even elements and a mask for the odd ones, one instruction each.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath_type<scalar_t> (&out)[kVec]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t words[kVec / 2];
+    memcpy(words, p.v, sizeof(words));
+#pragma unroll
+    for (int k = 0; k < kVec / 2; ++k) {
+      out[2 * k] = __uint_as_float(words[k] << 16);
+      out[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = static_cast<at::opmath_type<scalar_t>>(p.v[j]);
+  }
+}
+
 // Elements each thread of focal_ids_kernel takes per step: two 16-byte packs.
 template <typename scalar_t>
 inline constexpr int kIdsChunk = 2 * 16 / static_cast<int>(sizeof(scalar_t));
@@ -234,9 +254,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   auto* grad_all = static_cast<P*>(a.grad);
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kChunk;
-  const int64_t stride_rows = stride / cols, stride_cols = stride - stride_rows * cols;
+  // Columns in 32 bits: the host takes this kernel only for rows of fewer than 2^31 - kChunk.
+  const int64_t stride_rows = stride / cols;
+  const int32_t stride_cols = static_cast<int32_t>(stride - stride_rows * cols);
+  const int32_t cols32 = static_cast<int32_t>(cols);
   int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kChunk;
-  int64_t row = e0 / cols, col = e0 - row * cols;
+  int64_t row = e0 / cols;
+  int32_t col = static_cast<int32_t>(e0 - row * cols);
   acc_t negatives = 0;  // losses of the fast chunks, before alpha's negative weight
   acc_t others = 0;     // alpha- and weight-scaled losses of the other chunks
   int64_t touched = 0;
@@ -244,8 +268,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     e0 += stride;
     col += stride_cols;
     row += stride_rows;
-    if (col >= cols) {
-      col -= cols;
+    if (col >= cols32) {
+      col -= cols32;
       ++row;
     }
   };
@@ -255,7 +279,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     for (; e0 < n; next_chunk()) {
       const int64_t label = ids[row];
       // -1 <= label < cols, and label outside [col, col + kChunk); the chunk ends in this row.
-      const bool fast = col + kChunk <= cols &&
+      const bool fast = col + kChunk <= cols32 &&
                         static_cast<uint64_t>(label + 1) <= static_cast<uint64_t>(cols) &&
                         static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
       if (!fast) break;
@@ -264,9 +288,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
       P grad[2];
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
+        acc_t xf[kVec];
+        unpack(x[h], xf);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(static_cast<acc_t>(x[h].v[j]), gamma);
+          const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(xf[j], gamma);
           negatives += r.loss;
           grad[h].v[j] = static_cast<scalar_t>(r.grad * negative_grad_w);
         }

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -56,6 +57,11 @@ inline thread_local dim3 gridDim;
 
 // Additions rounded once, as the GPU's: host code is compiled with -ffp-contract=off.
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 inline double __dadd_rn(double a, double b) { return a + b; }
 
 namespace focal_emu {
