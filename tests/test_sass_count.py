@@ -346,8 +346,10 @@ def test_built_extension_meets_the_instruction_budgets(tmp_path):
         hot = k["hot_loop"]
         assert k["target"] == "ClassId" and hot is not None and hot["global_stores"] >= 2, k["name"]
         assert hot["elements_per_iteration"] == 32 // size[k["dtype"]]
-        # The slow chunks' call, and the registers it saves, stay outside the hot loop.
-        assert hot["calls"] == hot["spill_stores"] == hot["spill_loads"] == 0, k["name"]
+        # The slow chunks' call, and the registers it saves, stay outside the hot loop (float64's
+        # libm calls its division, exp and log).
+        assert hot["spill_stores"] == hot["spill_loads"] == 0, k["name"]
+        assert hot["calls"] == 0 or k["dtype"] == "float64", k["name"]
 
 
 @needs_toolkit
