@@ -5,7 +5,6 @@ depend on the machine and its load."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,16 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import benchmark_scripts
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH = REPO_ROOT / "benchmarks" / "bench.py"
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("bench")
 
 
 def _focal_importable() -> bool:
@@ -226,10 +223,7 @@ SANITIZE = REPO_ROOT / "benchmarks" / "sanitize_cases.py"
 
 
 def _load_sanitize_cases():
-    spec = importlib.util.spec_from_file_location("sanitize_cases", SANITIZE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_scripts.load("sanitize_cases")
 
 
 def test_sanitize_cases_reach_every_path():

@@ -4,7 +4,6 @@ GPU needed to compile), and on the built extension when it holds sm_90 code."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -15,19 +14,13 @@ from pathlib import Path
 
 import pytest
 
+import benchmark_scripts
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "benchmarks" / "sass_count.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("sass_count", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("sass_count", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-sc = _load()
+sc = benchmark_scripts.load("sass_count")
 
 
 def sass(*lines: str) -> str:
