@@ -108,6 +108,34 @@ def test_cuda_and_cpu_within_the_precision_contract(dtype, kind, gamma):
             _assert_within_contract(xd.grad, exact_grad, dtype, reduced=False, normwise=True)
 
 
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 2.5])
+def test_saturated_logits_stay_finite_and_agree_with_the_cpu(dtype, gamma):
+    """Logits whose sigmoid is subnormal or rounds to 0 / 1 in the math type (where a flushed or
+    overflowing reciprocal would turn the soft-target quotient into NaN), every target kind."""
+    big = [0.0, 20.0, 87.0, 88.5, 100.0, 200.0, 1e4]
+    values = torch.tensor([v * s for v in big for s in (1.0, -1.0)], dtype=torch.float64)
+    x = values.to(dtype).repeat(3, 1)  # one row per target below
+    for t in (torch.zeros_like(x), torch.ones_like(x), torch.full_like(x, 0.3), None):
+        ids = torch.tensor([-1, 0, 5]) if t is None else None
+        results = []
+        for device in ("cpu", "cuda"):
+            xd = x.to(device).requires_grad_()
+            target = (ids if t is None else t).to(device)
+            loss = focal.sigmoid_focal_loss(xd, target, 0.25, gamma, "none")
+            total = focal.sigmoid_focal_loss(xd, target, 0.25, gamma, "sum")
+            total.backward()
+            results.append((loss.detach().cpu().double(), xd.grad.cpu().double(), total.detach().cpu().double()))
+        (cpu_loss, cpu_grad, cpu_total), (cuda_loss, cuda_grad, cuda_total) = results
+        assert torch.isfinite(cuda_loss).all() and torch.isfinite(cuda_grad).all() and torch.isfinite(cuda_total)
+        rtol = ELEMENT_RTOL[dtype] * 2
+        atol = torch.finfo(dtype).tiny
+        torch.testing.assert_close(cuda_loss, cpu_loss, rtol=rtol, atol=atol)
+        torch.testing.assert_close(cuda_grad, cpu_grad, rtol=rtol, atol=atol)
+        torch.testing.assert_close(cuda_total, cpu_total, rtol=SUM_RTOL[dtype] * 2, atol=0)
+
+
 def _offset_view(shape, dtype, offset=1):
     """A contiguous tensor whose data starts `offset` elements into its storage: not 16-byte aligned."""
     numel = math.prod(shape)

@@ -2,8 +2,8 @@
 // "Precision"). Each tier is an Ops policy that focal_math.h's functions take as their O parameter.
 //
 // float32 data (AccurateFloatOps): CUDA's expf (within 2 ulp), log(1 + e) from a degree-8
-// polynomial (within 2 ulp), and the hardware's reciprocal (within 1 ulp, subnormal results
-// flushed): outputs within a few float32 ulp of the exact values.
+// polynomial (within 2 ulp), and the hardware's reciprocal for sigmoid's 1 / (1 + e) (within 1 ulp):
+// outputs within a few float32 ulp of the exact values.
 // bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2 and log(1 + e) from a
 // degree-5 polynomial, every intermediate within about 2^-16 of its exact value, far below the
 // spacing of the stored results (2^-8 for bfloat16, 2^-11 for float16); reduced sums, kept in
@@ -49,8 +49,10 @@ struct AccurateFloatOps : Ops<float> {
   static __device__ __forceinline__ float log1p_unit(float e, float, float) {
     return log1p_unit_polynomial<8>(e);
   }
+  // 1 / (1 + e) with e in [0, 1]: never subnormal, never overflowing. Quotients of other numbers
+  // (soft targets' p (1 - p) / q, where q can be subnormal) keep the IEEE division, which neither
+  // flushes them nor overflows on the way.
   static __device__ __forceinline__ float recip(float x) { return approx_reciprocal(x); }
-  static __device__ __forceinline__ float div(float a, float b) { return a * approx_reciprocal(b); }
 };
 
 struct FastFloatOps : AccurateFloatOps {
