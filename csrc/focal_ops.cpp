@@ -105,6 +105,10 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       "class-id targets must have the shape logits.shape[:-1] = ", row_shape(logits),
                       ", got ", targets.sizes());
     TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous");
+    // The kernels tell an ignored row from a class id or background by this value alone.
+    const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
+    TORCH_CHECK_VALUE(ignore_index < -1 || ignore_index >= classes, "ignore_index ", ignore_index,
+                      " collides with a class id or background (-1); classes are [0, ", classes, ")");
   }
   if (weight) {
     check_dtype_and_layout(logits, *weight, "weight");

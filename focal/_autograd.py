@@ -26,6 +26,8 @@ them; if they were freed or modified in place by then, it raises an error that s
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 
 import torch
@@ -37,17 +39,36 @@ __all__ = ["register"]
 
 _NONES = (None,) * 11
 
+# The tensors the caller of focal.sigmoid_focal_loss passed, for the duration of one call: when
+# validation had to copy one (non-contiguous logits, targets or weights of another dtype, a weight
+# broadcast to the full shape), a second derivative rederives the copy from the caller's tensor.
+_CALL = threading.local()
+
+
+@contextlib.contextmanager
+def callers_tensors(inputs, targets, weight):
+    _CALL.tensors = (inputs, targets, weight)
+    try:
+        yield
+    finally:
+        _CALL.tensors = None
+
 
 class _WeakInput:
-    """A weak reference to an input tensor that also remembers the tensor's version."""
+    """A weak reference to an input tensor that also remembers the tensor's version; optionally
+    also to the caller's tensor it was made from, and how to make it again."""
 
-    def __init__(self, tensor: torch.Tensor, name: str):
+    def __init__(self, tensor: torch.Tensor, name: str, origin: torch.Tensor | None = None, remake=None):
         self._ref = weakref.ref(tensor)
         self._version = tensor._version
         self._name = name
+        self._origin = None if origin is None or origin is tensor else _WeakInput(origin, name)
+        self._remake = remake
 
     def get(self) -> torch.Tensor:
         tensor = self._ref()
+        if tensor is None and self._origin is not None:
+            return self._remake(self._origin.get())
         if tensor is None:
             raise RuntimeError(
                 f"a second derivative of focal.sigmoid_focal_loss recomputes the loss from its {self._name}, "
@@ -79,9 +100,19 @@ def _setup_context(ctx, inputs, output):
     weak_weight = weight is not None and weight.shape == logits.shape and not one_row
     # Traced graphs (torch.compile, export) have no second derivative: nothing to keep for it.
     traced = torch.compiler.is_compiling()
-    ctx.logits = None if traced else _WeakInput(logits, "logits")
-    ctx.targets = _WeakInput(targets, "float targets") if weak_targets and not traced else None
-    ctx.weight = _WeakInput(weight, "weights") if weak_weight and not traced else None
+    user_logits, user_targets, user_weight = getattr(_CALL, "tensors", None) or (None, None, None)
+    dtype = logits.dtype
+    ctx.logits = None if traced else _WeakInput(logits, "logits", user_logits, lambda t: t.contiguous())
+    ctx.targets = (
+        _WeakInput(targets, "float targets", user_targets, lambda t: t.to(dtype).contiguous())
+        if weak_targets and not traced else None
+    )
+    ctx.weight = (
+        _WeakInput(weight, "weights", user_weight, lambda w: w.to(dtype).expand(logits.shape).contiguous())
+        if weak_weight and not traced else None
+    )
+    if grad.shape == logits.shape:
+        ctx.save_for_forward(grad)
     ctx.save_for_backward(
         grad if grad.shape == logits.shape else None,
         None if weak_targets else targets,
@@ -92,12 +123,20 @@ def _setup_context(ctx, inputs, output):
 
 
 def _is_eager(*tensors: torch.Tensor) -> bool:
-    """True outside of any tracing (torch.compile, export, make_fx), for plain tensors."""
+    """True outside of any tracing (torch.compile, export, make_fx) and of any transform, for plain
+    tensors (not batched ones, such as is_grads_batched makes of grad_output)."""
     return (
         not torch.compiler.is_compiling()
         and _get_current_dispatch_mode() is None
-        and all(type(t) is torch.Tensor for t in tensors)
+        and not torch._C._are_functorch_transforms_active()
+        and all(type(t) is torch.Tensor and not _is_batched(t) for t in tensors)
     )
+
+
+def _is_batched(tensor: torch.Tensor) -> bool:
+    # Batched by torch.func.vmap (FuncTorchBatched) or by the engine's is_grads_batched (Batched);
+    # Python exposes only the first of those keys, hence the keyset's name.
+    return "Batched" in str(torch._C._dispatch_keys(tensor))
 
 
 def _differentiable_grad(ctx, saved, grad_output: torch.Tensor) -> torch.Tensor:
@@ -138,9 +177,25 @@ def _backward(ctx, grad_output, _):
     return (grad,) + _NONES
 
 
+def _jvp(ctx, logits_tangent, *_):
+    """Forward mode (torch.func.jvp / jacfwd, forward_ad): the saved gradient times the tangent."""
+    if logits_tangent is None:
+        return None, None
+    saved = ctx.saved_tensors  # in jvp: what setup_context gave save_for_forward
+    if len(saved) != 1:
+        raise RuntimeError("forward-mode differentiation of the raw op needs compute_grad=True")
+    (grad,) = saved
+    reduction = ctx.params[4]
+    if reduction == "none":
+        return grad * logits_tangent, None
+    accumulate = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    return (grad.to(accumulate) * logits_tangent.to(accumulate)).sum(), None
+
+
 class SigmoidFocalLossFunction(torch.autograd.Function):
     """The op as an autograd.Function; vmap of it (e.g. per-sample gradients) is generated from the
-    op's own vmap rule and the differentiable backward."""
+    op's own vmap rule and the differentiable backward. Without forward mode: what torch.compile
+    traces (Dynamo does not trace a custom jvp)."""
 
     generate_vmap_rule = True
     forward = staticmethod(_forward)
@@ -148,14 +203,27 @@ class SigmoidFocalLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+class SigmoidFocalLossFunctionWithJvp(SigmoidFocalLossFunction):
+    """The same, plus forward mode (torch.func.jvp / jacfwd / hessian, forward_ad): eager calls."""
+
+    jvp = staticmethod(_jvp)
+
+
+def apply(*args):
+    """(loss, grad) of the op through its autograd: forward mode too, except under torch.compile."""
+    if torch.compiler.is_compiling():
+        return SigmoidFocalLossFunction.apply(*args)
+    return SigmoidFocalLossFunctionWithJvp.apply(*args)
+
+
 def _autograd_kernel(keyset, *args):
     if torch.is_grad_enabled() and args[0].requires_grad:
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 "under torch.func transforms, differentiate focal.sigmoid_focal_loss (or "
-                "focal._autograd.SigmoidFocalLossFunction.apply) rather than the raw operator"
+                "focal._autograd.apply) rather than the raw operator"
             )
-        return SigmoidFocalLossFunction.apply(*args)
+        return SigmoidFocalLossFunctionWithJvp.apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.focal.sigmoid_focal_loss.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 

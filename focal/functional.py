@@ -3,13 +3,22 @@
 from typing import Optional, Union
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from focal import _validate
-from focal._autograd import SigmoidFocalLossFunction
+from focal import _autograd
 from focal.ops import require_kernels
 
 __all__ = ["sigmoid_focal_loss"]
+
+
+def _forward_mode_or_transform(logits: Tensor) -> bool:
+    """Whether a torch.func transform is active or the logits carry a forward-mode tangent: then
+    the gradient is needed though logits.requires_grad may be False."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(logits).tangent is not None
 
 
 def sigmoid_focal_loss(
@@ -80,12 +89,14 @@ def sigmoid_focal_loss(
         require_kernels(logits.device)
     # The gradient is computed (and allocated) only when autograd will ask for it.
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if compute_grad and not torch.jit.is_scripting():
-        # The op's own autograd, entered here so that torch.func transforms see it too.
-        loss, _ = SigmoidFocalLossFunction.apply(*args, compute_grad)
-    else:
-        loss, _ = torch.ops.focal.sigmoid_focal_loss(
-            logits, args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9],
-            args[10], compute_grad,
-        )
+    if not torch.jit.is_scripting():
+        if compute_grad or _forward_mode_or_transform(logits):
+            # The op's own autograd, entered here so that torch.func transforms see it too.
+            with _autograd.callers_tensors(inputs, targets, weight):
+                loss, _ = _autograd.apply(*args, True)
+            return loss
+    loss, _ = torch.ops.focal.sigmoid_focal_loss(
+        logits, args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10],
+        compute_grad,
+    )
     return loss

@@ -15,7 +15,9 @@ label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
   ``(0,)`` tensor when ``compute_grad`` is False.
 
 The op is differentiable with respect to ``logits`` (see :mod:`focal._autograd`); ``grad`` is not
-differentiable. ``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place
+differentiable. ``grad`` is the very buffer that backward scales and hands to autograd: a caller of
+the raw op that keeps it sees it scaled by ``grad_output`` after a backward that frees the graph.
+``ignore_index`` must lie outside ``[-1, C)`` (the kernels tell ignored rows apart by it). ``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place
 (no pass at all when ``grad_output`` is a single 1, decided on the device for CUDA tensors).
 """
 

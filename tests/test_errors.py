@@ -302,6 +302,8 @@ def _op_args(**overrides):
         (dict(normalizer=torch.tensor(True)), TypeError, "normalizer must be a real number tensor"),
         (dict(normalizer=torch.tensor(0.0)), ValueError, "normalizer must be a finite number > 0"),
         (dict(reduction="avg"), ValueError, "reduction must be 'none', 'mean' or 'sum'"),
+        (dict(targets=torch.zeros(N, dtype=torch.long), ignore_index=0), ValueError, "ignore_index 0 collides"),
+        (dict(targets=torch.zeros(N, dtype=torch.long), ignore_index=-1), ValueError, "ignore_index -1 collides"),
     ],
 )
 def test_raw_op_argument_checks(overrides, error, message):

@@ -153,3 +153,36 @@ def test_second_derivative_needs_float_targets_alive():
     loss = focal.sigmoid_focal_loss(x, torch.rand(5, 4, dtype=torch.float64), reduction="sum")
     with pytest.raises(RuntimeError, match="from its float targets, which no longer exist"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("case", ["non-contiguous logits", "bool targets", "targets of another dtype", "broadcast weight"])
+def test_second_derivative_through_inputs_that_validation_copies(case):
+    """The op saw a copy (contiguous, cast or expanded) of what the caller passed and holds; the
+    second derivative is made again from the caller's tensor."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, dtype=torch.float64, generator=g)
+    t = torch.rand(6, 5, dtype=torch.float64, generator=g)
+    kwargs = {}
+    if case == "non-contiguous logits":
+        x = x.t().contiguous().t()
+        assert not x.is_contiguous()
+    elif case == "bool targets":
+        t = t > 0.5
+    elif case == "targets of another dtype":
+        t = t.float()
+    else:
+        x = torch.randn(6, 3, 5, dtype=torch.float64, generator=g)
+        t = torch.randint(-1, 5, (6, 3), generator=g)
+        kwargs["weight"] = torch.rand(6, 1, 5, dtype=torch.float64, generator=g)
+    x.requires_grad_()
+
+    def hessian_vector(loss_fn, targets):
+        x.grad = None
+        loss = loss_fn(x, targets, reduction="sum", **kwargs)
+        (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+        grad.pow(2).sum().backward()
+        return x.grad.clone()
+
+    expected_t = t.double() if t.dtype != torch.long else t
+    torch.testing.assert_close(hessian_vector(focal.sigmoid_focal_loss, t),
+                               hessian_vector(reference.sigmoid_focal_loss, expected_t), rtol=1e-7, atol=1e-10)

@@ -169,3 +169,53 @@ def test_script_a_module_save_and_load():
     expected = focal.sigmoid_focal_loss(x, ids, None, 1.5, "sum", normalizer=num_pos)
     torch.testing.assert_close(loaded(x, ids, None, num_pos), expected, rtol=0, atol=0)
     torch.testing.assert_close(loaded(x, ids, torch.ones(5), 2.0), focal.sigmoid_focal_loss(x, ids, None, 1.5, "sum", normalizer=2.0), rtol=0, atol=0)
+
+
+# --- forward mode and batched gradients ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+def test_forward_mode(reduction):
+    """torch.func.jvp / jacfwd and forward_ad give the reference's directional derivatives (never a
+    silent zero: the logits need not require grad for a tangent to flow)."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, ids = _problem()
+    x = x.double()
+    v = torch.randn_like(x)
+
+    def fused(x):
+        return focal.sigmoid_focal_loss(x, ids, reduction=reduction)
+
+    def exact(x):
+        return reference.sigmoid_focal_loss(x, ids, reduction=reduction)
+
+    _, expected = torch.func.jvp(exact, (x,), (v,))
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(torch.func.jvp(fused, (x,), (v,))[1], expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.func.jacfwd(fused)(x), torch.func.jacrev(exact)(x), rtol=1e-10, atol=1e-12)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, v))).tangent
+    torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_func_hessian_forward_over_reverse():
+    x, ids = _problem(rows=3, classes=4)
+    x = x.double()
+    got = torch.func.hessian(lambda x: focal.sigmoid_focal_loss(x, ids, reduction="sum"))(x)
+    expected = torch.func.hessian(lambda x: reference.sigmoid_focal_loss(x, ids, reduction="sum"))(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_grad_outputs():
+    """autograd.grad(is_grads_batched=True) and jacobian(vectorize=True) batch grad_output; the
+    in-place scaling must not meet a batched tensor."""
+    x, ids = _problem(rows=4, classes=3)
+    x.requires_grad_()
+    loss = focal.sigmoid_focal_loss(x, ids, reduction="sum")
+    (batched,) = torch.autograd.grad(loss, x, torch.tensor([1.0, -2.0, 3.0]), is_grads_batched=True)
+    once = _reference_grad(x, ids, reduction="sum")
+    torch.testing.assert_close(batched, torch.stack([once, -2 * once, 3 * once]), rtol=1e-5, atol=1e-6)
+    jac = torch.autograd.functional.jacobian(lambda x: focal.sigmoid_focal_loss(x, ids), x.detach(), vectorize=True)
+    expected = torch.autograd.functional.jacobian(lambda x: reference.sigmoid_focal_loss(x, ids), x.detach())
+    torch.testing.assert_close(jac, expected, rtol=1e-5, atol=1e-6)

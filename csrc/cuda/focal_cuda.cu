@@ -124,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
   // general one.
   const bool ids_kernel = args.target_kind == TargetKind::kClassId && reduce && aligned &&
                           args.row_weight == nullptr && args.elem_weight == nullptr &&
-                          cols < (int64_t{1} << 31) - 64;  // its columns are 32-bit
+                          cols < (int64_t{1} << 30);  // its columns are 32-bit
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

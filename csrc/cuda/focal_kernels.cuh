@@ -254,7 +254,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   auto* grad_all = static_cast<P*>(a.grad);
 
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kChunk;
-  // Columns in 32 bits: the host takes this kernel only for rows of fewer than 2^31 - kChunk.
+  // Columns in 32 bits: the host takes this kernel only for rows of fewer than 2^30 elements, so
+  // that col + stride_cols (both below cols) never reaches 2^31.
   const int64_t stride_rows = stride / cols;
   const int32_t stride_cols = static_cast<int32_t>(stride - stride_rows * cols);
   const int32_t cols32 = static_cast<int32_t>(cols);
@@ -280,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
       const int64_t label = ids[row];
       // -1 <= label < cols, and label outside [col, col + kChunk); the chunk ends in this row.
       const bool fast = col + kChunk <= cols32 &&
-                        static_cast<uint64_t>(label + 1) <= static_cast<uint64_t>(cols) &&
+                        static_cast<uint64_t>(label) + 1 <= static_cast<uint64_t>(cols) &&
                         static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
       if (!fast) break;
       const int64_t p = e0 / kVec;
@@ -311,7 +312,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   }
   trace_elements(touched);
   if (block_sums) {
-    const acc_t sum = negatives * alpha.neg + others;
+    // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0 is NaN).
+    const acc_t sum = alpha.neg == acc_t(0) ? others : negatives * alpha.neg + others;
     using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
     __shared__ typename BlockReduce::TempStorage storage;
     const acc_t block_sum = BlockReduce(storage).Sum(sum);
