@@ -231,6 +231,18 @@ def test_every_element_once_at_any_size(dtype):
 
 # ---- The class-id kernel (focal_ids_kernel) ------------------------------------------------------
 
+def test_class_id_kernel_alpha_one_ignores_negatives_even_when_their_sum_overflows():
+    """alpha = 1 weighs negatives by 0: huge negative losses (whose float32 sum overflows) add 0, as
+    on the CPU, not inf * 0 = NaN."""
+    x = torch.full((64, 80), 3e38)
+    ids = torch.full((64,), -1)
+    ids[5] = 3
+    total, _ = loss_op(EMU, x, ids, alpha=1.0, reduction="sum")
+    cpu_total, _ = loss_op(CPU, x, ids, alpha=1.0, reduction="sum")
+    assert torch.isfinite(total) and torch.isfinite(cpu_total)
+    torch.testing.assert_close(total, cpu_total, rtol=1e-6, atol=0)
+
+
 def _ids_with_every_case(rows, cols, g, ignore_index=-100):
     """Class ids with a positive at every column (chunk starts, ends and middles), background rows,
     ignored rows and, when asked for, invalid ids."""
@@ -268,11 +280,11 @@ def test_class_id_kernel_invalid_ids_poison_their_rows(dtype):
     g = torch.Generator().manual_seed(5)
     x = make_logits((300, 80), dtype, g)
     ids = _ids_with_every_case(300, 80, g)
-    ids[17], ids[250] = 80, -7  # out of range
+    ids[17], ids[250], ids[251] = 80, -7, 2**63 - 1  # out of range, the last without signed overflow
     total, grad = loss_op(EMU, x, ids, reduction="sum")
     assert torch.isnan(total)
     bad = torch.zeros(300, dtype=torch.bool)
-    bad[[17, 250]] = True
+    bad[[17, 250, 251]] = True
     assert torch.isnan(grad[bad]).all() and not torch.isnan(grad[~bad]).any()
     ok_total, ok_grad = loss_op(CPU, x[~bad], ids[~bad], reduction="sum")
     assert_close_ulps(grad[~bad], ok_grad, dtype, GRAD_ULPS[dtype], "grad of the valid rows", normwise=True)
