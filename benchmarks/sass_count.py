@@ -56,9 +56,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KERNEL_PATTERN = r"\bfocal_ids_kernel<"
 
 # What a kernel's name implies that its template arguments do not say: focal_ids_kernel is the
-# class-id kernel and takes two 16-byte packs per trip.
+# class-id kernel and takes two 16-byte packs per trip, focal_float_kernel the float-target one
+# with one pack of logits per trip.
 KERNEL_FACTS = {
     "focal_ids_kernel": {"target": "ClassId", "bytes_per_iteration": 32},
+    "focal_float_kernel": {"target": "Float", "bytes_per_iteration": 16},
 }
 DEFAULT_ARCH = "sm_90"
 

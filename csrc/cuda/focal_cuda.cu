@@ -67,6 +67,22 @@ void launch_ids(const KernelArgs& a, GammaKind g, int blocks, const ScaleArgs& s
   }
 }
 
+template <typename scalar_t>
+void launch_float(const KernelArgs& a, GammaKind g, int blocks, const ScaleArgs& s,
+                  at::opmath_type<scalar_t>* sums, rt::Stream stream) {
+  switch (g) {
+    case GammaKind::kZero:
+      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kZero>, blocks, kThreads, stream, a, s, sums);
+    case GammaKind::kOne:
+      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kOne>, blocks, kThreads, stream, a, s, sums);
+    case GammaKind::kTwo:
+      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kTwo>, blocks, kThreads, stream, a, s, sums);
+    default:
+      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kGeneral>, blocks, kThreads, stream, a,
+                        s, sums);
+  }
+}
+
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
@@ -120,11 +136,13 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
                        (call.class_ids() || aligned16(args.targets));
   const int64_t multiprocessors = rt::multiprocessor_count();
 
-  // The roofline kernel takes the loss of dense detection (focal_ids_kernel); everything else the
-  // general one.
+  // The roofline kernel takes the loss of dense detection (focal_ids_kernel), a row-free one takes
+  // unweighted float targets (focal_float_kernel); everything else the general one.
   const bool ids_kernel = args.target_kind == TargetKind::kClassId && reduce && aligned &&
                           args.row_weight == nullptr && args.elem_weight == nullptr &&
                           cols < (int64_t{1} << 30);  // its columns are 32-bit
+  const bool float_kernel = args.target_kind == TargetKind::kFloat && aligned &&
+                            args.row_weight == nullptr && args.elem_weight == nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -136,6 +154,8 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
     if (ids_kernel) {
       launch_ids<scalar_t>(args, call.gamma_kind(), blocks, s, sums, stream);
+    } else if (float_kernel) {
+      launch_float<scalar_t>(args, call.gamma_kind(), blocks, s, sums, stream);
     } else if (args.target_kind == TargetKind::kClassId) {
       launch_for_target<scalar_t, TargetKind::kClassId>(args, call.gamma_kind(), blocks, aligned, s,
                                                         sums, stream);

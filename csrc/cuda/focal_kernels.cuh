@@ -101,6 +101,25 @@ struct alignas(sizeof(scalar_t) * kVec) Pack {
   scalar_t v[kVec];
 };
 
+// The elements of a pack in the math type. bfloat16 is the upper half of a float: a shift for the
+// even elements and a mask for the odd ones, one instruction each.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath_type<scalar_t> (&out)[kVec]) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t words[kVec / 2];
+    memcpy(words, p.v, sizeof(words));
+#pragma unroll
+    for (int k = 0; k < kVec / 2; ++k) {
+      out[2 * k] = __uint_as_float(words[k] << 16);
+      out[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) out[j] = static_cast<at::opmath_type<scalar_t>>(p.v[j]);
+  }
+}
+
+
 // Loss (reduction "none") and gradient of every element, times the scale; with `block_sums`, also
 // each block's sum of the unscaled losses. Each thread handles packs of kVec consecutive elements
 // (16 bytes), grid-stride, read and written with 128-bit accesses when `aligned` (every pointer
@@ -177,6 +196,69 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   }
 }
 
+// Float targets (torchvision's form) without weights, 16-byte aligned logits, targets and outputs:
+// no rows at all. Each thread takes one pack of logits and one of targets per step, grid-stride, in
+// the order of focal_kernel (so its sums are bitwise focal_kernel's: tests/cuda_cases.py models
+// both); the partial last pack, if any, falls to the thread whose turn it is, after the loop.
+template <typename scalar_t, GammaKind G>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
+    focal_float_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using M = MathFor<scalar_t>;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, kVec>;
+  const int64_t n = a.rows * a.cols;
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const acc_t eps = static_cast<acc_t>(a.label_smoothing);
+  const auto* x_all = static_cast<const scalar_t*>(a.logits);
+  const auto* t_all = static_cast<const scalar_t*>(a.targets);
+  auto* loss_all = static_cast<scalar_t*>(a.loss);
+  auto* grad_all = static_cast<scalar_t*>(a.grad);
+
+  const auto one = [&](acc_t x, acc_t t) {
+    return focal_target<G, acc_t, M>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
+  };
+  const int64_t full_packs = n / kVec;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  acc_t sum = 0;
+  int64_t touched = 0;
+  for (; p < full_packs; p += stride) {
+    const P x = reinterpret_cast<const P*>(x_all)[p];
+    const P t = reinterpret_cast<const P*>(t_all)[p];
+    acc_t xf[kVec], tf[kVec];
+    unpack(x, xf);
+    unpack(t, tf);
+    P loss, grad;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const LossAndGrad<acc_t> r = one(xf[j], tf[j]);
+      sum = add_rn(sum, r.loss);
+      loss.v[j] = static_cast<scalar_t>(r.loss * scale);
+      grad.v[j] = static_cast<scalar_t>(r.grad * scale);
+    }
+    if (loss_all) reinterpret_cast<P*>(loss_all)[p] = loss;
+    if (grad_all) reinterpret_cast<P*>(grad_all)[p] = grad;
+    touched += kVec;
+  }
+  for (int64_t e = p * kVec; e < n; ++e) {  // the partial last pack: only one thread gets here
+    const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));
+    sum = add_rn(sum, r.loss);
+    if (loss_all) loss_all[e] = static_cast<scalar_t>(r.loss * scale);
+    if (grad_all) grad_all[e] = static_cast<scalar_t>(r.grad * scale);
+    ++touched;
+  }
+  trace_elements(touched);
+  if (block_sums) {
+    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+    __shared__ typename BlockReduce::TempStorage storage;
+    const acc_t block_sum = BlockReduce(storage).Sum(sum);
+    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+  }
+}
+
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
 // loss (reduction "none") and gradient times `scale` written out; returns the sum of their
 // alpha-weighted losses. What focal_ids_kernel leaves to the general code; not inlined, so that
@@ -202,24 +284,6 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
     }
   }
   return sum;
-}
-
-// The elements of a pack in the math type. bfloat16 is the upper half of a float: a shift for the
-// even elements and a mask for the odd ones, one instruction each.
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath_type<scalar_t> (&out)[kVec]) {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t words[kVec / 2];
-    memcpy(words, p.v, sizeof(words));
-#pragma unroll
-    for (int k = 0; k < kVec / 2; ++k) {
-      out[2 * k] = __uint_as_float(words[k] << 16);
-      out[2 * k + 1] = __uint_as_float(words[k] & 0xffff0000u);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) out[j] = static_cast<at::opmath_type<scalar_t>>(p.v[j]);
-  }
 }
 
 // Elements each thread of focal_ids_kernel takes per step: two 16-byte packs.
