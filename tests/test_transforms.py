@@ -161,9 +161,11 @@ def test_script_keeps_the_checks():
 def test_script_a_module_save_and_load():
     criterion = _script(focal.SigmoidFocalLoss(alpha=None, gamma=1.5, reduction="sum"))
     buffer = io.BytesIO()
-    torch.jit.save(criterion, buffer)
-    buffer.seek(0)
-    loaded = torch.jit.load(buffer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used
+        torch.jit.save(criterion, buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
     x, ids = _problem()
     num_pos = (ids >= 0).sum()
     expected = focal.sigmoid_focal_loss(x, ids, None, 1.5, "sum", normalizer=num_pos)
