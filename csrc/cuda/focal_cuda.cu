@@ -8,6 +8,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -32,54 +33,14 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *out = total;
 }
 
-template <typename scalar_t, TargetKind TK>
-void launch_for_target(const KernelArgs& a, GammaKind g, int blocks, bool aligned,
-                       const ScaleArgs& s, at::opmath_type<scalar_t>* sums, rt::Stream stream) {
+// Calls launch(std::integral_constant<GammaKind, G>) with the compile-time G of a launch's gamma.
+template <typename Launch>
+void with_gamma_kind(GammaKind g, Launch&& launch) {
   switch (g) {
-    case GammaKind::kZero:
-      return rt::launch(&focal_kernel<scalar_t, TK, GammaKind::kZero>, blocks, kThreads, stream, a,
-                        aligned, s, sums);
-    case GammaKind::kOne:
-      return rt::launch(&focal_kernel<scalar_t, TK, GammaKind::kOne>, blocks, kThreads, stream, a,
-                        aligned, s, sums);
-    case GammaKind::kTwo:
-      return rt::launch(&focal_kernel<scalar_t, TK, GammaKind::kTwo>, blocks, kThreads, stream, a,
-                        aligned, s, sums);
-    default:
-      return rt::launch(&focal_kernel<scalar_t, TK, GammaKind::kGeneral>, blocks, kThreads, stream,
-                        a, aligned, s, sums);
-  }
-}
-
-template <typename scalar_t>
-void launch_ids(const KernelArgs& a, GammaKind g, int blocks, const ScaleArgs& s,
-                at::opmath_type<scalar_t>* sums, rt::Stream stream) {
-  switch (g) {
-    case GammaKind::kZero:
-      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kZero>, blocks, kThreads, stream, a, s, sums);
-    case GammaKind::kOne:
-      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kOne>, blocks, kThreads, stream, a, s, sums);
-    case GammaKind::kTwo:
-      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kTwo>, blocks, kThreads, stream, a, s, sums);
-    default:
-      return rt::launch(&focal_ids_kernel<scalar_t, GammaKind::kGeneral>, blocks, kThreads, stream, a, s,
-                        sums);
-  }
-}
-
-template <typename scalar_t>
-void launch_float(const KernelArgs& a, GammaKind g, int blocks, const ScaleArgs& s,
-                  at::opmath_type<scalar_t>* sums, rt::Stream stream) {
-  switch (g) {
-    case GammaKind::kZero:
-      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kZero>, blocks, kThreads, stream, a, s, sums);
-    case GammaKind::kOne:
-      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kOne>, blocks, kThreads, stream, a, s, sums);
-    case GammaKind::kTwo:
-      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kTwo>, blocks, kThreads, stream, a, s, sums);
-    default:
-      return rt::launch(&focal_float_kernel<scalar_t, GammaKind::kGeneral>, blocks, kThreads, stream, a,
-                        s, sums);
+    case GammaKind::kZero: return launch(std::integral_constant<GammaKind, GammaKind::kZero>{});
+    case GammaKind::kOne: return launch(std::integral_constant<GammaKind, GammaKind::kOne>{});
+    case GammaKind::kTwo: return launch(std::integral_constant<GammaKind, GammaKind::kTwo>{});
+    default: return launch(std::integral_constant<GammaKind, GammaKind::kGeneral>{});
   }
 }
 
@@ -152,20 +113,23 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
     const at::Tensor block_sums =
         reduce ? at::empty({blocks}, options.dtype(call.reduced_dtype())) : at::Tensor();
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
-    if (ids_kernel) {
-      launch_ids<scalar_t>(args, call.gamma_kind(), blocks, s, sums, stream);
-    } else if (float_kernel) {
-      launch_float<scalar_t>(args, call.gamma_kind(), blocks, s, sums, stream);
-    } else if (args.target_kind == TargetKind::kClassId) {
-      launch_for_target<scalar_t, TargetKind::kClassId>(args, call.gamma_kind(), blocks, aligned, s,
-                                                        sums, stream);
-    } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
-      launch_for_target<scalar_t, TargetKind::kClassIdSmoothed>(args, call.gamma_kind(), blocks,
-                                                                aligned, s, sums, stream);
-    } else {
-      launch_for_target<scalar_t, TargetKind::kFloat>(args, call.gamma_kind(), blocks, aligned, s,
-                                                      sums, stream);
-    }
+    with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
+      constexpr GammaKind G = decltype(gamma_kind)::value;
+      if (ids_kernel) {
+        rt::launch(&focal_ids_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
+      } else if (float_kernel) {
+        rt::launch(&focal_float_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
+      } else if (args.target_kind == TargetKind::kClassId) {
+        rt::launch(&focal_kernel<scalar_t, TargetKind::kClassId, G>, blocks, kThreads, stream, args,
+                   aligned, s, sums);
+      } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
+        rt::launch(&focal_kernel<scalar_t, TargetKind::kClassIdSmoothed, G>, blocks, kThreads, stream,
+                   args, aligned, s, sums);
+      } else {
+        rt::launch(&focal_kernel<scalar_t, TargetKind::kFloat, G>, blocks, kThreads, stream, args,
+                   aligned, s, sums);
+      }
+    });
     if (reduce) {
       rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, blocks, s,
                  loss.mutable_data_ptr<acc_t>());

@@ -120,6 +120,16 @@ __device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath
 }
 
 
+// block_sums[blockIdx.x] = the sum of every thread's `sum` in the block, in CUB's order. Every
+// thread of the block must call it.
+template <typename acc_t>
+__device__ __forceinline__ void store_block_sum(acc_t sum, acc_t* __restrict__ block_sums) {
+  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  const acc_t total = BlockReduce(storage).Sum(sum);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
+}
+
 // Loss (reduction "none") and gradient of every element, times the scale; with `block_sums`, also
 // each block's sum of the unscaled losses. Each thread handles packs of kVec consecutive elements
 // (16 bytes), grid-stride, read and written with 128-bit accesses when `aligned` (every pointer
@@ -188,12 +198,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     touched += n - base < kVec ? n - base : kVec;
   }
   trace_elements(touched);
-  if (block_sums) {
-    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-    __shared__ typename BlockReduce::TempStorage storage;
-    const acc_t block_sum = BlockReduce(storage).Sum(sum);
-    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
-  }
+  if (block_sums) store_block_sum(sum, block_sums);
 }
 
 // Float targets (torchvision's form) without weights, 16-byte aligned logits, targets and outputs:
@@ -251,12 +256,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     ++touched;
   }
   trace_elements(touched);
-  if (block_sums) {
-    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-    __shared__ typename BlockReduce::TempStorage storage;
-    const acc_t block_sum = BlockReduce(storage).Sum(sum);
-    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
-  }
+  if (block_sums) store_block_sum(sum, block_sums);
 }
 
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
@@ -377,11 +377,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   trace_elements(touched);
   if (block_sums) {
     // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0 is NaN).
-    const acc_t sum = alpha.neg == acc_t(0) ? others : negatives * alpha.neg + others;
-    using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-    __shared__ typename BlockReduce::TempStorage storage;
-    const acc_t block_sum = BlockReduce(storage).Sum(sum);
-    if (threadIdx.x == 0) block_sums[blockIdx.x] = block_sum;
+    store_block_sum(alpha.neg == acc_t(0) ? others : negatives * alpha.neg + others, block_sums);
   }
 }
 
