@@ -6,8 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from focal import _validate
-from focal import _autograd
+from focal import _autograd, _validate
 from focal.ops import require_kernels
 
 __all__ = ["sigmoid_focal_loss"]
