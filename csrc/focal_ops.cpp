@@ -1,10 +1,9 @@
-// Operator schemas and the argument checks shared by every backend.
+// The argument checks shared by every backend (the schemas are in focal_ops.h, registered by
+// module.cpp).
 #include "focal_ops.h"
 
 #include <algorithm>
 #include <cmath>
-
-#include <torch/library.h>
 
 namespace focal {
 

@@ -14,7 +14,7 @@
 
 namespace focal {
 
-// Schemas, declared once in focal_ops.cpp; a test-only build registers the same ones in another
+// Schemas, registered once by module.cpp; a test-only build registers the same ones in another
 // namespace.
 //
 // sigmoid_focal_loss: loss and, when compute_grad, d(loss)/d(logits) from one pass over the logits.
