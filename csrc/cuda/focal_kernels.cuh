@@ -1,5 +1,7 @@
-// The loss kernel of the CUDA backend and the kernel that adds up its per-block totals. Compiled by
-// nvcc, and for tests as host C++ against the emulation (kernel_runtime.cuh, README.md).
+// The loss kernels of the CUDA backend (focal_ids_kernel: class ids, the roofline case;
+// focal_float_kernel: unweighted float targets; focal_kernel: everything else) and the kernel that
+// adds up their per-block totals. Compiled by nvcc, and for tests as host C++ against the emulation
+// (kernel_runtime.cuh, README.md).
 #pragma once
 
 #include <cfloat>
