@@ -14,13 +14,14 @@ How the hot loop is found (see also benchmarks/README.md):
 
 1. Every branch (``BRA``) whose target address is at or before its own address closes a loop that
    spans [target, branch]; the one-instruction ``BRA`` to itself that ends every function is not a
-   loop. Loops inside another loop's span are nested in it; only outermost loops are candidates.
+   loop. Loops inside another loop's span are nested in it.
 2. The hot loop writes the gradient in 16-byte packs (``STG.E.128``): it is the innermost loop that
    does (focal_ids_kernel keeps its rare slow chunks in an outer loop around it, so that the call
    they make stays out of the hot one). Without such a loop, the outermost loop that stores to global
    memory (``STG`` / generic ``ST``) is taken. When the compiler made several such loops (an unrolled loop and
-   its remainder, say), the longest is counted, and its unroll factor is its number of global stores
-   over that of the loop with the fewest.
+   its remainder, say), the longest is counted, and its unroll factor is its number of global loads
+   over that of the loop with the fewest (loads, not stores: a copy unswitched on an optional output
+   stores more without taking more elements).
 3. Elements per trip = unroll x (``--bytes-per-iteration`` / size of the dtype): 32 bytes for
    focal_ids_kernel (two packs per trip), 16 for other kernels (one pack). ``--elements-per-
    iteration N`` overrides the pack size for kernels that take another amount.
@@ -227,9 +228,12 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
     if not candidates:
         return None
     hot = max(candidates, key=lambda lp: len(lp.instructions))
-    fewest = min(lp.count(GLOBAL_STORE) for lp in candidates)
-    stores = hot.count(GLOBAL_STORE)
-    unroll = stores // fewest if stores % fewest == 0 else 1
+    # An unrolled copy loads (and stores) k times what its remainder loop does; a copy made by
+    # unswitching on an optional output (focal_float_kernel's loss) stores more but loads the same:
+    # the loads tell the two apart.
+    fewest = min(lp.count(GLOBAL_LOAD) for lp in candidates)
+    loads = hot.count(GLOBAL_LOAD)
+    unroll = loads // fewest if fewest and loads % fewest == 0 else 1
     return HotLoop(hot, unroll, candidates)
 
 

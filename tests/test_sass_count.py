@@ -150,6 +150,30 @@ def test_focal_ids_kernel_is_the_class_id_kernel_with_two_packs_per_trip():
     assert record["hot_loop"]["instructions_per_element"] == 5 / 8
 
 
+# Two copies of one loop, unswitched on an optional output: the second also stores the loss.
+UNSWITCHED = sass(
+    "code for sm_90",
+    "Function : _Z8unswitchPf",
+    "0000 LDG.E.128 R4, desc[UR4][R2.64]",   # gradient only
+    "0010 LDG.E.128 R8, desc[UR4][R12.64]",
+    "0020 STG.E.128 desc[UR4][R14.64], R4",
+    "0030 @P1 BRA 0x0",
+    "0040 LDG.E.128 R4, desc[UR4][R2.64]",   # loss and gradient
+    "0050 LDG.E.128 R8, desc[UR4][R12.64]",
+    "0060 STG.E.128 desc[UR4][R14.64], R4",
+    "0070 STG.E.128 desc[UR4][R16.64], R8",
+    "0080 @P2 BRA 0x40",
+    "0090 EXIT",
+    "00a0 BRA 0xa0",
+)
+
+
+def test_unswitched_copies_are_not_an_unroll():
+    (fn,) = sc.parse_sass(UNSWITCHED)
+    hot = sc.find_hot_loop(fn.instructions)
+    assert (hot.loop.start, hot.unroll, len(hot.candidates)) == (0x40, 1, 2)
+
+
 def test_unrolled_loop_counts_its_unroll_factor():
     fn = sc.parse_sass(UNROLLED)[1]
     hot = sc.find_hot_loop(fn.instructions)
