@@ -9,7 +9,8 @@
 #   detect     the visible GPU's compute capability (torch), card, driver, versions, commit
 #   build      focal built for exactly that architecture (TORCH_CUDA_ARCH_LIST)
 #   sass       benchmarks/sass_count.py on the built extension for that architecture (budgets on sm_90)
-#   tests      pytest: tests/test_cuda*.py and every test parametrised with device=cuda (-k cuda)
+#   tests      pytest: tests/test_cuda.py and every test parametrised with device=cuda (-k cuda; the
+#              emulated-CUDA tests, a CPU proof, are left to `make test`)
 #   bench      benchmarks/bench.py --device cuda, headline and paper shapes, fp32/bf16/fp16, fwd+bwd
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
@@ -199,7 +200,7 @@ else
     for f in tests/retinanet $(grep -l -E '^(import|from) torchvision' tests/*.py); do PYTEST_IGNORE+=(--ignore "$f"); done
     echo "note: torchvision is not installed: not collected: ${PYTEST_IGNORE[*]}"
   fi
-  run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k cuda -q -rs -p no:cacheprovider \
+  run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k "cuda and not emulated" -q -rs -p no:cacheprovider \
     --junitxml "$OUTDIR/tests.xml"
   if (( ! HAVE_GPU && NO_GPU_OK )); then
     for s in bench memcheck racecheck; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
