@@ -63,7 +63,7 @@ def cxx_flags() -> list[str]:
 
 def nvcc_flags() -> list[str]:
     flags = ["-O0", "-g", "-G"] if DEBUG else ["-O3", "-lineinfo"]
-    return flags + ["--expt-relaxed-constexpr", "-std=c++20"]
+    return flags + ["--expt-relaxed-constexpr"]
 
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"

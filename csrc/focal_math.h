@@ -29,6 +29,8 @@
 #endif
 
 #include <cmath>
+#include <type_traits>
+#include <utility>
 
 namespace focal {
 
@@ -76,10 +78,22 @@ struct Ops<double> {
   static FOCAL_HOST_DEVICE double select(Mask m, double a, double b) { return m ? a : b; }
 };
 
+// Whether the primitives O define recip(x), respectively div(a, b) (C++17: torch builds
+// extensions with -std=c++17 in older releases).
+template <typename O, typename V, typename = void>
+struct HasRecip : std::false_type {};
+template <typename O, typename V>
+struct HasRecip<O, V, std::void_t<decltype(O::recip(std::declval<V>()))>> : std::true_type {};
+template <typename O, typename V, typename = void>
+struct HasDiv : std::false_type {};
+template <typename O, typename V>
+struct HasDiv<O, V, std::void_t<decltype(O::div(std::declval<V>(), std::declval<V>()))>>
+    : std::true_type {};
+
 // 1 / x and a / b through the primitives when they define them.
 template <typename O, typename V>
 FOCAL_HOST_DEVICE V reciprocal(V x) {
-  if constexpr (requires { O::recip(x); }) {
+  if constexpr (HasRecip<O, V>::value) {
     return O::recip(x);
   } else {
     return V(1) / x;
@@ -88,7 +102,7 @@ FOCAL_HOST_DEVICE V reciprocal(V x) {
 
 template <typename O, typename V>
 FOCAL_HOST_DEVICE V divide(V a, V b) {
-  if constexpr (requires { O::div(a, b); }) {
+  if constexpr (HasDiv<O, V>::value) {
     return O::div(a, b);
   } else {
     return a / b;
