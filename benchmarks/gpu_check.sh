@@ -125,7 +125,8 @@ t0=$(date +%s)
 INFO_JSON="$("$PY" -c "$INFO_PY" 2>"$OUTDIR/detect.log")" || INFO_JSON=""
 field() { [[ -n "$INFO_JSON" ]] && "$PY" -c "import json,sys; v=json.loads(sys.argv[1]).get(sys.argv[2]); print('' if v is None else v)" "$INFO_JSON" "$1"; }
 TORCH_VERSION="$(field torch)"
-CC="$(field compute_capability)"
+# Not CC: that is the C compiler, and an exported CC is what torch hands nvcc as -ccbin.
+CAPABILITY="$(field compute_capability)"
 GPU_NAME="$(field gpu)"
 DRIVER=""
 if command -v nvidia-smi >/dev/null 2>&1; then
@@ -144,7 +145,7 @@ DIRTY="$(git status --porcelain --untracked-files=no 2>/dev/null | head -c1 | wc
 [[ "$COMMIT" != unknown && "$DIRTY" != 0 ]] && COMMIT="$COMMIT (modified)"
 
 echo "gpu-check of focal, $(date '+%Y-%m-%d %H:%M:%S %Z') on $(uname -n)"
-echo "  card:    ${GPU_NAME:-none visible}${CC:+ (compute capability $CC)}"
+echo "  card:    ${GPU_NAME:-none visible}${CAPABILITY:+ (compute capability $CAPABILITY)}"
 echo "  driver:  ${DRIVER:-unknown}"
 echo "  torch:   ${TORCH_VERSION:-not importable} (CUDA $(field torch_cuda)), python $(field python)"
 echo "  nvcc:    ${NVCC_VERSION:-not found}"
@@ -153,22 +154,22 @@ echo "  output:  $OUTDIR (budget ${BUDGET_S} s)"
 echo "$INFO_JSON" >>"$OUTDIR/detect.log"
 
 HAVE_GPU=0
-if [[ -n "$CC" ]]; then
+if [[ -n "$CAPABILITY" ]]; then
   HAVE_GPU=1
-  record detect PASS $(( $(date +%s) - t0 )) "$GPU_NAME, sm_${CC/./}"
+  record detect PASS $(( $(date +%s) - t0 )) "$GPU_NAME, sm_${CAPABILITY/./}"
 elif (( NO_GPU_OK )); then
-  CC="${GPU_CHECK_ARCH:-9.0}"
-  record detect SKIP $(( $(date +%s) - t0 )) "no GPU visible (--no-gpu-ok): building for $CC"
+  CAPABILITY="${GPU_CHECK_ARCH:-9.0}"
+  record detect SKIP $(( $(date +%s) - t0 )) "no GPU visible (--no-gpu-ok): building for $CAPABILITY"
 else
   record detect FAIL $(( $(date +%s) - t0 )) "no GPU visible to torch (see detect.log)"
-  CC="${GPU_CHECK_ARCH:-9.0}"
+  CAPABILITY="${GPU_CHECK_ARCH:-9.0}"
 fi
-ARCH="sm_${CC/./}"
+ARCH="sm_${CAPABILITY/./}"
 
 # ---------------------------------------------------------------------------------------------------
 # build, sass
 
-export TORCH_CUDA_ARCH_LIST="$CC" FOCAL_WITH_CUDA=1
+export TORCH_CUDA_ARCH_LIST="$CAPABILITY" FOCAL_WITH_CUDA=1
 if [[ "$BUILD_MODE" == inplace ]]; then
   run_step build 300 "$PY" setup.py build_ext --inplace
 else
@@ -231,7 +232,7 @@ TOTAL=$(( $(date +%s) - START ))
 FAILED=0
 {
   echo "{"
-  echo "  \"machine\": {\"gpu\": $(json_escape "$GPU_NAME"), \"compute_capability\": $(json_escape "$CC"),"
+  echo "  \"machine\": {\"gpu\": $(json_escape "$GPU_NAME"), \"compute_capability\": $(json_escape "$CAPABILITY"),"
   echo "              \"arch_built\": $(json_escape "$ARCH"), \"driver\": $(json_escape "$DRIVER"),"
   echo "              \"torch\": $(json_escape "$TORCH_VERSION"), \"nvcc\": $(json_escape "$NVCC_VERSION"),"
   echo "              \"git_commit\": $(json_escape "$COMMIT"), \"host\": $(json_escape "$(uname -n)"),"
