@@ -189,6 +189,7 @@ class Impl:
     build: Callable[[Problem], Callable[[torch.Tensor], torch.Tensor]]
     floor: bool = False  # floor rows: no loss, no gradient, not checked
     fused: bool = False
+    ours: bool = False  # focal's own rows: one that disagrees with the exact loss fails the run
 
 
 class Unavailable(Exception):
@@ -316,11 +317,11 @@ IMPLS = {
     for i in (
         Impl(FLOOR, "torch.sigmoid(x)  [floor]", build_floor, floor=True),
         Impl("floor_out", "torch.sigmoid(x, out=y)", build_floor_out, floor=True),
-        Impl("fused_ids", "focal (class-id targets)", build_fused_ids, fused=True),
-        Impl("fused_float", "focal (float targets)", build_fused_float, fused=True),
+        Impl("fused_ids", "focal (class-id targets)", build_fused_ids, fused=True, ours=True),
+        Impl("fused_float", "focal (float targets)", build_fused_float, fused=True, ours=True),
         Impl("tv", "torchvision eager", build_torchvision),
         Impl("tv_compile", "torch.compile(torchvision)", build_torchvision_compiled),
-        Impl("reference", "focal.reference (PyTorch)", build_reference),
+        Impl("reference", "focal.reference (PyTorch)", build_reference, ours=True),
         Impl("fvcore", "fvcore sigmoid_focal_loss_jit", build_fvcore),
         Impl("kornia", "kornia binary_focal_loss", build_kornia),
     )
@@ -498,7 +499,7 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
     rows, steps = [], {}
     for key in impl_keys:
         impl = IMPLS[key]
-        row = {"key": key, "name": impl.name, "available": True, "note": None, "agreement": None}
+        row = {"key": key, "name": impl.name, "ours": impl.ours, "available": True, "note": None, "agreement": None}
         rows.append(row)
         try:
             loss_fn = impl.build(p)
@@ -516,6 +517,8 @@ def run_case(shape, dtype, mode, impl_keys, device, timer, budget_s, min_rounds,
                     row.update(available=False, note=message)
                 continue
             if not row["agreement"]["ok"]:
+                # A peer's disagreement (torchvision's float16 sum overflows to inf, say) is a
+                # finding about that peer, reported; focal's own fails the run.
                 row["note"] = "results disagree with the exact loss: not timed"
                 continue
         steps[key] = make_step(impl, loss_fn, p, mode)
@@ -959,7 +962,7 @@ def main(argv=None) -> int:
             "cpu_facts": facts,
             "cases": cases,
             "goals": evaluate_goals(cases, device.type, machine["threads"]),
-            "agreement_ok": all(r["agreement"]["ok"] for c in cases for r in c["rows"] if r["agreement"]),
+            "agreement_ok": all(r["agreement"]["ok"] for c in cases for r in c["rows"] if r["agreement"] and r["ours"]),
         }
 
     cases = []
@@ -992,7 +995,7 @@ def main(argv=None) -> int:
             plot_cases(cases, args.plot, machine)
             print(f"wrote {args.plot}")
     if not agreement_ok:
-        print("error: some implementations disagree with the exact loss (see 'check' above)", file=sys.stderr)
+        print("error: focal disagrees with the exact loss (see 'check' above)", file=sys.stderr)
         return 1
     fused_missing = [k for k in args.impls if IMPLS[k].fused and not availability[k]["available"]]
     if args.require_fused and fused_missing:

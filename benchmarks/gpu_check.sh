@@ -12,8 +12,10 @@
 #   tests      pytest: tests/test_cuda.py and every test parametrised with device=cuda (-k cuda; the
 #              emulated-CUDA tests, a CPU proof, are left to `make test`)
 #   bench      benchmarks/bench.py --device cuda, headline and paper shapes, fp32/bf16/fp16, fwd+bwd
+#   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
+#   ncu        Nsight Compute on one launch of each float32 loss kernel (throughput, occupancy, stalls)
 # The whole run keeps within GPU_CHECK_BUDGET_S seconds (default 480): each step gets at most its own
 # cap and what is left. Prints a summary, writes OUTDIR/summary.json (and the console to
 # OUTDIR/gpu-check.log), exits 1 if any step failed.
@@ -98,6 +100,14 @@ run_step() {
 skip_step() {  # name reason
   echo "skipped: $2" >"$OUTDIR/$1.log"
   record "$1" SKIP 0 "$2"
+}
+
+find_ncu() {
+  local home="${CUDA_HOME:-/usr/local/cuda}" c
+  for c in "$home/bin/ncu" /opt/nvidia/nsight-compute/*/ncu; do
+    [[ -x "$c" ]] && { echo "$c"; return 0; }
+  done
+  command -v ncu
 }
 
 find_sanitizer() {
@@ -192,7 +202,7 @@ fi
 # tests, bench, sanitizers
 
 if (( BUILD_RC != 0 )); then
-  for s in tests bench memcheck racecheck; do skip_step "$s" "the build failed"; done
+  for s in tests bench profile memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
 else
   # Test files that import torchvision cannot be collected without it; none of them is CUDA-specific
   # but for one device=cuda case, so they are left out (and said so) rather than failing the step.
@@ -204,11 +214,12 @@ else
   run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k "cuda and not emulated" -q -rs -p no:cacheprovider \
     --junitxml "$OUTDIR/tests.xml"
   if (( ! HAVE_GPU && NO_GPU_OK )); then
-    for s in bench memcheck racecheck; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
+    for s in bench profile memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
   else
     run_step bench 170 "$PY" benchmarks/bench.py --device cuda --shapes headline paper \
       --dtype float32 bfloat16 float16 --modes fwdbwd --impls fused_ids fused_float tv tv_compile \
       --budget 0.3 --require-fused --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png"
+    run_step profile 60 "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 bfloat16 --steps 20
     SANITIZER="$(find_sanitizer)"
     if [[ -z "$SANITIZER" ]]; then
       for s in memcheck racecheck; do
@@ -221,6 +232,21 @@ else
         "$SANITIZER" --tool memcheck --report-api-errors no --error-exitcode 3 "$PY" benchmarks/sanitize_cases.py
       run_step racecheck 120 "$SANITIZER" --tool racecheck --report-api-errors no --error-exitcode 3 \
         "$PY" benchmarks/sanitize_cases.py
+    fi
+    NCU="$(find_ncu)"
+    if [[ -z "$NCU" ]]; then
+      skip_step ncu "ncu not found under \$CUDA_HOME/bin, /opt/nvidia/nsight-compute or on PATH"
+    else
+      # The clocks as they are (--clock-control none); the launch after the profiler's warm-up.
+      ncu_kernel() {  # kernel impl
+        "$NCU" --clock-control none --kernel-name "regex:$1" --launch-skip 3 --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 --plain --steps 1 --impls "$2"
+      }
+      ncu_both() { ncu_kernel focal_ids_kernel fused_ids && ncu_kernel focal_float_kernel fused_float; }
+      export -f ncu_kernel ncu_both
+      export NCU PY
+      run_step ncu 90 bash -c ncu_both
     fi
   fi
 fi

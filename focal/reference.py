@@ -62,9 +62,16 @@ def _is_class_ids(targets: torch.Tensor) -> bool:
     return not (targets.is_floating_point() or targets.dtype == torch.bool)
 
 
+def _as_divisor(normalizer, like: torch.Tensor):
+    """A normaliser as the op takes it: a number, or any one-element tensor on any device."""
+    if isinstance(normalizer, torch.Tensor):
+        return normalizer.to(like.device).reshape(())
+    return normalizer
+
+
 def _reduce(loss, keep, reduction, normalizer, class_ids):
     if normalizer is not None:
-        loss = loss / normalizer
+        loss = loss / _as_divisor(normalizer, loss)
     if reduction == "none":
         return loss
     if reduction == "sum":
@@ -138,7 +145,7 @@ def sigmoid_focal_loss_grad(
         grad = grad * weight
     grad = grad * keep
     if normalizer is not None:
-        grad = grad / normalizer
+        grad = grad / _as_divisor(normalizer, grad)
     if reduction == "mean":
         grad = grad / _mean_denominator(keep, _is_class_ids(targets))
     return grad

@@ -97,7 +97,7 @@ def test_cuda_and_cpu_within_the_precision_contract(dtype, kind, gamma):
         kwargs = dict(alpha=0.25, gamma=gamma, reduction=reduction, weight=weight, label_smoothing=0.1)
         exact_loss, exact_grad = _exact(x, t, **kwargs)
         for device in ("cpu", "cuda"):
-            xd = x.to(device).requires_grad_()
+            xd = x.detach().to(device).requires_grad_()  # a leaf on each device
             kwargs["weight"] = weight.to(device)
             loss = focal.sigmoid_focal_loss(xd, t.to(device), **kwargs)
             loss.sum().backward()
@@ -121,7 +121,7 @@ def test_saturated_logits_stay_finite_and_agree_with_the_cpu(dtype, gamma):
         ids = torch.tensor([-1, 0, 5]) if t is None else None
         results = []
         for device in ("cpu", "cuda"):
-            xd = x.to(device).requires_grad_()
+            xd = x.detach().to(device).requires_grad_()  # a leaf on each device
             target = (ids if t is None else t).to(device)
             loss = focal.sigmoid_focal_loss(xd, target, 0.25, gamma, "none")
             total = focal.sigmoid_focal_loss(xd, target, 0.25, gamma, "sum")
