@@ -707,8 +707,9 @@ def describe_machine(device: torch.device, threads: int) -> dict:
         "torch": torch.__version__,
         "torchvision": _torchvision_version(),
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_describe": _git("describe", "--always", "--dirty"),
+        # GIT_COMMIT names the commit where the tree was copied without its history (a GPU host).
+        "git_commit": os.environ.get("GIT_COMMIT") or _git("rev-parse", "HEAD"),
+        "git_describe": os.environ.get("GIT_COMMIT") or _git("describe", "--always", "--dirty"),
         "thp": _thp_mode(),
         # Other work on the machine shows up in every timing: record how busy it was.
         "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

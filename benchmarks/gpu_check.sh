@@ -15,7 +15,7 @@
 #   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
-#   ncu        Nsight Compute on one launch of each float32 loss kernel (throughput, occupancy, stalls)
+#   ncu        Nsight Compute on one float32 launch of the class-id and the float-target loss kernels
 # The whole run keeps within GPU_CHECK_BUDGET_S seconds (default 480): each step gets at most its own
 # cap and what is left. Prints a summary, writes OUTDIR/summary.json (and the console to
 # OUTDIR/gpu-check.log), exits 1 if any step failed.
@@ -152,7 +152,7 @@ NVCC="${CUDA_HOME:-/usr/local/cuda}/bin/nvcc"
 NVCC_VERSION="$([[ -n "$NVCC" ]] && "$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 DIRTY="$(git status --porcelain --untracked-files=no 2>/dev/null | head -c1 | wc -c)"
-[[ "$COMMIT" != unknown && "$DIRTY" != 0 ]] && COMMIT="$COMMIT (modified)"
+[[ "$COMMIT" != unknown && "$DIRTY" != 0 && -z "${GIT_COMMIT:-}" ]] && COMMIT="$COMMIT (modified)"
 
 echo "gpu-check of focal, $(date '+%Y-%m-%d %H:%M:%S %Z') on $(uname -n)"
 echo "  card:    ${GPU_NAME:-none visible}${CAPABILITY:+ (compute capability $CAPABILITY)}"
@@ -238,12 +238,18 @@ else
       skip_step ncu "ncu not found under \$CUDA_HOME/bin, /opt/nvidia/nsight-compute or on PATH"
     else
       # The clocks as they are (--clock-control none); the launch after the profiler's warm-up.
-      ncu_kernel() {  # kernel impl
-        "$NCU" --clock-control none --kernel-name "regex:$1" --launch-skip 3 --launch-count 1 \
+      # A kernel name that matches no launch leaves ncu's exit status 0: that fails the step too.
+      ncu_kernel() {  # kernel-regex impl
+        local out rc
+        out="$("$NCU" --clock-control none --kernel-name "regex:$1" --launch-skip 3 --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-          "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 --plain --steps 1 --impls "$2"
+          "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 --plain --steps 1 --impls "$2" 2>&1)"
+        rc=$?
+        echo "$out"
+        (( rc == 0 )) && ! grep -q "No kernels were profiled" <<<"$out"
       }
-      ncu_both() { ncu_kernel focal_ids_kernel fused_ids && ncu_kernel focal_float_kernel fused_float; }
+      # The benchmark's float targets carry an (N, 1) keep weight: focal_kernel, not focal_float_kernel.
+      ncu_both() { ncu_kernel focal_ids_kernel fused_ids && ncu_kernel "focal_(float_)?kernel" fused_float; }
       export -f ncu_kernel ncu_both
       export NCU PY
       run_step ncu 90 bash -c ncu_both

@@ -294,13 +294,13 @@ inline constexpr int kIdsChunk = 2 * 16 / static_cast<int>(sizeof(scalar_t));
 
 // Class-id targets without label smoothing or per-element weights, a reduced loss, 16-byte aligned
 // logits and gradient: the loss of dense detection, written for the memory roofline
-// (csrc/cuda/README.md). Each thread takes chunks of two 16-byte packs, grid-stride, both loaded
-// together with the row's class id before any is used, and follows its chunk's row and column
-// incrementally (no division in the loop). A chunk within one row and without a positive
-// (nearly every chunk: a row has at most one positive among its C classes, a background row none)
-// runs focal_hard with z = x on every element, alpha's negative weight and the scale folded into
-// one factor; any other chunk (a positive, an ignored or invalid id, a row boundary, the tail) goes
-// to focal_chunk_slow.
+// (csrc/cuda/README.md). Each thread takes chunks of two 16-byte packs, grid-stride, and follows
+// its chunk's row and column incrementally (no division in the loop); each trip loads the next
+// chunk's class id with this chunk's logits. A chunk within one row and without a positive (nearly
+// every chunk: a row has at most one positive among its C classes, a background row none) runs
+// focal_hard with z = x on every element, alpha's negative weight and the scale folded into one
+// factor; a chunk of an ignored row writes zeros; any other chunk (a positive, an invalid id, a row
+// boundary, the tail) goes to focal_chunk_slow.
 template <typename scalar_t, GammaKind G>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     focal_ids_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
@@ -340,54 +340,75 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
       ++row;
     }
   };
-  while (e0 < n) {
-    // The fast chunks, one after another: the loop that runs for nearly every element. The call to
-    // focal_chunk_slow stays outside it, so nothing in it waits for or spills around a call. Each
-    // trip loads the next chunk's class id together with this chunk's logits: the branch on a
-    // class id never waits for memory, and a trip costs one memory latency, not two.
-    int64_t label = ids[row];
-    while (true) {
-      // The chunk ends in this row (so both packs lie inside the logits), -1 <= label < cols, and
-      // label lies outside [col, col + kChunk).
-      const bool fast = col + kChunk <= cols32 &&
-                        static_cast<uint64_t>(label) + 1 <= static_cast<uint64_t>(cols) &&
-                        static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
-      if (!fast) break;
-      const int64_t p = e0 / kVec;
-      const P x[2] = {x_all[p], x_all[p + 1]};
-      next_chunk();
-      const bool more = e0 < n;
-      const int64_t next_label = more ? ids[row] : 0;
-      P grad[2];
-      acc_t pack_sums[2];
+  // The loop twice, with and without the gradient (a forward under no_grad), so that neither
+  // tests for it per chunk.
+  const auto run = [&](auto writes_grad) {
+    while (e0 < n) {
+      // The fast chunks, one after another: the loop that runs for nearly every element. The call
+      // to focal_chunk_slow stays outside it, so nothing in it waits for or spills around a call.
+      // Each trip loads the next chunk's class id together with this chunk's logits: the branch on
+      // a class id never waits for memory, and a trip costs one memory latency, not two.
+      int64_t label = ids[row];
+      while (true) {
+        // The chunk ends in this row (so both packs lie inside the logits), and the row is
+        // ignored, or -1 <= label < cols with label outside [col, col + kChunk).
+        const bool ignored = label == a.ignore_index;
+        const bool negative =
+            static_cast<uint64_t>(label) + 1 <= static_cast<uint64_t>(cols) &&
+            static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
+        const bool fast = col + kChunk <= cols32 && (ignored || negative);
+        if (!fast) break;
+        const uint64_t p = static_cast<uint64_t>(e0) / kVec;  // unsigned: a shift, no sign fix-up
+        const P x[2] = {x_all[p], x_all[p + 1]};
+        next_chunk();
+        const bool more = e0 < n;
+        const int64_t next_label = more ? ids[row] : 0;
+        if (ignored) {
+          // An ignored row (a few percent of anchors in detection) stays in this loop, with no
+          // loss and a zero gradient whatever its logits: a thread that left the loop for it
+          // would idle the rest of its warp until every thread had left.
+          if constexpr (decltype(writes_grad)::value) {
+            grad_all[p] = P{};
+            grad_all[p + 1] = P{};
+          }
+        } else {
+          P grad[2];
+          acc_t pack_sums[2];
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        acc_t xf[kVec];
-        unpack(x[h], xf);
-        pack_sums[h] = 0;
+          for (int h = 0; h < 2; ++h) {
+            acc_t xf[kVec];
+            unpack(x[h], xf);
+            pack_sums[h] = 0;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(xf[j], gamma);
-          pack_sums[h] += r.loss;
-          grad[h].v[j] = static_cast<scalar_t>(r.grad * negative_grad_w);
+            for (int j = 0; j < kVec; ++j) {
+              const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(xf[j], gamma);
+              pack_sums[h] += r.loss;
+              grad[h].v[j] = static_cast<scalar_t>(r.grad * negative_grad_w);
+            }
+          }
+          // Summed per pack first: the thread's running sum takes one rounding per chunk rather
+          // than one per element (8 to 16 times fewer on a sum over billions of elements).
+          negatives += pack_sums[0] + pack_sums[1];
+          if constexpr (decltype(writes_grad)::value) {
+            grad_all[p] = grad[0];
+            grad_all[p + 1] = grad[1];
+          }
         }
+        touched += kChunk;
+        if (!more) break;
+        label = next_label;
       }
-      // Summed per pack first: the thread's running sum takes one rounding per chunk rather than
-      // one per element (8 to 16 times fewer on a sum over billions of elements).
-      negatives += pack_sums[0] + pack_sums[1];
-      if (grad_all) {
-        grad_all[p] = grad[0];
-        grad_all[p + 1] = grad[1];
-      }
-      touched += kChunk;
-      if (!more) break;
-      label = next_label;
+      if (e0 >= n) break;
+      const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
+      others += focal_chunk_slow<scalar_t, G>(a, alpha, scale, e0, len, row, col);
+      touched += len;
+      next_chunk();
     }
-    if (e0 >= n) break;
-    const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
-    others += focal_chunk_slow<scalar_t, G>(a, alpha, scale, e0, len, row, col);
-    touched += len;
-    next_chunk();
+  };
+  if (grad_all != nullptr) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
   }
   trace_elements(touched);
   if (block_sums) {

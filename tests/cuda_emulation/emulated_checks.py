@@ -276,6 +276,34 @@ def test_class_id_kernel_over_row_layouts(dtype, cols):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ignore_index", [-100, -2, 80])
+def test_class_id_kernel_ignored_rows_are_exact_zeros_whatever_their_logits(dtype, ignore_index):
+    """The roofline kernel keeps ignored rows in its fast loop: their gradient is exactly 0 and
+    their loss absent even where the logits are inf or NaN, as on the CPU, whether ignore_index is
+    below -1 or at or past the class count (where an id that is not ignored is invalid)."""
+    g = torch.Generator().manual_seed(11)
+    x = make_logits((300, 80), dtype, g)
+    ids = _ids_with_every_case(300, 80, g, ignore_index=ignore_index)
+    ignored = ids == ignore_index
+    rows = ignored.nonzero().flatten()[:3]
+    x[rows[0]] = float("nan")
+    x[rows[1]] = float("inf")
+    x[rows[2]] = -float("inf")
+    for compute_grad in (True, False):
+        kwargs = dict(reduction="sum", compute_grad=compute_grad, ignore_index=ignore_index)
+        total, grad = loss_op(EMU, x, ids, **kwargs)
+        cpu_total, cpu_grad = loss_op(CPU, x, ids, **kwargs)
+        assert torch.isfinite(total)
+        assert_reduced_close(total, cpu_total, dtype, x.numel(), "loss vs CPU op",
+                             torch.float32 if dtype != torch.float64 else None)
+        if compute_grad:
+            assert (grad[ignored] == 0).all() and torch.isfinite(grad).all()
+            assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op", normwise=True)
+        else:
+            assert grad.numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_class_id_kernel_invalid_ids_poison_their_rows(dtype):
     g = torch.Generator().manual_seed(5)
     x = make_logits((300, 80), dtype, g)
