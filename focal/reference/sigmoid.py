@@ -14,71 +14,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from focal.reference._common import (
+    alpha_t,
+    as_divisor,
+    element_count,
+    expand_targets,
+    is_class_ids,
+    reduce_loss,
+)
+
 __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
-
-
-def expand_targets(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(soft_targets, keep)``, both shaped like ``inputs`` and in its dtype.
-
-    Float targets pass through. Integer class ids of shape ``inputs.shape[:-1]`` become one-hot rows
-    (``-1`` is an all-zero background row); rows whose id equals ``ignore_index`` get ``keep == 0``.
-    Label smoothing ``eps`` then maps every binary target ``t`` to ``t * (1 - eps) + eps / 2``.
-    """
-    if not _is_class_ids(targets):
-        soft = targets.to(inputs.dtype)
-        keep = torch.ones_like(inputs)
-    else:
-        num_classes = inputs.shape[-1]
-        ids = targets.long()
-        ignored = ids == ignore_index
-        ids = torch.where(ignored, torch.full_like(ids, -1), ids)
-        classes = torch.arange(num_classes, device=inputs.device)
-        soft = (ids.unsqueeze(-1) == classes).to(inputs.dtype)
-        keep = (~ignored).unsqueeze(-1).expand_as(inputs).to(inputs.dtype)
-    if label_smoothing:
-        soft = soft * (1.0 - label_smoothing) + label_smoothing / 2.0
-    return soft, keep
-
-
-def _alpha_t(t: torch.Tensor, alpha: float | None) -> torch.Tensor | float:
-    if alpha is None or alpha < 0:
-        return 1.0
-    return alpha * t + (1.0 - alpha) * (1.0 - t)
-
-
-def _mean_denominator(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:
-    # The mean is over the elements that are not ignored. With class ids, a batch whose rows are
-    # all ignored contributes 0 (the denominator is at least 1); float targets follow torch.mean.
-    count = keep.sum()
-    return count.clamp(min=1) if class_ids else count
-
-
-def _is_class_ids(targets: torch.Tensor) -> bool:
-    return not (targets.is_floating_point() or targets.dtype == torch.bool)
-
-
-def _as_divisor(normalizer, like: torch.Tensor):
-    """A normaliser as the op takes it: a number, or any one-element tensor on any device."""
-    if isinstance(normalizer, torch.Tensor):
-        return normalizer.to(like.device).reshape(())
-    return normalizer
-
-
-def _reduce(loss, keep, reduction, normalizer, class_ids):
-    if normalizer is not None:
-        loss = loss / _as_divisor(normalizer, loss)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.sum() / _mean_denominator(keep, class_ids)
-    raise ValueError(f"unknown reduction {reduction!r}")
 
 
 def sigmoid_focal_loss(
@@ -104,11 +49,11 @@ def sigmoid_focal_loss(
     p = torch.sigmoid(inputs)
     ce = F.binary_cross_entropy_with_logits(inputs, soft, reduction="none")
     p_t = p * soft + (1 - p) * (1 - soft)
-    loss = _alpha_t(soft, alpha) * ce * (1 - p_t) ** gamma
+    loss = alpha_t(soft, alpha) * ce * (1 - p_t) ** gamma
     if weight is not None:
         loss = loss * weight
     loss = loss * keep
-    return _reduce(loss, keep, reduction, normalizer, _is_class_ids(targets))
+    return reduce_loss(loss, reduction, normalizer, element_count(keep, is_class_ids(targets)))
 
 
 def sigmoid_focal_loss_grad(
@@ -140,12 +85,12 @@ def sigmoid_focal_loss_grad(
     grad = q**gamma * (p - soft)
     if gamma != 0:
         grad = grad + gamma * (1 - 2 * soft) * p * one_minus_p * q ** (gamma - 1) * ce
-    grad = _alpha_t(soft, alpha) * grad
+    grad = alpha_t(soft, alpha) * grad
     if weight is not None:
         grad = grad * weight
     grad = grad * keep
     if normalizer is not None:
-        grad = grad / _as_divisor(normalizer, grad)
+        grad = grad / as_divisor(normalizer, grad)
     if reduction == "mean":
-        grad = grad / _mean_denominator(keep, _is_class_ids(targets))
+        grad = grad / element_count(keep, is_class_ids(targets))
     return grad

@@ -1,0 +1,158 @@
+"""Pure-PyTorch references for two focal losses with soft *quality* targets: QFL and VFL.
+
+* Quality focal loss (Li et al., "Generalized Focal Loss: Learning Qualified and Distributed Bounding
+  Boxes for Dense Object Detection", 2020):
+  ``QFL = -|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, ``sigma = sigmoid(x)``: the binary
+  cross entropy with the soft target ``y`` scaled by the distance of the prediction from it.
+* Varifocal loss (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 2021):
+  ``VFL = -q (q log(p) + (1 - q) log(1 - p))`` where ``q > 0`` and ``VFL = -alpha p^gamma log(1 - p)``
+  where ``q = 0``, ``p = sigmoid(x)``: positives are weighted by their own quality, only negatives are
+  down-weighted focally.
+
+The target of a class is its quality: for a positive anchor, the IoU of its predicted box with its
+ground-truth box for its class, and 0 for every other class (and for every class of a background
+anchor). Both losses take it in either of two forms:
+
+* dense float targets of the shape of the logits ``(..., C)``, values in [0, 1]; or
+* the pair ``(ids, scores)``: integer class ids of shape ``inputs.shape[:-1]`` (``c`` in ``[0, C)`` a
+  positive for class ``c``, ``-1`` background, ``ignore_index`` an ignored row) and float scores of
+  the same shape, the quality of each row's class (not read for background and ignored rows). The
+  reference builds the dense targets from it; the point of the form is that the fused op need not.
+
+``weight``, ``normalizer`` and the reductions follow :func:`focal.sigmoid_focal_loss`: ``"mean"``
+divides by the number of elements that are not ignored (at least 1 with the pair form; dense
+targets follow ``torch.mean``). Like the other references they materialise every intermediate and do
+no argument validation beyond what the math needs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from focal.reference._common import element_count, is_class_ids, one_hot_rows, power, reduce_loss
+
+__all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
+
+QualityTargets = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
+def quality_targets(
+    inputs: torch.Tensor, targets: QualityTargets, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Return ``(quality, keep, class_ids)``: dense quality targets and keep mask, both shaped like
+    ``inputs`` and in its dtype, and whether ``targets`` was the ``(ids, scores)`` pair."""
+    if isinstance(targets, (tuple, list)):
+        if len(targets) != 2:
+            raise ValueError(f"quality targets as a pair are (ids, scores), got {len(targets)} tensors")
+        ids, scores = targets
+        if tuple(ids.shape) != tuple(inputs.shape[:-1]) or scores.shape != ids.shape:
+            raise ValueError(
+                f"(ids, scores) must both have the shape of inputs without the class dimension, "
+                f"{tuple(inputs.shape[:-1])}; got {tuple(ids.shape)} and {tuple(scores.shape)}"
+            )
+        one_hot, kept = one_hot_rows(ids, inputs.shape[-1], ignore_index, inputs.dtype)
+        # where, not a product: the scores of background and ignored rows are never read
+        scores = scores.to(inputs.dtype).unsqueeze(-1).expand_as(inputs)
+        quality = torch.where(one_hot.bool(), scores, torch.zeros_like(scores))
+        keep = kept.unsqueeze(-1).expand_as(inputs).to(inputs.dtype)
+        return quality, keep, True
+    if is_class_ids(targets):
+        raise ValueError(
+            "quality targets need scores: pass dense float targets or the pair (ids, scores), "
+            f"got a {targets.dtype} tensor alone"
+        )
+    return targets.to(inputs.dtype), torch.ones_like(inputs), False
+
+
+def quality_focal_loss(
+    inputs: torch.Tensor,
+    targets: QualityTargets,
+    beta: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
+
+    Computed as ``|y - sigmoid(x)|^beta * binary_cross_entropy_with_logits(x, y)``, finite for any
+    finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
+    exactly the gradient is taken as 0 (the true one for ``beta > 1``; below, there is none).
+    Differentiable by autograd, to any order.
+
+    Args:
+        inputs: logits ``(..., C)``, class dimension last; any float dtype.
+        targets: dense quality targets of the shape of ``inputs``, or the pair ``(ids, scores)``
+            (see the module docstring).
+        beta: the focusing exponent >= 0; the paper uses 2.
+        reduction: ``"none"`` (shape of ``inputs``), ``"sum"`` or ``"mean"`` (over the elements
+            that are not ignored).
+        weight: optional weights broadcastable to ``inputs``, e.g. per class ``(C,)`` or per row
+            ``(..., 1)``.
+        normalizer: optional number or one-element tensor (on any device) dividing the loss, e.g.
+            the number of positives or the sum of their scores.
+        ignore_index: class id of ignored rows (pair form only).
+
+    Returns:
+        The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
+    """
+    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
+    sigma = torch.sigmoid(inputs)
+    bce = F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
+    loss = power((quality - sigma).abs(), beta) * bce
+    if weight is not None:
+        loss = loss * weight
+    loss = loss * keep
+    return reduce_loss(loss, reduction, normalizer, element_count(keep, class_ids))
+
+
+def varifocal_loss(
+    inputs: torch.Tensor,
+    targets: QualityTargets,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    r"""Varifocal loss, elementwise: ``-q (q log(p) + (1 - q) log(1 - p))`` where ``q > 0``,
+    ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
+
+    Computed as ``q * binary_cross_entropy_with_logits(x, q)`` and
+    ``alpha * exp(gamma * logsigmoid(x)) * softplus(x)``, finite (with finite gradients) for any finite
+    logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
+    the IoU, 0 when the box misses). Differentiable by autograd, to any order.
+
+    Args:
+        inputs: logits ``(..., C)``, class dimension last; any float dtype.
+        targets: dense quality targets of the shape of ``inputs``, or the pair ``(ids, scores)``
+            (see the module docstring).
+        alpha: weight of the negatives (``q = 0``); the paper uses 0.75. Positives are weighted by
+            ``q`` instead.
+        gamma: focusing exponent >= 0 of the negatives; the paper uses 2.
+        reduction: ``"none"`` (shape of ``inputs``), ``"sum"`` or ``"mean"`` (over the elements
+            that are not ignored).
+        weight: optional weights broadcastable to ``inputs``, e.g. per class ``(C,)`` or per row
+            ``(..., 1)``.
+        normalizer: optional number or one-element tensor (on any device) dividing the loss, e.g.
+            the number of positives or the sum of their scores.
+        ignore_index: class id of ignored rows (pair form only).
+
+    Returns:
+        The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
+    """
+    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
+    positive = quality * F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
+    # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
+    negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * F.softplus(inputs)
+    loss = torch.where(quality > 0, positive, negative)
+    if weight is not None:
+        loss = loss * weight
+    loss = loss * keep
+    return reduce_loss(loss, reduction, normalizer, element_count(keep, class_ids))
