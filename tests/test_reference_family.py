@@ -188,6 +188,19 @@ def test_softmax_matches_a_loop_over_rows(gamma, alpha, shape, reduction):
             torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("margin", [5.0, 30.0, 60.0, 200.0])
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_softmax_is_accurate_where_the_target_probability_nears_1(margin, gamma):
+    """With two classes, logits (m, 0) give p_y = sigmoid(m): the loss is
+    sigmoid(-m)^gamma * softplus(-m), tiny but with full relative accuracy; 1 - p_y formed by
+    cancellation would be 0 from m = 37 on."""
+    x = torch.tensor([[margin, 0.0]], dtype=torch.float64)
+    loss = reference.softmax_focal_loss(x, torch.tensor([0]), gamma=gamma, reduction="sum")
+    m = torch.tensor(margin, dtype=torch.float64)
+    exact = torch.sigmoid(-m) ** gamma * F.softplus(-m)
+    assert exact > 0 and torch.isclose(loss, exact, rtol=1e-12, atol=0), (loss.item(), exact.item())
+
+
 def test_softmax_alpha_scales_without_entering_the_mean():
     x, target, _ = _softmax_problem((6, 3), "hit", seed=5)
     alpha = torch.tensor([0.2, 0.5, 0.8], dtype=DTYPE)

@@ -87,8 +87,14 @@ def softmax_focal_loss(
     num_classes = input.shape[1]
     # Classes last, so that every per-class factor broadcasts as a (C,) vector.
     logits = input.movedim(1, -1)
-    log_p = F.log_softmax(logits, dim=-1)
-    p = log_p.exp()
+    # log p = z - log(1 + s), z = logits - max, s the sum of exp(z) over every class but one
+    # maximal one: log1p keeps log p of a near-certain class (and so 1 - p) to full relative
+    # accuracy, which log_softmax's z - log(sum exp(z)) loses by cancellation.
+    z = logits - logits.amax(dim=-1, keepdim=True)
+    top = F.one_hot(z.argmax(dim=-1), num_classes).bool()
+    others = torch.where(top, torch.zeros_like(z), z.exp()).sum(dim=-1, keepdim=True)
+    log_p = z - torch.log1p(others)
+    one_minus_p = -torch.expm1(log_p)
 
     ids = target.long()
     kept = ids != ignore_index
@@ -103,7 +109,7 @@ def softmax_focal_loss(
     if alpha is not None:
         class_factor = class_factor * (alpha.to(class_factor) if isinstance(alpha, torch.Tensor) else alpha)
 
-    terms = -q * class_factor * power(1.0 - p, gamma) * log_p
+    terms = -q * class_factor * power(one_minus_p, gamma) * log_p
     # where, not a product: an ignored element is 0 whatever its logits (NaN included), as in cross_entropy
     loss = torch.where(kept, terms.sum(-1), torch.zeros_like(terms[..., 0]))
 
