@@ -80,10 +80,18 @@ def load_checkpoint(path: str):
     return model.eval(), checkpoint
 
 
+def data_root(args, checkpoint: dict) -> str:
+    """``--data-root`` if given, else the digits folder the checkpoint trained on (recorded in its
+    options), else ``data/digits``: evaluating a checkpoint of one digits variant must not regenerate
+    another variant's folder."""
+    return args.data_root or (checkpoint.get("options") or {}).get("data_root") or "data/digits"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="COCO AP of a RetinaNet checkpoint")
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")
-    parser.add_argument("--data-root", default="data/digits", help="built-in digits dataset folder")
+    parser.add_argument("--data-root", default=None,
+                        help="built-in digits dataset folder; default: the one the checkpoint trained on")
     parser.add_argument("--image-root", default=None, help="image folder of a COCO dataset")
     parser.add_argument("--val-json", default=None, help="COCO annotation json to evaluate on")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training size")
@@ -100,7 +108,7 @@ def main(argv=None) -> None:
         from .digits import DigitsParams, ensure_digits_dataset
 
         params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
-        image_root, annotation_file = ensure_digits_dataset(args.data_root, params)["val"]
+        image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
     stats = evaluate_model(model, image_root, annotation_file, image_size, args.batch_size, verbose=True,
                            progress=True)
     print(json.dumps({k: round(v, 4) for k, v in stats.items()}))

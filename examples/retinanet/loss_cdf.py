@@ -20,7 +20,7 @@ import os
 import torch
 
 from .data import CocoDetection, build_transform, collate
-from .evaluate import load_checkpoint
+from .evaluate import data_root, load_checkpoint
 from .loss import IGNORE_INDEX
 
 
@@ -83,7 +83,7 @@ def plot(cdfs: dict, path: str, num_positive: int, num_negative: int) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Figure 4: CDF of the normalised focal loss")
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")
-    parser.add_argument("--data-root", default="data/digits")
+    parser.add_argument("--data-root", default=None, help="default: the checkpoint's training data folder")
     parser.add_argument("--gammas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--max-images", type=int, default=500)
     parser.add_argument("--output", default="outputs/retinanet/loss_cdf.png")
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     model, checkpoint = load_checkpoint(args.checkpoint)
     params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
-    image_root, annotation_file = ensure_digits_dataset(args.data_root, params)["val"]
+    image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
     dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
     dataset.image_ids = dataset.image_ids[: args.max_images]
     logits, classes = logits_and_classes(model, dataset)

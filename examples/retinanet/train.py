@@ -2,6 +2,7 @@
 
     python -m examples.retinanet.train                      # digits benchmark, fast preset, 12 minutes
     python -m examples.retinanet.train --minutes 2          # a short demo run
+    python -m examples.retinanet.train --preset imbalance   # 256-px digits variant, ~1:1,240 imbalance
     python -m examples.retinanet.train --preset paper --image-size 640 --train-json ... --val-json ...
 
 SGD with momentum 0.9 and weight decay 1e-4, linear warm-up, and the paper's step schedule (x0.1 at
@@ -29,15 +30,22 @@ from .config import RetinaNetConfig, add_config_arguments, build_model, config_f
 from .data import CocoDetection, InMemoryBatches, build_transform
 
 
+# The built-in digits variant (``digits.VARIANTS``) a model preset trains on when ``--digits`` is not
+# given; presets not listed use "default". This is what lets ``--preset imbalance`` alone select the
+# model and its data, while the fast and paper presets keep the default data as before.
+PRESET_DIGITS = {"imbalance": "imbalance"}
+
+
 @dataclass
 class TrainOptions:
     output: str = "runs/retinanet/default"
-    data_root: str = "data/digits"
+    data_root: str | None = None  # built-in digits folder; None: data/digits, data/digits-VARIANT for others
+    digits: str | None = None  # built-in digits variant; None: the preset's (PRESET_DIGITS) or "default"
     image_root: str | None = None
     train_json: str | None = None
     val_json: str | None = None
     num_train_images: int | None = None  # digits dataset size override
-    image_size: int = 96
+    image_size: int | None = None  # None: the digits variant's canvas (96 px default), 96 with --train-json
     batch_size: int = 16
     lr: float = 0.04
     momentum: float = 0.9
@@ -70,14 +78,28 @@ def lr_factor(progress: float, iteration: int, options: TrainOptions) -> float:
     return factor
 
 
+def resolve_options(options: TrainOptions, preset: str | None = None) -> TrainOptions:
+    """Fill the fields left at None that depend on the data: ``digits`` (the ``preset``'s variant from
+    ``PRESET_DIGITS``, else "default"), ``data_root`` (one folder per variant, so that switching variants
+    never regenerates another variant's files) and ``image_size`` (the variant's canvas). Idempotent."""
+    from .digits import default_root, variant_params
+
+    digits = options.digits or PRESET_DIGITS.get(preset, "default")
+    params = variant_params(digits)
+    image_size = options.image_size or (96 if options.train_json else params.image_size)
+    return dataclasses.replace(options, digits=digits, data_root=options.data_root or default_root(digits),
+                               image_size=image_size)
+
+
 def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
     """``({"train": (root, json), "val": (root, json)}, digits params or None)``."""
     if options.train_json:
         root = options.image_root or os.path.dirname(options.train_json)
         return {"train": (root, options.train_json), "val": (root, options.val_json)}, None
-    from .digits import DigitsParams, ensure_digits_dataset
+    from .digits import ensure_digits_dataset, variant_params
 
-    params = DigitsParams()
+    options = resolve_options(options)
+    params = variant_params(options.digits)
     if options.num_train_images:
         params = dataclasses.replace(params, num_train=options.num_train_images)
     return ensure_digits_dataset(options.data_root, params), dataclasses.asdict(params)
@@ -96,6 +118,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
 
     ``batches`` can be passed in so several runs (``ablate``) share one decoded dataset.
     """
+    options = resolve_options(options)
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
@@ -200,16 +223,24 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         elif isinstance(f.default, tuple):
             group.add_argument(flag, type=float, nargs="+", default=f.default)
         elif f.default is None:
-            kind = {"iters": int, "minutes": float, "clip_grad": float, "num_train_images": int}.get(f.name, str)
-            group.add_argument(flag, type=kind, default=None)
+            kind = {"iters": int, "minutes": float, "clip_grad": float, "num_train_images": int,
+                    "image_size": int}.get(f.name, str)
+            group.add_argument(flag, type=kind, default=None, choices=train_choices().get(f.name))
         else:
             group.add_argument(flag, type=type(f.default), default=f.default)
 
 
+def train_choices() -> dict:
+    from .digits import VARIANTS
+
+    return {"digits": sorted(VARIANTS)}
+
+
 def options_from_arguments(args: argparse.Namespace) -> TrainOptions:
+    """The parsed flags as :class:`TrainOptions`, data-dependent defaults resolved for ``--preset``."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}
     values["lr_steps"] = tuple(values["lr_steps"])
-    return TrainOptions(**values)
+    return resolve_options(TrainOptions(**values), getattr(args, "preset", None))
 
 
 def main(argv=None) -> None:
