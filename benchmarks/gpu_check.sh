@@ -237,7 +237,8 @@ else
     if [[ -z "$NCU" ]]; then
       skip_step ncu "ncu not found under \$CUDA_HOME/bin, /opt/nvidia/nsight-compute or on PATH"
     else
-      # The clocks as they are (--clock-control none); the launch after the profiler's warm-up.
+      # The clocks as they are (--clock-control none); the launch after profile_kernels.py's
+      # WARMUP_STEPS (3) warm-up steps.
       # A kernel name that matches no launch leaves ncu's exit status 0: that fails the step too.
       ncu_kernel() {  # kernel-regex impl
         local out rc

@@ -25,11 +25,15 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402  (the problems, implementations and steps the benchmark times)
 
+# Steps run before the measured ones, so that first-call work (allocations, module loads) stays out.
+# gpu_check.sh's ncu step skips this many launches (--launch-skip) to profile the first measured one.
+WARMUP_STEPS = 3
+
 
 def kernel_times(step, device: torch.device, steps: int) -> tuple[list[tuple[str, int, float]], float]:
     """(name, calls per step, seconds per step) of each kernel (CUDA) or operator (CPU), slowest
     first, and their total per step."""
-    for _ in range(3):  # warm-up: first-call work (allocations, module loads) stays out
+    for _ in range(WARMUP_STEPS):
         step()
     cuda = device.type == "cuda"
     if cuda:
@@ -96,11 +100,11 @@ def main(argv=None) -> int:
                 print(f"\n{impl.name}: not available ({exc})")
                 continue
             if args.plain:
-                for _ in range(3 + args.steps):
+                for _ in range(WARMUP_STEPS + args.steps):
                     step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                print(f"\n{impl.name}: {3 + args.steps} steps run")
+                print(f"\n{impl.name}: {WARMUP_STEPS + args.steps} steps run")
                 continue
             table, total = kernel_times(step, device, args.steps)
             moved = bench.bytes_moved(impl, problem, "fwdbwd")

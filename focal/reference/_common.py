@@ -22,6 +22,7 @@ __all__ = [
     "is_class_ids",
     "one_hot_rows",
     "power",
+    "reduce_elements",
     "reduce_loss",
 ]
 
@@ -122,3 +123,19 @@ def reduce_loss(
     if reduction == "mean":
         return loss.sum() / mean_denominator
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def reduce_elements(
+    loss: torch.Tensor,
+    keep: torch.Tensor,
+    class_ids: bool,
+    reduction: str,
+    normalizer: float | torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The common end of the elementwise losses: times ``weight`` (if any), zero where ``keep`` is 0,
+    then :func:`reduce_loss` with the mean over the elements that are not ignored."""
+    if weight is not None:
+        loss = loss * weight
+    loss = loss * keep
+    return reduce_loss(loss, reduction, normalizer, element_count(keep, class_ids))

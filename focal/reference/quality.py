@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from focal.reference._common import element_count, is_class_ids, one_hot_rows, power, reduce_loss
+from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements
 
 __all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
 
@@ -104,10 +104,7 @@ def quality_focal_loss(
     sigma = torch.sigmoid(inputs)
     bce = F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
     loss = power((quality - sigma).abs(), beta) * bce
-    if weight is not None:
-        loss = loss * weight
-    loss = loss * keep
-    return reduce_loss(loss, reduction, normalizer, element_count(keep, class_ids))
+    return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
 
 
 def varifocal_loss(
@@ -152,7 +149,4 @@ def varifocal_loss(
     # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
     negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * F.softplus(inputs)
     loss = torch.where(quality > 0, positive, negative)
-    if weight is not None:
-        loss = loss * weight
-    loss = loss * keep
-    return reduce_loss(loss, reduction, normalizer, element_count(keep, class_ids))
+    return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)

@@ -20,7 +20,7 @@ from focal.reference._common import (
     element_count,
     expand_targets,
     is_class_ids,
-    reduce_loss,
+    reduce_elements,
 )
 
 __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
@@ -50,10 +50,7 @@ def sigmoid_focal_loss(
     ce = F.binary_cross_entropy_with_logits(inputs, soft, reduction="none")
     p_t = p * soft + (1 - p) * (1 - soft)
     loss = alpha_t(soft, alpha) * ce * (1 - p_t) ** gamma
-    if weight is not None:
-        loss = loss * weight
-    loss = loss * keep
-    return reduce_loss(loss, reduction, normalizer, element_count(keep, is_class_ids(targets)))
+    return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)
 
 
 def sigmoid_focal_loss_grad(

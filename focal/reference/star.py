@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from focal.reference._common import alpha_t, element_count, expand_targets, is_class_ids, reduce_loss
+from focal.reference._common import alpha_t, expand_targets, is_class_ids, reduce_elements
 
 __all__ = ["sigmoid_focal_loss_star"]
 
@@ -70,7 +70,4 @@ def sigmoid_focal_loss_star(
     positive = F.softplus(-(gamma * inputs + beta)) / gamma  # x_t = x:  -log sigmoid(gamma x + beta)
     negative = F.softplus(gamma * inputs - beta) / gamma  # x_t = -x: -log sigmoid(-gamma x + beta)
     loss = alpha_t(soft, alpha) * (soft * positive + (1 - soft) * negative)
-    if weight is not None:
-        loss = loss * weight
-    loss = loss * keep
-    return reduce_loss(loss, reduction, normalizer, element_count(keep, is_class_ids(targets)))
+    return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)
