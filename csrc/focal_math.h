@@ -156,10 +156,10 @@ struct LossAndGrad {
 // Then p_t = sigmoid(-z), q = sigmoid(z), CE = softplus(z) and
 //   FL(z) = CE * q^gamma,   dFL/dz = q^gamma * (q + gamma * CE * sigmoid(-z))
 // which is the paper's Appendix B derivative, dFL/dx = y (1-p_t)^gamma (gamma p_t log p_t + p_t - 1),
-// rewritten without log(p_t) * (1 - p_t)^(gamma - 1) terms. alpha_t is applied by the caller.
+// rewritten without log(p_t) * (1 - p_t)^(gamma - 1) terms. alpha_t is applied by the caller, who
+// may pass the sigmoid parts of z when it has them.
 template <GammaKind G, typename V, typename O = Ops<V>>
-FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
-  const SigmoidParts<V> s = sigmoid_parts<V, O>(z);
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, const SigmoidParts<V>& s, V gamma) {
   const V ce = O::relu(z) + s.log1p_e;
   V log_q(0);
   if constexpr (G == GammaKind::kGeneral) {
@@ -176,6 +176,11 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
     r.grad = w * O::fmadd(gamma, ce * s.sig_neg, s.sig);
   }
   return r;
+}
+
+template <GammaKind G, typename V, typename O = Ops<V>>
+FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
+  return focal_hard<G, V, O>(z, sigmoid_parts<V, O>(z), gamma);
 }
 
 // Soft target t in [0, 1] (torchvision's definition, exact for t in {0, 1} too):

@@ -66,6 +66,7 @@ KernelArgs FocalCall::kernel_args(const at::Tensor& loss_out, const at::Tensor& 
   a.cols = cols();
   a.logits = logits.const_data_ptr();
   a.targets = targets.const_data_ptr();
+  a.scores = scores ? scores->const_data_ptr() : nullptr;
   a.row_weight = row_weight ? row_weight->const_data_ptr() : nullptr;
   a.elem_weight = weight ? weight->const_data_ptr() : nullptr;
   a.elem_weight_row_stride = weight && weight->numel() != cols() ? cols() : 0;
@@ -75,9 +76,12 @@ KernelArgs FocalCall::kernel_args(const at::Tensor& loss_out, const at::Tensor& 
   a.gamma = gamma;
   a.label_smoothing = label_smoothing;
   a.ignore_index = ignore_index;
-  a.target_kind = !class_ids() ? TargetKind::kFloat
-                  : label_smoothing > 0 ? TargetKind::kClassIdSmoothed
-                                        : TargetKind::kClassId;
+  a.beta = beta;
+  a.loss_kind = loss_kind;
+  a.target_kind = !class_ids()           ? TargetKind::kFloat
+                  : scores               ? TargetKind::kClassIdScore
+                  : label_smoothing > 0  ? TargetKind::kClassIdSmoothed
+                                         : TargetKind::kClassId;
   return a;
 }
 
@@ -86,7 +90,7 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& row_weight,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
-                    double scale, bool compute_grad) {
+                    double scale, bool compute_grad, const LossSpec& spec) {
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
@@ -109,6 +113,19 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
     TORCH_CHECK_VALUE(ignore_index < -1 || ignore_index >= classes, "ignore_index ", ignore_index,
                       " collides with a class id or background (-1); classes are [0, ", classes, ")");
   }
+  const bool quality = spec.kind == LossKind::kQuality || spec.kind == LossKind::kVarifocal;
+  if (spec.scores) {
+    TORCH_CHECK_VALUE(quality && !targets.is_floating_point(),
+                      "scores go with the class-id targets of the quality losses (QFL, VFL)");
+    check_dtype_and_layout(logits, *spec.scores, "scores");
+    TORCH_CHECK_VALUE(spec.scores->sizes() == row_shape(logits),
+                      "scores must have the shape logits.shape[:-1] = ", row_shape(logits), ", got ",
+                      spec.scores->sizes());
+  } else {
+    TORCH_CHECK_VALUE(!quality || targets.is_floating_point(),
+                      "class-id targets of the quality losses (QFL, VFL) need scores");
+  }
+  TORCH_CHECK_VALUE(!quality || label_smoothing == 0.0, "the quality losses take no label smoothing");
   if (weight) {
     check_dtype_and_layout(logits, *weight, "weight");
     const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
@@ -131,8 +148,9 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
     TORCH_CHECK_TYPE(normalizer->scalar_type() != at::kBool && !normalizer->is_complex(),
                      "normalizer must be a real number tensor, got ", normalizer->scalar_type());
   }
-  return FocalCall{logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
-                   ignore_index, parse_reduction(reduction), scale, compute_grad};
+  return FocalCall{logits, targets, spec.scores, weight, row_weight, normalizer, alpha, gamma,
+                   label_smoothing, ignore_index, parse_reduction(reduction), scale, compute_grad,
+                   spec.kind, spec.beta};
 }
 
 bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

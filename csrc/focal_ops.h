@@ -9,8 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/accumulate.h>
 
+#include "family_math.h"
 #include "kernel_args.h"
-#include "focal_math.h"
 
 namespace focal {
 
@@ -28,6 +28,22 @@ inline constexpr const char* kSigmoidFocalLossSchema =
     "sigmoid_focal_loss(Tensor logits, Tensor targets, Tensor? weight, Tensor? row_weight, "
     "Tensor? normalizer, float alpha, float gamma, float label_smoothing, int ignore_index, "
     "str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+// The other elementwise losses of the family (family_math.h), with the same arguments, outputs and
+// conventions; alpha < 0 disables FL*'s alpha weighting. QFL and VFL take float targets of the
+// logits' shape, or int64 class ids of shape logits.shape[:-1] together with `scores` of that shape
+// in the logits' dtype: the target of a row's class (not read for background and ignored rows).
+inline constexpr const char* kSigmoidFocalLossStarSchema =
+    "sigmoid_focal_loss_star(Tensor logits, Tensor targets, Tensor? weight, Tensor? row_weight, "
+    "Tensor? normalizer, float alpha, float gamma, float beta, float label_smoothing, "
+    "int ignore_index, str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+inline constexpr const char* kQualityFocalLossSchema =
+    "quality_focal_loss(Tensor logits, Tensor targets, Tensor? scores, Tensor? weight, "
+    "Tensor? row_weight, Tensor? normalizer, float beta, int ignore_index, str reduction, "
+    "float scale, bool compute_grad) -> (Tensor, Tensor)";
+inline constexpr const char* kVarifocalLossSchema =
+    "varifocal_loss(Tensor logits, Tensor targets, Tensor? scores, Tensor? weight, "
+    "Tensor? row_weight, Tensor? normalizer, float alpha, float gamma, int ignore_index, "
+    "str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
 // scale_grad_: grad *= grad_output (broadcast to grad). When grad_output holds one value (one
 // element, or every stride 0) equal to 1, no element of grad is touched; on CUDA that test runs on
 // the device, so the call never waits for the GPU.
@@ -36,10 +52,16 @@ inline constexpr const char* kScaleGradSchema =
 
 enum class Reduction { kNone, kMean, kSum };
 
-// The op's arguments, checked once, in the order of the schema.
+// Every schema above, in the order they are defined.
+inline constexpr const char* kSchemas[] = {kSigmoidFocalLossSchema, kSigmoidFocalLossStarSchema,
+                                           kQualityFocalLossSchema, kVarifocalLossSchema,
+                                           kScaleGradSchema};
+
+// The arguments of one of the elementwise loss ops, checked once.
 struct FocalCall {
   at::Tensor logits;
   at::Tensor targets;
+  std::optional<at::Tensor> scores;
   std::optional<at::Tensor> weight;
   std::optional<at::Tensor> row_weight;
   std::optional<at::Tensor> normalizer;
@@ -50,6 +72,8 @@ struct FocalCall {
   Reduction reduction;
   double scale;
   bool compute_grad;
+  LossKind loss_kind = LossKind::kFocal;
+  double beta = 0.0;  // FL*'s shift
 
   bool class_ids() const { return !targets.is_floating_point(); }
   int64_t cols() const { return logits.dim() == 0 ? 1 : logits.size(-1); }
@@ -72,15 +96,24 @@ struct FocalCall {
   double empty_mean() const;
 };
 
+// The loss-specific arguments of make_call: which loss, FL*'s shift, and the scores of QFL / VFL
+// with class ids.
+struct LossSpec {
+  LossKind kind = LossKind::kFocal;
+  double beta = 0.0;
+  std::optional<at::Tensor> scores;
+};
+
 // Checks what the kernels rely on for memory safety (dtypes, shapes, contiguity, devices) and parses
-// the reduction. The values of alpha, gamma, label_smoothing and ignore_index are validated, with
-// messages for users, by focal.sigmoid_focal_loss.
+// the reduction. The values of alpha, gamma, beta, label_smoothing and ignore_index are validated,
+// with messages for users, by the Python functions (focal.sigmoid_focal_loss, ...). For QFL and VFL
+// `gamma` is the focusing exponent (QFL's beta, VFL's gamma).
 FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& weight,
                     const std::optional<at::Tensor>& row_weight,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
-                    double scale, bool compute_grad);
+                    double scale, bool compute_grad, const LossSpec& spec = {});
 
 // For scale_grad_: true when grad_output is one value broadcast over grad (one element, or every
 // stride 0); checks that it broadcasts to grad and lives on grad's device (or is a CPU scalar).

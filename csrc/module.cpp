@@ -17,6 +17,5 @@ PyMODINIT_FUNC PyInit__C(void) {
 // focal_ops.cpp can also be linked into the test-only emulated CUDA backend (namespace focal_emu)
 // that is loaded next to this module.
 TORCH_LIBRARY(focal, m) {
-  m.def(focal::kSigmoidFocalLossSchema);
-  m.def(focal::kScaleGradSchema);
+  for (const char* schema : focal::kSchemas) m.def(schema);
 }

@@ -92,7 +92,7 @@ def sigmoid_focal_loss(
         if compute_grad or _forward_mode_or_transform(logits):
             # The op's own autograd, entered here so that torch.func transforms see it too.
             with _autograd.callers_tensors(inputs, targets, weight):
-                loss, _ = _autograd.apply(*args, True)
+                loss, _ = _autograd.apply("sigmoid_focal_loss", *args, True)
             return loss
     loss, _ = torch.ops.focal.sigmoid_focal_loss(
         logits, args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10],

@@ -17,15 +17,27 @@ label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
 The op is differentiable with respect to ``logits`` (see :mod:`focal._autograd`); ``grad`` is not
 differentiable. ``grad`` is the very buffer that backward scales and hands to autograd: a caller of
 the raw op that keeps it sees it scaled by ``grad_output`` after a backward that frees the graph.
-``ignore_index`` must lie outside ``[-1, C)`` (the kernels tell ignored rows apart by it). ``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place
-(no pass at all when ``grad_output`` is a single 1, decided on the device for CUDA tensors).
+``ignore_index`` must lie outside ``[-1, C)`` (the kernels tell ignored rows apart by it).
+
+The other elementwise losses of the family take the same arguments in the same roles:
+
+- ``sigmoid_focal_loss_star(logits, targets, weight, row_weight, normalizer, alpha, gamma, beta,
+  label_smoothing, ignore_index, reduction, scale, compute_grad)``: FL* (``gamma`` > 0);
+- ``quality_focal_loss(logits, targets, scores, weight, row_weight, normalizer, beta, ignore_index,
+  reduction, scale, compute_grad)`` and ``varifocal_loss(logits, targets, scores, weight, row_weight,
+  normalizer, alpha, gamma, ignore_index, reduction, scale, compute_grad)``: ``targets`` the
+  logits' shape and dtype, or int64 class ids of shape ``logits.shape[:-1]`` with ``scores`` of
+  that shape in the logits' dtype (the target of each row's class).
+
+``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place (no pass at all
+when ``grad_output`` is a single 1, decided on the device for CUDA tensors).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES"]
+__all__ = ["require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES", "LOSS_OPS"]
 
 BUILD_HINT = "pip install --no-build-isolation -e .  (from the focal checkout)"
 
@@ -62,10 +74,9 @@ def require_kernels(device: torch.device) -> None:
         raise RuntimeError(f"focal has no kernel for {device.type} tensors: {hint}")
 
 
-def _sigmoid_focal_loss_fake(
-    logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing, ignore_index,
-    reduction, scale, compute_grad,
-):
+def _loss_fake(*args):
+    """Shapes and dtypes of (loss, grad) for any of the elementwise loss ops."""
+    logits, reduction, compute_grad = args[0], args[-3], args[-1]
     if reduction == "none":
         loss = logits.new_empty(logits.shape)
     else:
@@ -78,26 +89,33 @@ def _scale_grad_fake(grad, grad_output):
     return None
 
 
-def _sigmoid_focal_loss_vmap(info, in_dims, logits, targets, weight, row_weight, normalizer, *rest):
-    """One call per sample: every argument combination batches correctly, including reductions
-    and a normaliser per sample. Slower than one fused call over the stacked batch, but vmap of a
-    loss is rare outside of per-sample gradients, where correctness is what counts."""
-    tensors = (logits, targets, weight, row_weight, normalizer)
-    losses, grads = [], []
-    for b in range(info.batch_size):
-        sample = [
-            t if t is None or d is None else t.select(d, b).contiguous() for t, d in zip(tensors, in_dims[:5])
-        ]
-        loss, grad = torch.ops.focal.sigmoid_focal_loss(*sample, *rest)
-        losses.append(loss)
-        grads.append(grad)
-    return (torch.stack(losses), torch.stack(grads)), (0, 0)
+def _loss_vmap(op):
+    def vmap_rule(info, in_dims, *args):
+        """One call per sample: every argument combination batches correctly, including reductions
+        and a normaliser per sample. Slower than one fused call over the stacked batch, but vmap of a
+        loss is rare outside of per-sample gradients, where correctness is what counts."""
+        losses, grads = [], []
+        for b in range(info.batch_size):
+            sample = [
+                a.select(d, b).contiguous() if isinstance(a, torch.Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)
+            ]
+            loss, grad = op(*sample)
+            losses.append(loss)
+            grads.append(grad)
+        return (torch.stack(losses), torch.stack(grads)), (0, 0)
 
+    return vmap_rule
+
+
+# The elementwise loss ops (schemas in csrc/focal_ops.h); every one returns (loss, grad).
+LOSS_OPS = ("sigmoid_focal_loss", "sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss")
 
 if BUILD_ERROR is None:
-    torch.library.register_fake("focal::sigmoid_focal_loss")(_sigmoid_focal_loss_fake)
+    for _name in LOSS_OPS:
+        torch.library.register_fake(f"focal::{_name}")(_loss_fake)
+        torch.library.register_vmap(f"focal::{_name}")(_loss_vmap(getattr(torch.ops.focal, _name)))
     torch.library.register_fake("focal::scale_grad_")(_scale_grad_fake)
-    torch.library.register_vmap("focal::sigmoid_focal_loss")(_sigmoid_focal_loss_vmap)
     from focal import _autograd
 
     _autograd.register()

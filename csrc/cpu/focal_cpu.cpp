@@ -1,6 +1,7 @@
 // CPU backend: class-id validation, output allocation and the parallel loop. The per-row work runs
 // in focal_kernel.cpp, compiled once per instruction set; this file picks the copy.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include <torch/library.h>
 
 #include "../focal_ops.h"
+#include "../loss_ops.h"
 #include "focal_kernel.h"
 #include "hugepage_alloc.h"
 
@@ -22,19 +24,22 @@ namespace {
 constexpr int64_t kBlockElements = 16384;
 
 // Follows ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too.
-RowsFn select_kernel() {
-  static const RowsFn kernel = []() -> RowsFn {
+// Index 0: the focal loss's kernel, 1: the other losses'.
+const std::array<RowsFn, 2>& kernels_for_this_cpu() {
+  static const std::array<RowsFn, 2> kernels = []() -> std::array<RowsFn, 2> {
     const std::string capability = at::get_cpu_capability();
 #if defined(FOCAL_HAVE_AVX512)
-    if (capability == "AVX512") return &AVX512::focal_rows;
+    if (capability == "AVX512") return {&AVX512::focal_rows, &AVX512::family_rows};
 #endif
 #if defined(FOCAL_HAVE_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::focal_rows;
+    if (capability == "AVX512" || capability == "AVX2") return {&AVX2::focal_rows, &AVX2::family_rows};
 #endif
-    return &DEFAULT::focal_rows;
+    return {&DEFAULT::focal_rows, &DEFAULT::family_rows};
   }();
-  return kernel;
+  return kernels;
 }
+
+RowsFn select_kernel(LossKind loss) { return kernels_for_this_cpu()[loss == LossKind::kFocal ? 0 : 1]; }
 
 // Checks every class id and counts the rows that are not ignored.
 int64_t count_kept_rows(const FocalCall& call) {
@@ -52,15 +57,10 @@ int64_t count_kept_rows(const FocalCall& call) {
   return kept;
 }
 
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& normalizer,
-    double alpha, double gamma, double label_smoothing, int64_t ignore_index,
-    c10::string_view reduction, double scale, bool compute_grad) {
-  const FocalCall call =
-      make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
-                ignore_index, std::string_view(reduction.data(), reduction.size()), scale,
-                compute_grad);
+// Loss and gradient of any elementwise loss of the family, from checked arguments.
+std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
+  const at::Tensor& logits = call.logits;
+  const bool compute_grad = call.compute_grad;
   const int64_t rows = call.rows(), cols = call.cols();
 
   const int64_t kept_rows = call.class_ids() ? count_kept_rows(call) : rows;
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cpu(
   const int64_t block_rows = std::max<int64_t>(1, kBlockElements / std::max<int64_t>(cols, 1));
   const int64_t blocks = rows == 0 || cols == 0 ? 0 : (rows + block_rows - 1) / block_rows;
   std::vector<double> partial(blocks, 0.0);
-  const RowsFn kernel = select_kernel();
+  const RowsFn kernel = select_kernel(call.loss_kind);
   const GammaKind gamma_kind = call.gamma_kind();
   const auto dtype = logits.scalar_type();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -119,7 +119,7 @@ void scale_grad_cpu(const at::Tensor& grad, const at::Tensor& grad_output) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(focal, CPU, m) {
-  m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cpu);
+  LossOps<&run>::register_on(m);
   m.impl("scale_grad_", &scale_grad_cpu);
 }
 

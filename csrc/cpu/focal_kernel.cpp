@@ -1,189 +1,35 @@
-// The vectorised CPU kernel. setup.py compiles this file once per instruction set, each time with
-// that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so that the vector
-// types of vec/simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at run time.
-// This translation unit deliberately includes nothing but the vector headers, c10's checks and our
-// own math.
-#include <algorithm>
-
+// The vectorised CPU kernel of the focal loss. setup.py compiles this file once per instruction set,
+// each time with that set's compiler flags and CPU_CAPABILITY defined (DEFAULT, AVX2, AVX512), so
+// that the vector types of vec/simd.h map onto real SIMD registers; focal_cpu.cpp picks a copy at
+// run time. The loop itself is rows.h, shared with the other losses of the family
+// (family_kernel.cpp). This translation unit deliberately includes nothing but the vector headers,
+// c10's checks and our own math.
 #include <c10/util/Exception.h>
 
 #include "focal_kernel.h"
-#include "vec/simd.h"
-
-#ifndef CPU_CAPABILITY
-#error "CPU_CAPABILITY must name the instruction set this file is compiled for"
-#endif
+#include "rows.h"
 
 namespace focal::cpu::CPU_CAPABILITY {
-namespace {
 
-template <typename scalar_t, TargetKind TK, GammaKind G>
-double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
-  using S = simd::SimdFor<scalar_t>;
-  using V = typename S::V;
-  using acc_t = typename S::acc_t;
-  using O = Ops<V>;
-  constexpr int64_t kLanes = S::kLanes;
-
-  const int64_t C = a.cols;
-  const V scale(static_cast<acc_t>(scale_d));
-  const V gamma(static_cast<acc_t>(a.gamma));
-  const AlphaWeights<V> alpha = make_alpha<V, acc_t>(a.alpha);
-  const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-  const V t_pos(acc_t(1) - eps / 2), t_neg(eps / 2);
-
-  const auto* x_all = static_cast<const scalar_t*>(a.logits);
-  const auto* t_all = static_cast<const scalar_t*>(a.targets);
-  const auto* ids = static_cast<const int64_t*>(a.targets);
-  const auto* row_w = static_cast<const scalar_t*>(a.row_weight);
-  const auto* elem_w = static_cast<const scalar_t*>(a.elem_weight);
-  auto* loss_all = static_cast<scalar_t*>(a.loss);
-  auto* grad_all = static_cast<scalar_t*>(a.grad);
-
-  // Float targets need no row structure unless weights have one: the block is then one flat span.
-  const bool flat = TK == TargetKind::kFloat && row_w == nullptr &&
-                    (elem_w == nullptr || a.elem_weight_row_stride == C);
-  const int64_t spans = flat ? 1 : r1 - r0;
-  const int64_t span_len = flat ? (r1 - r0) * C : C;
-
-  V acc(acc_t(0));
-  for (int64_t s = 0; s < spans; ++s) {
-    const int64_t r = r0 + s;
-    const int64_t off = r * C;
-    int64_t label = -1;
-    if constexpr (TK != TargetKind::kFloat) {
-      if (ids[r] == a.ignore_index) {
-        if (loss_all) std::fill_n(loss_all + off, C, scalar_t(0));
-        if (grad_all) std::fill_n(grad_all + off, C, scalar_t(0));
-        continue;
+double focal_rows(const KernelArgs& a, c10::ScalarType dtype, GammaKind gamma_kind, double scale,
+                  int64_t r0, int64_t r1) {
+  return with_dtype(dtype, [&](auto value) {
+    using scalar_t = decltype(value);
+    return with_gamma_kind(gamma_kind, [&](auto g) {
+      constexpr GammaKind G = decltype(g)::value;
+      constexpr LossKind L = LossKind::kFocal;
+      switch (a.target_kind) {
+        case TargetKind::kClassId:
+          return rows_impl<scalar_t, TargetKind::kClassId, G, L>(a, scale, r0, r1);
+        case TargetKind::kClassIdSmoothed:
+          return rows_impl<scalar_t, TargetKind::kClassIdSmoothed, G, L>(a, scale, r0, r1);
+        case TargetKind::kFloat:
+          return rows_impl<scalar_t, TargetKind::kFloat, G, L>(a, scale, r0, r1);
+        default:
+          TORCH_CHECK(false, "the focal loss takes no scores");
       }
-      label = ids[r];
-    }
-    // A row weight is folded into the alpha weights: one multiply per row instead of per vector.
-    const AlphaWeights<V> row_alpha =
-        row_w ? alpha.scaled(V(static_cast<acc_t>(row_w[r]))) : alpha;
-    const scalar_t* ew = elem_w ? elem_w + r * a.elem_weight_row_stride : nullptr;
-    // What multiplies the loss (written out with reduction "none", else summed) and the gradient:
-    // the scale, and for a class-id vector without a positive lane also alpha's negative weight,
-    // which that vector's math (focal_hard with z = x) leaves out.
-    const V loss_w = loss_all ? scale : V(acc_t(1));
-    const V grad_w = scale;
-    const V neg_loss_w = loss_w * row_alpha.neg;
-    const V neg_grad_w = grad_w * row_alpha.neg;
-
-    // Weights, output and sum of the loss and gradient of elements [c, c + n), n <= kLanes.
-    const auto finish = [&](int64_t c, int64_t n, LossAndGrad<V> out, const V& lw, const V& gw)
-                            FOCAL_ALWAYS_INLINE {
-      if (ew) {
-        const V w = S::load(ew + c, n);
-        out.loss = out.loss * w;
-        out.grad = out.grad * w;
-      }
-      if (loss_all) {
-        S::store(loss_all + off + c, n, out.loss * lw);
-      } else {
-        acc = O::fmadd(n == kLanes ? out.loss : S::zero_unless(S::first(n), out.loss), lw, acc);
-      }
-      if (grad_all) S::store(grad_all + off + c, n, out.grad * gw);
-    };
-
-    // Elements [c, c + n) of this span, n <= kLanes.
-    const auto step = [&](int64_t c, int64_t n) FOCAL_ALWAYS_INLINE {
-      const V x = S::load(x_all + off + c, n);
-      LossAndGrad<V> out;
-      V lw = loss_w, gw = grad_w;
-      if constexpr (TK == TargetKind::kFloat) {
-        V t = S::load(t_all + off + c, n);
-        if (eps != acc_t(0)) t = O::fmadd(t, V(acc_t(1) - eps), V(eps / 2));
-        out = focal_target<G>(x, t, gamma, row_alpha);
-      } else if constexpr (TK == TargetKind::kClassId) {
-        const int64_t positive_lane = label - c;
-        if (static_cast<uint64_t>(positive_lane) >= static_cast<uint64_t>(kLanes)) {
-          out = focal_hard<G>(x, gamma);  // every lane a negative: most vectors of a batch
-          lw = neg_loss_w;
-          gw = neg_grad_w;
-        } else {
-          out = focal_binary<G>(x, S::lane(positive_lane), gamma, row_alpha);
-        }
-      } else {
-        const auto positive = S::lane(label - c);
-        out = focal_target<G>(x, O::select(positive, t_pos, t_neg), gamma, row_alpha);
-      }
-      finish(c, n, out, lw, gw);
-    };
-
-    // Two vectors at a time, as one simd::Pair, where both take the same math: float targets, and
-    // class-id vectors that hold negatives only. Each is then finished as step() would.
-    using P = simd::Pair<V>;
-    const auto load_pair = [&](const scalar_t* p) FOCAL_ALWAYS_INLINE {
-      return P{S::load(p, kLanes), S::load(p + kLanes, kLanes)};
-    };
-    const auto finish_pair = [&](int64_t c, const LossAndGrad<P>& out, const V& lw, const V& gw)
-                                 FOCAL_ALWAYS_INLINE {
-      finish(c, kLanes, {out.loss.lo, out.grad.lo}, lw, gw);
-      finish(c + kLanes, kLanes, {out.loss.hi, out.grad.hi}, lw, gw);
-    };
-    int64_t c = 0;
-    if constexpr (TK == TargetKind::kClassId) {
-      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
-        if (static_cast<uint64_t>(label - c) < static_cast<uint64_t>(2 * kLanes)) {
-          step(c, kLanes);
-          step(c + kLanes, kLanes);
-        } else {
-          finish_pair(c, focal_hard<G>(load_pair(x_all + off + c), P{gamma, gamma}), neg_loss_w,
-                      neg_grad_w);
-        }
-      }
-    } else if constexpr (TK == TargetKind::kFloat) {
-      const AlphaWeights<P> pair_alpha{{row_alpha.pos, row_alpha.pos}, {row_alpha.neg, row_alpha.neg}};
-      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
-        P t = load_pair(t_all + off + c);
-        if (eps != acc_t(0)) t = Ops<P>::fmadd(t, P(acc_t(1) - eps), P(eps / 2));
-        finish_pair(c, focal_target<G>(load_pair(x_all + off + c), t, P{gamma, gamma}, pair_alpha),
-                    loss_w, grad_w);
-      }
-    }
-    for (; c + kLanes <= span_len; c += kLanes) step(c, kLanes);
-    if (c < span_len) step(c, span_len - c);
-  }
-  return S::sum(acc);
-}
-
-template <typename scalar_t, TargetKind TK>
-double dispatch_gamma(const KernelArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1) {
-  switch (g) {
-    case GammaKind::kZero: return rows_impl<scalar_t, TK, GammaKind::kZero>(a, scale, r0, r1);
-    case GammaKind::kOne: return rows_impl<scalar_t, TK, GammaKind::kOne>(a, scale, r0, r1);
-    case GammaKind::kTwo: return rows_impl<scalar_t, TK, GammaKind::kTwo>(a, scale, r0, r1);
-    default: return rows_impl<scalar_t, TK, GammaKind::kGeneral>(a, scale, r0, r1);
-  }
-}
-
-template <typename scalar_t>
-double dispatch_target(const KernelArgs& a, GammaKind g, double scale, int64_t r0, int64_t r1) {
-  switch (a.target_kind) {
-    case TargetKind::kClassId:
-      return dispatch_gamma<scalar_t, TargetKind::kClassId>(a, g, scale, r0, r1);
-    case TargetKind::kClassIdSmoothed:
-      return dispatch_gamma<scalar_t, TargetKind::kClassIdSmoothed>(a, g, scale, r0, r1);
-    default: return dispatch_gamma<scalar_t, TargetKind::kFloat>(a, g, scale, r0, r1);
-  }
-}
-
-}  // namespace
-
-double focal_rows(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind, double scale,
-                  int64_t row_begin, int64_t row_end) {
-  switch (dtype) {
-    case c10::ScalarType::Double:
-      return dispatch_target<double>(args, gamma_kind, scale, row_begin, row_end);
-    case c10::ScalarType::BFloat16:
-      return dispatch_target<c10::BFloat16>(args, gamma_kind, scale, row_begin, row_end);
-    case c10::ScalarType::Half:
-      return dispatch_target<c10::Half>(args, gamma_kind, scale, row_begin, row_end);
-    default:
-      return dispatch_target<float>(args, gamma_kind, scale, row_begin, row_end);
-  }
+    });
+  });
 }
 
 }  // namespace focal::cpu::CPU_CAPABILITY

@@ -17,10 +17,14 @@ namespace focal::cpu {
 using RowsFn = double (*)(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
                           double scale, int64_t row_begin, int64_t row_end);
 
+// focal_rows: the focal loss (focal_kernel.cpp); family_rows: FL*, QFL and VFL (family_kernel.cpp),
+// the member given by args.loss_kind.
 #define FOCAL_DECLARE_ROWS_FN(ISA)                                                              \
   namespace ISA {                                                                               \
   double focal_rows(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,        \
                     double scale, int64_t row_begin, int64_t row_end);                          \
+  double family_rows(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,       \
+                     double scale, int64_t row_begin, int64_t row_end);                         \
   }
 
 FOCAL_DECLARE_ROWS_FN(DEFAULT)

@@ -1,7 +1,8 @@
-// CUDA backend of sigmoid_focal_loss: argument checks (make_call), outputs, the scale, grid sizing
-// and the launches of the kernels in focal_kernels.cuh. A reduced loss is summed per block with CUB
-// and the block sums are added in a fixed order by a second, one-block kernel (no atomics: bitwise
-// reproducible). The host never reads device memory, so nothing here waits for the GPU and the op
+// CUDA backend of the elementwise losses (sigmoid_focal_loss, sigmoid_focal_loss_star,
+// quality_focal_loss, varifocal_loss): outputs, the scale, grid sizing and the launches of the
+// kernels in focal_kernels.cuh (FL*, QFL and VFL through family_cuda.cu). A reduced loss is summed
+// per block with CUB and the block sums are added in a fixed order by a second, one-block kernel
+// (no atomics: bitwise reproducible). The host never reads device memory, so nothing here waits for the GPU and the op
 // can be captured in a CUDA graph. Compiled by nvcc, and for tests as host C++ against the
 // emulation (host_runtime.cuh, README.md).
 #include <cstdint>
@@ -15,6 +16,8 @@
 #include <torch/library.h>
 
 #include "../focal_ops.h"
+#include "../loss_ops.h"
+#include "family_cuda.cuh"
 #include "focal_kernels.cuh"
 #include "host_runtime.cuh"
 
@@ -46,15 +49,12 @@ void with_gamma_kind(GammaKind g, Launch&& launch) {
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& row_weight, const std::optional<at::Tensor>& normalizer,
-    double alpha, double gamma, double label_smoothing, int64_t ignore_index,
-    c10::string_view reduction, double scale, bool compute_grad) {
-  const FocalCall call =
-      make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing,
-                ignore_index, std::string_view(reduction.data(), reduction.size()), scale,
-                compute_grad);
+// Loss and gradient of any elementwise loss of the family, from checked arguments.
+std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
+  const at::Tensor& logits = call.logits;
+  const at::Tensor& targets = call.targets;
+  const bool compute_grad = call.compute_grad;
+  const int64_t ignore_index = call.ignore_index;
   const rt::DeviceGuard device_guard(logits.device());
   const int64_t rows = call.rows(), cols = call.cols(), numel = rows * cols;
   const auto options = logits.options();
@@ -99,10 +99,11 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
 
   // The roofline kernel takes the loss of dense detection (focal_ids_kernel), a row-free one takes
   // unweighted float targets (focal_float_kernel); everything else the general one.
-  const bool ids_kernel = args.target_kind == TargetKind::kClassId && reduce && aligned &&
+  const bool focal = call.loss_kind == LossKind::kFocal;
+  const bool ids_kernel = focal && args.target_kind == TargetKind::kClassId && reduce && aligned &&
                           args.row_weight == nullptr && args.elem_weight == nullptr &&
                           cols < (int64_t{1} << 30);  // its columns are 32-bit
-  const bool float_kernel = args.target_kind == TargetKind::kFloat && aligned &&
+  const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
@@ -113,23 +114,29 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
     const at::Tensor block_sums =
         reduce ? at::empty({blocks}, options.dtype(call.reduced_dtype())) : at::Tensor();
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
-    with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
-      constexpr GammaKind G = decltype(gamma_kind)::value;
-      if (ids_kernel) {
-        rt::launch(&focal_ids_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
-      } else if (float_kernel) {
-        rt::launch(&focal_float_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
-      } else if (args.target_kind == TargetKind::kClassId) {
-        rt::launch(&focal_kernel<scalar_t, TargetKind::kClassId, G>, blocks, kThreads, stream, args,
-                   aligned, s, sums);
-      } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
-        rt::launch(&focal_kernel<scalar_t, TargetKind::kClassIdSmoothed, G>, blocks, kThreads, stream,
-                   args, aligned, s, sums);
-      } else {
-        rt::launch(&focal_kernel<scalar_t, TargetKind::kFloat, G>, blocks, kThreads, stream, args,
-                   aligned, s, sums);
-      }
-    });
+    if (!focal) {
+      launch_family_kernel(args, logits.scalar_type(), call.gamma_kind(), aligned, s, sums, blocks,
+                           stream);
+    } else {
+      with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
+        constexpr GammaKind G = decltype(gamma_kind)::value;
+        constexpr LossKind L = LossKind::kFocal;
+        if (ids_kernel) {
+          rt::launch(&focal_ids_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
+        } else if (float_kernel) {
+          rt::launch(&focal_float_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
+        } else if (args.target_kind == TargetKind::kClassId) {
+          rt::launch(&focal_kernel<scalar_t, TargetKind::kClassId, G, L>, blocks, kThreads, stream,
+                     args, aligned, s, sums);
+        } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
+          rt::launch(&focal_kernel<scalar_t, TargetKind::kClassIdSmoothed, G, L>, blocks, kThreads,
+                     stream, args, aligned, s, sums);
+        } else {
+          rt::launch(&focal_kernel<scalar_t, TargetKind::kFloat, G, L>, blocks, kThreads, stream,
+                     args, aligned, s, sums);
+        }
+      });
+    }
     if (reduce) {
       rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, blocks, s,
                  loss.mutable_data_ptr<acc_t>());
@@ -140,6 +147,6 @@ std::tuple<at::Tensor, at::Tensor> sigmoid_focal_loss_cuda(
 
 }  // namespace
 
-FOCAL_CUDA_REGISTER_KERNELS(m) { m.impl("sigmoid_focal_loss", &sigmoid_focal_loss_cuda); }
+FOCAL_CUDA_REGISTER_KERNELS(m) { LossOps<&run>::register_on(m); }
 
 }  // namespace focal::cuda

@@ -12,7 +12,7 @@
 
 #include <ATen/OpMathType.h>
 
-#include "../focal_math.h"
+#include "../family_math.h"
 #include "../kernel_args.h"
 #include "device_math.cuh"
 #include "kernel_runtime.cuh"
@@ -59,18 +59,26 @@ __device__ __forceinline__ double resolve_scale(const ScaleArgs& s) {
   return f / count;
 }
 
-// Loss and gradient of element (row, col), alpha- and weight-scaled, not yet times the scale.
-template <typename scalar_t, TargetKind TK, GammaKind G>
-__device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
-    const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha, int64_t row,
-    int64_t col, at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
+// The loss L of a launch, in the math type of scalar_t with its precision tier's primitives.
+template <typename scalar_t, GammaKind G, LossKind L>
+using LaunchLoss = ElementLoss<L, G, at::opmath_type<scalar_t>, MathFor<scalar_t>>;
+
+template <typename scalar_t, GammaKind G, LossKind L>
+__device__ __forceinline__ LaunchLoss<scalar_t, G, L> launch_loss(const KernelArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
-  using M = MathFor<scalar_t>;
-  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  return make_loss<L, G, acc_t, acc_t, MathFor<scalar_t>>(a.alpha, a.gamma, a.beta);
+}
+
+// Loss and gradient of element (row, col), alpha- and weight-scaled, not yet times the scale.
+template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L>
+__device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
+    const KernelArgs& a, const LaunchLoss<scalar_t, G, L>& loss, int64_t row, int64_t col,
+    at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
+  using acc_t = at::opmath_type<scalar_t>;
   LossAndGrad<acc_t> r;
   if constexpr (TK == TargetKind::kFloat) {
     const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-    r = focal_target<G, acc_t, M>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
+    r = loss.soft(x, t * (acc_t(1) - eps) + eps / 2);
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
@@ -81,10 +89,18 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     }
     const bool positive = id == col;
     if constexpr (TK == TargetKind::kClassId) {
-      r = focal_binary<G, acc_t, M>(x, positive, gamma, alpha);
+      r = loss.binary(x, positive);
+    } else if constexpr (TK == TargetKind::kClassIdScore) {
+      if (positive) {
+        r = loss.soft(x, static_cast<acc_t>(static_cast<const scalar_t*>(a.scores)[row]));
+      } else {
+        r = loss.negative(x);
+        r.loss *= loss.alpha.neg;
+        r.grad *= loss.alpha.neg;
+      }
     } else {
       const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-      r = focal_target<G, acc_t, M>(x, positive ? acc_t(1) - eps / 2 : eps / 2, gamma, alpha);
+      r = loss.soft(x, positive ? acc_t(1) - eps / 2 : eps / 2);
     }
   }
   acc_t w = acc_t(1);
@@ -136,7 +152,7 @@ __device__ __forceinline__ void store_block_sum(acc_t sum, acc_t* __restrict__ b
 // each block's sum of the unscaled losses. Each thread handles packs of kVec consecutive elements
 // (16 bytes), grid-stride, read and written with 128-bit accesses when `aligned` (every pointer
 // accessed in packs is 16-byte aligned); the last, partial pack takes element accesses.
-template <typename scalar_t, TargetKind TK, GammaKind G>
+template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     focal_kernel(KernelArgs a, bool aligned, ScaleArgs s,
                  at::opmath_type<scalar_t>* __restrict__ block_sums) {
@@ -145,7 +161,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
-  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
+  const auto loss_fn = launch_loss<scalar_t, G, L>(a);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   const auto* t_all = static_cast<const scalar_t*>(a.targets);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
@@ -176,7 +192,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     for (int j = 0; j < kVec; ++j) {
       if (base + j < n) {
         const acc_t tj = TK == TargetKind::kFloat ? static_cast<acc_t>(t.v[j]) : acc_t(0);
-        const auto r = element<scalar_t, TK, G>(a, alpha, row, col, static_cast<acc_t>(x.v[j]), tj);
+        const auto r = element<scalar_t, TK, G, L>(a, loss_fn, row, col, static_cast<acc_t>(x.v[j]), tj);
         sum = add_rn(sum, r.loss);
         loss.v[j] = static_cast<scalar_t>(r.loss * scale);
         grad.v[j] = static_cast<scalar_t>(r.grad * scale);
@@ -267,16 +283,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
 // the fast loop stays short.
 template <typename scalar_t, GammaKind G>
 __device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
-    const KernelArgs& a, const AlphaWeights<at::opmath_type<scalar_t>>& alpha,
-    at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row, int64_t col) {
+    const KernelArgs& a, at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row,
+    int64_t col) {
   using acc_t = at::opmath_type<scalar_t>;
+  const auto loss = launch_loss<scalar_t, G, LossKind::kFocal>(a);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
   acc_t sum = 0;
   for (int j = 0; j < len; ++j) {
-    const auto r = element<scalar_t, TargetKind::kClassId, G>(
-        a, alpha, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
+    const auto r = element<scalar_t, TargetKind::kClassId, G, LossKind::kFocal>(
+        a, loss, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
     sum += r.loss;
     if (loss_all) loss_all[e0 + j] = static_cast<scalar_t>(r.loss * scale);
     if (grad_all) grad_all[e0 + j] = static_cast<scalar_t>(r.grad * scale);
@@ -400,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
       }
       if (e0 >= n) break;
       const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
-      others += focal_chunk_slow<scalar_t, G>(a, alpha, scale, e0, len, row, col);
+      others += focal_chunk_slow<scalar_t, G>(a, scale, e0, len, row, col);
       touched += len;
       next_chunk();
     }

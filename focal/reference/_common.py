@@ -24,6 +24,7 @@ __all__ = [
     "power",
     "reduce_elements",
     "reduce_loss",
+    "softplus",
 ]
 
 
@@ -87,6 +88,15 @@ def power(base: torch.Tensor, exponent: float) -> torch.Tensor:
     nonzero = base != 0  # NaN stays NaN
     safe = torch.where(nonzero, base, torch.ones_like(base))
     return torch.where(nonzero, safe**exponent, torch.zeros_like(base))
+
+
+def softplus(z: torch.Tensor) -> torch.Tensor:
+    """``log(1 + exp(z))`` to full precision for every ``z``, differentiable to any order.
+
+    ``torch.nn.functional.softplus`` returns ``z`` itself above its threshold (20), which is off by
+    ``log1p(exp(-z))``, up to 2e-9: more than a float64 comparison allows.
+    """
+    return torch.logaddexp(z, torch.zeros_like(z))
 
 
 def element_count(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:

@@ -32,7 +32,7 @@ from typing import Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements
+from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements, softplus
 
 __all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
 
@@ -147,6 +147,6 @@ def varifocal_loss(
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
     positive = quality * F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
     # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
-    negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * F.softplus(inputs)
+    negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * softplus(inputs)
     loss = torch.where(quality > 0, positive, negative)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)

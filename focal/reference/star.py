@@ -15,9 +15,8 @@ and does no argument validation beyond what the math needs.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from focal.reference._common import alpha_t, expand_targets, is_class_ids, reduce_elements
+from focal.reference._common import alpha_t, expand_targets, is_class_ids, reduce_elements, softplus
 
 __all__ = ["sigmoid_focal_loss_star"]
 
@@ -67,7 +66,7 @@ def sigmoid_focal_loss_star(
     if not gamma > 0:
         raise ValueError(f"FL* divides by gamma, which must be > 0, got {gamma}")
     soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
-    positive = F.softplus(-(gamma * inputs + beta)) / gamma  # x_t = x:  -log sigmoid(gamma x + beta)
-    negative = F.softplus(gamma * inputs - beta) / gamma  # x_t = -x: -log sigmoid(-gamma x + beta)
+    positive = softplus(-(gamma * inputs + beta)) / gamma  # x_t = x:  -log sigmoid(gamma x + beta)
+    negative = softplus(gamma * inputs - beta) / gamma  # x_t = -x: -log sigmoid(-gamma x + beta)
     loss = alpha_t(soft, alpha) * (soft * positive + (1 - soft) * negative)
     return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)

@@ -30,8 +30,7 @@ bool set_scalars_on_device(bool on) { return focal_emu::scalars_on_device_flag.e
 }  // namespace
 
 TORCH_LIBRARY(focal_emu, m) {
-  m.def(focal::kSigmoidFocalLossSchema);
-  m.def(focal::kScaleGradSchema);
+  for (const char* schema : focal::kSchemas) m.def(schema);
   m.def("emulation_counters() -> int[]", &emulation_counters);
   m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
   m.def("set_scalars_on_device(bool on) -> bool", &set_scalars_on_device);
