@@ -203,3 +203,119 @@ def op_arguments(
         inputs.contiguous(), op_targets, op_weight, row_weight, op_normalizer, alpha_value,
         float(gamma), float(label_smoothing), int(ignore_index), reduction, scale,
     )
+
+
+# ---- FL*, QFL and VFL (focal.family) --------------------------------------------------------------
+
+# The arguments their operators share, in the schemas' order: logits, targets, scores, weight,
+# row_weight, normalizer, scale (FL*'s op has no scores: focal.family drops it).
+FamilyArguments = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], float]
+
+
+def number(value, name: str, low: float = -float("inf"), low_inclusive: bool = True) -> float:
+    """A finite real number (not a bool) above ``low``, as float; TypeError or ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    above = value >= low if low_inclusive else value > low
+    if not (_finite(value) and above):
+        bound = "" if low == -float("inf") else f" {'>=' if low_inclusive else '>'} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    return float(value)
+
+
+def _family_inputs(inputs, reduction, weight, ignore_index) -> None:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if not _is_supported_dtype(inputs.dtype):
+        raise TypeError(f"inputs must be float32, float64, float16 or bfloat16 logits, got {inputs.dtype}")
+    if not isinstance(reduction, str):
+        raise TypeError(f"reduction must be a string, got {type(reduction).__name__}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got '{reduction}'")
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def _plain_tensor(value, name: str, inputs: Tensor) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.device != inputs.device:
+        raise ValueError(f"{name} is on {value.device} but inputs are on {inputs.device}")
+    if value.requires_grad:
+        raise ValueError(f"gradients with respect to {name} are not supported: pass {name}.detach()")
+    if value.is_complex():
+        raise TypeError(f"{name} must be real, got {value.dtype}")
+    return value
+
+
+def _dense_targets(targets: Tensor, inputs: Tensor) -> Tensor:
+    if list(targets.shape) != list(inputs.shape):
+        raise ValueError(
+            f"float targets must have the shape of inputs {_shape(list(inputs.shape))}, got "
+            f"{_shape(list(targets.shape))} (integer class-id targets have shape inputs.shape[:-1])"
+        )
+    return targets.to(inputs.dtype).contiguous()
+
+
+def _class_id_targets(ids: Tensor, inputs: Tensor, ignore_index: int, what: str) -> Tensor:
+    if inputs.dim() == 0 or list(ids.shape) != list(inputs.shape[:-1]):
+        raise ValueError(
+            f"{what} must have shape inputs.shape[:-1] = {_shape(list(inputs.shape[:-1]))}, "
+            f"got {_shape(list(ids.shape))}"
+        )
+    classes = inputs.shape[-1]
+    if -1 <= ignore_index < classes:
+        raise ValueError(
+            f"ignore_index={ignore_index} collides with a class id in [0, {classes}) or with "
+            "background (-1); use a value outside [-1, C), e.g. -100"
+        )
+    return ids.to(torch.long).contiguous()
+
+
+def family_arguments(
+    inputs: Tensor,
+    targets,
+    reduction: str,
+    weight: Optional[Tensor],
+    normalizer: Optional[Union[float, Tensor]],
+    ignore_index: int,
+    quality: bool,
+) -> FamilyArguments:
+    """Checks the arguments that FL*, QFL and VFL share and returns their operators' tensors.
+
+    ``quality``: QFL / VFL, whose targets are dense float targets or the pair ``(ids, scores)``;
+    otherwise FL*, whose targets are float targets or class ids, as the focal loss's.
+    """
+    _family_inputs(inputs, reduction, weight, ignore_index)
+    scores: Optional[Tensor] = None
+    if quality and isinstance(targets, (tuple, list)):
+        if len(targets) != 2:
+            raise ValueError(f"quality targets as a pair are (ids, scores), got {len(targets)} items")
+        ids = _plain_tensor(targets[0], "ids", inputs)
+        scores = _plain_tensor(targets[1], "scores", inputs)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise TypeError(f"the ids of (ids, scores) must be integer class ids, got {ids.dtype}")
+        if not (scores.is_floating_point() or scores.dtype == torch.bool):
+            raise TypeError(f"the scores of (ids, scores) must be floating point, got {scores.dtype}")
+        op_targets = _class_id_targets(ids, inputs, ignore_index, "ids")
+        if list(scores.shape) != list(ids.shape):
+            raise ValueError(
+                f"scores must have the shape of ids {_shape(list(ids.shape))}, got {_shape(list(scores.shape))}"
+            )
+        scores = scores.to(inputs.dtype).contiguous()
+    else:
+        targets = _plain_tensor(targets, "targets", inputs)
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            op_targets = _dense_targets(targets, inputs)
+        elif quality:
+            raise ValueError(
+                "quality targets need scores: pass dense float targets of the shape of inputs or the "
+                f"pair (ids, scores), got a {targets.dtype} tensor alone"
+            )
+        else:
+            op_targets = _class_id_targets(targets, inputs, ignore_index, "integer class-id targets")
+    op_weight, row_weight = _weights(weight, inputs)
+    op_normalizer, scale = _normalizer(normalizer, inputs, reduction)
+    return inputs.contiguous(), op_targets, scores, op_weight, row_weight, op_normalizer, scale

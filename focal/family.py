@@ -1,0 +1,198 @@
+"""The focal loss's family as fused operators: FL*, the quality focal loss and the varifocal loss.
+
+Each is one pass over the logits that computes the loss and, when autograd will need it, its
+gradient, on the CPU and on CUDA, with the conventions of :func:`focal.sigmoid_focal_loss`: logits
+``(..., C)`` with the class dimension last, float32 / float64 / float16 / bfloat16 (float32 math for
+16-bit data), ``weight`` broadcastable to the logits, a ``normalizer`` (number or one-element tensor,
+also on the GPU) dividing the loss without a host sync, reductions ``"none"``, ``"sum"`` and
+``"mean"`` (over the elements that are not ignored), and integer class-id targets that are never
+expanded to a one-hot tensor. :mod:`focal.reference` states the same math in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from focal import _autograd, _validate
+from focal.functional import _forward_mode_or_transform
+from focal.ops import require_kernels
+
+__all__ = ["sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"]
+
+QualityTargets = Union[Tensor, Sequence[Tensor]]
+
+
+def _run(op_name: str, args: tuple, inputs, targets, weight) -> Tensor:
+    """The loss from ``torch.ops.focal.<op_name>(*args, compute_grad)``, through its autograd when
+    autograd (or a torch.func transform, or forward mode) will differentiate it."""
+    logits = args[0]
+    require_kernels(logits.device)
+    # The gradient is computed (and allocated) only when autograd will ask for it.
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    if compute_grad or _forward_mode_or_transform(logits):
+        with _autograd.callers_tensors(inputs, targets if isinstance(targets, Tensor) else None, weight):
+            loss, _ = _autograd.apply(op_name, *args, True)
+        return loss
+    loss, _ = getattr(torch.ops.focal, op_name)(*args, compute_grad)
+    return loss
+
+
+def sigmoid_focal_loss_star(
+    inputs: Tensor,
+    targets: Tensor,
+    gamma: float = 2.0,
+    beta: float = 1.0,
+    alpha: Optional[float] = None,
+    reduction: str = "none",
+    *,
+    weight: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    r"""FL*, the focal loss variant of Appendix A of "Focal Loss for Dense Object Detection" (Lin et
+    al., 2017), fused.
+
+    ``FL* = -log(sigmoid(gamma x_t + beta)) / gamma`` per element, with ``x_t = x`` for a positive
+    and ``x_t = -x`` for a negative; its derivative is Appendix B's ``dFL*/dx = y (p*_t - 1)`` with
+    ``p*_t = sigmoid(gamma x_t + beta)`` and ``y = +-1``. ``gamma`` sharpens the loss around
+    ``x_t = 0`` and ``beta`` shifts it (``gamma = 1, beta = 0`` is the binary cross entropy). The
+    paper's settings, with which Appendix A finds FL* about as effective as FL: ``gamma = 2, beta =
+    1`` and ``gamma = 4, beta = 0``. A soft target ``t`` mixes both sides linearly, as the binary
+    cross entropy does, and the loss is scaled by ``alpha_t`` as in :func:`focal.sigmoid_focal_loss`.
+
+    Args:
+        inputs: logits ``(..., C)``, class dimension last.
+        targets: float (or bool) targets of the shape of ``inputs``, hard 0/1 or soft in [0, 1]; or
+            integer class ids of shape ``inputs.shape[:-1]`` (``c`` in ``[0, C)`` a positive for
+            class ``c``, ``-1`` background, ``ignore_index`` ignored; any other id is a ValueError on
+            the CPU and a NaN row on CUDA).
+        gamma: sharpness > 0. beta: shift, any finite number.
+        alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``); None (the default,
+            as in Appendix A) or -1 for none.
+        reduction: ``"none"`` (shape and dtype of ``inputs``), ``"sum"`` or ``"mean"`` (a 0-dim
+            float32 tensor, float64 for float64 inputs).
+        weight, normalizer, ignore_index, label_smoothing: as for :func:`focal.sigmoid_focal_loss`.
+
+    Returns:
+        The loss, differentiable with respect to ``inputs`` to any order.
+
+    Example:
+        >>> logits = torch.randn(8, 100, 80, requires_grad=True)
+        >>> labels = torch.randint(-1, 80, (8, 100))                 # -1 = background
+        >>> num_pos = (labels >= 0).sum().clamp(min=1)
+        >>> loss = focal.sigmoid_focal_loss_star(logits, labels, gamma=2.0, beta=1.0,
+        ...                                      reduction="sum", normalizer=num_pos)
+    """
+    gamma = _validate.number(gamma, "gamma", 0.0, low_inclusive=False)
+    beta = _validate.number(beta, "beta")
+    alpha_value = -1.0 if alpha is None or alpha == -1 else _validate.number(alpha, "alpha", 0.0)
+    if alpha_value > 1.0:
+        raise ValueError(f"alpha must be in [0, 1], or None / -1 for no weighting, got {alpha}")
+    label_smoothing = _validate.number(label_smoothing, "label_smoothing", 0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    logits, op_targets, _, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=False
+    )
+    args = (logits, op_targets, op_weight, row_weight, op_normalizer, alpha_value, gamma, beta, label_smoothing,
+            int(ignore_index), reduction, scale)
+    return _run("sigmoid_focal_loss_star", args, inputs, targets, weight)
+
+
+def quality_focal_loss(
+    inputs: Tensor,
+    targets: QualityTargets,
+    beta: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""Quality focal loss (Li et al., "Generalized Focal Loss: Learning Qualified and Distributed
+    Bounding Boxes for Dense Object Detection", 2020), fused.
+
+    ``QFL = -|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))`` per element, ``sigma =
+    sigmoid(x)``: the binary cross entropy with a soft quality target ``y`` in [0, 1] (for a
+    positive, the IoU of its predicted box with its ground truth; 0 for every other class), scaled
+    by the prediction's distance from it. Where ``y = sigma`` exactly the gradient is 0 (the
+    derivative there for ``beta > 1``). Finite for any finite logit.
+
+    Args:
+        inputs: logits ``(..., C)``, class dimension last.
+        targets: dense quality targets of the shape of ``inputs`` (values in [0, 1]), or the pair
+            ``(ids, scores)``: integer class ids of shape ``inputs.shape[:-1]`` (``c`` in ``[0, C)``,
+            ``-1`` background, ``ignore_index`` ignored) and float scores of that shape, the
+            quality of each row's class (not read for background and ignored rows). The pair never
+            builds a dense target tensor.
+        beta: focusing exponent >= 0; the paper uses 2 (0 gives the binary cross entropy).
+        reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the elements that are not ignored).
+        weight, normalizer: as for :func:`focal.sigmoid_focal_loss` (GFL normalises by the sum of
+            the positives' scores, or their number).
+        ignore_index: class id of ignored rows (pair form only), outside ``[-1, C)``.
+
+    Returns:
+        The loss, differentiable with respect to ``inputs`` to any order.
+
+    Example:
+        >>> logits = torch.randn(1000, 80, requires_grad=True)
+        >>> ids = torch.randint(-1, 80, (1000,))                      # -1 = background
+        >>> iou = torch.rand(1000)                                     # IoU of each predicted box
+        >>> loss = focal.quality_focal_loss(logits, (ids, iou), reduction="sum",
+        ...                                 normalizer=(ids >= 0).sum().clamp(min=1))
+    """
+    beta = _validate.number(beta, "beta", 0.0)
+    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    )
+    args = (logits, op_targets, scores, op_weight, row_weight, op_normalizer, beta, int(ignore_index), reduction,
+            scale)
+    return _run("quality_focal_loss", args, inputs, targets, weight)
+
+
+def varifocal_loss(
+    inputs: Tensor,
+    targets: QualityTargets,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "none",
+    *,
+    weight: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100,
+) -> Tensor:
+    r"""Varifocal loss (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 2021), fused.
+
+    ``VFL = -q (q log(p) + (1 - q) log(1 - p))`` where the target ``q > 0`` and ``VFL = -alpha
+    p^gamma log(1 - p)`` where ``q = 0``, ``p = sigmoid(x)``: positives are weighted by their own
+    quality ``q`` (the IoU of the predicted box with its ground truth), and only negatives are
+    down-weighted focally. A positive whose score is 0 is a negative for its class, as in the
+    paper. Finite for any finite logit.
+
+    Args:
+        inputs: logits ``(..., C)``, class dimension last.
+        targets: dense quality targets of the shape of ``inputs``, or the pair ``(ids, scores)`` (see
+            :func:`quality_focal_loss`).
+        alpha: weight of the negatives (``q = 0``), >= 0; the paper uses 0.75.
+        gamma: focusing exponent of the negatives, >= 0; the paper uses 2.
+        reduction, weight, normalizer, ignore_index: as for :func:`quality_focal_loss`.
+
+    Returns:
+        The loss, differentiable with respect to ``inputs`` to any order.
+
+    Example:
+        >>> loss = focal.varifocal_loss(logits, (ids, iou), reduction="sum",
+        ...                             normalizer=(ids >= 0).sum().clamp(min=1))
+    """
+    alpha = _validate.number(alpha, "alpha", 0.0)
+    gamma = _validate.number(gamma, "gamma", 0.0)
+    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    )
+    args = (logits, op_targets, scores, op_weight, row_weight, op_normalizer, alpha, gamma, int(ignore_index),
+            reduction, scale)
+    return _run("varifocal_loss", args, inputs, targets, weight)
