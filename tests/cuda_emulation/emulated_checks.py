@@ -35,6 +35,7 @@ from cuda_cases import (
     summation_error_bound,
     vector_width,
 )
+from family_cases import FAMILY, IGNORE, FamilyCall, family_targets
 from focal import reference
 
 torch.ops.load_library(os.environ["FOCAL_EMU_LIBRARY"])
@@ -517,3 +518,86 @@ def test_scale_grad_of_empty_or_strided_grad():
         _, launches, _ = counted(lambda: EMU.scale_grad_(strided, torch.tensor(3.0)))
         assert launches == 0
         assert_bitwise_equal(strided, want, "strided grad")
+
+
+# ---- The family: FL*, QFL, VFL --------------------------------------------------------------------
+
+FAMILY_MATRIX = [
+    (loss, dtype, kind, param, reduction)
+    for loss, (kinds, params) in FAMILY.items()
+    for dtype in DTYPES
+    for kind in kinds
+    for param in params
+    for reduction in REDUCTIONS
+]
+
+
+@pytest.mark.parametrize(("loss", "dtype", "kind", "param", "reduction"), FAMILY_MATRIX,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_family_matches_cpu_op_and_reference(loss, dtype, kind, param, reduction):
+    """FL*, QFL and VFL through the general kernel: every dtype, target form, hyper-parameter path and
+    reduction, with the weight's and normaliser's forms rotating as in the focal loss's matrix."""
+    i = FAMILY_MATRIX.index((loss, dtype, kind, param, reduction))
+    g = torch.Generator().manual_seed(1000 + i)
+    cols = (37, 5, 80, 13)[i % 4]
+    x = make_logits((61, cols), dtype, g)
+    targets, scores, smoothing = family_targets(loss, kind, x, g)
+    call = FamilyCall(loss, x, targets, scores, param, alpha=(0.25 if loss == "star" else 0.75) if i % 3 else -1.0,
+                      smoothing=smoothing, reduction=reduction)
+    if loss == "varifocal" and call.alpha < 0:
+        call.alpha = 1.0
+    weight_mode = WEIGHTS[(i // 3) % 4]
+    if weight_mode == "class":
+        call.weight = torch.rand(cols, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    elif weight_mode == "full":
+        call.weight = torch.rand(x.shape, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    elif weight_mode == "row":
+        call.row_weight = torch.rand(x.shape[:-1], generator=g, dtype=torch.float64).add(0.5).to(dtype)
+    norm_mode = NORMALIZERS[(i // 16 + i) % 4]
+    norm_value = None if norm_mode == "none" else 3.0
+    if norm_mode == "number":
+        call.scale = 1.0 / norm_value
+    elif norm_mode != "none":
+        call.normalizer = torch.tensor(norm_value)
+
+    with scalars_on_device() if norm_mode == "device_tensor" else contextlib.nullcontext():
+        emu_loss, emu_grad = call.run(EMU)
+    cpu_loss, cpu_grad = call.run(CPU)
+    call.scale = 1.0  # the reference divides by the normaliser itself
+    ref_loss, ref_grad = call.expected(norm_value)
+
+    assert emu_loss.dtype == cpu_loss.dtype and emu_grad.dtype == dtype
+    ref_dtype = REFERENCE_DTYPE[dtype]
+    assert_close_ulps(emu_grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op", normwise=True)
+    assert_close_ulps(emu_grad, ref_grad, ref_dtype, GRAD_ULPS[ref_dtype], "grad vs reference", normwise=True)
+    if reduction == "none":
+        # QFL's |p - t|^beta near p = t is a difference of two values of the loss's size: its
+        # relative error there is that of p over |p - t|, so it is bounded normwise.
+        normwise = loss == "quality"
+        assert_close_ulps(emu_loss, cpu_loss, dtype, LOSS_ULPS[dtype], "loss vs CPU op", normwise=normwise)
+        assert_close_ulps(emu_loss, ref_loss, ref_dtype, LOSS_ULPS[ref_dtype], "loss vs reference", normwise=normwise)
+    else:
+        assert emu_loss.shape == ()
+        assert_reduced_close(emu_loss, cpu_loss, dtype, x.numel(), "loss vs CPU op")
+        assert_reduced_close(emu_loss, ref_loss, dtype, x.numel(), "loss vs reference", torch.float32)
+
+
+@pytest.mark.parametrize("loss", list(FAMILY))
+def test_family_invalid_class_ids_poison_their_rows_and_ignored_rows_are_zero(loss):
+    """On the device an invalid class id cannot raise without a sync: its row's loss and gradient are
+    NaN; an ignored row's are exact zeros, its score never read (NaN there changes nothing)."""
+    g = torch.Generator().manual_seed(7)
+    x = make_logits((9, 6), torch.float32, g)
+    kind = "ids" if loss == "star" else "pair"
+    targets, scores, _ = family_targets(loss, kind, x, g)
+    targets[:] = torch.tensor([0, 5, -1, 6, IGNORE, 2, -2, IGNORE, 1])
+    if scores is not None:
+        scores[4] = float("nan")  # ignored: unread
+    param = FAMILY[loss][1][0]
+    loss_none, grad = FamilyCall(loss, x, targets, scores, param, alpha=0.5).run(EMU)
+    bad = torch.tensor([3, 6])
+    assert loss_none[bad].isnan().all() and grad[bad].isnan().all()
+    good = torch.tensor([0, 1, 2, 5, 8])
+    assert loss_none[good].isfinite().all() and grad[good].isfinite().all()
+    for row in (4, 7):
+        assert (loss_none[row] == 0).all() and (grad[row] == 0).all()

@@ -52,7 +52,8 @@ double run(int offset) {
   a.target_kind = TargetKind::kFloat;
   const bool aligned = aligned16(x.data) && aligned16(t.data) && aligned16(loss.data) &&
                        aligned16(grad.data);
-  focal_emu::launch(&focal::cuda::focal_kernel<float, TargetKind::kFloat, focal::GammaKind::kTwo>,
+  using focal::GammaKind, focal::LossKind;
+  focal_emu::launch(&focal::cuda::focal_kernel<float, TargetKind::kFloat, GammaKind::kTwo, LossKind::kFocal>,
                     dim3(1), dim3(focal::cuda::kThreads), a, aligned, focal::cuda::ScaleArgs{},
                     sums.data);
   return sums.data[0];
