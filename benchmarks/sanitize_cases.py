@@ -1,5 +1,6 @@
-"""Small CUDA cases of the fused op for compute-sanitizer: forward and backward over every dtype,
-target form, reduction and gamma path, each compared with the CPU op.
+"""Small CUDA cases of the fused ops for compute-sanitizer: forward and backward of the focal loss over
+every dtype, target form, reduction and gamma path, and of FL*, QFL and VFL over every dtype and
+target form (the pair (ids, scores) included), each compared with the CPU op.
 
     compute-sanitizer --tool memcheck --error-exitcode 3 python benchmarks/sanitize_cases.py
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 ...   # so that memcheck sees each tensor's own bounds
@@ -103,6 +104,34 @@ def cases():
         yield (0, 80), dtype, "ids", None, "sum", 2.0, False
 
 
+# FL*, QFL and VFL: loss -> (call(x, targets, reduction, **kw), target forms)
+FAMILY = {
+    "star": (lambda f, x, t, r, **kw: f.sigmoid_focal_loss_star(x, t, 2.0, 1.0, 0.25, r, **kw), ("soft", "ids")),
+    "quality": (lambda f, x, t, r, **kw: f.quality_focal_loss(x, t, 1.5, r, **kw), ("soft", "pair")),
+    "varifocal": (lambda f, x, t, r, **kw: f.varifocal_loss(x, t, 0.75, 2.0, r, **kw), ("soft", "pair")),
+}
+
+
+def family_cases():
+    """(name, loss, shape, dtype, target, weight, reduction, unaligned) of every family case."""
+    for (loss, (_, targets)), dtype in itertools.product(FAMILY.items(), DTYPES):
+        for i, (target, reduction) in enumerate(itertools.product(targets, REDUCTIONS)):
+            yield loss, SHAPES[i % len(SHAPES)], dtype, target, WEIGHTS[i % len(WEIGHTS)], reduction, False
+        yield loss, (37, 13), dtype, targets[-1], "row", "sum", True
+        yield loss, (LARGE_ROWS, 80), dtype, targets[-1], None, "sum", False
+
+
+def run_family(loss, x, t, kwargs, device, reduction, unaligned):
+    import focal
+
+    xd = place(x, device, unaligned)
+    kw = {k: v.to(device) for k, v in kwargs.items()}
+    targets = tuple(v.to(device) for v in t) if isinstance(t, tuple) else t.to(device)
+    value = FAMILY[loss][0](focal, xd, targets, reduction, **kw)
+    value.sum().backward()
+    return value.detach().cpu(), xd.grad.cpu()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -128,6 +157,22 @@ def main(argv=None) -> int:
         results = [run(focal.sigmoid_focal_loss, x, t, kwargs, device, reduction, gamma, normalizer, unaligned)
                    for device in ("cpu", "cuda")]
         torch.cuda.synchronize()  # a kernel fault surfaces here, under this case's name
+        problem = compare(name, *results, dtype)
+        count += 1
+        print(("MISMATCH " if problem else "ok       ") + name)
+        if problem:
+            failures.append(problem)
+    for loss, shape, dtype, target, weight, reduction, unaligned in family_cases():
+        name = (f"{loss:9s} {str(dtype).removeprefix('torch.'):8s} {target:5s} {reduction:4s} weight={weight} "
+                f"{shape[0]}x{shape[1]}{' unaligned' if unaligned else ''}")
+        x, t, kwargs = make_case(shape, dtype, "ids" if target == "pair" else target, weight, gen)
+        kwargs.pop("label_smoothing", None)
+        if target == "pair":
+            t = (t, torch.rand(t.shape, generator=gen).to(dtype))
+        if reduction == "sum":
+            kwargs["normalizer"] = torch.tensor(7.0)
+        results = [run_family(loss, x, t, kwargs, device, reduction, unaligned) for device in ("cpu", "cuda")]
+        torch.cuda.synchronize()
         problem = compare(name, *results, dtype)
         count += 1
         print(("MISMATCH " if problem else "ok       ") + name)
