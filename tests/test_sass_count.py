@@ -384,3 +384,15 @@ def test_built_extension_general_kernel_has_a_hot_loop_per_instantiation(tmp_pat
             assert (dtype, target, "Two") in found
     for k in kernels:
         assert k["hot_loop"] is not None and k["hot_loop"]["global_stores"] >= 1, k["name"]
+        # No instantiation, the family's included, spills to local memory.
+        assert k["spill_stores"] == k["spill_loads"] == 0 and k["local_bytes"] == 0, k["name"]
+    # The family's instantiations: FL* with the focal loss's target forms (one gamma kind), QFL and VFL
+    # with float targets and class ids with scores, for every gamma kind.
+    losses = {}
+    for k in kernels:
+        losses.setdefault(k["other_template_args"][0], set()).add((k["dtype"], k["target"], k["gamma"]))
+    dtypes, gammas = ("float32", "bfloat16", "float16", "float64"), ("Zero", "One", "Two", "General")
+    assert losses["LossKind::FocalStar"] == {
+        (d, t, "General") for d in dtypes for t in ("Float", "ClassId", "ClassIdSmoothed")}
+    for loss in ("LossKind::Quality", "LossKind::Varifocal"):
+        assert losses[loss] == {(d, t, g) for d in dtypes for t in ("Float", "ClassIdScore") for g in gammas}
