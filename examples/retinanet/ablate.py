@@ -3,7 +3,10 @@
 * ``fl``: focal loss, gamma = 2, alpha = .25, prior initialisation pi = .01 (the RetinaNet default);
 * ``alpha_ce``: alpha-balanced cross entropy, gamma = 0, alpha = .75, prior initialisation;
 * ``ce_no_prior``: plain cross entropy (gamma = 0, no alpha weighting) with the final classification
-  bias at 0 instead of the prior, the setting the paper reports as diverging (section 3.3).
+  bias at 0 instead of the prior, the setting the paper reports as diverging (section 3.3);
+* ``alpha_ce_25`` / ``_50`` / ``_90``: alpha-balanced CE at other alphas (Table 1a's sweep);
+* ``fl_g05``, ``fl_g1``, ``fl_g5``: FL at gamma .5, 1 and 5 with the paper's best alpha for each
+  (Table 1b).
 
     python -m examples.retinanet.ablate --minutes 4
 
@@ -27,6 +30,14 @@ ARMS = {
     "fl": ("FL (gamma=2, alpha=.25)", dict(focal_gamma=2.0, focal_alpha=0.25, prior_prob=0.01)),
     "alpha_ce": ("alpha-balanced CE (gamma=0, alpha=.75)", dict(focal_gamma=0.0, focal_alpha=0.75, prior_prob=0.01)),
     "ce_no_prior": ("CE, no prior init (gamma=0, bias 0)", dict(focal_gamma=0.0, focal_alpha=-1.0, prior_prob=0.0)),
+    # Table 1a: alpha-balanced CE over alpha (the paper's best is .75).
+    "alpha_ce_25": ("alpha-balanced CE (gamma=0, alpha=.25)", dict(focal_gamma=0.0, focal_alpha=0.25, prior_prob=0.01)),
+    "alpha_ce_50": ("alpha-balanced CE (gamma=0, alpha=.5)", dict(focal_gamma=0.0, focal_alpha=0.5, prior_prob=0.01)),
+    "alpha_ce_90": ("alpha-balanced CE (gamma=0, alpha=.9)", dict(focal_gamma=0.0, focal_alpha=0.9, prior_prob=0.01)),
+    # Table 1b: gamma with the paper's best alpha for it.
+    "fl_g05": ("FL (gamma=.5, alpha=.5)", dict(focal_gamma=0.5, focal_alpha=0.5, prior_prob=0.01)),
+    "fl_g1": ("FL (gamma=1, alpha=.25)", dict(focal_gamma=1.0, focal_alpha=0.25, prior_prob=0.01)),
+    "fl_g5": ("FL (gamma=5, alpha=.25)", dict(focal_gamma=5.0, focal_alpha=0.25, prior_prob=0.01)),
 }
 
 
