@@ -1,6 +1,7 @@
-// Launches of the general loss kernel for FL*, QFL and VFL: only the target forms each loss takes
-// are instantiated (FL*: those of the focal loss, with one gamma kind, since its gamma is a plain
-// factor; QFL and VFL: float targets, or class ids with scores). Compiled by nvcc, and for tests
+// Launches of the loss kernels for FL*, QFL and VFL: only the target forms each loss takes are
+// instantiated (FL*: those of the focal loss, with one gamma kind, since its gamma is a plain
+// factor; QFL and VFL: float targets, or class ids with scores, the latter also through the
+// roofline class-id kernel). Compiled by nvcc, and for tests
 // as host C++ against the emulation (README.md).
 #include <type_traits>
 
@@ -20,9 +21,12 @@ void launch(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* sums, i
 }
 
 template <typename scalar_t, LossKind L, GammaKind G>
-void launch_quality(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* sums, int blocks,
-                    rt::Stream stream) {
-  if (a.target_kind == TargetKind::kClassIdScore) {
+void launch_quality(const KernelArgs& a, bool ids_kernel, bool aligned, const ScaleArgs& s, void* sums,
+                    int blocks, rt::Stream stream) {
+  if (ids_kernel) {
+    rt::launch(&focal_ids_kernel<scalar_t, G, L>, blocks, kThreads, stream, a, s,
+               static_cast<at::opmath_type<scalar_t>*>(sums));
+  } else if (a.target_kind == TargetKind::kClassIdScore) {
     launch<scalar_t, TargetKind::kClassIdScore, G, L>(a, aligned, s, sums, blocks, stream);
   } else {
     TORCH_CHECK(a.target_kind == TargetKind::kFloat, "QFL / VFL: float targets or ids with scores");
@@ -31,17 +35,18 @@ void launch_quality(const KernelArgs& a, bool aligned, const ScaleArgs& s, void*
 }
 
 template <LossKind L, typename scalar_t>
-void launch_quality_gamma(const KernelArgs& a, GammaKind g, bool aligned, const ScaleArgs& s,
-                          void* sums, int blocks, rt::Stream stream) {
+void launch_quality_gamma(const KernelArgs& a, GammaKind g, bool ids_kernel, bool aligned,
+                          const ScaleArgs& s, void* sums, int blocks, rt::Stream stream) {
   switch (g) {
     case GammaKind::kZero:
-      return launch_quality<scalar_t, L, GammaKind::kZero>(a, aligned, s, sums, blocks, stream);
+      return launch_quality<scalar_t, L, GammaKind::kZero>(a, ids_kernel, aligned, s, sums, blocks, stream);
     case GammaKind::kOne:
-      return launch_quality<scalar_t, L, GammaKind::kOne>(a, aligned, s, sums, blocks, stream);
+      return launch_quality<scalar_t, L, GammaKind::kOne>(a, ids_kernel, aligned, s, sums, blocks, stream);
     case GammaKind::kTwo:
-      return launch_quality<scalar_t, L, GammaKind::kTwo>(a, aligned, s, sums, blocks, stream);
+      return launch_quality<scalar_t, L, GammaKind::kTwo>(a, ids_kernel, aligned, s, sums, blocks, stream);
     default:
-      return launch_quality<scalar_t, L, GammaKind::kGeneral>(a, aligned, s, sums, blocks, stream);
+      return launch_quality<scalar_t, L, GammaKind::kGeneral>(a, ids_kernel, aligned, s, sums, blocks,
+                                                              stream);
   }
 }
 
@@ -63,18 +68,20 @@ void launch_star(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* su
 }  // namespace
 
 void launch_family_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
-                          bool aligned, const ScaleArgs& s, void* block_sums, int blocks,
-                          rt::Stream stream) {
+                          bool ids_kernel, bool aligned, const ScaleArgs& s, void* block_sums,
+                          int blocks, rt::Stream stream) {
+  TORCH_CHECK(!ids_kernel || args.loss_kind != LossKind::kFocalStar, "FL* has no class-id kernel");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "focal_family_cuda", [&] {
     switch (args.loss_kind) {
       case LossKind::kFocalStar:
         return launch_star<scalar_t>(args, aligned, s, block_sums, blocks, stream);
       case LossKind::kQuality:
-        return launch_quality_gamma<LossKind::kQuality, scalar_t>(args, gamma_kind, aligned, s,
-                                                                  block_sums, blocks, stream);
+        return launch_quality_gamma<LossKind::kQuality, scalar_t>(args, gamma_kind, ids_kernel, aligned,
+                                                                  s, block_sums, blocks, stream);
       case LossKind::kVarifocal:
-        return launch_quality_gamma<LossKind::kVarifocal, scalar_t>(args, gamma_kind, aligned, s,
-                                                                    block_sums, blocks, stream);
+        return launch_quality_gamma<LossKind::kVarifocal, scalar_t>(args, gamma_kind, ids_kernel,
+                                                                    aligned, s, block_sums, blocks,
+                                                                    stream);
       default:
         TORCH_CHECK(false, "launch_family_kernel: the focal loss has its own launches");
     }

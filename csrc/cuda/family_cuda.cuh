@@ -1,4 +1,4 @@
-// Launches of the general loss kernel (focal_kernels.cuh) for FL*, QFL and VFL, compiled in their own
+// Launches of the loss kernels (focal_kernels.cuh) for FL*, QFL and VFL, compiled in their own
 // file (family_cuda.cu) so that the focal loss's kernels and theirs compile in parallel.
 #pragma once
 
@@ -10,10 +10,11 @@
 
 namespace focal::cuda {
 
-// Launches focal_kernel for args.loss_kind (not kFocal) over `blocks` blocks; `block_sums` (the
-// dtype's math type, or nullptr) receives the per-block sums of a reduced loss.
+// Launches the kernel of args.loss_kind (not kFocal) over `blocks` blocks: focal_ids_kernel when
+// `ids_kernel` (QFL / VFL, class ids and scores, see focal_cuda.cu), else focal_kernel. `block_sums`
+// (the dtype's math type, or nullptr) receives the per-block sums of a reduced loss.
 void launch_family_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
-                          bool aligned, const ScaleArgs& s, void* block_sums, int blocks,
-                          rt::Stream stream);
+                          bool ids_kernel, bool aligned, const ScaleArgs& s, void* block_sums,
+                          int blocks, rt::Stream stream);
 
 }  // namespace focal::cuda

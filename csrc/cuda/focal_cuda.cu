@@ -99,9 +99,13 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
 
   // The roofline kernel takes the loss of dense detection (focal_ids_kernel), a row-free one takes
   // unweighted float targets (focal_float_kernel); everything else the general one.
+  // QFL and VFL with class ids and scores take the roofline kernel too: their negatives are the
+  // focal loss's.
   const bool focal = call.loss_kind == LossKind::kFocal;
-  const bool ids_kernel = focal && args.target_kind == TargetKind::kClassId && reduce && aligned &&
-                          args.row_weight == nullptr && args.elem_weight == nullptr &&
+  const bool ids_targets = focal ? args.target_kind == TargetKind::kClassId
+                                 : args.target_kind == TargetKind::kClassIdScore;
+  const bool ids_kernel = ids_targets && reduce && aligned && args.row_weight == nullptr &&
+                          args.elem_weight == nullptr &&
                           cols < (int64_t{1} << 30);  // its columns are 32-bit
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr;
@@ -115,14 +119,14 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
         reduce ? at::empty({blocks}, options.dtype(call.reduced_dtype())) : at::Tensor();
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
     if (!focal) {
-      launch_family_kernel(args, logits.scalar_type(), call.gamma_kind(), aligned, s, sums, blocks,
-                           stream);
+      launch_family_kernel(args, logits.scalar_type(), call.gamma_kind(), ids_kernel, aligned, s, sums,
+                           blocks, stream);
     } else {
       with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
         constexpr GammaKind G = decltype(gamma_kind)::value;
         constexpr LossKind L = LossKind::kFocal;
         if (ids_kernel) {
-          rt::launch(&focal_ids_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
+          rt::launch(&focal_ids_kernel<scalar_t, G, L>, blocks, kThreads, stream, args, s, sums);
         } else if (float_kernel) {
           rt::launch(&focal_float_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
         } else if (args.target_kind == TargetKind::kClassId) {

@@ -281,19 +281,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
 // loss (reduction "none") and gradient times `scale` written out; returns the sum of their
 // alpha-weighted losses. What focal_ids_kernel leaves to the general code; not inlined, so that
 // the fast loop stays short.
-template <typename scalar_t, GammaKind G>
+template <typename scalar_t, GammaKind G, LossKind L>
 __device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
     const KernelArgs& a, at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row,
     int64_t col) {
   using acc_t = at::opmath_type<scalar_t>;
-  const auto loss = launch_loss<scalar_t, G, LossKind::kFocal>(a);
+  constexpr TargetKind TK = L == LossKind::kFocal ? TargetKind::kClassId : TargetKind::kClassIdScore;
+  const auto loss = launch_loss<scalar_t, G, L>(a);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
   acc_t sum = 0;
   for (int j = 0; j < len; ++j) {
-    const auto r = element<scalar_t, TargetKind::kClassId, G, LossKind::kFocal>(
-        a, loss, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
+    const auto r = element<scalar_t, TK, G, L>(a, loss, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
     sum += r.loss;
     if (loss_all) loss_all[e0 + j] = static_cast<scalar_t>(r.loss * scale);
     if (grad_all) grad_all[e0 + j] = static_cast<scalar_t>(r.grad * scale);
@@ -318,7 +318,11 @@ inline constexpr int kIdsChunk = 2 * 16 / static_cast<int>(sizeof(scalar_t));
 // focal_hard with z = x on every element, alpha's negative weight and the scale folded into one
 // factor; a chunk of an ignored row writes zeros; any other chunk (a positive, an invalid id, a row
 // boundary, the tail) goes to focal_chunk_slow.
-template <typename scalar_t, GammaKind G>
+//
+// L is the focal loss, or QFL / VFL with class ids and scores: their negatives are focal_hard with
+// z = x too (with QFL's beta or VFL's gamma as the exponent and VFL's alpha as the negatives'
+// weight), and a positive's score is read by focal_chunk_slow alone.
+template <typename scalar_t, GammaKind G, LossKind L>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     focal_ids_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -329,7 +333,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   const int64_t n = a.rows * a.cols;
   const int64_t cols = a.cols;
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
-  const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
+  static_assert(L != LossKind::kFocalStar, "FL*'s negatives are not focal_hard");
+  const AlphaWeights<acc_t> alpha = loss_alpha<L, acc_t, acc_t>(a.alpha);
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const acc_t negative_grad_w = alpha.neg * scale;
   const auto* ids = static_cast<const int64_t*>(a.targets);
@@ -417,7 +422,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
       }
       if (e0 >= n) break;
       const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
-      others += focal_chunk_slow<scalar_t, G>(a, scale, e0, len, row, col);
+      others += focal_chunk_slow<scalar_t, G, L>(a, scale, e0, len, row, col);
       touched += len;
       next_chunk();
     }

@@ -601,3 +601,29 @@ def test_family_invalid_class_ids_poison_their_rows_and_ignored_rows_are_zero(lo
     assert loss_none[good].isfinite().all() and grad[good].isfinite().all()
     for row in (4, 7):
         assert (loss_none[row] == 0).all() and (grad[row] == 0).all()
+
+
+@pytest.mark.parametrize("loss", ["quality", "varifocal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("cols", [1, 3, 17, 80])
+def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, cols):
+    """QFL and VFL with class ids and scores, reduced: the case that focal_cuda.cu sends to the
+    roofline class-id kernel (two launches: it and the block sums; the mean's count a third), whose
+    chunks may straddle rows or hold a positive anywhere: results as the CPU op's, every element
+    counted once."""
+    g = torch.Generator().manual_seed(cols)
+    chunk = 2 * vector_width(dtype)
+    sizes = (1, 7, 3 * chunk + 1) + ((1 + MULTIPROCESSORS * 4 * 256 * chunk // cols,) if cols == 80 else ())
+    for rows in sizes:
+        x = make_logits((rows, cols), dtype, g)
+        ids = _ids_with_every_case(rows, cols, g)
+        scores = torch.rand(rows, generator=g, dtype=torch.float64).to(dtype)
+        for reduction, param in (("sum", 2.0), ("mean", 1.5), ("sum", 0.0), ("mean", 1.0)):
+            call = FamilyCall(loss, x, ids, scores, param, alpha=0.75, reduction=reduction)
+            (value, grad), launches, elements = counted(lambda: call.run(EMU))
+            assert elements == rows * cols and launches == (3 if reduction == "mean" else 2), (rows, cols)
+            cpu_value, cpu_grad = call.run(CPU)
+            what = f"{loss} {rows}x{cols} {reduction} param={param}"
+            assert_reduced_close(value, cpu_value, dtype, x.numel(), "loss vs CPU op, " + what,
+                                 torch.float32 if dtype != torch.float64 else None)
+            assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op, " + what, normwise=True)
