@@ -35,7 +35,7 @@ from cuda_cases import (
     summation_error_bound,
     vector_width,
 )
-from family_cases import FAMILY, IGNORE, FamilyCall, family_targets
+from cuda_family_cases import FAMILY, IGNORE, FamilyCall, family_targets
 from focal import reference
 
 torch.ops.load_library(os.environ["FOCAL_EMU_LIBRARY"])

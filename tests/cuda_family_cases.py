@@ -1,4 +1,4 @@
-"""Argument sets of the family's elementwise ops (FL*, QFL, VFL) for the tests that compare one
+"""Argument sets of the family's elementwise ops (FL*, QFL, VFL) for the CUDA tests that compare one
 backend with another and with focal.reference: the same call on any op namespace (torch.ops.focal,
 the emulated torch.ops.focal_emu) and its float64 reference."""
 
