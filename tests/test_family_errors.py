@@ -198,7 +198,8 @@ def test_dense_targets_of_wrong_shape(name, shape):
 
 
 def test_star_class_ids_of_wrong_shape():
-    with pytest.raises(ValueError, match=re.escape(f"integer class-id targets must have shape inputs.shape[:-1] = ({N},)")):
+    message = re.escape(f"integer class-id targets must have shape inputs.shape[:-1] = ({N},)")
+    with pytest.raises(ValueError, match=message):
         call("star", targets=torch.zeros(N + 1, dtype=torch.long))
 
 

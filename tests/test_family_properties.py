@@ -240,7 +240,8 @@ def test_deterministic_across_thread_counts(name, rows, cols, seed):
         results = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append([loss_and_grad(loss.fused, x, targets, reduction=r, **loss.default) for r in ("sum", "mean")])
+            results.append([loss_and_grad(loss.fused, x, targets, reduction=r, **loss.default)
+                            for r in ("sum", "mean")])
     finally:
         torch.set_num_threads(threads)
     for (one, one_grad), (two, two_grad) in zip(*results):
