@@ -126,6 +126,10 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       "class-id targets of the quality losses (QFL, VFL) need scores");
   }
   TORCH_CHECK_VALUE(!quality || label_smoothing == 0.0, "the quality losses take no label smoothing");
+  // FL* divides by gamma: the one hyper-parameter whose bad value the kernels could not survive
+  // with a meaningful number (the others are validated with users' messages in Python).
+  TORCH_CHECK_VALUE(spec.kind != LossKind::kFocalStar || (gamma > 0 && std::isfinite(gamma)),
+                    "FL* divides by gamma, which must be a finite number > 0, got ", gamma);
   if (weight) {
     check_dtype_and_layout(logits, *weight, "weight");
     const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);

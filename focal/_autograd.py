@@ -124,12 +124,13 @@ def _focal_grad(x, tensors, params, grad_output):
 
 
 def _autograd_of(loss_fn) -> GradFn:
-    """The gradient of a reference loss, by autograd, as a graph that can be differentiated again."""
+    """The gradient of a reference loss times grad_output, as a graph that can be differentiated
+    again: by torch.func.vjp, which composes both with autograd (create_graph=True) and with
+    torch.func transforms (hessian, jacrev of jacrev), where torch.autograd.grad sees no graph."""
 
     def grad(x, tensors, params, grad_output):
-        with torch.enable_grad():
-            loss = loss_fn(x, tensors, params) * params["scale"]
-            (g,) = torch.autograd.grad(loss, x, grad_output.to(loss.dtype), create_graph=True)
+        loss, vjp = torch.func.vjp(lambda v: loss_fn(v, tensors, params) * params["scale"], x)
+        (g,) = vjp(grad_output.to(loss.dtype))
         return g
 
     return grad

@@ -469,11 +469,9 @@ def test_hessian_matches_the_reference(loss):
         assert_close(got, want, rtol=1e-8, atol=1e-11, what=f"{hyper}")
 
 
-@pytest.mark.xfail(strict=True, reason="the family's double backward differentiates the reference with "
-                   "torch.autograd.grad, which sees no graph under torch.func transforms (focal/_autograd.py "
-                   "_autograd_of); focal.sigmoid_focal_loss uses a closed form and works")
 @pytest.mark.parametrize("loss", LOSSES, ids=str)
 def test_func_hessian(loss):
+    """torch.func.hessian (jacfwd of jacrev) differentiates the op's backward again under transforms."""
     x = logits("cpu", (3, 4))
     targets = torch.rand(3, 4, generator=generator(17), dtype=torch.float64)
     got = torch.func.hessian(lambda x: loss.fused(x, targets, reduction="sum", **loss.default))(x)

@@ -67,6 +67,14 @@ def quality_targets(
     return targets.to(inputs.dtype), torch.ones_like(inputs), False
 
 
+def _bce(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The binary cross entropy with logits ``x`` and soft targets ``t``, as two non-negative terms
+    ``t softplus(-x) + (1 - t) softplus(x)``: full relative precision also where ``t`` is close to
+    ``sigmoid(x)`` at large ``|x|``, where ``binary_cross_entropy_with_logits``'s ``(1 - t) x +
+    softplus(-x)`` cancels."""
+    return t * softplus(-x) + (1 - t) * softplus(x)
+
+
 def quality_focal_loss(
     inputs: torch.Tensor,
     targets: QualityTargets,
@@ -79,7 +87,7 @@ def quality_focal_loss(
 ) -> torch.Tensor:
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
-    Computed as ``|y - sigmoid(x)|^beta * binary_cross_entropy_with_logits(x, y)``, finite for any
+    Computed as ``|y - sigmoid(x)|^beta`` times the binary cross entropy with logits, finite for any
     finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
     exactly the gradient is taken as 0 (the true one for ``beta > 1``; below, there is none).
     Differentiable by autograd, to any order.
@@ -102,8 +110,7 @@ def quality_focal_loss(
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
     sigma = torch.sigmoid(inputs)
-    bce = F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
-    loss = power((quality - sigma).abs(), beta) * bce
+    loss = power((quality - sigma).abs(), beta) * _bce(inputs, quality)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
 
 
@@ -121,7 +128,7 @@ def varifocal_loss(
     r"""Varifocal loss, elementwise: ``-q (q log(p) + (1 - q) log(1 - p))`` where ``q > 0``,
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
 
-    Computed as ``q * binary_cross_entropy_with_logits(x, q)`` and
+    Computed as ``q`` times the binary cross entropy with logits and
     ``alpha * exp(gamma * logsigmoid(x)) * softplus(x)``, finite (with finite gradients) for any finite
     logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
     the IoU, 0 when the box misses). Differentiable by autograd, to any order.
@@ -145,7 +152,7 @@ def varifocal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    positive = quality * F.binary_cross_entropy_with_logits(inputs, quality, reduction="none")
+    positive = quality * _bce(inputs, quality)
     # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
     negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * softplus(inputs)
     loss = torch.where(quality > 0, positive, negative)
