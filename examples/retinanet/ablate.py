@@ -6,7 +6,8 @@
   bias at 0 instead of the prior, the setting the paper reports as diverging (section 3.3);
 * ``alpha_ce_25`` / ``_50`` / ``_90``: alpha-balanced CE at other alphas (Table 1a's sweep);
 * ``fl_g05``, ``fl_g1``, ``fl_g5``: FL at gamma .5, 1 and 5 with the paper's best alpha for each
-  (Table 1b).
+  (Table 1b);
+* ``fl_star``, ``qfl``, ``vfl``: the family's other members (``--cls-loss``), fused like FL.
 
     python -m examples.retinanet.ablate --minutes 4
 
@@ -38,6 +39,12 @@ ARMS = {
     "fl_g05": ("FL (gamma=.5, alpha=.5)", dict(focal_gamma=0.5, focal_alpha=0.5, prior_prob=0.01)),
     "fl_g1": ("FL (gamma=1, alpha=.25)", dict(focal_gamma=1.0, focal_alpha=0.25, prior_prob=0.01)),
     "fl_g5": ("FL (gamma=5, alpha=.25)", dict(focal_gamma=5.0, focal_alpha=0.25, prior_prob=0.01)),
+    # focal's family, each fused, at the same budget: FL* (Appendix A: gamma 2, beta 1), QFL and VFL
+    # with the IoU of each positive's predicted box as its target.
+    "fl_star": ("FL* (gamma=2, beta=1, alpha=.25)", dict(cls_loss="focal_star", focal_gamma=2.0, star_beta=1.0,
+                                                       focal_alpha=0.25, prior_prob=0.01)),
+    "qfl": ("QFL (beta=2)", dict(cls_loss="qfl", qfl_beta=2.0, prior_prob=0.01)),
+    "vfl": ("VFL (alpha=.75, gamma=2)", dict(cls_loss="vfl", vfl_alpha=0.75, vfl_gamma=2.0, prior_prob=0.01)),
 }
 
 

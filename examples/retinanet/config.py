@@ -50,6 +50,15 @@ class RetinaNetConfig:
     loss_impl: str = "focal"  # "focal" (fused op), "reference" (focal.reference), "torchvision"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # The classification loss: "focal" (FL), or a relative from focal's family, each fused:
+    # "focal_star" (FL*, the paper's Appendix A: gamma = focal_gamma, shift star_beta, alpha =
+    # focal_alpha), "qfl" (quality focal loss) or "vfl" (varifocal loss), whose targets are the IoU
+    # of each positive anchor's predicted box with its ground truth.
+    cls_loss: str = "focal"
+    star_beta: float = 1.0
+    qfl_beta: float = 2.0
+    vfl_alpha: float = 0.75
+    vfl_gamma: float = 2.0
     box_loss: str = "smooth_l1"  # "smooth_l1", "l1" or "giou"
     smooth_l1_beta: float = 0.11
     box_loss_weight: float = 1.0
@@ -78,6 +87,11 @@ class RetinaNetConfig:
             raise ValueError(f"unknown loss_impl {self.loss_impl!r}")
         if self.box_loss not in ("smooth_l1", "l1", "giou"):
             raise ValueError(f"unknown box_loss {self.box_loss!r}")
+        if self.cls_loss not in CHOICES["cls_loss"]:
+            raise ValueError(f"cls_loss must be one of {CHOICES['cls_loss']}, got {self.cls_loss!r}")
+        if self.cls_loss != "focal" and self.loss_impl != "focal":
+            raise ValueError(f"loss_impl {self.loss_impl!r} implements the focal loss only; cls_loss "
+                             f"{self.cls_loss!r} runs focal's fused op")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +140,7 @@ CHOICES = {
     "head_norm": ("none", "gn"),
     "loss_impl": ("focal", "reference", "torchvision"),
     "box_loss": ("smooth_l1", "l1", "giou"),
+    "cls_loss": ("focal", "focal_star", "qfl", "vfl"),
 }
 
 

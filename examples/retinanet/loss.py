@@ -7,6 +7,8 @@ The classification loss is the one place that chooses an implementation (``impl`
 * ``"reference"``: ``focal.reference.sigmoid_focal_loss``, the pure-PyTorch statement of the math;
 * ``"torchvision"``: ``torchvision.ops.sigmoid_focal_loss`` on one-hot float targets of the
   non-ignored anchors, with the same normalisation, for side-by-side comparison.
+
+``family_classification_loss`` trains with a relative of the focal loss instead (FL*, QFL, VFL).
 """
 
 from __future__ import annotations
@@ -50,6 +52,40 @@ def classification_loss(cls_logits: torch.Tensor, gt_classes: torch.Tensor, norm
         return loss / normalizer
     op = _focal_op(impl)
     return op(cls_logits, gt_classes, alpha, gamma, "sum", normalizer=normalizer, ignore_index=IGNORE_INDEX)
+
+
+def quality_scores(pred_boxes: torch.Tensor, gt_boxes: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """The quality target of QFL and VFL: the IoU of each foreground anchor's predicted box with its
+    ground-truth box, 0 elsewhere; ``pred_boxes``, ``gt_boxes`` (N, R, 4) XYXY, ``foreground`` (N, R).
+    Not differentiated: the score is a target."""
+    with torch.no_grad():
+        top_left = torch.maximum(pred_boxes[..., :2], gt_boxes[..., :2])
+        bottom_right = torch.minimum(pred_boxes[..., 2:], gt_boxes[..., 2:])
+        inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+        area_pred = (pred_boxes[..., 2:] - pred_boxes[..., :2]).clamp(min=0).prod(dim=-1)
+        area_gt = (gt_boxes[..., 2:] - gt_boxes[..., :2]).clamp(min=0).prod(dim=-1)
+        iou = inter / (area_pred + area_gt - inter).clamp(min=1e-6)
+        return torch.where(foreground, iou.clamp(0, 1), torch.zeros((), dtype=iou.dtype, device=iou.device))
+
+
+def family_classification_loss(config, cls_logits: torch.Tensor, gt_classes: torch.Tensor, normalizer: torch.Tensor,
+                               quality: torch.Tensor | None = None) -> torch.Tensor:
+    """The classification loss ``config.cls_loss`` of focal's family, summed and divided by
+    ``normalizer``: FL* on the class ids, or QFL / VFL on the pair (class ids, ``quality``), where
+    ``quality`` (N, R) holds each positive anchor's IoU (see ``quality_scores``)."""
+    import focal
+
+    common = dict(reduction="sum", normalizer=normalizer, ignore_index=IGNORE_INDEX)
+    if config.cls_loss == "focal_star":
+        alpha = config.focal_alpha if config.focal_alpha >= 0 else None
+        return focal.sigmoid_focal_loss_star(cls_logits, gt_classes, config.focal_gamma, config.star_beta, alpha,
+                                             **common)
+    targets = (gt_classes, quality.to(cls_logits.dtype))
+    if config.cls_loss == "qfl":
+        return focal.quality_focal_loss(cls_logits, targets, config.qfl_beta, **common)
+    if config.cls_loss == "vfl":
+        return focal.varifocal_loss(cls_logits, targets, config.vfl_alpha, config.vfl_gamma, **common)
+    raise ValueError(f"unknown cls_loss {config.cls_loss!r}")
 
 
 def box_regression_loss(box_deltas: torch.Tensor, gt_deltas: torch.Tensor, foreground: torch.Tensor,

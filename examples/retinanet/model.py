@@ -12,7 +12,7 @@ from .backbone import ResNetFPN
 from .box_coder import BoxCoder
 from .config import RetinaNetConfig
 from .head import RetinaNetHead
-from .loss import box_regression_loss, classification_loss
+from .loss import box_regression_loss, classification_loss, family_classification_loss, quality_scores
 from .matcher import Matcher
 from .postprocess import detections_for_image
 
@@ -110,12 +110,16 @@ class RetinaNet(nn.Module):
         cfg = self.config
         foreground = gt_classes >= 0  # (N, R)
         num_foreground = foreground.sum().clamp(min=1).to(cls_logits.dtype)  # 0-dim, no host sync
-        loss_cls = classification_loss(cls_logits, gt_classes, num_foreground, cfg.focal_alpha,
-                                       cfg.focal_gamma, cfg.loss_impl)
         gt_deltas = self.box_coder.encode(gt_boxes, anchors.unsqueeze(0))  # (N, R, 4)
         pred_boxes = None
-        if cfg.box_loss == "giou":
+        if cfg.box_loss == "giou" or cfg.cls_loss in ("qfl", "vfl"):
             pred_boxes = self.box_coder.decode(box_deltas, anchors.unsqueeze(0))
+        if cfg.cls_loss == "focal":
+            loss_cls = classification_loss(cls_logits, gt_classes, num_foreground, cfg.focal_alpha,
+                                           cfg.focal_gamma, cfg.loss_impl)
+        else:
+            quality = quality_scores(pred_boxes, gt_boxes, foreground) if pred_boxes is not None else None
+            loss_cls = family_classification_loss(cfg, cls_logits, gt_classes, num_foreground, quality)
         loss_box = box_regression_loss(box_deltas, gt_deltas, foreground, num_foreground, cfg.box_loss,
                                        cfg.smooth_l1_beta, pred_boxes, gt_boxes)
         return {"loss_cls": loss_cls, "loss_box": cfg.box_loss_weight * loss_box}
