@@ -37,6 +37,18 @@ namespace focal {
 // gamma is dispatched once per launch: the common integer values avoid a pow (exp + log).
 enum class GammaKind { kZero, kOne, kTwo, kGeneral };
 
+// Calls f(std::integral_constant<GammaKind, G>{}) with the compile-time G of a launch's gamma kind
+// and returns its result: how the host code of both backends turns gamma into a template argument.
+template <typename F>
+decltype(auto) with_gamma_kind(GammaKind g, F&& f) {
+  switch (g) {
+    case GammaKind::kZero: return f(std::integral_constant<GammaKind, GammaKind::kZero>{});
+    case GammaKind::kOne: return f(std::integral_constant<GammaKind, GammaKind::kOne>{});
+    case GammaKind::kTwo: return f(std::integral_constant<GammaKind, GammaKind::kTwo>{});
+    default: return f(std::integral_constant<GammaKind, GammaKind::kGeneral>{});
+  }
+}
+
 // Scalar primitives. Vector types provide a specialisation with the same members.
 template <typename V>
 struct Ops;

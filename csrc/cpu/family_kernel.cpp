@@ -23,29 +23,15 @@ double quality_rows(const KernelArgs& a, double scale, int64_t r0, int64_t r1) {
   }
 }
 
-template <typename scalar_t>
-double star_rows(const KernelArgs& a, double scale, int64_t r0, int64_t r1) {
-  constexpr GammaKind G = GammaKind::kGeneral;
-  constexpr LossKind L = LossKind::kFocalStar;
-  switch (a.target_kind) {
-    case TargetKind::kClassId:
-      return rows_impl<scalar_t, TargetKind::kClassId, G, L>(a, scale, r0, r1);
-    case TargetKind::kClassIdSmoothed:
-      return rows_impl<scalar_t, TargetKind::kClassIdSmoothed, G, L>(a, scale, r0, r1);
-    case TargetKind::kFloat:
-      return rows_impl<scalar_t, TargetKind::kFloat, G, L>(a, scale, r0, r1);
-    default:
-      TORCH_CHECK(false, "FL* takes no scores");
-  }
-}
-
 }  // namespace
 
 double family_rows(const KernelArgs& a, c10::ScalarType dtype, GammaKind gamma_kind, double scale,
                    int64_t r0, int64_t r1) {
   return with_dtype(dtype, [&](auto value) -> double {
     using scalar_t = decltype(value);
-    if (a.loss_kind == LossKind::kFocalStar) return star_rows<scalar_t>(a, scale, r0, r1);
+    if (a.loss_kind == LossKind::kFocalStar) {
+      return hard_target_rows<scalar_t, GammaKind::kGeneral, LossKind::kFocalStar>(a, scale, r0, r1);
+    }
     return with_gamma_kind(gamma_kind, [&](auto g) -> double {
       constexpr GammaKind G = decltype(g)::value;
       if (a.loss_kind == LossKind::kQuality) {

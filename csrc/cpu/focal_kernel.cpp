@@ -4,8 +4,6 @@
 // run time. The loop itself is rows.h, shared with the other losses of the family
 // (family_kernel.cpp). This translation unit deliberately includes nothing but the vector headers,
 // c10's checks and our own math.
-#include <c10/util/Exception.h>
-
 #include "focal_kernel.h"
 #include "rows.h"
 
@@ -16,18 +14,7 @@ double focal_rows(const KernelArgs& a, c10::ScalarType dtype, GammaKind gamma_ki
   return with_dtype(dtype, [&](auto value) {
     using scalar_t = decltype(value);
     return with_gamma_kind(gamma_kind, [&](auto g) {
-      constexpr GammaKind G = decltype(g)::value;
-      constexpr LossKind L = LossKind::kFocal;
-      switch (a.target_kind) {
-        case TargetKind::kClassId:
-          return rows_impl<scalar_t, TargetKind::kClassId, G, L>(a, scale, r0, r1);
-        case TargetKind::kClassIdSmoothed:
-          return rows_impl<scalar_t, TargetKind::kClassIdSmoothed, G, L>(a, scale, r0, r1);
-        case TargetKind::kFloat:
-          return rows_impl<scalar_t, TargetKind::kFloat, G, L>(a, scale, r0, r1);
-        default:
-          TORCH_CHECK(false, "the focal loss takes no scores");
-      }
+      return hard_target_rows<scalar_t, decltype(g)::value, LossKind::kFocal>(a, scale, r0, r1);
     });
   });
 }

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include <c10/util/Exception.h>
+
 #include "../family_math.h"
 #include "../kernel_args.h"
 #include "focal_kernel.h"
@@ -162,14 +164,19 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
   return S::sum(acc);
 }
 
-// Calls f(std::integral_constant<GammaKind, G>{}) with the compile-time G of a launch's gamma.
-template <typename F>
-double with_gamma_kind(GammaKind g, F&& f) {
-  switch (g) {
-    case GammaKind::kZero: return f(std::integral_constant<GammaKind, GammaKind::kZero>{});
-    case GammaKind::kOne: return f(std::integral_constant<GammaKind, GammaKind::kOne>{});
-    case GammaKind::kTwo: return f(std::integral_constant<GammaKind, GammaKind::kTwo>{});
-    default: return f(std::integral_constant<GammaKind, GammaKind::kGeneral>{});
+// Rows of the focal loss's target forms (float targets, class ids, class ids with label smoothing)
+// for the loss L: the focal loss's and FL*'s.
+template <typename scalar_t, GammaKind G, LossKind L>
+double hard_target_rows(const KernelArgs& a, double scale, int64_t r0, int64_t r1) {
+  switch (a.target_kind) {
+    case TargetKind::kClassId:
+      return rows_impl<scalar_t, TargetKind::kClassId, G, L>(a, scale, r0, r1);
+    case TargetKind::kClassIdSmoothed:
+      return rows_impl<scalar_t, TargetKind::kClassIdSmoothed, G, L>(a, scale, r0, r1);
+    case TargetKind::kFloat:
+      return rows_impl<scalar_t, TargetKind::kFloat, G, L>(a, scale, r0, r1);
+    default:
+      TORCH_CHECK(false, "this loss takes float targets or class ids, without scores");
   }
 }
 

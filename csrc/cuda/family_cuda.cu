@@ -34,22 +34,6 @@ void launch_quality(const KernelArgs& a, bool ids_kernel, bool aligned, const Sc
   }
 }
 
-template <LossKind L, typename scalar_t>
-void launch_quality_gamma(const KernelArgs& a, GammaKind g, bool ids_kernel, bool aligned,
-                          const ScaleArgs& s, void* sums, int blocks, rt::Stream stream) {
-  switch (g) {
-    case GammaKind::kZero:
-      return launch_quality<scalar_t, L, GammaKind::kZero>(a, ids_kernel, aligned, s, sums, blocks, stream);
-    case GammaKind::kOne:
-      return launch_quality<scalar_t, L, GammaKind::kOne>(a, ids_kernel, aligned, s, sums, blocks, stream);
-    case GammaKind::kTwo:
-      return launch_quality<scalar_t, L, GammaKind::kTwo>(a, ids_kernel, aligned, s, sums, blocks, stream);
-    default:
-      return launch_quality<scalar_t, L, GammaKind::kGeneral>(a, ids_kernel, aligned, s, sums, blocks,
-                                                              stream);
-  }
-}
-
 template <typename scalar_t>
 void launch_star(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* sums, int blocks,
                  rt::Stream stream) {
@@ -76,12 +60,15 @@ void launch_family_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKi
       case LossKind::kFocalStar:
         return launch_star<scalar_t>(args, aligned, s, block_sums, blocks, stream);
       case LossKind::kQuality:
-        return launch_quality_gamma<LossKind::kQuality, scalar_t>(args, gamma_kind, ids_kernel, aligned,
-                                                                  s, block_sums, blocks, stream);
+        return with_gamma_kind(gamma_kind, [&](auto g) {
+          launch_quality<scalar_t, LossKind::kQuality, decltype(g)::value>(args, ids_kernel, aligned, s,
+                                                                           block_sums, blocks, stream);
+        });
       case LossKind::kVarifocal:
-        return launch_quality_gamma<LossKind::kVarifocal, scalar_t>(args, gamma_kind, ids_kernel,
-                                                                    aligned, s, block_sums, blocks,
-                                                                    stream);
+        return with_gamma_kind(gamma_kind, [&](auto g) {
+          launch_quality<scalar_t, LossKind::kVarifocal, decltype(g)::value>(args, ids_kernel, aligned, s,
+                                                                             block_sums, blocks, stream);
+        });
       default:
         TORCH_CHECK(false, "launch_family_kernel: the focal loss has its own launches");
     }

@@ -36,17 +36,6 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) *out = total;
 }
 
-// Calls launch(std::integral_constant<GammaKind, G>) with the compile-time G of a launch's gamma.
-template <typename Launch>
-void with_gamma_kind(GammaKind g, Launch&& launch) {
-  switch (g) {
-    case GammaKind::kZero: return launch(std::integral_constant<GammaKind, GammaKind::kZero>{});
-    case GammaKind::kOne: return launch(std::integral_constant<GammaKind, GammaKind::kOne>{});
-    case GammaKind::kTwo: return launch(std::integral_constant<GammaKind, GammaKind::kTwo>{});
-    default: return launch(std::integral_constant<GammaKind, GammaKind::kGeneral>{});
-  }
-}
-
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // Loss and gradient of any elementwise loss of the family, from checked arguments.
