@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "focal_ops.h"
+#include "softmax_ops.h"
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
@@ -19,4 +20,5 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(focal, m) {
   m.def(focal::kSigmoidFocalLossSchema);
   m.def(focal::kScaleGradSchema);
+  m.def(focal::kSoftmaxFocalLossSchema);
 }
