@@ -14,19 +14,22 @@ label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
   float64 for float64 logits) and ``grad`` = d loss / d logits (of ``loss.sum()`` for "none"), or an
   empty ``(0,)`` tensor when ``compute_grad`` is False.
 
-Autograd (registered with :func:`torch.library.register_autograd`): the first derivative is the
+Autograd (an ``autograd.Function`` installed as the op's Autograd kernel, as :mod:`focal._autograd`
+does for the sigmoid op, so that torch.func transforms accept it): the first derivative is the
 saved ``grad`` times ``grad_output`` (in place when the graph is freed by this backward, as for
 :mod:`focal._autograd`); a second derivative (``create_graph=True``) recomputes the gradient from the
-logits through :func:`focal.reference.softmax_focal_loss`. Between forward and backward the node
+logits as a differentiable PyTorch expression (:func:`_softmax_focal_grad`). Between forward and backward the node
 holds the gradient and the small inputs, and only a weak reference to the logits.
 """
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
-from focal import reference
-from focal._autograd import _CALL, _is_eager, _WeakInput
+from focal.reference._common import power
+from focal._autograd import _CALL, _is_eager
 
 __all__ = ["register"]
 
@@ -43,6 +46,44 @@ def _fake(logits, target, weight, alpha, normalizer, alpha_value, gamma, label_s
     return loss, grad
 
 
+class _WeakLogits:
+    """A weak reference to the op's logits and, when those were a copy made by validation (e.g. of
+    non-contiguous input), to the caller's tensor they were made from; with the version each had."""
+
+    def __init__(self, logits: torch.Tensor, caller: torch.Tensor | None):
+        self._refs = [(weakref.ref(logits), logits._version)]
+        if caller is not None and caller is not logits:
+            self._refs.append((weakref.ref(caller), caller._version))
+
+    def get(self) -> torch.Tensor:
+        for i, (ref, version) in enumerate(self._refs):
+            tensor = ref()
+            if tensor is None:
+                continue
+            if tensor._version != version:
+                raise RuntimeError(
+                    "a second derivative of focal.softmax_focal_loss recomputes the loss from its logits, "
+                    "which were modified in place after the forward pass"
+                )
+            return tensor if i == 0 else tensor.contiguous()
+        raise RuntimeError(
+            "a second derivative of focal.softmax_focal_loss recomputes the loss from its logits, which no "
+            "longer exist: the op keeps only a weak reference to them, so that a training step holds one "
+            "buffer of their size. Keep a reference to the logits until the backward pass with create_graph=True"
+        )
+
+
+class _StrongLogits:
+    """The logits themselves, for torch.func transforms: their wrapped tensors live only as long as
+    something holds them, and a transform's memory is not a training step's."""
+
+    def __init__(self, logits: torch.Tensor):
+        self._logits = logits
+
+    def get(self) -> torch.Tensor:
+        return self._logits
+
+
 def _setup_context(ctx, inputs, output):
     logits, target, weight, alpha, normalizer, alpha_value, gamma, eps, ignore_index, reduction, scale, _ = inputs
     _, grad = output
@@ -51,10 +92,49 @@ def _setup_context(ctx, inputs, output):
     ctx.params = (alpha_value, gamma, eps, ignore_index, reduction, scale)
     ctx.class_dim = 0 if logits.dim() == 1 else 1
     user_logits = (getattr(_CALL, "tensors", None) or (None,))[0]
-    ctx.logits = None if torch.compiler.is_compiling() else _WeakInput(
-        logits, "logits", user_logits, lambda t: t.contiguous()
-    )
+    if torch.compiler.is_compiling():  # traced graphs have no second derivative: nothing to keep
+        ctx.logits = None
+    elif torch._C._are_functorch_transforms_active():
+        ctx.logits = _StrongLogits(logits)
+    else:
+        ctx.logits = _WeakLogits(logits, user_logits)
     ctx.save_for_backward(grad if grad.shape == logits.shape else None, target, weight, alpha, normalizer)
+
+
+def _softmax_focal_grad(x, target, weight, alpha, normalizer, gamma, eps, ignore_index, reduction):
+    """d loss / d x (of ``loss.sum()`` for "none"), as a differentiable PyTorch expression: the
+    formula of csrc/softmax_math.h, ``t_j - p_j sum_c t_c`` with ``t_c = q_c a_c f'(log p_c)``, for
+    second derivatives. Written without data-dependent steps (no one_hot), so that torch.func.vmap
+    runs it."""
+    d = 0 if x.dim() == 1 else 1
+    classes = x.shape[d]
+    view = [classes if i == d else 1 for i in range(x.dim())]
+    log_p = torch.log_softmax(x, d)
+    p = log_p.exp()
+    one_minus_p = -torch.expm1(log_p)
+    ids = target.unsqueeze(d)
+    kept = ids != ignore_index
+    is_target = (ids == torch.arange(classes, device=x.device).view(view)).to(x.dtype)
+    q = is_target * (1.0 - eps) + eps / classes
+    factor = torch.ones(view, dtype=x.dtype, device=x.device)
+    if weight is not None:
+        factor = factor * weight.to(x.dtype).view(view)
+    if alpha is not None:
+        factor = factor * alpha.to(x.dtype).view(view)
+    positive = one_minus_p > 0
+    ratio = torch.where(positive, -log_p / torch.where(positive, one_minus_p, torch.ones_like(p)), torch.ones_like(p))
+    slope = -power(one_minus_p, gamma) * (1.0 + gamma * p * ratio)
+    t = q * factor * slope
+    grad = torch.where(kept, t - p * t.sum(d, keepdim=True), torch.zeros_like(t))
+    if normalizer is not None:
+        grad = grad / normalizer.to(grad.device).reshape(())
+    if reduction == "mean":
+        target_weight = kept.squeeze(d).to(x.dtype)
+        if weight is not None:
+            safe = torch.where(kept, ids, torch.zeros_like(ids)).squeeze(d)
+            target_weight = target_weight * weight.to(x.dtype)[safe]
+        grad = grad / torch.where(kept.any(), target_weight.sum(), torch.ones((), dtype=x.dtype, device=x.device))
+    return grad
 
 
 def _differentiable_grad(ctx, target, weight, alpha, normalizer, grad_output):
@@ -63,16 +143,11 @@ def _differentiable_grad(ctx, target, weight, alpha, normalizer, grad_output):
     if ctx.logits is None:
         raise RuntimeError("focal.softmax_focal_loss under torch.compile is differentiable once, not twice")
     logits = ctx.logits.get()
-    with torch.enable_grad():
-        x = logits.detach().requires_grad_() if not logits.requires_grad else logits
-        xm = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        loss = reference.softmax_focal_loss(
-            xm, target, alpha if alpha is not None else None, gamma, reduction, weight=weight,
-            ignore_index=ignore_index, label_smoothing=eps, normalizer=normalizer,
-        )
-        (grad,) = torch.autograd.grad(loss, x, grad_outputs=(grad_output * (scale * alpha_value)).to(loss.dtype),
-                                      create_graph=True)
-    return grad
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    grad = _softmax_focal_grad(x, target, weight, alpha, normalizer, gamma, eps, ignore_index, reduction)
+    if grad_output.dim() > 0:
+        grad_output = grad_output.unsqueeze(ctx.class_dim)
+    return (grad * (grad_output * (scale * alpha_value))).to(logits.dtype)
 
 
 def _backward(ctx, grad_output, _):
@@ -107,15 +182,42 @@ def _vmap(info, in_dims, logits, target, weight, alpha, normalizer, *rest):
     return (torch.stack(losses), torch.stack(grads)), (0, 0)
 
 
-_REGISTERED = False
+class SoftmaxFocalLossFunction(torch.autograd.Function):
+    """The op as an autograd.Function with a separate setup_context, so that torch.func transforms
+    (grad, vmap of per-sample gradients, ...) and torch.compile accept it; its vmap rule is
+    generated from the op's own."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*args):
+        # Grad mode is off inside Function.forward, so the op's Autograd kernel passes straight through.
+        return torch.ops.focal.softmax_focal_loss.default(*args)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _autograd_kernel(keyset, *args):
+    if torch.is_grad_enabled() and args[0].requires_grad:
+        if torch._C._are_functorch_transforms_active():
+            raise RuntimeError(
+                "under torch.func transforms, differentiate focal.softmax_focal_loss rather than the raw operator"
+            )
+        return SoftmaxFocalLossFunction.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.focal.softmax_focal_loss.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+_LIBRARY = None
 
 
 def register() -> None:
-    """Registers the fake kernel, autograd and vmap rule (once per process)."""
-    global _REGISTERED
-    if _REGISTERED:
+    """Registers the fake kernel, the Autograd kernel and the vmap rule (once per process)."""
+    global _LIBRARY
+    if _LIBRARY is not None:
         return
     torch.library.register_fake("focal::softmax_focal_loss")(_fake)
-    torch.library.register_autograd("focal::softmax_focal_loss", _backward, setup_context=_setup_context)
     torch.library.register_vmap("focal::softmax_focal_loss")(_vmap)
-    _REGISTERED = True
+    _LIBRARY = torch.library.Library("focal", "IMPL")
+    _LIBRARY.impl("softmax_focal_loss", _autograd_kernel, "Autograd", with_keyset=True)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from focal import _autograd
+from focal._softmax_ops import SoftmaxFocalLossFunction
 from focal._validate import _finite, _normalizer, _shape
 from focal.ops import require_kernels
 
@@ -157,9 +158,10 @@ def softmax_focal_loss(
     logits = args[0]
     require_kernels(logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if compute_grad:
+    if compute_grad or torch._C._are_functorch_transforms_active():
+        # The op's own autograd, entered here so that torch.func transforms see it too.
         with _autograd.callers_tensors(input, target, weight):
-            loss, _ = torch.ops.focal.softmax_focal_loss(*args, True)
+            loss, _ = SoftmaxFocalLossFunction.apply(*args, True)
         return loss
     loss, _ = torch.ops.focal.softmax_focal_loss(*args, False)
     return loss
