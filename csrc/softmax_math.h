@@ -55,11 +55,14 @@ struct SoftmaxSums {
   FOCAL_HOST_DEVICE SoftmaxSums() : below(0), ties(0) {}
 };
 
+// Adds class z = x - max to the sums; returns exp(z), which a kernel may keep for the gradient.
 template <typename V, typename O = Ops<V>>
-FOCAL_HOST_DEVICE void softmax_accumulate(SoftmaxSums<V>& sums, V z) {
+FOCAL_HOST_DEVICE V softmax_accumulate(SoftmaxSums<V>& sums, V z) {
   const auto at_max = O::nonneg(z);  // false for NaN, whose exp then enters `below`
-  sums.below = sums.below + O::select(at_max, V(0), O::exp(z));
+  const V e = O::exp(z);
+  sums.below = sums.below + O::select(at_max, V(0), e);
   sums.ties = sums.ties + O::select(at_max, V(1), V(0));
+  return e;
 }
 
 // What every class of a row needs from the row.

@@ -560,3 +560,51 @@ def test_raw_op_guards_memory():
         args = list(head) + [None] * (5 - len(head)) + [1.0, 2.0, 0.0, -100, "mean", 1.0, False]
         with pytest.raises(error, match=message):
             OP(*args)
+
+
+# ---- every device (CUDA where a GPU is visible) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 2.5])
+@pytest.mark.parametrize("shape", [(300, 20), (64, 300), (2, 21, 9, 13)], ids=["short-rows", "long-rows", "NCHW"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_device_matches_reference(device, dtype, shape, gamma, smoothing):
+    """Both CUDA kernels (a thread per element, a block per row) and the CPU one, against the
+    float64 reference, with a normaliser tensor on the device."""
+    x, t = problem(shape, dtype)
+    weight = torch.rand(shape[1]) + 0.5
+    upstream = torch.rand(t.shape, dtype=torch.float64)
+    kwargs = dict(gamma=gamma, label_smoothing=smoothing, alpha=0.5)
+    loss, grad = op_loss_and_grad(x.to(device), t.to(device), upstream.to(device), weight=weight.to(device),
+                                  reduction="none", **kwargs)
+    want_loss, want_grad = reference_loss_and_grad(x, t, upstream, weight=weight, reduction="none", **kwargs)
+    rtol, atol = tolerances(dtype)
+    rtol = rtol if dtype == torch.float64 or device.type == "cpu" else 2 * rtol  # CUDA's libm: a few more ulps
+    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=rtol, atol=atol * want_loss.abs().max().item())
+    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=rtol, atol=atol * want_grad.abs().max().item())
+    for reduction, normalizer in (("mean", None), ("sum", torch.tensor(4.0, device=device))):
+        got = focal.softmax_focal_loss(x.to(device), t.to(device), weight=weight.to(device), reduction=reduction,
+                                       normalizer=normalizer, **kwargs)
+        want, _ = reference_loss_and_grad(x, t, weight=weight, reduction=reduction,
+                                          normalizer=None if normalizer is None else 4.0, **kwargs)
+        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5 if dtype != torch.float64 else 1e-10, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)")
+def test_cuda_invalid_class_id_is_nan_without_a_sync():
+    x, t = problem((8, 40), torch.float32, ignore="none")
+    t[2] = 40
+    loss = focal.softmax_focal_loss(x.cuda(), t.cuda(), reduction="none")
+    assert torch.isnan(loss[2]).item() and torch.isfinite(loss[torch.arange(8) != 2]).all().item()
+    assert torch.isnan(focal.softmax_focal_loss(x.cuda(), t.cuda())).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)")
+def test_cuda_reduced_loss_is_repeatable():
+    x, t = problem((4, 21, 64, 64), torch.float32)
+    x = x.cuda().requires_grad_()
+    first = focal.softmax_focal_loss(x, t.cuda(), reduction="sum", label_smoothing=0.1)
+    for _ in range(3):
+        again = focal.softmax_focal_loss(x, t.cuda(), reduction="sum", label_smoothing=0.1)
+        assert torch.equal(again, first)

@@ -33,6 +33,11 @@ struct Types {
   static constexpr int64_t kLanes = S::kLanes;
 };
 
+// Up to how many classes a kernel keeps exp(z) between the sum and the gradient, saving one exp per
+// element: 16 KB of stack for a float32 row, or for 256 classes of a vector of positions.
+constexpr int64_t kCachedRowClasses = 4096;
+constexpr int64_t kCachedClasses = 256;
+
 // The (smoothed) target distribution: q_target for the target class, q_other for the rest.
 template <typename acc_t>
 struct Smoothing {
@@ -65,6 +70,10 @@ double rows_impl(const SoftmaxArgs& a, double scale_d, int64_t r0, int64_t r1) {
   auto* loss_all = static_cast<scalar_t*>(a.loss);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
 
+  // exp(z) of the current row, kept from the sum for the gradient (no smoothing).
+  V cache_storage[kCachedRowClasses / kLanes];
+  V* cache = !kSmooth && grad_all && C <= kCachedRowClasses ? cache_storage : nullptr;
+
   double total = 0;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t id = a.target[r];
@@ -93,14 +102,16 @@ double rows_impl(const SoftmaxArgs& a, double scale_d, int64_t r0, int64_t r1) {
     for (int64_t c = 0; c < C; c += kLanes) {
       const int64_t n = std::min(kLanes, C - c);
       const V z = S::load(x + c, n) - vm;
+      V e;
       if (n == kLanes) {
-        softmax_accumulate<V, O>(sums, z);
+        e = softmax_accumulate<V, O>(sums, z);
       } else {
         SoftmaxSums<V> tail;
-        softmax_accumulate<V, O>(tail, z);
+        e = softmax_accumulate<V, O>(tail, z);
         sums.below = sums.below + S::zero_unless(S::first(n), tail.below);
         sums.ties = sums.ties + S::zero_unless(S::first(n), tail.ties);
       }
+      if (cache) cache[c / kLanes] = e;
     }
     const SoftmaxRow<acc_t> row = softmax_row<acc_t, OS>(
         m, static_cast<acc_t>(S::sum(sums.below)), static_cast<acc_t>(S::sum(sums.ties)));
@@ -118,7 +129,8 @@ double rows_impl(const SoftmaxArgs& a, double scale_d, int64_t r0, int64_t r1) {
         const V k((acc_t(0) - t_y) * row.inv_total * scale);  // -p_j t_y = exp(z_j) (-t_y / T)
         for (int64_t c = 0; c < C; c += kLanes) {
           const int64_t n = std::min(kLanes, C - c);
-          S::store(grad + c, n, O::exp(S::load(x + c, n) - vm) * k);
+          const V e = cache ? cache[c / kLanes] : O::exp(S::load(x + c, n) - vm);
+          S::store(grad + c, n, e * k);
         }
         grad[id] = static_cast<scalar_t>(t_y * py.one_minus_p * scale);  // without cancellation
       }
@@ -181,6 +193,10 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const V zero(acc_t(0));
 
+  // exp(z) of every class of the current vector, kept from the sum for the gradient (no smoothing).
+  V cache_storage[kCachedClasses];
+  V* cache = !kSmooth && a.grad && C <= kCachedClasses ? cache_storage : nullptr;
+
   V acc(acc_t(0));
   for (int64_t b = n0; b < n1; ++b) {
     const auto* x = static_cast<const scalar_t*>(a.logits) + b * C * inner;
@@ -220,7 +236,10 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
       V vmax = S::load(x + p, n);
       for (int64_t c = 1; c < C; ++c) vmax = softmax_max<V, O>(vmax, S::load(x + c * inner + p, n));
       SoftmaxSums<V> sums;
-      for (int64_t c = 0; c < C; ++c) softmax_accumulate<V, O>(sums, S::load(x + c * inner + p, n) - vmax);
+      for (int64_t c = 0; c < C; ++c) {
+        const V e = softmax_accumulate<V, O>(sums, S::load(x + c * inner + p, n) - vmax);
+        if (cache) cache[c] = e;
+      }
       const SoftmaxRow<V> row = softmax_row<V, O>(vmax, sums.below, sums.ties);
 
       V loss(acc_t(0));
@@ -234,7 +253,8 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
           const V k = (zero - t_y) * row.inv_total * scale;
           const V at_target = t_y * py.one_minus_p * scale;
           for (int64_t c = 0; c < C; ++c) {
-            const V g = O::exp(S::load(x + c * inner + p, n) - vmax) * k;
+            const V e = cache ? cache[c] : O::exp(S::load(x + c * inner + p, n) - vmax);
+            const V g = e * k;
             S::store(grad + c * inner + p, n, O::select(kept, O::select(is_target(c), at_target, g), zero));
           }
         }
