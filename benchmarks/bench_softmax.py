@@ -37,7 +37,10 @@ IGNORE_INDEX = -100
 IGNORED_FRACTION = 0.05
 SHAPES = {"detection": (200_000, 80), "segmentation": (8, 21, 128, 128), "small": (4_000, 21)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # max |error| / max |exact|, losses and gradients
+# max |error| / max |exact|, losses and gradients. Peers computing in bfloat16 round every
+# intermediate; the fused op computes in float32 and rounds only its gradient.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+FUSED_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 FLOOR = "softmax"
 
 
@@ -76,22 +79,27 @@ def loss_rows(t: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 
 
 def exact(x, t):
-    from focal import reference
-
+    """The loss and its gradient in float64, through ``F.log_softmax`` (whose derivative is right at
+    tied maxima, which 16-bit logits have: the reference's amax splits the gradient between them)."""
     xd = x.double().requires_grad_()
-    loss = reference.softmax_focal_loss(xd, t, gamma=GAMMA, ignore_index=IGNORE_INDEX)
+    kept = t != IGNORE_INDEX
+    safe = torch.where(kept, t, torch.zeros_like(t))
+    log_p = F.log_softmax(xd, 1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    one_minus_p = -torch.expm1(log_p)
+    terms = -one_minus_p.pow(GAMMA) * log_p
+    loss = torch.where(kept, terms, torch.zeros_like(terms)).sum() / kept.sum().clamp(min=1)
     (grad,) = torch.autograd.grad(loss, xd)
     return loss.item(), grad
 
 
-def agreement(loss_fn, x, t, want) -> dict:
+def agreement(loss_fn, x, t, want, tolerance) -> dict:
     xo = x.detach().clone().requires_grad_()
     loss = loss_fn(xo)
     loss.backward()
     want_loss, want_grad = want
     value = abs(loss.item() - want_loss) / max(abs(want_loss), 1e-30)
     grad = (xo.grad.double() - want_grad).abs().max().item() / (want_grad.abs().max().item() or 1.0)
-    return {"value_error": value, "grad_error": grad, "ok": value <= TOLERANCE[x.dtype] and grad <= TOLERANCE[x.dtype]}
+    return {"value_error": value, "grad_error": grad, "ok": value <= tolerance and grad <= tolerance}
 
 
 def make_step(name, loss_fn, x, fwdbwd):
@@ -117,7 +125,8 @@ def run_case(shape_name, dtype, fwdbwd, rounds, check=True):
         want = exact(x, t)
         for name, fn in rows.items():
             if name != "cross_entropy":
-                checks[name] = agreement(fn, x, t, want)
+                tolerance = (FUSED_TOLERANCE if name == "focal" else TOLERANCE)[dtype]
+                checks[name] = agreement(fn, x, t, want, tolerance)
     steps = {FLOOR: make_step(FLOOR, None, x, fwdbwd)}
     steps.update({name: make_step(name, fn, x, fwdbwd) for name, fn in rows.items()})
     times: dict[str, list[float]] = {name: [] for name in steps}
