@@ -69,6 +69,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cpu(
       logits, target, weight, alpha, normalizer, alpha_value, gamma, label_smoothing, ignore_index,
       std::string_view(reduction.data(), reduction.size()), scale, compute_grad);
   const int64_t outer = call.outer(), classes = call.classes(), inner = call.inner();
+  // The segmentation kernel compares class ids as float32 numbers.
+  TORCH_CHECK_VALUE(inner == 1 || classes <= (int64_t{1} << 24), "softmax_focal_loss takes at most 2^24 "
+                    "classes when logits have dimensions after the class dimension, got ", classes);
 
   const double denominator = checked_mean_denominator(call);
   double total_scale = call.host_scale();

@@ -208,17 +208,19 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
       // Per lane: the class id as a number (-1 when ignored), whether kept, the target's logit
       // and class factor.
       alignas(64) acc_t id_lanes[kLanes], kept_lanes[kLanes], x_target[kLanes], f_target[kLanes];
-      bool any_kept = false;
+      int64_t target_lanes[kLanes];
+      int64_t kept_count = 0;
       for (int64_t i = 0; i < kLanes; ++i) {
         const int64_t id = i < n ? ids[p + i] : a.ignore_index;
         const bool kept = id != a.ignore_index;
-        any_kept |= kept;
+        kept_count += kept;
+        target_lanes[i] = id;
         id_lanes[i] = kept ? static_cast<acc_t>(id) : acc_t(-1);
         kept_lanes[i] = kept ? acc_t(1) : acc_t(0);
         x_target[i] = kept ? static_cast<acc_t>(x[id * inner + p + i]) : acc_t(0);
         f_target[i] = kept && factor ? factor[id] : acc_t(1);
       }
-      if (!any_kept) {
+      if (kept_count == 0) {
         if (loss_out) S::store(loss_out + p, n, zero);
         if (grad) {
           for (int64_t c = 0; c < C; ++c) S::store(grad + c * inner + p, n, zero);
@@ -227,7 +229,7 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
       }
       const V id_v = SA::load(id_lanes, kLanes);
       const auto kept = O::positive(SA::load(kept_lanes, kLanes));
-      // Lanes whose class is c: (id - c)^2 <= 0, exact for class ids below 2^24.
+      // Lanes whose class is c: (id - c)^2 <= 0, exact for class ids below 2^24 (the driver's limit).
       const auto is_target = [&](int64_t c) FOCAL_ALWAYS_INLINE {
         const V d = id_v - V(static_cast<acc_t>(c));
         return O::nonneg(zero - d * d);
@@ -251,11 +253,20 @@ double positions_impl(const SoftmaxArgs& a, double scale_d, int64_t n0, int64_t 
         if (grad) {
           const V t_y = fy * term.slope;
           const V k = (zero - t_y) * row.inv_total * scale;
-          const V at_target = t_y * py.one_minus_p * scale;
+          // -p_j t_y for every class; an ignored lane is 0 (even for NaN logits), and the targets'
+          // t_y (1 - p_y) are stored after, one per lane.
+          const bool all_kept = kept_count == n;
           for (int64_t c = 0; c < C; ++c) {
             const V e = cache ? cache[c] : O::exp(S::load(x + c * inner + p, n) - vmax);
             const V g = e * k;
-            S::store(grad + c * inner + p, n, O::select(kept, O::select(is_target(c), at_target, g), zero));
+            S::store(grad + c * inner + p, n, all_kept ? g : O::select(kept, g, zero));
+          }
+          alignas(64) acc_t at_target[kLanes];
+          SA::store(at_target, kLanes, t_y * py.one_minus_p * scale);
+          for (int64_t i = 0; i < n; ++i) {
+            if (kept_lanes[i] != acc_t(0)) {
+              grad[target_lanes[i] * inner + p + i] = static_cast<scalar_t>(at_target[i]);
+            }
           }
         }
       } else {
