@@ -69,10 +69,14 @@ def loss_rows(t: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 
         # alpha=None: no class balance. kornia has no ignore_index for this form, so ignored elements
         # get a valid class and weight 0; its "none" keeps one term per class, summed here.
-        kept = (t != IGNORE_INDEX)
+        kept = t != IGNORE_INDEX
         safe = torch.where(kept, t, torch.zeros_like(t))
         count = kept.sum().clamp(min=1)
-        rows["kornia"] = lambda x: (kornia_focal_loss(x, safe, alpha=None, gamma=GAMMA, reduction="none").sum(1) * kept).sum() / count
+        def kornia_row(x):
+            per_class = kornia_focal_loss(x, safe, alpha=None, gamma=GAMMA, reduction="none")
+            return (per_class.sum(1) * kept).sum() / count
+
+        rows["kornia"] = kornia_row
     except ImportError:
         pass
     return rows

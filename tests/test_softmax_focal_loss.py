@@ -22,6 +22,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import focal
+from conftest import requires_cuda
 from focal import reference
 
 OP = torch.ops.focal.softmax_focal_loss.default
@@ -98,10 +99,12 @@ def assert_matches_reference(x, t, dtype, upstream=None, **kwargs):
     want_loss, want_grad = reference_loss_and_grad(x, t, upstream, **kwargs)
     rtol, atol = tolerances(dtype)
     reduced = kwargs.get("reduction", "mean") != "none"
-    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) if reduced else loss.dtype == dtype
+    reduced_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == (reduced_dtype if reduced else dtype)
     assert grad.dtype == dtype and grad.shape == x.shape
     loss_rtol = rtol if not reduced or dtype == torch.float64 else 2e-5  # reduced losses are float32 sums
-    torch.testing.assert_close(loss.double(), want_loss, rtol=loss_rtol, atol=atol * want_loss.abs().max().item() + 1e-30)
+    loss_atol = atol * want_loss.abs().max().item() + 1e-30
+    torch.testing.assert_close(loss.double(), want_loss, rtol=loss_rtol, atol=loss_atol)
     torch.testing.assert_close(grad.double(), want_grad, rtol=rtol, atol=atol * want_grad.abs().max().item() + 1e-30)
 
 
@@ -591,7 +594,7 @@ def test_device_matches_reference(device, dtype, shape, gamma, smoothing):
         torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5 if dtype != torch.float64 else 1e-10, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)")
+@requires_cuda
 def test_cuda_invalid_class_id_is_nan_without_a_sync():
     x, t = problem((8, 40), torch.float32, ignore="none")
     t[2] = 40
@@ -600,7 +603,7 @@ def test_cuda_invalid_class_id_is_nan_without_a_sync():
     assert torch.isnan(focal.softmax_focal_loss(x.cuda(), t.cuda())).item()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)")
+@requires_cuda
 def test_cuda_reduced_loss_is_repeatable():
     x, t = problem((4, 21, 64, 64), torch.float32)
     x = x.cuda().requires_grad_()

@@ -597,7 +597,8 @@ def test_softmax_matches_cpu_op_and_reference(dtype, layout, gamma, reduction):
         normalizer=normalizer,
     ) * kwargs["alpha_value"]
     (ref_grad,) = torch.autograd.grad(ref.sum(), xd)
-    _assert_softmax_close(loss, ref.detach(), dtype if reduction == "none" else accumulation_dtype(dtype), "loss vs ref")
+    loss_dtype = dtype if reduction == "none" else accumulation_dtype(dtype)
+    _assert_softmax_close(loss, ref.detach(), loss_dtype, "loss vs reference")
     _assert_softmax_close(grad, ref_grad, dtype, "grad vs reference")
 
 
@@ -639,7 +640,8 @@ def test_softmax_saturated_and_nan_logits(layout):
     x_nan.view(-1)[0] = math.nan
     loss, grad = _softmax_op(EMU, x_nan, t)
     want_loss, want_grad = _softmax_op(CPU, x_nan, t)
-    assert torch.equal(torch.isnan(loss), torch.isnan(want_loss)) and torch.equal(torch.isnan(grad), torch.isnan(want_grad))
+    assert torch.equal(torch.isnan(loss), torch.isnan(want_loss))
+    assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
 
 
 def test_softmax_empty_and_all_ignored():
