@@ -17,9 +17,10 @@ label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
 Autograd (an ``autograd.Function`` installed as the op's Autograd kernel, as :mod:`focal._autograd`
 does for the sigmoid op, so that torch.func transforms accept it): the first derivative is the
 saved ``grad`` times ``grad_output`` (in place when the graph is freed by this backward, as for
-:mod:`focal._autograd`); a second derivative (``create_graph=True``) recomputes the gradient from the
-logits as a differentiable PyTorch expression (:func:`_softmax_focal_grad`). Between forward and backward the node
-holds the gradient and the small inputs, and only a weak reference to the logits.
+:mod:`focal._autograd`); a second derivative (``create_graph=True``) recomputes the gradient from
+the logits as a differentiable PyTorch expression (:func:`_softmax_focal_grad`); forward mode
+(``torch.func.jvp``, ``jacfwd``, ``forward_ad``) is the saved gradient times the tangent. Between
+forward and backward the node holds the gradient and the small inputs, and only a weak reference to the logits.
 """
 
 from __future__ import annotations
@@ -98,6 +99,8 @@ def _setup_context(ctx, inputs, output):
         ctx.logits = _StrongLogits(logits)
     else:
         ctx.logits = _WeakLogits(logits, user_logits)
+    if grad.shape == logits.shape:
+        ctx.save_for_forward(grad)
     ctx.save_for_backward(grad if grad.shape == logits.shape else None, target, weight, alpha, normalizer)
 
 
@@ -182,10 +185,26 @@ def _vmap(info, in_dims, logits, target, weight, alpha, normalizer, *rest):
     return (torch.stack(losses), torch.stack(grads)), (0, 0)
 
 
+def _jvp(ctx, logits_tangent, *_):
+    """Forward mode (torch.func.jvp / jacfwd / hessian, forward_ad): the saved gradient times the tangent."""
+    if logits_tangent is None:
+        return None, None
+    saved = ctx.saved_tensors  # in jvp: what setup_context gave save_for_forward
+    if len(saved) != 1:
+        raise RuntimeError("forward-mode differentiation of the raw op needs compute_grad=True")
+    (grad,) = saved
+    accumulate = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    product = grad.to(accumulate) * logits_tangent.to(accumulate)
+    if ctx.params[4] == "none":
+        return product.sum(ctx.class_dim).to(grad.dtype), None
+    return product.sum(), None
+
+
 class SoftmaxFocalLossFunction(torch.autograd.Function):
     """The op as an autograd.Function with a separate setup_context, so that torch.func transforms
     (grad, vmap of per-sample gradients, ...) and torch.compile accept it; its vmap rule is
-    generated from the op's own."""
+    generated from the op's own. Without forward mode: what torch.compile traces (Dynamo does not
+    trace a custom jvp)."""
 
     generate_vmap_rule = True
 
@@ -198,13 +217,26 @@ class SoftmaxFocalLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+class SoftmaxFocalLossFunctionWithJvp(SoftmaxFocalLossFunction):
+    """The same, plus forward mode: eager calls."""
+
+    jvp = staticmethod(_jvp)
+
+
+def apply(*args):
+    """(loss, grad) of the op through its autograd: forward mode too, except under torch.compile."""
+    if torch.compiler.is_compiling():
+        return SoftmaxFocalLossFunction.apply(*args)
+    return SoftmaxFocalLossFunctionWithJvp.apply(*args)
+
+
 def _autograd_kernel(keyset, *args):
     if torch.is_grad_enabled() and args[0].requires_grad:
         if torch._C._are_functorch_transforms_active():
             raise RuntimeError(
                 "under torch.func transforms, differentiate focal.softmax_focal_loss rather than the raw operator"
             )
-        return SoftmaxFocalLossFunction.apply(*args)
+        return apply(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return torch.ops.focal.softmax_focal_loss.default.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from focal import _autograd
-from focal._softmax_ops import SoftmaxFocalLossFunction
+from focal._softmax_ops import apply
+from focal.functional import _forward_mode_or_transform
 from focal._validate import _finite, _normalizer, _shape
 from focal.ops import require_kernels
 
@@ -145,8 +146,9 @@ def softmax_focal_loss(
             device) dividing the loss inside the op without a host sync; for ``"sum"`` or ``"none"``.
 
     Returns:
-        The loss, differentiable with respect to ``input`` to any order (a second derivative
-        recomputes the math from ``input``, which must then still exist unmodified).
+        The loss, differentiable with respect to ``input`` to any order, in reverse and forward mode
+        (``torch.func.grad``, ``vmap``, ``jvp``, ``hessian``); a second derivative recomputes the
+        math from ``input``, which must then still exist unmodified.
 
     Example:
         >>> logits = torch.randn(8, 21, 64, 64, requires_grad=True)   # (N, classes, H, W)
@@ -158,10 +160,10 @@ def softmax_focal_loss(
     logits = args[0]
     require_kernels(logits.device)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if compute_grad or torch._C._are_functorch_transforms_active():
-        # The op's own autograd, entered here so that torch.func transforms see it too.
+    if compute_grad or _forward_mode_or_transform(logits):
+        # The op's own autograd, entered here so that torch.func transforms and forward mode see it too.
         with _autograd.callers_tensors(input, target, weight):
-            loss, _ = SoftmaxFocalLossFunction.apply(*args, True)
+            loss, _ = apply(*args, True)
         return loss
     loss, _ = torch.ops.focal.softmax_focal_loss(*args, False)
     return loss

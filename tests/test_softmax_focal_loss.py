@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
@@ -331,6 +332,26 @@ def test_hessian_equals_the_reference(smoothing):
     got = torch.autograd.functional.hessian(lambda x: focal.softmax_focal_loss(x, t, **kwargs), xt)
     want = torch.autograd.functional.hessian(lambda x: reference.softmax_focal_loss(x, t, **kwargs), x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_forward_mode_and_torch_func_hessian(reduction):
+    """torch.func.jvp and forward_ad give the directional derivative; jacfwd(jacrev) (forward over
+    reverse) the reference's Hessian."""
+    x, t = problem((3, 5, 2), torch.float64)
+    kwargs = dict(gamma=2.0, reduction=reduction, label_smoothing=0.1)
+    tangent = torch.randn(x.shape, dtype=torch.float64)
+    _, got = torch.func.jvp(lambda x: focal.softmax_focal_loss(x, t, **kwargs), (x,), (tangent,))
+    _, want = torch.func.jvp(lambda x: reference.softmax_focal_loss(x, t, **kwargs), (x,), (tangent,))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        got_dual = fwAD.unpack_dual(focal.softmax_focal_loss(dual, t, **kwargs)).tangent
+    torch.testing.assert_close(got_dual, want, rtol=1e-10, atol=1e-12)
+    if reduction == "sum":
+        got_h = torch.func.jacfwd(torch.func.jacrev(lambda x: focal.softmax_focal_loss(x, t, **kwargs)))(x)
+        want_h = torch.func.hessian(lambda x: reference.softmax_focal_loss(x, t, **kwargs))(x)
+        torch.testing.assert_close(got_h, want_h, rtol=1e-10, atol=1e-12)
 
 
 def test_second_derivative_after_in_place_change_is_an_error():
