@@ -20,7 +20,8 @@ saved ``grad`` times ``grad_output`` (in place when the graph is freed by this b
 :mod:`focal._autograd`); a second derivative (``create_graph=True``) recomputes the gradient from
 the logits as a differentiable PyTorch expression (:func:`_softmax_focal_grad`); forward mode
 (``torch.func.jvp``, ``jacfwd``, ``forward_ad``) is the saved gradient times the tangent. Between
-forward and backward the node holds the gradient and the small inputs, and only a weak reference to the logits.
+forward and backward the node holds the gradient and the small inputs, and only a weak reference to
+the logits.
 """
 
 from __future__ import annotations
