@@ -49,7 +49,9 @@ if X86_64:
     # GCC 12 reports false "maybe uninitialized" warnings inside its own AVX-512 intrinsics.
     ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-ISA_SOURCES = [os.path.join(CSRC, "cpu", "focal_kernel.cpp"), os.path.join(CSRC, "cpu", "family_kernel.cpp")]
+ISA_SOURCES = [
+    os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", "family_kernel.cpp", "softmax_kernel.cpp")
+]
 
 
 def cxx_flags() -> list[str]:
@@ -91,6 +93,8 @@ def extension():
         os.path.join(CSRC, "focal_ops.cpp"),
         os.path.join(CSRC, "cpu", "focal_cpu.cpp"),
         os.path.join(CSRC, "cpu", "hugepage_alloc.cpp"),
+        os.path.join(CSRC, "softmax_ops.cpp"),
+        os.path.join(CSRC, "cpu", "softmax_cpu.cpp"),
     ]
     kwargs = dict(
         name="focal._C",

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "focal_ops.h"
+#include "softmax_ops.h"
 
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
@@ -18,4 +19,5 @@ PyMODINIT_FUNC PyInit__C(void) {
 // that is loaded next to this module.
 TORCH_LIBRARY(focal, m) {
   for (const char* schema : focal::kSchemas) m.def(schema);
+  m.def(focal::kSoftmaxFocalLossSchema);
 }

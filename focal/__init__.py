@@ -13,14 +13,23 @@ from focal import reference
 from focal.family import quality_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from focal.functional import sigmoid_focal_loss
 from focal.memory import empty_cache
-from focal.modules import QualityFocalLoss, SigmoidFocalLoss, SigmoidFocalLossStar, VarifocalLoss
+from focal.modules import (
+    QualityFocalLoss,
+    SigmoidFocalLoss,
+    SigmoidFocalLossStar,
+    SoftmaxFocalLoss,
+    VarifocalLoss,
+)
+from focal.softmax import softmax_focal_loss
 
 __all__ = [
     "sigmoid_focal_loss",
+    "softmax_focal_loss",
     "sigmoid_focal_loss_star",
     "quality_focal_loss",
     "varifocal_loss",
     "SigmoidFocalLoss",
+    "SoftmaxFocalLoss",
     "SigmoidFocalLossStar",
     "QualityFocalLoss",
     "VarifocalLoss",

@@ -1,5 +1,5 @@
-"""The losses as ``nn.Module``s: ``SigmoidFocalLoss``, ``SigmoidFocalLossStar``, ``QualityFocalLoss``,
-``VarifocalLoss``."""
+"""The losses as ``nn.Module``s: ``SigmoidFocalLoss``, ``SoftmaxFocalLoss``, ``SigmoidFocalLossStar``,
+``QualityFocalLoss``, ``VarifocalLoss``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from torch import nn
 
 from focal.family import quality_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from focal.functional import sigmoid_focal_loss
+from focal.softmax import softmax_focal_loss
 
-__all__ = ["SigmoidFocalLoss", "SigmoidFocalLossStar", "QualityFocalLoss", "VarifocalLoss"]
+__all__ = ["SigmoidFocalLoss", "SoftmaxFocalLoss", "SigmoidFocalLossStar", "QualityFocalLoss", "VarifocalLoss"]
 
 
 class SigmoidFocalLoss(nn.Module):
@@ -153,4 +154,51 @@ class VarifocalLoss(nn.Module):
         return (
             f"alpha={self.alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}"
+        )
+
+
+class SoftmaxFocalLoss(nn.Module):
+    """Module form of :func:`focal.softmax_focal_loss`, shaped like ``nn.CrossEntropyLoss``: the
+    per-class ``weight`` (and a per-class ``alpha`` tensor) are buffers, fixed at construction with
+    the other hyper-parameters; ``normalizer`` changes from batch to batch and is passed to ``forward``.
+
+    Example:
+        >>> criterion = SoftmaxFocalLoss(gamma=2.0, ignore_index=255)
+        >>> loss = criterion(logits, labels)   # logits (N, C, H, W), labels (N, H, W)
+    """
+
+    def __init__(
+        self,
+        alpha: float | torch.Tensor | None = None,
+        gamma: float = 2.0,
+        reduction: str = "mean",
+        *,
+        weight: torch.Tensor | None = None,
+        ignore_index: int = -100,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        if isinstance(alpha, torch.Tensor):
+            self.register_buffer("alpha", alpha)
+        else:
+            self.alpha = alpha
+        self.gamma = gamma
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, input: torch.Tensor, target: torch.Tensor, normalizer: float | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return softmax_focal_loss(
+            input, target, self.alpha, self.gamma, self.reduction, weight=self.weight,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, normalizer=normalizer,
+        )
+
+    def extra_repr(self) -> str:
+        alpha = "tensor" if isinstance(self.alpha, torch.Tensor) else self.alpha
+        return (
+            f"alpha={alpha}, gamma={self.gamma}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}"
         )

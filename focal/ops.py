@@ -119,3 +119,4 @@ if BUILD_ERROR is None:
     from focal import _autograd
 
     _autograd.register()
+    from focal import _softmax_ops; _softmax_ops.register()  # noqa: E702

@@ -12,7 +12,11 @@ import focal.ops
 
 
 def test_import_and_exports():
-    assert sorted(focal.__all__) == sorted(["sigmoid_focal_loss", "SigmoidFocalLoss", "empty_cache", "reference"])
+    assert sorted(focal.__all__) == sorted(
+        ["sigmoid_focal_loss", "SigmoidFocalLoss", "softmax_focal_loss", "SoftmaxFocalLoss", "sigmoid_focal_loss_star",
+         "SigmoidFocalLossStar", "quality_focal_loss", "QualityFocalLoss", "varifocal_loss", "VarifocalLoss",
+         "empty_cache", "reference"]
+    )
     for name in focal.__all__:
         assert getattr(focal, name) is not None
     assert callable(focal.sigmoid_focal_loss)

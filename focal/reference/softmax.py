@@ -90,8 +90,13 @@ def softmax_focal_loss(
     # log p = z - log(1 + s), z = logits - max, s the sum of exp(z) over every class but one
     # maximal one: log1p keeps log p of a near-certain class (and so 1 - p) to full relative
     # accuracy, which log_softmax's z - log(sum exp(z)) loses by cancellation.
-    z = logits - logits.amax(dim=-1, keepdim=True)
-    top = F.one_hot(z.argmax(dim=-1), num_classes).bool()
+    # The maximum is taken as the value of one chosen maximal class (gather at argmax), not as amax:
+    # log p is then exactly log_softmax for that choice, and so is its gradient. amax would split
+    # its gradient between tied maxima (common in 16-bit logits) while the expression below treats
+    # the chosen one alone as exp(0) = 1: a wrong gradient at ties.
+    top_index = logits.argmax(dim=-1, keepdim=True)
+    z = logits - logits.gather(-1, top_index)
+    top = F.one_hot(top_index.squeeze(-1), num_classes).bool()
     others = torch.where(top, torch.zeros_like(z), z.exp()).sum(dim=-1, keepdim=True)
     log_p = z - torch.log1p(others)
     one_minus_p = -torch.expm1(log_p)

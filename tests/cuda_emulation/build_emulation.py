@@ -52,7 +52,9 @@ TORCH_LIBS = [f"-L{p}" for p in cpp_extension.library_paths()] + [
     f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()
 ]
 
-LIBRARY_SOURCES = sorted((CSRC / "cuda").glob("*.cu")) + [CSRC / "focal_ops.cpp", HERE / "emulated_library.cpp"]
+LIBRARY_SOURCES = sorted((CSRC / "cuda").glob("*.cu")) + [
+    CSRC / "focal_ops.cpp", CSRC / "softmax_ops.cpp", HERE / "emulated_library.cpp"
+]
 FAULTS = {None: [], "tail": ["-DFOCAL_EMU_BREAK_TAIL"], "align": ["-DFOCAL_EMU_BREAK_ALIGN"]}
 
 

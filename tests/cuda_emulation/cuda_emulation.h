@@ -237,6 +237,21 @@ class BlockReduce {
     return total;
   }
 
+  // Any associative and commutative `op` (a maximum), folded in thread order: unlike a sum, its
+  // result does not depend on the order.
+  template <typename Op>
+  T Reduce(T input, Op op) {
+    const unsigned tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    storage_.lanes[tid] = input;
+    __syncthreads();
+    if (tid != 0) return input;
+    T v[BLOCK_THREADS];
+    for (int i = 0; i < BLOCK_THREADS; ++i) v[i] = storage_.lanes[i];
+    T total = v[0];
+    for (int i = 1; i < BLOCK_THREADS; ++i) total = op(total, v[i]);
+    return total;
+  }
+
  private:
   static T warp_total(const T* lanes) {
     T v[kWarp];

@@ -627,3 +627,146 @@ def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, c
             assert_reduced_close(value, cpu_value, dtype, x.numel(), "loss vs CPU op, " + what,
                                  torch.float32 if dtype != torch.float64 else None)
             assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op, " + what, normwise=True)
+# ---- softmax_focal_loss ---------------------------------------------------------------------------
+# The emulated op against the CPU op (the same math of csrc/softmax_math.h over another libm and
+# another summation order) and against focal.reference in float64, over both kernels: one thread per
+# element (segmentation layouts, rows of up to 32 classes) and one block per row (longer rows).
+
+SOFTMAX_SHAPES = {"rows-thread": (37, 20), "rows-block": (9, 300), "segmentation": (3, 7, 5, 11), "unbatched": (45,)}
+SOFTMAX_GAMMAS = [0.0, 1.0, 2.0, 2.5]
+# Relative agreement of every output with the CPU op: float32 math rounded to the dtype.
+SOFTMAX_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 2**-10, torch.bfloat16: 2**-7}
+
+
+def _softmax_problem(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = 0 if len(shape) == 1 else 1
+    t_shape = tuple(s for i, s in enumerate(shape) if i != d)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3).to(dtype)
+    idx = x.argmax(d, keepdim=True)  # a unique maximum per row: the reference's gradient needs it
+    x = x.scatter(d, idx, x.gather(d, idx) + 1)
+    t = torch.randint(0, shape[d], t_shape, generator=g)
+    if t.dim() > 0:
+        t = torch.where(torch.rand(t_shape, generator=g) < 0.2, torch.full_like(t, -100), t)
+    return x, t
+
+
+def _softmax_op(op, x, t, *, weight=None, alpha=None, normalizer=None, alpha_value=1.0, gamma=2.0, smoothing=0.0,
+                ignore_index=-100, reduction="none", scale=1.0, compute_grad=True):
+    return op.softmax_focal_loss(x, t, weight, alpha, normalizer, alpha_value, gamma, smoothing, ignore_index,
+                                 reduction, scale, compute_grad)
+
+
+def _assert_softmax_close(got, want, dtype, what):
+    rtol = SOFTMAX_RTOL[dtype]
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=rtol * scale + 1e-30, equal_nan=True,
+                               msg=what)
+
+
+SOFTMAX_MATRIX = list(itertools.product(DTYPES, SOFTMAX_SHAPES, SOFTMAX_GAMMAS, REDUCTIONS))
+
+
+@pytest.mark.parametrize(("dtype", "layout", "gamma", "reduction"), SOFTMAX_MATRIX,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_softmax_matches_cpu_op_and_reference(dtype, layout, gamma, reduction):
+    """Every dtype, kernel, gamma path and reduction; weight, alpha (number or tensor), smoothing and
+    the normaliser's form rotate over the cases."""
+    i = SOFTMAX_MATRIX.index((dtype, layout, gamma, reduction))
+    shape = SOFTMAX_SHAPES[layout]
+    classes = shape[0 if len(shape) == 1 else 1]
+    x, t = _softmax_problem(shape, dtype, i)
+    if layout == "unbatched" and i % 2:
+        t = torch.tensor(3)
+    g = torch.Generator().manual_seed(1000 + i)
+    kwargs = dict(
+        weight=[None, torch.rand(classes, generator=g) + 0.5][i % 2],
+        alpha=[None, torch.rand(classes, generator=g)][(i // 2) % 2],
+        alpha_value=[1.0, 0.25][(i // 4) % 2],
+        smoothing=[0.0, 0.1, 0.0][i % 3],
+        gamma=gamma,
+        reduction=reduction,
+    )
+    normalizer = None if reduction == "mean" else [None, torch.tensor(3.0), torch.tensor([5], dtype=torch.int32)][i % 3]
+    with scalars_on_device():
+        (loss, grad), launches, elements = counted(lambda: _softmax_op(EMU, x, t, normalizer=normalizer, **kwargs))
+    want_loss, want_grad = _softmax_op(CPU, x, t, normalizer=normalizer, **kwargs)
+    assert loss.dtype == want_loss.dtype and loss.shape == want_loss.shape
+    assert grad.dtype == dtype and grad.shape == x.shape
+    _assert_softmax_close(loss, want_loss, dtype, "loss vs CPU op")
+    _assert_softmax_close(grad, want_grad, dtype, "grad vs CPU op")
+    assert launches == {"none": 1, "sum": 2, "mean": 3}[reduction]
+    assert elements == x.numel()
+    # and the float64 reference
+    xd = x.double().requires_grad_()
+    ref = reference.softmax_focal_loss(
+        xd, t, kwargs["alpha"].double() if kwargs["alpha"] is not None else None, gamma, reduction,
+        weight=None if kwargs["weight"] is None else kwargs["weight"].double(), label_smoothing=kwargs["smoothing"],
+        normalizer=normalizer,
+    ) * kwargs["alpha_value"]
+    (ref_grad,) = torch.autograd.grad(ref.sum(), xd)
+    loss_dtype = dtype if reduction == "none" else accumulation_dtype(dtype)
+    _assert_softmax_close(loss, ref.detach(), loss_dtype, "loss vs reference")
+    _assert_softmax_close(grad, ref_grad, dtype, "grad vs reference")
+
+
+@pytest.mark.parametrize("layout", list(SOFTMAX_SHAPES))
+def test_softmax_invalid_class_id_gives_nan_for_its_element(layout):
+    """The CPU op raises; CUDA cannot check without a host sync, so the element's loss and gradient
+    are NaN, and every other element is unaffected."""
+    shape = SOFTMAX_SHAPES[layout]
+    x, t = _softmax_problem(shape, torch.float32, 7)
+    if t.dim() == 0:
+        t = torch.tensor(shape[0] + 3)
+    else:
+        t = t.clone()
+        t.view(-1)[1] = -5
+    loss, grad = _softmax_op(EMU, x, t)
+    d = 0 if len(shape) == 1 else 1
+    bad = torch.zeros(t.shape, dtype=torch.bool)
+    bad.view(-1)[1 if t.dim() else 0] = True
+    assert torch.isnan(loss[bad]).all() and not torch.isnan(loss[~bad]).any()
+    assert torch.isnan(grad.movedim(d, -1)[bad]).all() and not torch.isnan(grad.movedim(d, -1)[~bad]).any()
+    assert torch.isnan(_softmax_op(EMU, x, t, reduction="mean")[0])
+
+
+@pytest.mark.parametrize("layout", list(SOFTMAX_SHAPES))
+def test_softmax_saturated_and_nan_logits(layout):
+    shape = SOFTMAX_SHAPES[layout]
+    x, t = _softmax_problem(shape, torch.float32, 11)
+    x = torch.where(x > 0, torch.full_like(x, 1e4), torch.full_like(x, -1e4))
+    idx = x.argmax(0 if len(shape) == 1 else 1, keepdim=True)
+    x = x.scatter(0 if len(shape) == 1 else 1, idx, torch.full_like(idx, 2e4, dtype=x.dtype))
+    for gamma in (0.0, 0.5, 2.0):
+        for smoothing in (0.0, 0.1):
+            loss, grad = _softmax_op(EMU, x, t, gamma=gamma, smoothing=smoothing)
+            want_loss, want_grad = _softmax_op(CPU, x, t, gamma=gamma, smoothing=smoothing)
+            assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+            _assert_softmax_close(loss, want_loss, torch.float32, "saturated loss")
+            _assert_softmax_close(grad, want_grad, torch.float32, "saturated grad")
+    x_nan = x.clone()
+    x_nan.view(-1)[0] = math.nan
+    loss, grad = _softmax_op(EMU, x_nan, t)
+    want_loss, want_grad = _softmax_op(CPU, x_nan, t)
+    assert torch.equal(torch.isnan(loss), torch.isnan(want_loss))
+    assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
+
+
+def test_softmax_empty_and_all_ignored():
+    for reduction in REDUCTIONS:
+        loss, grad = _softmax_op(EMU, torch.empty(0, 5), torch.empty(0, dtype=torch.long), reduction=reduction)
+        assert loss.numel() == (0 if reduction == "none" else 1) and grad.shape == (0, 5)
+        if reduction != "none":
+            assert loss.item() == 0
+    x = torch.randn(6, 40)
+    loss, grad = _softmax_op(EMU, x, torch.full((6,), -100), reduction="mean")
+    assert loss.item() == 0 and torch.equal(grad, torch.zeros(6, 40))
+
+
+@pytest.mark.parametrize("layout", ["rows-thread", "rows-block", "segmentation"])
+def test_softmax_reduced_loss_is_repeatable(layout):
+    x, t = _softmax_problem(SOFTMAX_SHAPES[layout], torch.float32, 3)
+    first, _ = _softmax_op(EMU, x, t, reduction="sum", smoothing=0.1)
+    for _ in range(3):
+        again, _ = _softmax_op(EMU, x, t, reduction="sum", smoothing=0.1)
+        assert_bitwise_equal(again, first, "sum")

@@ -9,6 +9,7 @@
 
 #include "cuda_emulation.h"
 #include "focal_ops.h"
+#include "softmax_ops.h"
 
 namespace {
 
@@ -31,6 +32,7 @@ bool set_scalars_on_device(bool on) { return focal_emu::scalars_on_device_flag.e
 
 TORCH_LIBRARY(focal_emu, m) {
   for (const char* schema : focal::kSchemas) m.def(schema);
+  m.def(focal::kSoftmaxFocalLossSchema);
   m.def("emulation_counters() -> int[]", &emulation_counters);
   m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
   m.def("set_scalars_on_device(bool on) -> bool", &set_scalars_on_device);
