@@ -13,6 +13,11 @@ share one decoded dataset, the same seed and the same optimiser settings as ``tr
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import dataclasses
 import json

@@ -7,6 +7,11 @@ Without ``--val-json`` it evaluates on the built-in digits val split (``--data-r
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import contextlib
 import io
@@ -16,9 +21,35 @@ import time
 
 import torch
 
+from .checkpoint import load_training_checkpoint
 from .data import CocoDetection, build_transform, collate
+from .errors import InputError, report_input_errors
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_original_pixels(boxes: torch.Tensor, scale: float, orig_size: tuple[int, int]) -> torch.Tensor:
+    """Letterboxed XYXY ``boxes`` (D, 4) -> pixels of the original image, clipped to its (height, width):
+    the letterbox pads the image to a square, and a box reaching into the padding is cut at the real
+    image's edge."""
+    height, width = orig_size
+    boxes = boxes / scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
+def check_classes(config, checkpoint: dict, dataset: CocoDetection, checkpoint_path: str = "checkpoint") -> None:
+    """An :class:`InputError` when the model's classes are not the dataset's (another class count, or
+    the same count of other category ids): its AP would be a number without meaning."""
+    expected = len(dataset.category_ids)
+    if config.num_classes != expected:
+        raise InputError(f"{checkpoint_path} predicts {config.num_classes} classes but {dataset.data.path} has "
+                         f"{expected} categories: evaluate on the dataset the model was trained on")
+    trained = checkpoint.get("category_ids")
+    if trained is not None and list(trained) != list(dataset.category_ids):
+        raise InputError(f"{checkpoint_path} was trained on category ids {list(trained)[:10]}..., "
+                         f"{dataset.data.path} has {dataset.category_ids[:10]}...: not the same classes")
 
 
 @torch.no_grad()
@@ -33,7 +64,7 @@ def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool 
     results = []
     for images, targets in loader:
         for detections, target in zip(model(images), targets):
-            boxes = detections["boxes"] / target["scale"]
+            boxes = to_original_pixels(detections["boxes"], target["scale"], target["orig_size"])
             boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
             for box, score, label in zip(boxes.tolist(), detections["scores"].tolist(),
                                          detections["labels"].tolist()):
@@ -59,8 +90,11 @@ def coco_evaluate(dataset: CocoDetection, results: list[dict], verbose: bool = F
 
 
 def evaluate_model(model, image_root: str, annotation_file: str, image_size: int, batch_size: int = 32,
-                   verbose: bool = False, progress: bool = False) -> dict:
+                   verbose: bool = False, progress: bool = False, checkpoint: dict | None = None,
+                   checkpoint_path: str = "the model") -> dict:
+    """COCO stats of ``model`` on a COCO dataset, after checking that its classes are the dataset's."""
     dataset = CocoDetection(image_root, annotation_file, build_transform(image_size, train=False))
+    check_classes(model.config, checkpoint or {}, dataset, checkpoint_path)
     start = time.perf_counter()
     results = predict(model, dataset, batch_size, progress)
     stats = coco_evaluate(dataset, results, verbose)
@@ -70,13 +104,18 @@ def evaluate_model(model, image_root: str, annotation_file: str, image_size: int
 
 
 def load_checkpoint(path: str):
-    """``(model, checkpoint)`` from a file written by ``train``; the model is in eval mode."""
+    """``(model, checkpoint)`` from a file written by ``train`` (loaded with ``weights_only=True``);
+    the model is in eval mode."""
     from .config import RetinaNetConfig, build_model
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_training_checkpoint(path)
     config = RetinaNetConfig.from_dict({**checkpoint["config"], "weights": None})
     model = build_model(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise InputError(f"checkpoint {path}: weights do not fit its own config: "
+                         f"{str(error).splitlines()[0]}") from None
     return model.eval(), checkpoint
 
 
@@ -99,6 +138,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None, help="write the stats here as json")
     args = parser.parse_args(argv)
+    for flag in ("batch_size", "threads", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    with report_input_errors(parser.prog):
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args.checkpoint)
     image_size = args.image_size or checkpoint.get("image_size", 96)
@@ -110,7 +158,7 @@ def main(argv=None) -> None:
         params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
         image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
     stats = evaluate_model(model, image_root, annotation_file, image_size, args.batch_size, verbose=True,
-                           progress=True)
+                           progress=True, checkpoint=checkpoint, checkpoint_path=args.checkpoint)
     print(json.dumps({k: round(v, 4) for k, v in stats.items()}))
     if args.output:
         with open(args.output, "w") as f:

@@ -14,6 +14,11 @@ positive). The ratios are totals over all images (anchors x images / positives).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import json
 import math

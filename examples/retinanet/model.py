@@ -17,6 +17,18 @@ from .matcher import Matcher
 from .postprocess import detections_for_image
 
 
+CROWD_IOA = 0.5  # fraction of an anchor's area inside a crowd box from which it is ignored
+
+
+def intersection_over_anchor(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(M, R): area of ``boxes`` (M, 4) ∩ ``anchors`` (R, 4), divided by the anchor's area."""
+    top_left = torch.maximum(boxes[:, None, :2], anchors[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], anchors[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    area = (anchors[:, 2:] - anchors[:, :2]).prod(dim=-1).clamp(min=1e-6)
+    return inter / area
+
+
 class RetinaNet(nn.Module):
     """``forward(images, targets=None)``.
 
@@ -89,12 +101,19 @@ class RetinaNet(nn.Module):
 
         Returns ``gt_classes`` (N, R) int64: class id, ``Matcher.BACKGROUND`` or ``Matcher.IGNORE``; and
         ``gt_boxes`` (N, R, 4): the matched box of each anchor (the anchor itself where unmatched).
+        A target's optional ``crowd_boxes`` (C, 4) mark regions of many unannotated objects: an anchor
+        that is not positive and lies at least ``CROWD_IOA`` inside one is ignored, since calling it
+        background would teach the model that those objects are background.
         """
         gt_classes, gt_boxes = [], []
         for target in targets:
             boxes = target["boxes"].to(anchors)
             labels = target["labels"].to(device=anchors.device, dtype=torch.int64)
             matched = self.matcher(box_iou(boxes, anchors))  # (R,)
+            crowd = target.get("crowd_boxes")
+            if crowd is not None and crowd.numel():
+                on_crowd = intersection_over_anchor(crowd.to(anchors), anchors).amax(dim=0) >= CROWD_IOA
+                matched = torch.where(on_crowd & (matched < 0), Matcher.IGNORE, matched)
             if boxes.numel() == 0:
                 gt_classes.append(matched)
                 gt_boxes.append(anchors)

@@ -12,6 +12,11 @@ implementation alike):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import statistics
 import time

@@ -16,6 +16,11 @@ Writes to ``--output``: ``log.jsonl`` (losses and learning rate), ``model_final.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import dataclasses
 import json
@@ -28,6 +33,7 @@ import torch
 
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
+from .errors import InputError, report_input_errors
 
 
 # The built-in digits variant (``digits.VARIANTS``) a model preset trains on when ``--digits`` is not
@@ -57,7 +63,8 @@ class TrainOptions:
     lr_gamma: float = 0.1
     minutes: float | None = 12.0
     iters: int | None = None  # overrides --minutes
-    clip_grad: float | None = None
+    clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the batch
     flip_prob: float = 0.0
     seed: int = 0
     threads: int = 2
@@ -65,6 +72,50 @@ class TrainOptions:
     checkpoint_every: int = 500
     evaluate: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+NONFINITE_CHOICES = ("stop", "skip")
+
+
+def check_options(options: "TrainOptions") -> None:
+    """An :class:`InputError` for any value that cannot mean what was asked, before any work starts
+    (``--minutes 0`` used to mean "not set", ``--minutes -1`` never stopped, ``--batch-size 0`` failed
+    deep inside the head)."""
+    def need(condition: bool, flag: str, rule: str, value) -> None:
+        if not condition:
+            raise InputError(f"--{flag} must be {rule}, got {value}")
+
+    o = options
+    need(o.batch_size >= 1, "batch-size", "at least 1", o.batch_size)
+    need(math.isfinite(o.lr) and o.lr > 0, "lr", "a positive number", o.lr)
+    need(0 <= o.momentum < 1, "momentum", "within [0, 1)", o.momentum)
+    need(o.weight_decay >= 0, "weight-decay", "0 or more", o.weight_decay)
+    need(o.warmup_iters >= 0, "warmup-iters", "0 or more", o.warmup_iters)
+    need(0 <= o.warmup_max_fraction <= 1, "warmup-max-fraction", "within [0, 1]", o.warmup_max_fraction)
+    need(0 < o.warmup_factor <= 1, "warmup-factor", "within (0, 1]", o.warmup_factor)
+    need(all(0 < step < 1 for step in o.lr_steps), "lr-steps", "fractions of the run within (0, 1)",
+         list(o.lr_steps))
+    need(o.lr_gamma > 0, "lr-gamma", "positive", o.lr_gamma)
+    need(o.minutes is None or (math.isfinite(o.minutes) and o.minutes > 0), "minutes", "a positive number",
+         o.minutes)
+    need(o.iters is None or o.iters >= 1, "iters", "at least 1", o.iters)
+    need(o.clip_grad is None or (math.isfinite(o.clip_grad) and o.clip_grad > 0), "clip-grad",
+         "a positive gradient norm", o.clip_grad)
+    need(0 <= o.flip_prob <= 1, "flip-prob", "within [0, 1]", o.flip_prob)
+    need(o.threads >= 1, "threads", "at least 1", o.threads)
+    need(o.log_every >= 1, "log-every", "at least 1", o.log_every)
+    need(o.checkpoint_every >= 0, "checkpoint-every", "0 (off) or more", o.checkpoint_every)
+    need(o.image_size is None or o.image_size >= 32, "image-size", "at least 32 pixels", o.image_size)
+    need(o.num_train_images is None or o.num_train_images >= 1, "num-train-images", "at least 1",
+         o.num_train_images)
+    need(o.nonfinite in NONFINITE_CHOICES, "nonfinite", f"one of {NONFINITE_CHOICES}", o.nonfinite)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training met a NaN or infinite loss (with ``--nonfinite stop``); the message names it."""
 
 
 def lr_factor(progress: float, iteration: int, options: TrainOptions) -> float:
@@ -112,9 +163,41 @@ def save_checkpoint(path: str, model, config: RetinaNetConfig, options: TrainOpt
                 "digits_params": digits_params, "class_names": class_names}, path)
 
 
+def check_finite(losses: dict, iteration: int) -> str | None:
+    """None when every loss is finite, else a one-line description of the first one that is not."""
+    for name, value in losses.items():
+        if not torch.isfinite(value.detach()).all():
+            return f"{name} is {float(value.detach())} at iteration {iteration}"
+    return None
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None) -> torch.Tensor | None:
+    """Clip the global gradient norm of ``params`` to ``clip_grad`` (if set), then step. Returns the
+    norm before clipping (None without clipping)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad else None
+    optimizer.step()
+    return norm
+
+
+def load_datasets(options: TrainOptions):
+    """``(paths, digits_params, train_set, val_set or None)``, every file checked (json, image headers),
+    none decoded yet: a bad file is reported before any long work. ``val_set`` must have the train
+    set's categories."""
+    from .evaluate import check_classes
+
+    paths, digits_params = dataset_paths(options)
+    train_set = CocoDetection(*paths["train"], build_transform(options.image_size, train=False))
+    val_set = None
+    if options.evaluate and paths.get("val") and paths["val"][1]:
+        val_set = CocoDetection(*paths["val"], build_transform(options.image_size, train=False))
+        config = RetinaNetConfig(num_classes=len(train_set.category_ids))
+        check_classes(config, {"category_ids": train_set.category_ids}, val_set, f"training set {paths['train'][1]}")
+    return paths, digits_params, train_set, val_set
+
+
 def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatches | None = None,
           digits_params: dict | None = None) -> dict:
-    """Train one model; returns ``{"model", "history", "iterations", "seconds", "stats"}``.
+    """Train one model; returns ``{"model", "history", "iterations", "seconds", "stats", "skipped"}``.
 
     ``batches`` can be passed in so several runs (``ablate``) share one decoded dataset.
     """
@@ -122,11 +205,10 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
-    paths = None
+    paths, val_set = None, None
     if batches is None or options.evaluate:
-        paths, digits_params = dataset_paths(options)
+        paths, digits_params, train_set, val_set = load_datasets(options)
     if batches is None:
-        train_set = CocoDetection(*paths["train"], build_transform(options.image_size, train=False))
         config = dataclasses.replace(config, num_classes=len(train_set.category_ids))
         batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed,
                                   progress=options.progress)
@@ -135,7 +217,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
                                 weight_decay=options.weight_decay)
-    budget = None if options.iters else (options.minutes or 12.0) * 60.0
+    budget = None if options.iters is not None else (options.minutes or 12.0) * 60.0
     total = options.iters
     history: list[dict] = []
     log_path = os.path.join(options.output, "log.jsonl")
@@ -147,32 +229,37 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         bar = tqdm(total=total if total else int(budget), unit="it" if total else "s",
                    desc="training", dynamic_ncols=True)
     start = time.perf_counter()
-    iteration, progress, running = 0, 0.0, {}
+    iteration, progress, running, skipped = 0, 0.0, {}, 0
     while progress < 1.0:
         factor = lr_factor(progress, iteration, options)
         for group in optimizer.param_groups:
             group["lr"] = options.lr * factor
         images, targets = batches.next_batch()
         losses = model(images, targets)
-        loss = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if options.clip_grad:
-            torch.nn.utils.clip_grad_norm_(params, options.clip_grad)
-        optimizer.step()
+        problem = check_finite(losses, iteration + 1)
+        if problem is not None:
+            if options.nonfinite == "stop":
+                log_file.close()
+                raise NonFiniteLossError(f"{problem} (a diverging run: lower --lr, set --clip-grad, or "
+                                         f"--nonfinite skip to drop such batches)")
+            skipped += 1  # the batch is dropped; the iteration still counts towards the schedule
+            print(f"warning: {problem}; batch skipped ({skipped} so far)")
+        else:
+            loss = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clipped_step(optimizer, params, options.clip_grad)
+            for name, value in losses.items():
+                running[name] = running.get(name, 0.0) + value.detach()
         iteration += 1
-        for name, value in losses.items():
-            running[name] = running.get(name, 0.0) + value.detach()
         elapsed = time.perf_counter() - start
         new_progress = iteration / total if total else elapsed / budget
-        if iteration % options.log_every == 0 or new_progress >= 1.0:
+        if (iteration % options.log_every == 0 or new_progress >= 1.0) and running:
             record = {name: float(value) / ((iteration - 1) % options.log_every + 1)
                       for name, value in running.items()}
             running = {}
             record.update(iter=iteration, seconds=round(elapsed, 2), lr=options.lr * factor)
             record["loss"] = record["loss_cls"] + record["loss_box"]
-            if not math.isfinite(record["loss"]):
-                record["diverged"] = True
             history.append(record)
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
@@ -180,8 +267,6 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
                 bar.set_postfix(loss=f"{record['loss']:.3f}", cls=f"{record['loss_cls']:.3f}",
                                 box=f"{record['loss_box']:.3f}", lr=f"{record['lr']:.4f}",
                                 it=iteration, refresh=False)
-            if not math.isfinite(record["loss"]):
-                break
         if bar is not None:
             bar.update(1 if total else max(0, int(elapsed) - bar.n))
         if options.checkpoint_every and iteration % options.checkpoint_every == 0:
@@ -195,12 +280,12 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     save_checkpoint(os.path.join(options.output, "model_final.pth"), model, config, options, iteration,
                     digits_params, batches.class_names)
     result = {"model": model, "history": history, "iterations": iteration, "seconds": seconds,
-              "stats": None}
-    summary = {"iterations": iteration, "train_seconds": round(seconds, 1),
+              "stats": None, "skipped": skipped}
+    summary = {"iterations": iteration, "skipped_batches": skipped, "train_seconds": round(seconds, 1),
                "images_per_second": round(iteration * options.batch_size / seconds, 1),
                # other processes on the machine slow a wall-clock-budgeted run down: record them
                "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
-    if options.evaluate and paths and paths.get("val") and paths["val"][1]:
+    if val_set is not None:
         from .evaluate import evaluate_model
 
         stats = evaluate_model(model, *paths["val"], options.image_size, verbose=options.progress,
@@ -227,13 +312,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                     "image_size": int}.get(f.name, str)
             group.add_argument(flag, type=kind, default=None, choices=train_choices().get(f.name))
         else:
-            group.add_argument(flag, type=type(f.default), default=f.default)
+            group.add_argument(flag, type=type(f.default), default=f.default,
+                               choices=train_choices().get(f.name))
 
 
 def train_choices() -> dict:
     from .digits import VARIANTS
 
-    return {"digits": sorted(VARIANTS)}
+    return {"digits": sorted(VARIANTS), "nonfinite": NONFINITE_CHOICES}
 
 
 def options_from_arguments(args: argparse.Namespace) -> TrainOptions:
@@ -249,10 +335,15 @@ def main(argv=None) -> None:
     add_train_arguments(parser)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    options = options_from_arguments(args)
-    if options.minutes is None and options.iters is None:
-        options.minutes = 12.0
-    train(config_from_arguments(args), options)
+    with report_input_errors(parser.prog):
+        try:
+            config = config_from_arguments(args)
+        except ValueError as error:  # the model config's own checks
+            raise InputError(str(error)) from None
+        options = options_from_arguments(args)
+        if options.minutes is None and options.iters is None:
+            options.minutes = 12.0
+        train(config, options)
 
 
 if __name__ == "__main__":
