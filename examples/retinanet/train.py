@@ -11,7 +11,9 @@ SGD with momentum 0.9 and weight decay 1e-4, linear warm-up, and the paper's ste
 time, so the learning-rate drops land at the same fraction of the run however fast the machine is.
 
 Writes to ``--output``: ``log.jsonl`` (losses and learning rate), ``model_final.pth`` (plus
-``model_last.pth`` every ``--checkpoint-every`` iterations), ``metrics.json`` (COCO stats).
+``model_last.pth`` every ``--checkpoint-every`` iterations, removed at the end), ``metrics.json`` (COCO
+stats). Checkpoints hold everything needed to continue exactly: ``--resume PATH`` or ``--resume auto``
+(the latest checkpoint in ``--output``, a new run when there is none).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
 from .errors import InputError, report_input_errors
@@ -63,6 +66,7 @@ class TrainOptions:
     lr_gamma: float = 0.1
     minutes: float | None = 12.0
     iters: int | None = None  # overrides --minutes
+    resume: str | None = None  # a checkpoint to continue from, or "auto": the latest in --output
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
     nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the batch
     flip_prob: float = 0.0
@@ -156,11 +160,39 @@ def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
     return ensure_digits_dataset(options.data_root, params), dataclasses.asdict(params)
 
 
-def save_checkpoint(path: str, model, config: RetinaNetConfig, options: TrainOptions, iteration: int,
-                    digits_params: dict | None, class_names: list[str] | None = None) -> None:
-    torch.save({"config": config.to_dict(), "model": model.state_dict(), "iteration": iteration,
-                "image_size": options.image_size, "options": dataclasses.asdict(options),
-                "digits_params": digits_params, "class_names": class_names}, path)
+def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOptions, iteration: int,
+                   elapsed: float, batches: InMemoryBatches, history: list[dict], running: dict,
+                   digits_params: dict | None, rng_states: list[dict], scaler=None) -> dict:
+    """Everything a run needs to continue exactly where it stopped, as tensors and plain containers
+    (see ``checkpoint``): model, optimizer (momentum buffers), gradient scaler, the schedule's position
+    (iteration and elapsed seconds: the learning rate is a function of those), the data position,
+    every process's RNG states, the log so far, and the config and options as dicts."""
+    return {"config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "schedule": {"iteration": iteration, "elapsed_seconds": elapsed},
+            "data": batches.state_dict(), "rng": rng_states, "world_size": len(rng_states),
+            "history": history, "running": running, "iteration": iteration,
+            "image_size": options.image_size, "options": dataclasses.asdict(options),
+            "digits_params": digits_params, "class_names": batches.class_names,
+            "category_ids": batches.category_ids}
+
+
+def check_resumable(checkpoint: dict, path: str, batches: InMemoryBatches, world_size: int) -> None:
+    """An :class:`InputError` when ``checkpoint`` cannot continue this run exactly: not a training
+    checkpoint (no optimizer state), another dataset's classes, another global batch or process count."""
+    if "optimizer" not in checkpoint or "data" not in checkpoint:
+        raise InputError(f"{path} holds weights only (no optimizer or data position): it cannot be resumed")
+    if list(checkpoint.get("category_ids") or []) != list(batches.category_ids):
+        raise InputError(f"{path} was trained on category ids {list(checkpoint.get('category_ids') or [])[:10]}, "
+                         f"this dataset has {batches.category_ids[:10]}: resume on the same data")
+    if checkpoint.get("world_size", 1) != world_size:
+        raise InputError(f"{path} was written by {checkpoint.get('world_size', 1)} processes, this run has "
+                         f"{world_size}: resume with the same process count (the data order and RNG states "
+                         f"are per process)")
+    batch = (checkpoint.get("options") or {}).get("batch_size")
+    if batch is not None and batch != batches.batch_size * batches.world_size:
+        raise InputError(f"{path} was trained with --batch-size {batch}, this run has "
+                         f"{batches.batch_size * batches.world_size}: resume with the same batch size")
 
 
 def check_finite(losses: dict, iteration: int) -> str | None:
@@ -205,6 +237,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
+    resume_path = find_resume(options.output, options.resume)
+    resumed = load_training_checkpoint(resume_path) if resume_path else None
     paths, val_set = None, None
     if batches is None or options.evaluate:
         paths, digits_params, train_set, val_set = load_datasets(options)
@@ -212,6 +246,12 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         config = dataclasses.replace(config, num_classes=len(train_set.category_ids))
         batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed,
                                   progress=options.progress)
+    if resumed is not None:
+        # The model is the checkpoint's; the run length and the rest come from this command.
+        config = RetinaNetConfig.from_dict({**resumed["config"], "weights": None})
+        check_resumable(resumed, resume_path, batches, world_size=1)
+    elif options.resume == "auto":
+        print(f"no checkpoint in {options.output} yet: starting a new run")
     model = build_model(config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,16 +260,29 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     budget = None if options.iters is not None else (options.minutes or 12.0) * 60.0
     total = options.iters
     history: list[dict] = []
+    iteration, elapsed_before, running, running_steps, skipped = 0, 0.0, {}, 0, 0
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        batches.load_state_dict(resumed["data"])
+        set_rng_state(resumed["rng"][0])
+        iteration = resumed["schedule"]["iteration"]
+        elapsed_before = resumed["schedule"]["elapsed_seconds"]
+        history, running = list(resumed["history"]), dict(resumed["running"])
+        running_steps, skipped = resumed["running_steps"], resumed["skipped"]
+        print(f"resumed from {resume_path} at iteration {iteration}")
     log_path = os.path.join(options.output, "log.jsonl")
-    log_file = open(log_path, "w")
+    log_file = open(log_path, "w")  # rewritten from the checkpoint's log: no records past it survive
+    for record in history:
+        log_file.write(json.dumps(record) + "\n")
     bar = None
     if options.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=total if total else int(budget), unit="it" if total else "s",
-                   desc="training", dynamic_ncols=True)
-    start = time.perf_counter()
-    iteration, progress, running, skipped = 0, 0.0, {}, 0
+                   desc="training", dynamic_ncols=True, initial=iteration if total else int(elapsed_before))
+    start = time.perf_counter() - elapsed_before
+    progress = iteration / total if total else elapsed_before / budget
     while progress < 1.0:
         factor = lr_factor(progress, iteration, options)
         for group in optimizer.param_groups:
@@ -251,13 +304,13 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             clipped_step(optimizer, params, options.clip_grad)
             for name, value in losses.items():
                 running[name] = running.get(name, 0.0) + value.detach()
+            running_steps += 1
         iteration += 1
         elapsed = time.perf_counter() - start
         new_progress = iteration / total if total else elapsed / budget
         if (iteration % options.log_every == 0 or new_progress >= 1.0) and running:
-            record = {name: float(value) / ((iteration - 1) % options.log_every + 1)
-                      for name, value in running.items()}
-            running = {}
+            record = {name: float(value) / running_steps for name, value in running.items()}
+            running, running_steps = {}, 0
             record.update(iter=iteration, seconds=round(elapsed, 2), lr=options.lr * factor)
             record["loss"] = record["loss_cls"] + record["loss_box"]
             history.append(record)
@@ -269,16 +322,21 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
                                 it=iteration, refresh=False)
         if bar is not None:
             bar.update(1 if total else max(0, int(elapsed) - bar.n))
-        if options.checkpoint_every and iteration % options.checkpoint_every == 0:
-            save_checkpoint(os.path.join(options.output, "model_last.pth"), model, config, options,
-                            iteration, digits_params, batches.class_names)
         progress = new_progress
+        if options.checkpoint_every and iteration % options.checkpoint_every == 0 and progress < 1.0:
+            state = training_state(model, optimizer, config, options, iteration, elapsed, batches, history,
+                                   running, digits_params, [rng_state()])
+            save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
+                        os.path.join(options.output, LATEST))
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     log_file.close()
-    save_checkpoint(os.path.join(options.output, "model_final.pth"), model, config, options, iteration,
-                    digits_params, batches.class_names)
+    state = training_state(model, optimizer, config, options, iteration, seconds, batches, history, running,
+                           digits_params, [rng_state()])
+    save_atomic({**state, "running_steps": running_steps, "skipped": skipped}, os.path.join(options.output, FINAL))
+    if os.path.exists(os.path.join(options.output, LATEST)):  # older than FINAL: --resume auto must not pick it
+        os.remove(os.path.join(options.output, LATEST))
     result = {"model": model, "history": history, "iterations": iteration, "seconds": seconds,
               "stats": None, "skipped": skipped}
     summary = {"iterations": iteration, "skipped_batches": skipped, "train_seconds": round(seconds, 1),
