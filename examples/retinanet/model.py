@@ -128,7 +128,8 @@ class RetinaNet(nn.Module):
         positives, both normalised by the number of positive anchors in the batch (a tensor)."""
         cfg = self.config
         foreground = gt_classes >= 0  # (N, R)
-        num_foreground = foreground.sum().clamp(min=1).to(cls_logits.dtype)  # 0-dim, no host sync
+        # 0-dim, no host sync; float32 even for 16-bit logits, whose 8-bit mantissa would round the count
+        num_foreground = foreground.sum().clamp(min=1).to(torch.float32)
         loss_cls = classification_loss(cls_logits, gt_classes, num_foreground, cfg.focal_alpha,
                                        cfg.focal_gamma, cfg.loss_impl)
         gt_deltas = self.box_coder.encode(gt_boxes, anchors.unsqueeze(0))  # (N, R, 4)

@@ -37,6 +37,7 @@ from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rn
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
 from .errors import InputError, report_input_errors
+from .precision import AMP_CHOICES, autocast, check_amp, grad_scaler
 
 
 # The built-in digits variant (``digits.VARIANTS``) a model preset trains on when ``--digits`` is not
@@ -68,6 +69,8 @@ class TrainOptions:
     iters: int | None = None  # overrides --minutes
     resume: str | None = None  # a checkpoint to continue from, or "auto": the latest in --output
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    amp: str = "none"  # mixed precision: "none", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler)
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
     nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the batch
     flip_prob: float = 0.0
     seed: int = 0
@@ -116,6 +119,22 @@ def check_options(options: "TrainOptions") -> None:
     need(o.num_train_images is None or o.num_train_images >= 1, "num-train-images", "at least 1",
          o.num_train_images)
     need(o.nonfinite in NONFINITE_CHOICES, "nonfinite", f"one of {NONFINITE_CHOICES}", o.nonfinite)
+    need(o.amp in AMP_CHOICES, "amp", f"one of {AMP_CHOICES}", o.amp)
+    need(o.device in DEVICE_CHOICES, "device", f"one of {DEVICE_CHOICES}", o.device)
+
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def training_device(options: "TrainOptions") -> torch.device:
+    """The device to train on; an :class:`InputError` for ``--device cuda`` without a GPU, or for a
+    precision the device cannot train in."""
+    if options.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    use_cuda = options.device == "cuda" or (options.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    check_amp(options.amp, device)
+    return device
 
 
 class NonFiniteLossError(RuntimeError):
@@ -203,11 +222,19 @@ def check_finite(losses: dict, iteration: int) -> str | None:
     return None
 
 
-def clipped_step(optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None) -> torch.Tensor | None:
+def clipped_step(optimizer: torch.optim.Optimizer, params: list, clip_grad: float | None,
+                 scaler: torch.amp.GradScaler | None = None) -> torch.Tensor | None:
     """Clip the global gradient norm of ``params`` to ``clip_grad`` (if set), then step. Returns the
-    norm before clipping (None without clipping)."""
+    norm before clipping (None without clipping). With a float16 ``scaler`` the gradients are unscaled
+    first, so that the clipping threshold is in true gradient units."""
+    if scaler is not None and clip_grad:
+        scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(params, clip_grad) if clip_grad else None
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
     return norm
 
 
@@ -252,8 +279,10 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         check_resumable(resumed, resume_path, batches, world_size=1)
     elif options.resume == "auto":
         print(f"no checkpoint in {options.output} yet: starting a new run")
-    model = build_model(config)
+    device = training_device(options)
+    model = build_model(config).to(device)
     model.train()
+    scaler = grad_scaler(options.amp, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
                                 weight_decay=options.weight_decay)
@@ -264,6 +293,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
+        if scaler is not None and resumed.get("scaler"):
+            scaler.load_state_dict(resumed["scaler"])
         batches.load_state_dict(resumed["data"])
         set_rng_state(resumed["rng"][0])
         iteration = resumed["schedule"]["iteration"]
@@ -288,7 +319,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         for group in optimizer.param_groups:
             group["lr"] = options.lr * factor
         images, targets = batches.next_batch()
-        losses = model(images, targets)
+        with autocast(options.amp, device):
+            losses = model(images, targets)
         problem = check_finite(losses, iteration + 1)
         if problem is not None:
             if options.nonfinite == "stop":
@@ -300,8 +332,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         else:
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            clipped_step(optimizer, params, options.clip_grad)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            clipped_step(optimizer, params, options.clip_grad, scaler)
             for name, value in losses.items():
                 running[name] = running.get(name, 0.0) + value.detach()
             running_steps += 1
@@ -325,7 +357,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         progress = new_progress
         if options.checkpoint_every and iteration % options.checkpoint_every == 0 and progress < 1.0:
             state = training_state(model, optimizer, config, options, iteration, elapsed, batches, history,
-                                   running, digits_params, [rng_state()])
+                                   running, digits_params, [rng_state()], scaler)
             save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
                         os.path.join(options.output, LATEST))
     seconds = time.perf_counter() - start
@@ -333,7 +365,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         bar.close()
     log_file.close()
     state = training_state(model, optimizer, config, options, iteration, seconds, batches, history, running,
-                           digits_params, [rng_state()])
+                           digits_params, [rng_state()], scaler)
     save_atomic({**state, "running_steps": running_steps, "skipped": skipped}, os.path.join(options.output, FINAL))
     if os.path.exists(os.path.join(options.output, LATEST)):  # older than FINAL: --resume auto must not pick it
         os.remove(os.path.join(options.output, LATEST))
@@ -377,7 +409,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def train_choices() -> dict:
     from .digits import VARIANTS
 
-    return {"digits": sorted(VARIANTS), "nonfinite": NONFINITE_CHOICES}
+    return {"digits": sorted(VARIANTS), "nonfinite": NONFINITE_CHOICES, "amp": AMP_CHOICES,
+            "device": DEVICE_CHOICES}
 
 
 def options_from_arguments(args: argparse.Namespace) -> TrainOptions:
