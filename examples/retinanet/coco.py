@@ -196,3 +196,37 @@ def coco_api(dataset: dict):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def dataset_layout(root: str) -> dict:
+    """``{"train": (image_root, json), "val": (image_root, json) or None}`` of a COCO-format folder.
+
+    Two layouts are recognised, checked in this order:
+
+    * ``ROOT/train.json`` and optionally ``ROOT/val.json``, image paths relative to ``ROOT`` (what
+      ``digits`` writes);
+    * COCO's own: ``ROOT/annotations/instances_<split>.json`` with the images of that split in
+      ``ROOT/<split>/`` (e.g. ``instances_train2017.json`` and ``train2017/``), one train and at most
+      one val split.
+    """
+    from .errors import require_directory
+
+    require_directory(root, "--data folder")
+    train_json, val_json = os.path.join(root, "train.json"), os.path.join(root, "val.json")
+    if os.path.isfile(train_json):
+        return {"train": (root, train_json), "val": (root, val_json) if os.path.isfile(val_json) else None}
+    annotations = os.path.join(root, "annotations")
+    found = {}
+    if os.path.isdir(annotations):
+        for name in sorted(os.listdir(annotations)):
+            if name.startswith("instances_") and name.endswith(".json"):
+                split = name[len("instances_"):-len(".json")]
+                kind = "train" if split.startswith("train") else "val" if split.startswith("val") else None
+                if kind is not None:
+                    if kind in found:
+                        raise InputError(f"--data {root}: more than one {kind} split in {annotations} "
+                                         f"({found[kind][1]} and {name}); pass --train-json/--val-json")
+                    found[kind] = (os.path.join(root, split), os.path.join(annotations, name))
+    if "train" not in found:
+        raise InputError(f"--data {root}: found neither {train_json} nor {annotations}/instances_train*.json")
+    return {"train": found["train"], "val": found.get("val")}

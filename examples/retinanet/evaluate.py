@@ -131,6 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")
     parser.add_argument("--data-root", default=None,
                         help="built-in digits dataset folder; default: the one the checkpoint trained on")
+    parser.add_argument("--data", default=None, help="a COCO-format folder (its val split), as train's --data")
     parser.add_argument("--image-root", default=None, help="image folder of a COCO dataset")
     parser.add_argument("--val-json", default=None, help="COCO annotation json to evaluate on")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training size")
@@ -150,7 +151,14 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args.checkpoint)
     image_size = args.image_size or checkpoint.get("image_size", 96)
-    if args.val_json:
+    if args.data:
+        from .coco import dataset_layout
+
+        val = dataset_layout(args.data)["val"]
+        if val is None:
+            raise InputError(f"--data {args.data} has no val split to evaluate on")
+        image_root, annotation_file = val
+    elif args.val_json:
         image_root, annotation_file = args.image_root or os.path.dirname(args.val_json), args.val_json
     else:
         from .digits import DigitsParams, ensure_digits_dataset

@@ -36,6 +36,7 @@ import torch
 from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
+from .coco import dataset_layout
 from .errors import InputError, report_input_errors
 from .precision import AMP_CHOICES, autocast, check_amp, grad_scaler
 
@@ -51,6 +52,7 @@ class TrainOptions:
     output: str = "runs/retinanet/default"
     data_root: str | None = None  # built-in digits folder; None: data/digits, data/digits-VARIANT for others
     digits: str | None = None  # built-in digits variant; None: the preset's (PRESET_DIGITS) or "default"
+    data: str | None = None  # a COCO-format folder (see coco.dataset_layout); or the three below
     image_root: str | None = None
     train_json: str | None = None
     val_json: str | None = None
@@ -160,13 +162,19 @@ def resolve_options(options: TrainOptions, preset: str | None = None) -> TrainOp
 
     digits = options.digits or PRESET_DIGITS.get(preset, "default")
     params = variant_params(digits)
-    image_size = options.image_size or (96 if options.train_json else params.image_size)
+    image_size = options.image_size or (96 if options.train_json or options.data else params.image_size)
     return dataclasses.replace(options, digits=digits, data_root=options.data_root or default_root(digits),
                                image_size=image_size)
 
 
 def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
-    """``({"train": (root, json), "val": (root, json)}, digits params or None)``."""
+    """``({"train": (image root, json), "val": (image root, json) or None}, digits params or None)``:
+    ``--data``, else ``--train-json`` (images under ``--image-root``, default the json's folder), else
+    the built-in digits (generated on first use)."""
+    if options.data:
+        if options.train_json or options.val_json:
+            raise InputError("--data and --train-json/--val-json both name the data: pass one or the other")
+        return dataset_layout(options.data), None
     if options.train_json:
         root = options.image_root or os.path.dirname(options.train_json)
         return {"train": (root, options.train_json), "val": (root, options.val_json)}, None
