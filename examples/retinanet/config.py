@@ -29,6 +29,9 @@ class RetinaNetConfig:
     # (1.0 is torchvision's network, whose checkpoints ``weights`` can load).
     depth: int = 50
     backbone_width: float = 1.0
+    # "bn": torchvision's BatchNorm; "gn": GroupNorm (32 groups or fewer), whose statistics do not depend
+    # on how the batch is split across processes (with several GPUs, train's --sync-bn is the other way).
+    backbone_norm: str = "bn"
     weights: str | None = None
     # FPN: which pyramid levels feed the heads (3..7) and their channel count.
     levels: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -72,6 +75,8 @@ class RetinaNetConfig:
             )
         if not set(self.levels) <= {3, 4, 5, 6, 7}:
             raise ValueError(f"levels must be within 3..7, got {self.levels}")
+        if self.backbone_norm not in ("bn", "gn"):
+            raise ValueError(f"backbone_norm must be 'bn' or 'gn', got {self.backbone_norm!r}")
         if self.head_norm not in ("none", "gn"):
             raise ValueError(f"head_norm must be 'none' or 'gn', got {self.head_norm!r}")
         if self.loss_impl not in ("focal", "reference", "torchvision"):
@@ -124,6 +129,7 @@ PRESETS = {"fast": fast_config, "imbalance": imbalance_config, "paper": paper_co
 
 CHOICES = {
     "head_norm": ("none", "gn"),
+    "backbone_norm": ("bn", "gn"),
     "loss_impl": ("focal", "reference", "torchvision"),
     "box_loss": ("smooth_l1", "l1", "giou"),
 }

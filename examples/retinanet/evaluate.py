@@ -53,10 +53,14 @@ def check_classes(config, checkpoint: dict, dataset: CocoDetection, checkpoint_p
 
 
 @torch.no_grad()
-def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool = False) -> list[dict]:
-    """Run ``model`` over ``dataset``; COCO result dicts with boxes in original image coordinates."""
+def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool = False,
+            shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run ``model`` over ``dataset``; COCO result dicts with boxes in original image coordinates and
+    the dataset's category ids. ``shard=(rank, world_size)`` predicts every world_size-th image only."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    rank, world_size = shard
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     if progress:
         from tqdm import tqdm
 
@@ -89,18 +93,31 @@ def coco_evaluate(dataset: CocoDetection, results: list[dict], verbose: bool = F
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats[:6])}
 
 
+def evaluate_dataset(model, dataset: CocoDetection, batch_size: int = 32, verbose: bool = False,
+                     progress: bool = False) -> dict | None:
+    """COCO stats of ``model`` on ``dataset``. Under ``torchrun`` every process predicts its share of
+    the images and rank 0 gathers all detections and evaluates; the other ranks return None."""
+    from . import distributed
+
+    ctx = distributed.context()
+    start = time.perf_counter()
+    shard = predict(model, dataset, batch_size, progress and ctx.is_main, (ctx.rank, ctx.world_size))
+    results = [r for part in distributed.all_gather(shard) for r in part]
+    if not ctx.is_main:
+        return None
+    stats = coco_evaluate(dataset, results, verbose)
+    stats["eval_seconds"] = time.perf_counter() - start
+    stats["num_detections"] = len(results)
+    return stats
+
+
 def evaluate_model(model, image_root: str, annotation_file: str, image_size: int, batch_size: int = 32,
                    verbose: bool = False, progress: bool = False, checkpoint: dict | None = None,
                    checkpoint_path: str = "the model") -> dict:
     """COCO stats of ``model`` on a COCO dataset, after checking that its classes are the dataset's."""
     dataset = CocoDetection(image_root, annotation_file, build_transform(image_size, train=False))
     check_classes(model.config, checkpoint or {}, dataset, checkpoint_path)
-    start = time.perf_counter()
-    results = predict(model, dataset, batch_size, progress)
-    stats = coco_evaluate(dataset, results, verbose)
-    stats["eval_seconds"] = time.perf_counter() - start
-    stats["num_detections"] = len(results)
-    return stats
+    return evaluate_dataset(model, dataset, batch_size, verbose, progress)
 
 
 def load_checkpoint(path: str):

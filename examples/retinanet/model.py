@@ -43,7 +43,8 @@ class RetinaNet(nn.Module):
     def __init__(self, config: RetinaNetConfig):
         super().__init__()
         self.config = config
-        self.backbone = ResNetFPN(config.depth, config.backbone_width, config.levels, config.fpn_channels)
+        self.backbone = ResNetFPN(config.depth, config.backbone_width, config.levels, config.fpn_channels,
+                                  config.backbone_norm)
         if config.weights:
             self.backbone.body.load_torchvision_checkpoint(config.weights)
         self.anchor_generator = AnchorGenerator(
@@ -57,6 +58,9 @@ class RetinaNet(nn.Module):
         self.matcher = Matcher(config.fg_iou_threshold, config.bg_iou_threshold,
                                config.allow_low_quality_matches)
         self.box_coder = BoxCoder()
+        # Maps this process's positive-anchor count (a 0-dim float32 tensor) to the loss normaliser;
+        # None: the count itself, at least 1. Data-parallel training sets distributed.global_normalizer.
+        self.normalizer_fn = None
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
         if config.channels_last:
@@ -129,7 +133,11 @@ class RetinaNet(nn.Module):
         cfg = self.config
         foreground = gt_classes >= 0  # (N, R)
         # 0-dim, no host sync; float32 even for 16-bit logits, whose 8-bit mantissa would round the count
-        num_foreground = foreground.sum().clamp(min=1).to(torch.float32)
+        num_foreground = foreground.sum().to(torch.float32)
+        if self.normalizer_fn is not None:
+            num_foreground = self.normalizer_fn(num_foreground)  # e.g. the global count under DDP
+        else:
+            num_foreground = num_foreground.clamp(min=1)
         loss_cls = classification_loss(cls_logits, gt_classes, num_foreground, cfg.focal_alpha,
                                        cfg.focal_gamma, cfg.loss_impl)
         gt_deltas = self.box_coder.encode(gt_boxes, anchors.unsqueeze(0))  # (N, R, 4)

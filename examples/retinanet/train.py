@@ -36,6 +36,7 @@ import torch
 from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
+from . import distributed
 from .coco import dataset_layout
 from .errors import InputError, report_input_errors
 from .precision import AMP_CHOICES, autocast, check_amp, grad_scaler
@@ -71,6 +72,7 @@ class TrainOptions:
     iters: int | None = None  # overrides --minutes
     resume: str | None = None  # a checkpoint to continue from, or "auto": the latest in --output
     clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    sync_bn: bool = False  # several CUDA processes: BatchNorm statistics over the global batch
     amp: str = "none"  # mixed precision: "none", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
     nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the batch
@@ -222,6 +224,13 @@ def check_resumable(checkpoint: dict, path: str, batches: InMemoryBatches, world
                          f"{batches.batch_size * batches.world_size}: resume with the same batch size")
 
 
+def finish_ddp_step(losses: dict) -> None:
+    """Run a backward pass whose gradients are discarded, so that DistributedDataParallel, which
+    expects one after each forward, completes its gradient reduction before the skipped batch is
+    dropped (the next ``zero_grad`` clears them; no optimizer step is taken)."""
+    torch.stack([torch.nan_to_num(v.float(), 0.0, 0.0, 0.0) for v in losses.values()]).sum().mul(0).backward()
+
+
 def check_finite(losses: dict, iteration: int) -> str | None:
     """None when every loss is finite, else a one-line description of the first one that is not."""
     for name, value in losses.items():
@@ -266,9 +275,16 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
           digits_params: dict | None = None) -> dict:
     """Train one model; returns ``{"model", "history", "iterations", "seconds", "stats", "skipped"}``.
 
-    ``batches`` can be passed in so several runs (``ablate``) share one decoded dataset.
+    ``batches`` can be passed in so several runs (``ablate``) share one decoded dataset. Inside a
+    ``torchrun`` process group (``distributed.process_group``) every process trains on its share of
+    each global batch of ``options.batch_size`` images; only rank 0 logs and writes files, and only
+    its ``stats`` are set.
     """
     options = resolve_options(options)
+    ctx = distributed.context()
+    if options.batch_size % ctx.world_size:
+        raise InputError(f"--batch-size {options.batch_size} is the global batch: it must be a multiple of "
+                         f"the {ctx.world_size} processes")
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
@@ -279,18 +295,20 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         paths, digits_params, train_set, val_set = load_datasets(options)
     if batches is None:
         config = dataclasses.replace(config, num_classes=len(train_set.category_ids))
-        batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed,
-                                  progress=options.progress)
+        batches = InMemoryBatches(train_set, options.batch_size // ctx.world_size, options.flip_prob,
+                                  options.seed, progress=options.progress and ctx.is_main, rank=ctx.rank,
+                                  world_size=ctx.world_size)
     if resumed is not None:
         # The model is the checkpoint's; the run length and the rest come from this command.
         config = RetinaNetConfig.from_dict({**resumed["config"], "weights": None})
-        check_resumable(resumed, resume_path, batches, world_size=1)
+        check_resumable(resumed, resume_path, batches, world_size=ctx.world_size)
     elif options.resume == "auto":
         print(f"no checkpoint in {options.output} yet: starting a new run")
     device = training_device(options)
     model = build_model(config).to(device)
     model.train()
     scaler = grad_scaler(options.amp, device)
+    forward = distributed.wrap(model, options.sync_bn, device)  # the DDP module, or the model itself
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=options.lr, momentum=options.momentum,
                                 weight_decay=options.weight_decay)
@@ -304,18 +322,20 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         if scaler is not None and resumed.get("scaler"):
             scaler.load_state_dict(resumed["scaler"])
         batches.load_state_dict(resumed["data"])
-        set_rng_state(resumed["rng"][0])
+        set_rng_state(resumed["rng"][ctx.rank])
         iteration = resumed["schedule"]["iteration"]
         elapsed_before = resumed["schedule"]["elapsed_seconds"]
         history, running = list(resumed["history"]), dict(resumed["running"])
         running_steps, skipped = resumed["running_steps"], resumed["skipped"]
-        print(f"resumed from {resume_path} at iteration {iteration}")
-    log_path = os.path.join(options.output, "log.jsonl")
-    log_file = open(log_path, "w")  # rewritten from the checkpoint's log: no records past it survive
-    for record in history:
-        log_file.write(json.dumps(record) + "\n")
+        if ctx.is_main:
+            print(f"resumed from {resume_path} at iteration {iteration}")
+    log_file = None
+    if ctx.is_main:
+        log_file = open(os.path.join(options.output, "log.jsonl"), "w")  # rewritten from the checkpoint's
+        for record in history:                                             # log: no records past it survive
+            log_file.write(json.dumps(record) + "\n")
     bar = None
-    if options.progress:
+    if options.progress and ctx.is_main:
         from tqdm import tqdm
 
         bar = tqdm(total=total if total else int(budget), unit="it" if total else "s",
@@ -328,15 +348,21 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             group["lr"] = options.lr * factor
         images, targets = batches.next_batch()
         with autocast(options.amp, device):
-            losses = model(images, targets)
+            losses = forward(images, targets)
         problem = check_finite(losses, iteration + 1)
-        if problem is not None:
+        if distributed.any_true(problem is not None, device):  # every process skips or stops together
+            problem = problem or f"a loss of another process is not finite at iteration {iteration + 1}"
+            if ctx.world_size > 1:
+                finish_ddp_step(losses)
             if options.nonfinite == "stop":
-                log_file.close()
-                raise NonFiniteLossError(f"{problem} (a diverging run: lower --lr, set --clip-grad, or "
-                                         f"--nonfinite skip to drop such batches)")
+                if log_file is not None:
+                    log_file.close()
+                raise NonFiniteLossError(f"{problem}{f' (rank {ctx.rank})' if ctx.world_size > 1 else ''} "
+                                         f"(a diverging run: lower --lr, set --clip-grad, or --nonfinite skip "
+                                         f"to drop such batches)")
             skipped += 1  # the batch is dropped; the iteration still counts towards the schedule
-            print(f"warning: {problem}; batch skipped ({skipped} so far)")
+            if ctx.is_main:
+                print(f"warning: {problem}; batch skipped ({skipped} so far)")
         else:
             loss = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
@@ -347,15 +373,19 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             running_steps += 1
         iteration += 1
         elapsed = time.perf_counter() - start
+        if budget is not None:
+            elapsed = distributed.rank0_value(elapsed)
         new_progress = iteration / total if total else elapsed / budget
-        if (iteration % options.log_every == 0 or new_progress >= 1.0) and running:
-            record = {name: float(value) / running_steps for name, value in running.items()}
+        if (iteration % options.log_every == 0 or new_progress >= 1.0) and running_steps:
+            averaged = distributed.mean_over_processes(running)
+            record = {name: float(value) / running_steps for name, value in averaged.items()}
             running, running_steps = {}, 0
             record.update(iter=iteration, seconds=round(elapsed, 2), lr=options.lr * factor)
             record["loss"] = record["loss_cls"] + record["loss_box"]
             history.append(record)
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
+            if log_file is not None:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
             if bar is not None:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", cls=f"{record['loss_cls']:.3f}",
                                 box=f"{record['loss_box']:.3f}", lr=f"{record['lr']:.4f}",
@@ -364,19 +394,24 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             bar.update(1 if total else max(0, int(elapsed) - bar.n))
         progress = new_progress
         if options.checkpoint_every and iteration % options.checkpoint_every == 0 and progress < 1.0:
-            state = training_state(model, optimizer, config, options, iteration, elapsed, batches, history,
-                                   running, digits_params, [rng_state()], scaler)
-            save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
-                        os.path.join(options.output, LATEST))
+            rng_states = distributed.all_gather(rng_state())  # a collective: every process takes part
+            if ctx.is_main:
+                state = training_state(model, optimizer, config, options, iteration, elapsed, batches, history,
+                                       running, digits_params, rng_states, scaler)
+                save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
+                            os.path.join(options.output, LATEST))
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    log_file.close()
-    state = training_state(model, optimizer, config, options, iteration, seconds, batches, history, running,
-                           digits_params, [rng_state()], scaler)
-    save_atomic({**state, "running_steps": running_steps, "skipped": skipped}, os.path.join(options.output, FINAL))
-    if os.path.exists(os.path.join(options.output, LATEST)):  # older than FINAL: --resume auto must not pick it
-        os.remove(os.path.join(options.output, LATEST))
+    rng_states = distributed.all_gather(rng_state())
+    if ctx.is_main:
+        log_file.close()
+        state = training_state(model, optimizer, config, options, iteration, seconds, batches, history, running,
+                               digits_params, rng_states, scaler)
+        save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
+                    os.path.join(options.output, FINAL))
+        if os.path.exists(os.path.join(options.output, LATEST)):  # older than FINAL: --resume auto must not
+            os.remove(os.path.join(options.output, LATEST))       # pick it
     result = {"model": model, "history": history, "iterations": iteration, "seconds": seconds,
               "stats": None, "skipped": skipped}
     summary = {"iterations": iteration, "skipped_batches": skipped, "train_seconds": round(seconds, 1),
@@ -384,16 +419,17 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
                # other processes on the machine slow a wall-clock-budgeted run down: record them
                "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
     if val_set is not None:
-        from .evaluate import evaluate_model
+        from .evaluate import evaluate_dataset
 
-        stats = evaluate_model(model, *paths["val"], options.image_size, verbose=options.progress,
-                               progress=options.progress)
+        stats = evaluate_dataset(model, val_set, verbose=options.progress and ctx.is_main,
+                                 progress=options.progress)
         result["stats"] = stats
-        summary.update(stats)
-    with open(os.path.join(options.output, "metrics.json"), "w") as f:
-        json.dump({"summary": summary, "config": config.to_dict(), "options": dataclasses.asdict(options)},
-                  f, indent=1)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+        summary.update(stats or {})
+    if ctx.is_main:
+        with open(os.path.join(options.output, "metrics.json"), "w") as f:
+            json.dump({"summary": summary, "config": config.to_dict(), "options": dataclasses.asdict(options),
+                       "world_size": ctx.world_size}, f, indent=1)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
     return result
 
 
@@ -442,7 +478,8 @@ def main(argv=None) -> None:
         options = options_from_arguments(args)
         if options.minutes is None and options.iters is None:
             options.minutes = 12.0
-        train(config, options)
+        with distributed.process_group(options.device):
+            train(config, options)
 
 
 if __name__ == "__main__":

@@ -260,3 +260,19 @@ def test_two_labels_on_one_box_do_not_hide_each_other():
     pixels = np.asarray(drawn).reshape(-1, 3)
     label_pixels = [int((pixels == colour).all(axis=1).sum()) for colour in infer.PALETTE[:2]]
     assert min(label_pixels) > 100, label_pixels  # a filled label each, not just a box outline
+
+
+def test_weights_file_is_loaded_safely_and_checked(tmp_path):
+    from examples.retinanet.backbone import ResNetBody
+    from examples.retinanet.errors import InputError
+
+    body = ResNetBody(depth=18, width=1.0)
+    good = tmp_path / "resnet18.pth"
+    torch.save({**body.state_dict(), "fc.weight": torch.zeros(2, 2)}, good)
+    ResNetBody(depth=18, width=1.0).load_torchvision_checkpoint(str(good))
+    with pytest.raises(InputError, match="does not fit this backbone .*resnet34"):
+        ResNetBody(depth=34, width=1.0).load_torchvision_checkpoint(str(good))
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"x": argparse_namespace()}, pickled)
+    with pytest.raises(InputError, match="--weights file .* holds Python objects"):
+        body.load_torchvision_checkpoint(str(pickled))
