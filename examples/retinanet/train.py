@@ -10,7 +10,9 @@ SGD with momentum 0.9 and weight decay 1e-4, linear warm-up, and the paper's ste
 ``--iters`` or a wall-clock budget ``--minutes``; with a budget the schedule is a function of elapsed
 time, so the learning-rate drops land at the same fraction of the run however fast the machine is.
 
-Writes to ``--output``: ``log.jsonl`` (losses and learning rate), ``model_final.pth`` (plus
+Writes to ``--output`` (rank 0 only): ``log.jsonl`` (losses and learning rate),
+``training_curves.png`` (losses, learning rate, AP per evaluation), ``summary.md`` (the final table),
+``tensorboard/`` (when the package is installed), ``model_final.pth`` (plus
 ``model_last.pth`` every ``--checkpoint-every`` iterations, removed at the end), ``metrics.json`` (COCO
 stats). Checkpoints hold everything needed to continue exactly: ``--resume PATH`` or ``--resume auto``
 (the latest checkpoint in ``--output``, a new run when there is none).
@@ -33,13 +35,16 @@ from dataclasses import dataclass
 
 import torch
 
+from . import distributed
 from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rng_state, save_atomic, set_rng_state
+from .coco import dataset_layout
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
-from . import distributed
-from .coco import dataset_layout
 from .errors import InputError, report_input_errors
+from .evaluate import evaluate_dataset
+from .plots import CURVES_FILE, SUMMARY_FILE, plot_training_curves, summary_table
 from .precision import AMP_CHOICES, autocast, check_amp, grad_scaler
+from .tensorboard_log import TensorBoardLog
 
 
 # The built-in digits variant (``digits.VARIANTS``) a model preset trains on when ``--digits`` is not
@@ -82,6 +87,8 @@ class TrainOptions:
     log_every: int = 20
     checkpoint_every: int = 500
     evaluate: bool = True
+    eval_every: int = 0  # also evaluate every N iterations (AP over the run); 0: only at the end
+    tensorboard: bool = True  # a TensorBoard log in OUTPUT/tensorboard when the package is installed
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -119,6 +126,7 @@ def check_options(options: "TrainOptions") -> None:
     need(o.threads >= 1, "threads", "at least 1", o.threads)
     need(o.log_every >= 1, "log-every", "at least 1", o.log_every)
     need(o.checkpoint_every >= 0, "checkpoint-every", "0 (off) or more", o.checkpoint_every)
+    need(o.eval_every >= 0, "eval-every", "0 (off) or more", o.eval_every)
     need(o.image_size is None or o.image_size >= 32, "image-size", "at least 32 pixels", o.image_size)
     need(o.num_train_images is None or o.num_train_images >= 1, "num-train-images", "at least 1",
          o.num_train_images)
@@ -190,7 +198,8 @@ def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
 
 
 def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOptions, iteration: int,
-                   elapsed: float, batches: InMemoryBatches, history: list[dict], running: dict,
+                   elapsed: float, batches: InMemoryBatches, history: list[dict], evaluations: list[dict],
+                   running: dict,
                    digits_params: dict | None, rng_states: list[dict], scaler=None) -> dict:
     """Everything a run needs to continue exactly where it stopped, as tensors and plain containers
     (see ``checkpoint``): model, optimizer (momentum buffers), gradient scaler, the schedule's position
@@ -200,7 +209,7 @@ def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOpti
             "scaler": scaler.state_dict() if scaler is not None else None,
             "schedule": {"iteration": iteration, "elapsed_seconds": elapsed},
             "data": batches.state_dict(), "rng": rng_states, "world_size": len(rng_states),
-            "history": history, "running": running, "iteration": iteration,
+            "history": history, "evaluations": evaluations, "running": running, "iteration": iteration,
             "image_size": options.image_size, "options": dataclasses.asdict(options),
             "digits_params": digits_params, "class_names": batches.class_names,
             "category_ids": batches.category_ids}
@@ -315,6 +324,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     budget = None if options.iters is not None else (options.minutes or 12.0) * 60.0
     total = options.iters
     history: list[dict] = []
+    evaluations: list[dict] = []  # {"iter", "AP", "AP50", ...} per evaluation (rank 0)
     iteration, elapsed_before, running, running_steps, skipped = 0, 0.0, {}, 0, 0
     if resumed is not None:
         model.load_state_dict(resumed["model"])
@@ -326,6 +336,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         iteration = resumed["schedule"]["iteration"]
         elapsed_before = resumed["schedule"]["elapsed_seconds"]
         history, running = list(resumed["history"]), dict(resumed["running"])
+        evaluations = list(resumed.get("evaluations") or [])
         running_steps, skipped = resumed["running_steps"], resumed["skipped"]
         if ctx.is_main:
             print(f"resumed from {resume_path} at iteration {iteration}")
@@ -334,6 +345,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         log_file = open(os.path.join(options.output, "log.jsonl"), "w")  # rewritten from the checkpoint's
         for record in history:                                             # log: no records past it survive
             log_file.write(json.dumps(record) + "\n")
+    board = TensorBoardLog(options.output, enabled=options.tensorboard and ctx.is_main)
     bar = None
     if options.progress and ctx.is_main:
         from tqdm import tqdm
@@ -383,6 +395,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
             record.update(iter=iteration, seconds=round(elapsed, 2), lr=options.lr * factor)
             record["loss"] = record["loss_cls"] + record["loss_box"]
             history.append(record)
+            board.scalars(record, iteration, "train")
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
@@ -393,39 +406,59 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         if bar is not None:
             bar.update(1 if total else max(0, int(elapsed) - bar.n))
         progress = new_progress
+        if val_set is not None and options.eval_every and iteration % options.eval_every == 0 and progress < 1.0:
+            stats = evaluate_dataset(model, val_set)  # every process predicts its share
+            model.train()
+            if ctx.is_main:
+                evaluations.append({"iter": iteration, **stats})
+                board.scalars(stats, iteration, "val")
+                plot_training_curves(history, evaluations, os.path.join(options.output, CURVES_FILE))
         if options.checkpoint_every and iteration % options.checkpoint_every == 0 and progress < 1.0:
             rng_states = distributed.all_gather(rng_state())  # a collective: every process takes part
             if ctx.is_main:
                 state = training_state(model, optimizer, config, options, iteration, elapsed, batches, history,
-                                       running, digits_params, rng_states, scaler)
+                                       evaluations, running, digits_params, rng_states, scaler)
                 save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
                             os.path.join(options.output, LATEST))
+                plot_training_curves(history, evaluations, os.path.join(options.output, CURVES_FILE))
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     rng_states = distributed.all_gather(rng_state())
     if ctx.is_main:
         log_file.close()
-        state = training_state(model, optimizer, config, options, iteration, seconds, batches, history, running,
-                               digits_params, rng_states, scaler)
+        state = training_state(model, optimizer, config, options, iteration, seconds, batches, history,
+                               evaluations, running, digits_params, rng_states, scaler)
         save_atomic({**state, "running_steps": running_steps, "skipped": skipped},
                     os.path.join(options.output, FINAL))
         if os.path.exists(os.path.join(options.output, LATEST)):  # older than FINAL: --resume auto must not
             os.remove(os.path.join(options.output, LATEST))       # pick it
     result = {"model": model, "history": history, "iterations": iteration, "seconds": seconds,
               "stats": None, "skipped": skipped}
-    summary = {"iterations": iteration, "skipped_batches": skipped, "train_seconds": round(seconds, 1),
+    summary = {"iterations": iteration, "skipped_batches": skipped, "world_size": ctx.world_size,
+               "train_seconds": round(seconds, 1),
                "images_per_second": round(iteration * options.batch_size / seconds, 1),
                # other processes on the machine slow a wall-clock-budgeted run down: record them
                "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
+    if history:
+        summary.update({f"final_{k}": round(history[-1][k], 4) for k in ("loss", "loss_cls", "loss_box")})
     if val_set is not None:
-        from .evaluate import evaluate_dataset
-
         stats = evaluate_dataset(model, val_set, verbose=options.progress and ctx.is_main,
                                  progress=options.progress)
         result["stats"] = stats
         summary.update(stats or {})
+        if ctx.is_main:
+            evaluations.append({"iter": iteration, **stats})
+            board.scalars(stats, iteration, "val")
+    result["evaluations"] = evaluations
+    board.close()
     if ctx.is_main:
+        plot_training_curves(history, evaluations, os.path.join(options.output, CURVES_FILE))
+        table = summary_table(summary)
+        with open(os.path.join(options.output, SUMMARY_FILE), "w") as f:
+            f.write(table + "\n")
+        if options.progress:
+            print(table)
         with open(os.path.join(options.output, "metrics.json"), "w") as f:
             json.dump({"summary": summary, "config": config.to_dict(), "options": dataclasses.asdict(options),
                        "world_size": ctx.world_size}, f, indent=1)
