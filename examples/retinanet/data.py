@@ -10,7 +10,6 @@ detections are clipped to it, not to the padded square).
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch

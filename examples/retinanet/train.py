@@ -457,8 +457,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         table = summary_table(summary)
         with open(os.path.join(options.output, SUMMARY_FILE), "w") as f:
             f.write(table + "\n")
-        if options.progress:
-            print(table)
+        print(table)
         with open(os.path.join(options.output, "metrics.json"), "w") as f:
             json.dump({"summary": summary, "config": config.to_dict(), "options": dataclasses.asdict(options),
                        "world_size": ctx.world_size}, f, indent=1)
