@@ -273,3 +273,20 @@ def test_weights_file_is_loaded_safely_and_checked(tmp_path):
     torch.save({"x": argparse_namespace()}, pickled)
     with pytest.raises(InputError, match="--weights file .* holds Python objects"):
         body.load_torchvision_checkpoint(str(pickled))
+
+
+@pytest.mark.parametrize("main, flags, message", [
+    (evaluate.main, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (evaluate.main, ["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (infer.main, ["x.png", "--zoom", "0"], "--zoom must be at least 1, got 0"),
+    (infer.main, ["x.png", "--score-threshold", "1.5"], "--score-threshold must be within [0, 1], got 1.5"),
+])
+def test_evaluate_and_infer_reject_bad_numbers(main, flags, message, capsys):
+    assert run_main(main, flags, capsys).endswith(message)
+
+
+def test_evaluate_on_a_data_folder_without_val_split(tmp_path, capsys):
+    write_coco(tmp_path / "d", "train")
+    checkpoint = _checkpoint(tmp_path / "model.pth", 2)
+    line = run_main(evaluate.main, ["--checkpoint", checkpoint, "--data", str(tmp_path / "d")], capsys)
+    assert line.endswith(f"--data {tmp_path / 'd'} has no val split to evaluate on")
