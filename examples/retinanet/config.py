@@ -11,7 +11,7 @@ Three presets:
   1-2 digits). The digits keep their 14-40 px, so the ``fast`` anchors (P3-P4, base sizes 16 and 32,
   16-51 px with the scales) already fit them and the model is ``fast``'s unchanged; what the preset
   changes is the data. ``train`` and ``ablate`` look up the digits variant of the preset in
-  ``train.PRESET_DIGITS``, so ``--preset imbalance`` alone selects model, dataset and image size.
+  ``options.PRESET_DIGITS``, so ``--preset imbalance`` alone selects model, dataset and image size.
   The variant stays selectable on its own (``--digits imbalance``) to train any other model on it.
 """
 

@@ -28,7 +28,7 @@ import torch
 from .config import PRESETS, build_model
 from .digits import CLASS_NAMES, render_split, variant_params
 from .matcher import Matcher
-from .train import PRESET_DIGITS
+from .options import PRESET_DIGITS
 
 
 def expected_anchors_per_image(levels, image_size: int, anchors_per_cell: int) -> int:
