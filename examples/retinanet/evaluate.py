@@ -39,14 +39,15 @@ def to_original_pixels(boxes: torch.Tensor, scale: float, orig_size: tuple[int, 
     return boxes
 
 
-def check_classes(config, checkpoint: dict, dataset: CocoDetection, checkpoint_path: str = "checkpoint") -> None:
-    """An :class:`InputError` when the model's classes are not the dataset's (another class count, or
+def check_classes(num_classes: int, trained: list[int] | None, dataset: CocoDetection,
+                  checkpoint_path: str = "checkpoint") -> None:
+    """An :class:`InputError` when a model of ``num_classes`` outputs, trained on category ids
+    ``trained`` (None: not recorded), does not predict ``dataset``'s classes (another class count, or
     the same count of other category ids): its AP would be a number without meaning."""
     expected = len(dataset.category_ids)
-    if config.num_classes != expected:
-        raise InputError(f"{checkpoint_path} predicts {config.num_classes} classes but {dataset.data.path} has "
+    if num_classes != expected:
+        raise InputError(f"{checkpoint_path} predicts {num_classes} classes but {dataset.data.path} has "
                          f"{expected} categories: evaluate on the dataset the model was trained on")
-    trained = checkpoint.get("category_ids")
     if trained is not None and list(trained) != list(dataset.category_ids):
         raise InputError(f"{checkpoint_path} was trained on category ids {list(trained)[:10]}..., "
                          f"{dataset.data.path} has {dataset.category_ids[:10]}...: not the same classes")
@@ -116,7 +117,7 @@ def evaluate_model(model, image_root: str, annotation_file: str, image_size: int
                    checkpoint_path: str = "the model") -> dict:
     """COCO stats of ``model`` on a COCO dataset, after checking that its classes are the dataset's."""
     dataset = CocoDetection(image_root, annotation_file, build_transform(image_size, train=False))
-    check_classes(model.config, checkpoint or {}, dataset, checkpoint_path)
+    check_classes(model.config.num_classes, (checkpoint or {}).get("category_ids"), dataset, checkpoint_path)
     return evaluate_dataset(model, dataset, batch_size, verbose, progress)
 
 

@@ -39,9 +39,9 @@ from .coco import dataset_layout
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
 from .data import CocoDetection, InMemoryBatches, build_transform
 from .errors import InputError, report_input_errors
-from .evaluate import evaluate_dataset
-from .plots import CURVES_FILE, SUMMARY_FILE, plot_training_curves, summary_table
+from .evaluate import check_classes, evaluate_dataset
 from .options import TrainOptions, add_train_arguments, options_from_arguments, resolve_options
+from .plots import CURVES_FILE, SUMMARY_FILE, plot_training_curves, summary_table
 from .precision import autocast, check_amp, grad_scaler
 from .tensorboard_log import TensorBoardLog
 
@@ -94,8 +94,7 @@ def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
 
 def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOptions, iteration: int,
                    elapsed: float, batches: InMemoryBatches, history: list[dict], evaluations: list[dict],
-                   running: dict,
-                   digits_params: dict | None, rng_states: list[dict], scaler=None) -> dict:
+                   running: dict, digits_params: dict | None, rng_states: list[dict], scaler=None) -> dict:
     """Everything a run needs to continue exactly where it stopped, as tensors and plain containers
     (see ``checkpoint``): model, optimizer (momentum buffers), gradient scaler, the schedule's position
     (iteration and elapsed seconds: the learning rate is a function of those), the data position,
@@ -163,15 +162,13 @@ def load_datasets(options: TrainOptions):
     """``(paths, digits_params, train_set, val_set or None)``, every file checked (json, image headers),
     none decoded yet: a bad file is reported before any long work. ``val_set`` must have the train
     set's categories."""
-    from .evaluate import check_classes
-
     paths, digits_params = dataset_paths(options)
     train_set = CocoDetection(*paths["train"], build_transform(options.image_size, train=False))
     val_set = None
     if options.evaluate and paths.get("val") and paths["val"][1]:
         val_set = CocoDetection(*paths["val"], build_transform(options.image_size, train=False))
-        config = RetinaNetConfig(num_classes=len(train_set.category_ids))
-        check_classes(config, {"category_ids": train_set.category_ids}, val_set, f"training set {paths['train'][1]}")
+        check_classes(len(train_set.category_ids), train_set.category_ids, val_set,
+                      f"training set {paths['train'][1]}")
     return paths, digits_params, train_set, val_set
 
 
@@ -189,6 +186,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
     if options.batch_size % ctx.world_size:
         raise InputError(f"--batch-size {options.batch_size} is the global batch: it must be a multiple of "
                          f"the {ctx.world_size} processes")
+    device = training_device(options)
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
@@ -206,9 +204,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         # The model is the checkpoint's; the run length and the rest come from this command.
         config = RetinaNetConfig.from_dict({**resumed["config"], "weights": None})
         check_resumable(resumed, resume_path, batches, world_size=ctx.world_size)
-    elif options.resume == "auto":
+    elif options.resume == "auto" and ctx.is_main:
         print(f"no checkpoint in {options.output} yet: starting a new run")
-    device = training_device(options)
     model = build_model(config).to(device)
     model.train()
     scaler = grad_scaler(options.amp, device)

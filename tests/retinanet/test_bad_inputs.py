@@ -290,3 +290,19 @@ def test_evaluate_on_a_data_folder_without_val_split(tmp_path, capsys):
     checkpoint = _checkpoint(tmp_path / "model.pth", 2)
     line = run_main(evaluate.main, ["--checkpoint", checkpoint, "--data", str(tmp_path / "d")], capsys)
     assert line.endswith(f"--data {tmp_path / 'd'} has no val split to evaluate on")
+
+
+def test_train_refuses_a_val_set_of_other_classes_before_training(tmp_path, capsys, monkeypatch):
+    train_json = write_coco(tmp_path, "train")
+    val_json = write_coco(tmp_path, "val", categories=(1, 2, 3))
+    monkeypatch.setattr(CocoDetection, "load_image", lambda *a: pytest.fail("decoded before the check"))
+    line = run_main(train.main, ["--train-json", train_json, "--val-json", val_json, "--iters", "1",
+                                 "--output", str(tmp_path / "run"), "--no-progress"], capsys)
+    assert f"training set {train_json} predicts 2 classes but {val_json} has 3 categories" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no GPU is present")
+def test_device_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "dataset_paths", lambda *a: pytest.fail("data touched before the device check"))
+    line = run_main(train.main, ["--device", "cuda", "--output", str(tmp_path / "run")], capsys)
+    assert line.endswith("--device cuda: no CUDA device is available")
