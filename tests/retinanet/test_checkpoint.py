@@ -144,3 +144,46 @@ def test_training_checkpoint_loads_with_weights_only_and_rng_states_round_trip(d
 def _saved(path, payload) -> str:
     torch.save(payload, path)
     return str(path)
+
+
+def test_a_killed_process_resumes_bitwise(tmp_path):
+    """SIGKILL, not an exception: the process dies wherever it is (possibly inside a checkpoint write)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO_ROOT
+    from .tiny_coco import TINY_MODEL_FLAGS
+
+    path = write_coco(tmp_path / "d", "train", sizes=((40, 40),) * 6)
+    flags = ["--train-json", path, "--image-size", "32", "--batch-size", "2", "--iters", "10", "--lr", "0.02",
+             "--warmup-iters", "2", "--log-every", "2", "--checkpoint-every", "1", "--flip-prob", "0.5",
+             "--threads", "1", "--no-evaluate", "--no-progress", "--no-tensorboard", *TINY_MODEL_FLAGS]
+    killed = str(tmp_path / "killed")
+    # The child sleeps in every batch so that the kill lands mid-run; the training code is untouched.
+    child = ("import sys, time\nfrom examples.retinanet import train\nfrom examples.retinanet.data import "
+             "InMemoryBatches\nnext_batch = InMemoryBatches.next_batch\n"
+             "InMemoryBatches.next_batch = lambda self: (time.sleep(0.3), next_batch(self))[1]\n"
+             "train.main(sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", child, *flags, "--output", killed], cwd=REPO_ROOT)
+    latest = os.path.join(killed, ckpt.LATEST)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(latest) and torch.load(latest, weights_only=True)["iteration"] >= 3:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = torch.load(latest, weights_only=True)["iteration"]  # the last complete write loads
+    assert 3 <= stopped_at < 10
+    assert not os.path.exists(os.path.join(killed, ckpt.FINAL))
+
+    train.main(flags + ["--output", killed, "--resume", "auto"])
+    train.main(flags + ["--output", str(tmp_path / "whole")])
+    resumed = torch.load(os.path.join(killed, ckpt.FINAL), weights_only=True)
+    whole = torch.load(os.path.join(tmp_path, "whole", ckpt.FINAL), weights_only=True)
+    assert resumed["iteration"] == whole["iteration"] == 10
+    for name, value in whole["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
