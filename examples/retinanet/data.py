@@ -146,13 +146,13 @@ class InMemoryBatches:
     """The whole (transformed) dataset decoded once into one (N, 3, S, S) uint8 tensor, then served as
     batches by indexing: no per-step PNG decoding, no worker processes.
 
-    Sampling is that of ``torch.utils.data.DistributedSampler`` with ``drop_last``: epoch ``e`` shuffles
-    with a generator seeded ``seed + e``; of the ``N // (batch_size * world_size)`` full global batches,
-    process ``rank`` takes every ``world_size``-th image. So the union of the processes' step-k batches
-    is the step-k batch of one process with ``batch_size * world_size`` images, whatever the process
-    count, and the position in the data is two integers (``state_dict``): resuming is exact.
-    ``flip_prob`` flips an image left-right with a decision drawn per (epoch, image), likewise
-    independent of the process count.
+    The order is ``torch.utils.data.DistributedSampler``'s (``shuffle``, ``drop_last``, ``set_epoch``):
+    epoch ``e`` shuffles with a generator seeded ``seed + e`` and process ``rank`` takes every
+    ``world_size``-th image; its step-k batch is the k-th run of ``batch_size`` of those. So the union
+    of the processes' step-k batches is the step-k batch of one process with ``batch_size *
+    world_size`` images, whatever the process count, and the position in the data is two integers
+    (``state_dict``): resuming is exact. ``flip_prob`` flips an image left-right with a decision drawn
+    per (epoch, image), likewise independent of the process count.
     """
 
     def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
@@ -189,10 +189,17 @@ class InMemoryBatches:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This epoch's permutation of the dataset (N,) and flip decisions per dataset index (N,)."""
+        """This process's indices for the epoch (from the sampler) and flip decisions per dataset index (N,)."""
         if self._epoch_order is None or self._epoch_order[0] != self.epoch:
+            sampler = torch.utils.data.DistributedSampler(range(len(self)), num_replicas=self.world_size,
+                                                          rank=self.rank, shuffle=True, seed=self.seed,
+                                                          drop_last=True)
+            sampler.set_epoch(self.epoch)
+            order = torch.tensor(list(sampler), dtype=torch.int64)
+            # Flips from the same per-epoch generator, past the sampler's permutation: identical on
+            # every process, a function of (seed, epoch, image).
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(len(self), generator=generator)
+            torch.randperm(len(self), generator=generator)
             flips = torch.rand(len(self), generator=generator) < self.flip_prob
             self._epoch_order = (self.epoch, order, flips)
         return self._epoch_order[1], self._epoch_order[2]
@@ -202,9 +209,7 @@ class InMemoryBatches:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
         order, flips = self._order()
-        global_batch = self.batch_size * self.world_size
-        start = self.position * global_batch
-        index = order[start: start + global_batch][self.rank:: self.world_size]
+        index = order[self.position * self.batch_size: (self.position + 1) * self.batch_size]
         self.position += 1
         images = self.images[index]
         targets = [self.targets[i] for i in index.tolist()]

@@ -92,3 +92,16 @@ def test_learning_rate_schedule():
     assert lr_factor(0.9, 1000, options) == pytest.approx(0.01)
     # a short run ends its warm-up at warmup_max_fraction of the run at the latest
     assert lr_factor(0.1, 10, options) == 1.0
+
+
+def test_in_memory_batches_shard_the_global_batch_like_distributed_sampler(trained):
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    one = InMemoryBatches(dataset, batch_size=12, seed=3)
+    shards = [InMemoryBatches(dataset, batch_size=4, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert one.batches_per_epoch == shards[0].batches_per_epoch == 2  # 32 images, drop_last
+    for _ in range(5):  # across epoch boundaries
+        whole = sorted(t["image_id"] for t in one.next_batch()[1])
+        parts = [t["image_id"] for shard in shards for t in shard.next_batch()[1]]
+        assert sorted(parts) == whole and len(set(parts)) == 12
+    assert one.state_dict() == {"epoch": 2, "position": 1} == shards[2].state_dict()
