@@ -4,6 +4,9 @@
     python -m examples.retinanet.train --minutes 2          # a short demo run
     python -m examples.retinanet.train --preset imbalance   # 256-px digits variant, ~1:1,240 imbalance
     python -m examples.retinanet.train --preset paper --image-size 640 --train-json ... --val-json ...
+    python -m examples.retinanet.train --data DIR --amp bf16 --eval-every 1000  # any COCO-format folder
+    python -m examples.retinanet.train --output runs/x --resume auto            # continue an interrupted run
+    torchrun --nproc_per_node 8 -m examples.retinanet.train --data DIR --batch-size 64   # DDP, one machine
 
 SGD with momentum 0.9 and weight decay 1e-4, linear warm-up, and the paper's step schedule (x0.1 at
 2/3 and at 8/9 of training: 60k and 80k of 90k iterations) scaled to the run. The run length is either
