@@ -4,7 +4,8 @@
         --checkpoint runs/retinanet/default/model_final.pth --output outputs/retinanet
 
 Writes ``OUTPUT/detections.json`` (one entry per image: file, boxes in original pixels XYXY clipped to
-the image, scores, contiguous labels, the dataset's category ids, class names) and ``OUTPUT/<image name>.png`` with the detections drawn.
+the image, scores, contiguous labels, the dataset's category ids, class names) and
+``OUTPUT/<image name>.png`` with the detections drawn.
 """
 
 from __future__ import annotations
@@ -130,11 +131,14 @@ def main(argv=None) -> None:
         run(args)
 
 
-def open_image(path: str) -> Image.Image:
-    """The decoded image at ``path``; an :class:`InputError` naming it when it cannot be read."""
+def open_image(path: str, decode: bool = True) -> Image.Image | None:
+    """The decoded image at ``path`` (with ``decode=False``: only its header read, None returned); an
+    :class:`InputError` naming it when it cannot be read."""
     require_file(path, "image")
     try:
         with Image.open(path) as image:
+            if not decode:
+                return None
             image.load()
     except (OSError, ValueError) as error:
         raise InputError(f"image {path} is not a readable image: {error}") from None
@@ -143,14 +147,16 @@ def open_image(path: str) -> Image.Image:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    images = [open_image(path) for path in args.images]  # every file checked before the model loads
+    for path in args.images:  # every file checked (header only) before the model loads
+        open_image(path, decode=False)
     model, checkpoint = load_checkpoint(args.checkpoint)
     image_size = args.image_size or checkpoint.get("image_size", 96)
     class_names = class_names_of(checkpoint, model.config.num_classes)
     category_ids = checkpoint.get("category_ids") or list(range(model.config.num_classes))
     os.makedirs(args.output, exist_ok=True)
     records = []
-    for path, image in zip(args.images, images):
+    for path in args.images:
+        image = open_image(path)
         (detections,) = detect(model, [image], image_size, args.score_threshold)
         stem = os.path.splitext(os.path.basename(path))[0]
         drawn_path = os.path.join(args.output, f"{stem}.png")

@@ -61,6 +61,9 @@ def test_inference_writes_json_and_png(trained, tmp_path):
     with open(out / "detections.json") as f:
         (record,) = json.load(f)
     assert record["file"] == image and len(record["boxes"]) == len(record["scores"]) > 0
+    category_ids = sorted(c["id"] for c in json.load(open(paths["val"][1]))["categories"])
+    assert category_ids == list(range(1, 11))  # the digits' ids: label 0 is category 1
+    assert record["category_ids"] == [category_ids[label] for label in record["labels"]]
 
 
 def test_in_memory_batches_cover_an_epoch_and_flip_boxes(trained):
