@@ -49,8 +49,14 @@ def check_classes(num_classes: int, trained: list[int] | None, dataset: CocoDete
         raise InputError(f"{checkpoint_path} predicts {num_classes} classes but {dataset.data.path} has "
                          f"{expected} categories: evaluate on the dataset the model was trained on")
     if trained is not None and list(trained) != list(dataset.category_ids):
-        raise InputError(f"{checkpoint_path} was trained on category ids {list(trained)[:10]}..., "
-                         f"{dataset.data.path} has {dataset.category_ids[:10]}...: not the same classes")
+        raise InputError(f"{checkpoint_path} was trained on category ids {_first(trained)}, "
+                         f"{dataset.data.path} has {_first(dataset.category_ids)}: not the same classes")
+
+
+def _first(ids, count: int = 10) -> str:
+    """The first ``count`` ids for a message, "..." when there are more."""
+    ids = list(ids)
+    return str(ids[:count])[:-1] + (", ...]" if len(ids) > count else "]")
 
 
 @torch.no_grad()
