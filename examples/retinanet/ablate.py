@@ -25,7 +25,8 @@ import math
 import os
 
 from .config import add_config_arguments, config_from_arguments
-from .data import CocoDetection, InMemoryBatches, build_transform
+from .batches import InMemoryBatches
+from .data import CocoDetection, build_transform
 from .errors import report_input_errors
 from .train import add_train_arguments, dataset_paths, options_from_arguments, train
 

@@ -1,5 +1,5 @@
-"""COCO-format detection data: a pycocotools-backed dataset, transforms, a collate function, and an
-in-memory batch sampler for small datasets.
+"""COCO-format detection data: a checked dataset, transforms and a collate function (the batches a
+training run draws from it are in ``batches``).
 
 A sample is ``(image, target)``: ``image`` (3, S, S) uint8 (letterboxed: resized so the longer side is
 S, padded bottom/right), ``target`` a dict with ``boxes`` (M, 4) float XYXY in the resized image,
@@ -140,83 +140,3 @@ def collate(batch):
     """List of ``(image (3, S, S), target)`` -> ``(images (N, 3, S, S), [targets])``."""
     images, targets = zip(*batch)
     return torch.stack(images), list(targets)
-
-
-class InMemoryBatches:
-    """The whole (transformed) dataset decoded once into one (N, 3, S, S) uint8 tensor, then served as
-    batches by indexing: no per-step PNG decoding, no worker processes.
-
-    The order is ``torch.utils.data.DistributedSampler``'s (``shuffle``, ``drop_last``, ``set_epoch``):
-    epoch ``e`` shuffles with a generator seeded ``seed + e`` and process ``rank`` takes every
-    ``world_size``-th image; its step-k batch is the k-th run of ``batch_size`` of those. So the union
-    of the processes' step-k batches is the step-k batch of one process with ``batch_size *
-    world_size`` images, whatever the process count, and the position in the data is two integers
-    (``state_dict``): resuming is exact. ``flip_prob`` flips an image left-right with a decision drawn
-    per (epoch, image), likewise independent of the process count.
-    """
-
-    def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
-                 progress: bool = False, rank: int = 0, world_size: int = 1):
-        global_batch = batch_size * world_size
-        if global_batch > len(dataset):
-            raise InputError(f"batch size {global_batch} is larger than the {len(dataset)} images of "
-                             f"{dataset.data.path}: lower --batch-size")
-        items = range(len(dataset))
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(items, desc="loading images", leave=False)
-        samples = [dataset[i] for i in items]
-        self.images = torch.stack([s[0] for s in samples])
-        self.targets = [s[1] for s in samples]
-        self.class_names = list(dataset.class_names)
-        self.category_ids = list(dataset.category_ids)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.flip_prob = flip_prob
-        self.seed = seed
-        self.batches_per_epoch = len(self) // global_batch
-        self.epoch, self.position = 0, 0
-        self._epoch_order: tuple[int, torch.Tensor, torch.Tensor] | None = None
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def state_dict(self) -> dict:
-        """The position in the data: ``{"epoch", "position"}`` (batches already served this epoch)."""
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-
-    def _order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's indices for the epoch (from the sampler) and flip decisions per dataset index (N,)."""
-        if self._epoch_order is None or self._epoch_order[0] != self.epoch:
-            sampler = torch.utils.data.DistributedSampler(range(len(self)), num_replicas=self.world_size,
-                                                          rank=self.rank, shuffle=True, seed=self.seed,
-                                                          drop_last=True)
-            sampler.set_epoch(self.epoch)
-            order = torch.tensor(list(sampler), dtype=torch.int64)
-            # Flips from the same per-epoch generator, past the sampler's permutation: identical on
-            # every process, a function of (seed, epoch, image).
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            torch.randperm(len(self), generator=generator)
-            flips = torch.rand(len(self), generator=generator) < self.flip_prob
-            self._epoch_order = (self.epoch, order, flips)
-        return self._epoch_order[1], self._epoch_order[2]
-
-    def next_batch(self):
-        """``(images (B, 3, S, S) uint8, [targets])`` of this process; B is ``batch_size``."""
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order, flips = self._order()
-        index = order[self.position * self.batch_size: (self.position + 1) * self.batch_size]
-        self.position += 1
-        images = self.images[index]
-        targets = [self.targets[i] for i in index.tolist()]
-        flip = flips[index]
-        if flip.any():
-            images = images.clone()
-            images[flip] = images[flip].flip(-1)
-            width = images.shape[-1]
-            targets = [flip_target(t, width) if f else t for t, f in zip(targets, flip.tolist())]
-        return images, targets

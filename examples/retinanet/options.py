@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .batches import LOADER_CHOICES
 from .errors import InputError
 from .precision import AMP_CHOICES
 
@@ -53,6 +54,8 @@ class TrainOptions:
     amp: str = "none"  # mixed precision: "none", "bf16" (CPU or CUDA), "fp16" (CUDA, with a gradient scaler)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda"
     nonfinite: str = "stop"  # a NaN/inf loss: "stop" (error naming the loss and iteration) or "skip" the batch
+    loader: str = "auto"  # "memory" (decode all images once), "stream" (DataLoader workers), "auto"
+    workers: int = 2  # DataLoader worker processes of --loader stream
     flip_prob: float = 0.0
     seed: int = 0
     threads: int = 2
@@ -96,6 +99,8 @@ def check_options(options: TrainOptions) -> None:
     need(o.log_every >= 1, "log-every", "at least 1", o.log_every)
     need(o.checkpoint_every >= 0, "checkpoint-every", "0 (off) or more", o.checkpoint_every)
     need(o.eval_every >= 0, "eval-every", "0 (off) or more", o.eval_every)
+    need(o.loader in LOADER_CHOICES, "loader", f"one of {LOADER_CHOICES}", o.loader)
+    need(o.workers >= 0, "workers", "0 or more", o.workers)
     need(o.image_size is None or o.image_size >= 32, "image-size", "at least 32 pixels", o.image_size)
     need(o.num_train_images is None or o.num_train_images >= 1, "num-train-images", "at least 1",
          o.num_train_images)
@@ -138,7 +143,8 @@ def train_choices() -> dict:
     from .digits import VARIANTS
 
     return {"digits": sorted(VARIANTS), "nonfinite": NONFINITE_CHOICES, "amp": AMP_CHOICES,
-            "device": DEVICE_CHOICES}
+            "device": DEVICE_CHOICES,
+            "loader": LOADER_CHOICES}
 
 
 def options_from_arguments(args: argparse.Namespace) -> TrainOptions:

@@ -40,7 +40,8 @@ from . import distributed
 from .checkpoint import FINAL, LATEST, find_resume, load_training_checkpoint, rng_state, save_atomic, set_rng_state
 from .coco import dataset_layout
 from .config import RetinaNetConfig, add_config_arguments, build_model, config_from_arguments
-from .data import CocoDetection, InMemoryBatches, build_transform
+from .batches import BatchOrder, build_batches
+from .data import CocoDetection, build_transform
 from .errors import InputError, report_input_errors
 from .evaluate import check_classes, evaluate_dataset
 from .options import TrainOptions, add_train_arguments, options_from_arguments, resolve_options
@@ -96,7 +97,7 @@ def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
 
 
 def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOptions, iteration: int,
-                   elapsed: float, batches: InMemoryBatches, history: list[dict], evaluations: list[dict],
+                   elapsed: float, batches: BatchOrder, history: list[dict], evaluations: list[dict],
                    running: dict, digits_params: dict | None, rng_states: list[dict], scaler=None) -> dict:
     """Everything a run needs to continue exactly where it stopped, as tensors and plain containers
     (see ``checkpoint``): model, optimizer (momentum buffers), gradient scaler, the schedule's position
@@ -112,7 +113,7 @@ def training_state(model, optimizer, config: RetinaNetConfig, options: TrainOpti
             "category_ids": batches.category_ids}
 
 
-def check_resumable(checkpoint: dict, path: str, batches: InMemoryBatches, world_size: int) -> None:
+def check_resumable(checkpoint: dict, path: str, batches: BatchOrder, world_size: int) -> None:
     """An :class:`InputError` when ``checkpoint`` cannot continue this run exactly: not a training
     checkpoint (no optimizer state), another dataset's classes, another global batch or process count."""
     if "optimizer" not in checkpoint or "data" not in checkpoint:
@@ -175,7 +176,7 @@ def load_datasets(options: TrainOptions):
     return paths, digits_params, train_set, val_set
 
 
-def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatches | None = None,
+def train(config: RetinaNetConfig, options: TrainOptions, batches: BatchOrder | None = None,
           digits_params: dict | None = None) -> dict:
     """Train one model; returns ``{"model", "history", "iterations", "seconds", "stats", "skipped"}``.
 
@@ -200,9 +201,10 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: InMemoryBatch
         paths, digits_params, train_set, val_set = load_datasets(options)
     if batches is None:
         config = dataclasses.replace(config, num_classes=len(train_set.category_ids))
-        batches = InMemoryBatches(train_set, options.batch_size // ctx.world_size, options.flip_prob,
-                                  options.seed, progress=options.progress and ctx.is_main, rank=ctx.rank,
-                                  world_size=ctx.world_size)
+        batches = build_batches(train_set, options.batch_size // ctx.world_size, options.flip_prob, options.seed,
+                                options.loader, options.image_size, options.workers,
+                                progress=options.progress and ctx.is_main, rank=ctx.rank,
+                                world_size=ctx.world_size)
     if resumed is not None:
         # The model is the checkpoint's; the run length and the rest come from this command.
         config = RetinaNetConfig.from_dict({**resumed["config"], "weights": None})

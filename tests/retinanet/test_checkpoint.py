@@ -13,7 +13,7 @@ import torch
 from examples.retinanet import checkpoint as ckpt
 from examples.retinanet import train
 from examples.retinanet.config import fast_config
-from examples.retinanet.data import InMemoryBatches
+from examples.retinanet.batches import InMemoryBatches
 from examples.retinanet.errors import InputError
 
 from .tiny_coco import write_coco
@@ -162,7 +162,7 @@ def test_a_killed_process_resumes_bitwise(tmp_path):
              "--threads", "1", "--no-evaluate", "--no-progress", "--no-tensorboard", *TINY_MODEL_FLAGS]
     killed = str(tmp_path / "killed")
     # The child sleeps in every batch so that the kill lands mid-run; the training code is untouched.
-    child = ("import sys, time\nfrom examples.retinanet import train\nfrom examples.retinanet.data import "
+    child = ("import sys, time\nfrom examples.retinanet import train\nfrom examples.retinanet.batches import "
              "InMemoryBatches\nnext_batch = InMemoryBatches.next_batch\n"
              "InMemoryBatches.next_batch = lambda self: (time.sleep(0.3), next_batch(self))[1]\n"
              "train.main(sys.argv[1:])")

@@ -14,7 +14,8 @@ import torch
 from examples.retinanet import evaluate, train
 from examples.retinanet.coco import DegenerateBoxWarning, dataset_layout, read_coco
 from examples.retinanet.config import build_model, fast_config
-from examples.retinanet.data import CocoDetection, InMemoryBatches, build_transform
+from examples.retinanet.batches import InMemoryBatches
+from examples.retinanet.data import CocoDetection, build_transform
 from examples.retinanet.errors import InputError
 from examples.retinanet.matcher import Matcher
 
@@ -136,7 +137,8 @@ def test_train_and_evaluate_on_a_data_folder_end_to_end(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", DegenerateBoxWarning)  # none here
         train.main(["--data", str(tmp_path / "d"), "--image-size", "32", "--batch-size", "2", "--iters", "3",
-                    "--warmup-iters", "0", "--output", str(out), "--no-progress", *TINY_MODEL_FLAGS])
+                    "--warmup-iters", "0", "--output", str(out), "--no-progress", "--loader", "stream",
+                    "--workers", "1", *TINY_MODEL_FLAGS])
     metrics = json.load(open(out / "metrics.json"))["summary"]
     assert metrics["iterations"] == 3 and -1.0 <= metrics["AP"] <= 1.0
     checkpoint = torch.load(out / "model_final.pth", weights_only=True)
