@@ -11,6 +11,7 @@ single-process identity, so the same training code runs both ways.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -42,9 +43,11 @@ def context() -> Context:
 
 
 @contextlib.contextmanager
-def process_group(device: str = "auto"):
+def process_group(device: str = "auto", timeout: datetime.timedelta | None = None):
     """Join the ``torchrun`` process group for the duration of the block (NCCL on CUDA, gloo on the
-    CPU; ``device`` as train's ``--device``), then leave it. A no-op in a single process."""
+    CPU; ``device`` as train's ``--device``), then leave it. A no-op in a single process. ``timeout``
+    bounds every collective (PyTorch's default when None): a test sets a short one, so that a
+    disagreement between processes fails rather than hangs."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         yield context()
@@ -56,7 +59,7 @@ def process_group(device: str = "auto"):
             raise InputError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
                              f"--nproc_per_node must not exceed the GPUs of a machine")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     try:
         yield context()
     finally:
@@ -135,3 +138,13 @@ def rank0_value(value: float) -> float:
         tensor = tensor.cuda()
     dist.broadcast(tensor, src=0)
     return float(tensor.item())
+
+
+def rank0_object(obj):
+    """Rank 0's ``obj`` on every process (any picklable object): decisions such as which checkpoint to
+    resume from are rank 0's, so that no process can see the file system in another state."""
+    if context().world_size == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]

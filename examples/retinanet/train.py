@@ -194,7 +194,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: BatchOrder | 
     torch.manual_seed(options.seed)
     torch.set_num_threads(options.threads)
     os.makedirs(options.output, exist_ok=True)
-    resume_path = find_resume(options.output, options.resume)
+    # Rank 0 writes the checkpoints, so rank 0 chooses the one to resume from, for every process.
+    resume_path = distributed.rank0_object(find_resume(options.output, options.resume) if ctx.is_main else None)
     resumed = load_training_checkpoint(resume_path) if resume_path else None
     paths, val_set = None, None
     if batches is None or options.evaluate:

@@ -4,6 +4,8 @@ the torchrun command of the README works."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import os
 import socket
@@ -15,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from examples.retinanet import checkpoint as ckpt
+from examples.retinanet.batches import InMemoryBatches
 from examples.retinanet import distributed, train
 from examples.retinanet.config import fast_config
 from examples.retinanet.errors import InputError
@@ -44,11 +47,30 @@ def _options(root, output: str) -> train.TrainOptions:
 def _worker(rank: int, world_size: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
-    with distributed.process_group("cpu") as ctx:
+    with distributed.process_group("cpu", timeout=datetime.timedelta(seconds=120)) as ctx:
         assert ctx.world_size == world_size and ctx.rank == rank
         result = train.train(fast_config(**CONFIG), _options(root, os.path.join(root, "ddp")))
         state = {name: p.detach().clone() for name, p in result["model"].state_dict().items()}
         torch.save({"state": state, "stats": result["stats"]}, os.path.join(root, f"rank{rank}.pt"))
+        # Interrupted on every process at step 3 (after the iteration-2 checkpoint), then resumed.
+        split = _options(root, os.path.join(root, "ddp_split"))
+        original, calls = InMemoryBatches.next_batch, {"n": 0}
+
+        def interrupted(self):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return original(self)
+
+        InMemoryBatches.next_batch = interrupted
+        try:
+            train.train(fast_config(**CONFIG), split)
+        except KeyboardInterrupt:
+            pass
+        InMemoryBatches.next_batch = original
+        resumed = train.train(fast_config(**CONFIG), dataclasses.replace(split, resume="auto"))
+        state = {name: p.detach().clone() for name, p in resumed["model"].state_dict().items()}
+        torch.save({"state": state}, os.path.join(root, f"rank{rank}_resumed.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +101,15 @@ def build_initial_state() -> dict:
     from examples.retinanet.config import build_model
 
     return build_model(fast_config(**CONFIG, num_classes=2)).state_dict()
+
+
+def test_interrupted_and_resumed_ranks_end_bitwise_as_the_uninterrupted_run(runs):
+    root, ranks, _ = runs
+    for rank in range(2):
+        resumed = torch.load(root / f"rank{rank}_resumed.pt", weights_only=True)["state"]
+        for name, value in ranks[rank]["state"].items():
+            assert torch.equal(value, resumed[name]), (rank, name)
+    assert json.load(open(root / "ddp_split" / "metrics.json"))["summary"]["iterations"] == ITERS
 
 
 def test_logged_losses_are_the_global_batch_losses(runs):
