@@ -17,6 +17,11 @@ share one decoded dataset, the same seed and the same optimiser settings as ``tr
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import dataclasses
 import json
@@ -24,7 +29,9 @@ import math
 import os
 
 from .config import add_config_arguments, config_from_arguments
-from .data import CocoDetection, InMemoryBatches, build_transform
+from .batches import InMemoryBatches
+from .data import CocoDetection, build_transform
+from .errors import report_input_errors
 from .train import add_train_arguments, dataset_paths, options_from_arguments, train
 
 ARMS = {
@@ -80,6 +87,11 @@ def main(argv=None) -> None:
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
     parser.set_defaults(output="runs/retinanet/ablate", iters=1000)
     args = parser.parse_args(argv)
+    with report_input_errors(parser.prog):
+        run(args)
+
+
+def run(args) -> None:
     base_options = options_from_arguments(args)
     base_config = config_from_arguments(args)
     paths, digits_params = dataset_paths(base_options)
@@ -96,8 +108,7 @@ def main(argv=None) -> None:
         diverged = False
         try:
             result = train(config, dataclasses.replace(options, evaluate=False), batches, digits_params)
-            diverged = any(h.get("diverged") for h in result["history"])
-        except (RuntimeError, ValueError) as error:  # e.g. NaN boxes reaching NMS
+        except RuntimeError as error:  # NonFiniteLossError: the arm diverged
             print(f"{name} failed: {error}")
             result, diverged = {"history": [], "iterations": 0, "seconds": 0.0, "model": None}, True
         stats = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}

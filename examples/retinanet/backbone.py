@@ -22,6 +22,11 @@ RESNET_LAYOUTS = {
 }
 
 
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, fewer for narrow layers (at least 4 channels per group)."""
+    return nn.GroupNorm(min(32, channels // 4) or 1, channels)
+
+
 class ResNetBody(nn.Module):
     """torchvision's ResNet stem and four stages; ``forward`` returns C3, C4, C5.
 
@@ -29,15 +34,17 @@ class ResNetBody(nn.Module):
     ``out_channels == (c3, c4, c5)``.
     """
 
-    def __init__(self, depth: int = 50, width: float = 1.0):
+    def __init__(self, depth: int = 50, width: float = 1.0, norm: str = "bn"):
         super().__init__()
         if depth not in RESNET_LAYOUTS:
             raise ValueError(f"depth must be one of {sorted(RESNET_LAYOUTS)}, got {depth}")
         block, layers = RESNET_LAYOUTS[depth]
+        self.depth = depth
+        self.norm_layer = nn.BatchNorm2d if norm == "bn" else group_norm
         planes = [max(8, int(round(p * width))) for p in (64, 128, 256, 512)]
         self.inplanes = planes[0]
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.bn1 = self.norm_layer(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, planes[0], layers[0], stride=1)
@@ -48,7 +55,7 @@ class ResNetBody(nn.Module):
         for m in self.modules():  # torchvision's initialisation
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
@@ -57,11 +64,11 @@ class ResNetBody(nn.Module):
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
                 nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion),
+                self.norm_layer(planes * block.expansion),
             )
-        layers = [block(self.inplanes, planes, stride, downsample)]
+        layers = [block(self.inplanes, planes, stride, downsample, norm_layer=self.norm_layer)]
         self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        layers += [block(self.inplanes, planes, norm_layer=self.norm_layer) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -74,9 +81,18 @@ class ResNetBody(nn.Module):
 
     def load_torchvision_checkpoint(self, path: str) -> None:
         """Load a torchvision ``resnetXX`` state dict (the classifier ``fc.*`` is dropped)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from .checkpoint import load_file
+        from .errors import InputError
+
+        state = load_file(path, "--weights file")  # weights_only=True: a file from elsewhere cannot run code
+        if not isinstance(state, dict):
+            raise InputError(f"--weights file {path} is not a state dict (got {type(state).__name__})")
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        self.load_state_dict(state)
+        try:
+            self.load_state_dict(state)
+        except RuntimeError as error:
+            raise InputError(f"--weights file {path} does not fit this backbone (a torchvision resnet{self.depth} "
+                             f"checkpoint at --backbone-width 1 is expected): {str(error).splitlines()[0]}") from None
 
 
 class ResNetFPN(nn.Module):
@@ -88,9 +104,10 @@ class ResNetFPN(nn.Module):
     Input (N, 3, H, W); output list of (N, fpn_channels, H / 2**l, W / 2**l) for l in ``levels``.
     """
 
-    def __init__(self, depth: int = 50, width: float = 1.0, levels=(3, 4, 5, 6, 7), fpn_channels: int = 256):
+    def __init__(self, depth: int = 50, width: float = 1.0, levels=(3, 4, 5, 6, 7), fpn_channels: int = 256,
+                 norm: str = "bn"):
         super().__init__()
-        self.body = ResNetBody(depth, width)
+        self.body = ResNetBody(depth, width, norm)
         self.levels = tuple(levels)
         self.strides = tuple(2**level for level in self.levels)
         c5_channels = self.body.out_channels[-1]

@@ -11,7 +11,7 @@ Three presets:
   1-2 digits). The digits keep their 14-40 px, so the ``fast`` anchors (P3-P4, base sizes 16 and 32,
   16-51 px with the scales) already fit them and the model is ``fast``'s unchanged; what the preset
   changes is the data. ``train`` and ``ablate`` look up the digits variant of the preset in
-  ``train.PRESET_DIGITS``, so ``--preset imbalance`` alone selects model, dataset and image size.
+  ``options.PRESET_DIGITS``, so ``--preset imbalance`` alone selects model, dataset and image size.
   The variant stays selectable on its own (``--digits imbalance``) to train any other model on it.
 """
 
@@ -29,6 +29,9 @@ class RetinaNetConfig:
     # (1.0 is torchvision's network, whose checkpoints ``weights`` can load).
     depth: int = 50
     backbone_width: float = 1.0
+    # "bn": torchvision's BatchNorm; "gn": GroupNorm (32 groups or fewer), whose statistics do not depend
+    # on how the batch is split across processes (with several GPUs, train's --sync-bn is the other way).
+    backbone_norm: str = "bn"
     weights: str | None = None
     # FPN: which pyramid levels feed the heads (3..7) and their channel count.
     levels: tuple[int, ...] = (3, 4, 5, 6, 7)
@@ -81,6 +84,8 @@ class RetinaNetConfig:
             )
         if not set(self.levels) <= {3, 4, 5, 6, 7}:
             raise ValueError(f"levels must be within 3..7, got {self.levels}")
+        if self.backbone_norm not in ("bn", "gn"):
+            raise ValueError(f"backbone_norm must be 'bn' or 'gn', got {self.backbone_norm!r}")
         if self.head_norm not in ("none", "gn"):
             raise ValueError(f"head_norm must be 'none' or 'gn', got {self.head_norm!r}")
         if self.loss_impl not in ("focal", "reference", "torchvision"):
@@ -138,6 +143,7 @@ PRESETS = {"fast": fast_config, "imbalance": imbalance_config, "paper": paper_co
 
 CHOICES = {
     "head_norm": ("none", "gn"),
+    "backbone_norm": ("bn", "gn"),
     "loss_impl": ("focal", "reference", "torchvision"),
     "box_loss": ("smooth_l1", "l1", "giou"),
     "cls_loss": ("focal", "focal_star", "qfl", "vfl"),

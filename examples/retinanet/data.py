@@ -1,54 +1,69 @@
-"""COCO-format detection data: a pycocotools-backed dataset, transforms, a collate function, and an
-in-memory batch sampler for small datasets.
+"""COCO-format detection data: a checked dataset, transforms and a collate function (the batches a
+training run draws from it are in ``batches``).
 
 A sample is ``(image, target)``: ``image`` (3, S, S) uint8 (letterboxed: resized so the longer side is
 S, padded bottom/right), ``target`` a dict with ``boxes`` (M, 4) float XYXY in the resized image,
-``labels`` (M,) int64 contiguous class ids in [0, K), ``image_id`` and ``scale`` (resized / original).
+``labels`` (M,) int64 contiguous class ids in [0, K), ``crowd_boxes`` (C, 4) (regions whose anchors the
+matcher ignores), ``image_id``, ``scale`` (resized / original) and ``orig_size`` (original height, width:
+detections are clipped to it, not to the padded square).
 """
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .coco import coco_api, read_coco
+from .errors import InputError
+
 
 class CocoDetection(torch.utils.data.Dataset):
-    """Images + a COCO annotation json, read with pycocotools. Crowd annotations are dropped."""
+    """Images + a COCO annotation json, checked by :func:`~examples.retinanet.coco.read_coco` (clear errors,
+    contiguous labels, degenerate boxes dropped, crowd boxes kept apart, unannotated images kept as
+    negatives). ``require_annotations=False`` accepts a file without annotations (inference only)."""
 
-    def __init__(self, image_root: str, annotation_file: str, transform=None):
-        from pycocotools.coco import COCO
-
+    def __init__(self, image_root: str, annotation_file: str, transform=None, require_annotations: bool = True):
         self.image_root = image_root
-        self.coco = COCO(annotation_file)
-        self.image_ids = sorted(self.coco.getImgIds())
-        self.category_ids = sorted(self.coco.getCatIds())  # contiguous label i <-> category_ids[i]
+        self.data = read_coco(annotation_file, image_root, require_annotations)
+        self.images = self.data.images
+        self.image_ids = [image.id for image in self.images]
+        self.category_ids = self.data.category_ids  # contiguous label i <-> category_ids[i]
         self.label_of_category = {c: i for i, c in enumerate(self.category_ids)}
-        self.class_names = [self.coco.cats[c]["name"] for c in self.category_ids]
+        self.class_names = self.data.class_names
         self.transform = transform
+        self._coco = None
+
+    @property
+    def coco(self):
+        """pycocotools' ``COCO`` over the checked annotations (built on first use, for evaluation)."""
+        if self._coco is None:
+            self._coco = coco_api(self.data.dataset)
+        return self._coco
 
     def __len__(self) -> int:
-        return len(self.image_ids)
+        return len(self.images)
 
     def load_image(self, index: int) -> torch.Tensor:
         """(3, H, W) uint8 at its original size."""
-        info = self.coco.imgs[self.image_ids[index]]
-        with Image.open(os.path.join(self.image_root, info["file_name"])) as image:
-            array = np.asarray(image.convert("RGB"))
+        path = self.images[index].path
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError) as error:  # truncated or otherwise undecodable file
+            raise InputError(f"image {path} could not be decoded: {error}") from None
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def load_target(self, index: int) -> dict:
-        image_id = self.image_ids[index]
-        annotations = self.coco.imgToAnns.get(image_id, [])
-        boxes = [a["bbox"] for a in annotations if not a.get("iscrowd", 0)]
-        labels = [self.label_of_category[a["category_id"]] for a in annotations if not a.get("iscrowd", 0)]
-        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]  # XYWH -> XYXY
-        return {"boxes": boxes, "labels": torch.tensor(labels, dtype=torch.int64), "image_id": image_id,
-                "scale": 1.0}
+        """``boxes`` (M, 4) XYXY clipped to the image, ``labels`` (M,), ``crowd_boxes`` (C, 4),
+        ``image_id``, ``scale`` 1.0 and ``orig_size`` (height, width) of the original image."""
+        image = self.images[index]
+        return {"boxes": torch.tensor(image.boxes, dtype=torch.float32).reshape(-1, 4),
+                "labels": torch.tensor(image.labels, dtype=torch.int64),
+                "crowd_boxes": torch.tensor(image.crowd_boxes, dtype=torch.float32).reshape(-1, 4),
+                "image_id": image.id, "scale": 1.0, "orig_size": (image.height, image.width)}
 
     def __getitem__(self, index: int):
         image, target = self.load_image(index), self.load_target(index)
@@ -72,17 +87,22 @@ class Letterbox:
             image = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
                                   align_corners=False, antialias=scale < 1)[0].round().clamp(0, 255).byte()
             target = {**target, "boxes": target["boxes"] * scale, "scale": target["scale"] * scale}
+            if "crowd_boxes" in target:
+                target["crowd_boxes"] = target["crowd_boxes"] * scale
         _, h, w = image.shape
         if (h, w) != (self.size, self.size):
             image = F.pad(image, (0, self.size - w, 0, self.size - h))
         return image, target
 
 
-def horizontal_flip(images: torch.Tensor, boxes: list[torch.Tensor]):
-    """Flip (N, 3, H, W) images and their XYXY boxes left-right."""
-    width = images.shape[-1]
-    flipped = [torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1) for b in boxes]
-    return images.flip(-1), flipped
+def flip_target(target: dict, width: int) -> dict:
+    """``target`` with its ``boxes`` and ``crowd_boxes`` mirrored in an image ``width`` pixels wide."""
+    mirrored = {}
+    for key in ("boxes", "crowd_boxes"):
+        if key in target:
+            b = target[key]
+            mirrored[key] = torch.stack([width - b[:, 2], b[:, 1], width - b[:, 0], b[:, 3]], dim=1)
+    return {**target, **mirrored}
 
 
 class RandomHorizontalFlip:
@@ -93,8 +113,7 @@ class RandomHorizontalFlip:
 
     def __call__(self, image: torch.Tensor, target: dict):
         if self.p > 0 and torch.rand(()) < self.p:
-            flipped, (boxes,) = horizontal_flip(image[None], [target["boxes"]])
-            image, target = flipped[0], {**target, "boxes": boxes}
+            image, target = image.flip(-1), flip_target(target, image.shape[-1])
         return image, target
 
 
@@ -121,48 +140,3 @@ def collate(batch):
     """List of ``(image (3, S, S), target)`` -> ``(images (N, 3, S, S), [targets])``."""
     images, targets = zip(*batch)
     return torch.stack(images), list(targets)
-
-
-class InMemoryBatches:
-    """The whole (transformed) dataset decoded once into one (N, 3, S, S) uint8 tensor, then served as
-    random batches by indexing: no per-step PNG decoding, no worker processes.
-
-    ``flip_prob`` applies a random horizontal flip per image at batch time.
-    """
-
-    def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
-                 progress: bool = False):
-        items = range(len(dataset))
-        if progress:
-            from tqdm import tqdm
-
-            items = tqdm(items, desc="loading images", leave=False)
-        samples = [dataset[i] for i in items]
-        self.images = torch.stack([s[0] for s in samples])
-        self.targets = [s[1] for s in samples]
-        self.class_names = list(dataset.class_names)
-        self.batch_size = batch_size
-        self.flip_prob = flip_prob
-        self.generator = torch.Generator().manual_seed(seed)
-        self._order = torch.empty(0, dtype=torch.int64)
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def next_batch(self):
-        """``(images (B, 3, S, S) uint8, [targets])``, sampled without replacement within an epoch."""
-        if len(self._order) < self.batch_size:
-            self._order = torch.cat([self._order, torch.randperm(len(self), generator=self.generator)])
-        index, self._order = self._order[: self.batch_size], self._order[self.batch_size:]
-        images = self.images[index]
-        targets = [self.targets[i] for i in index.tolist()]
-        if self.flip_prob > 0:
-            flip = torch.rand(len(index), generator=self.generator) < self.flip_prob
-            if flip.any():
-                flipped, boxes = horizontal_flip(images[flip], [targets[i]["boxes"] for i in flip.nonzero()[:, 0]])
-                images = images.clone()
-                images[flip] = flipped
-                targets = list(targets)
-                for j, i in enumerate(flip.nonzero()[:, 0].tolist()):
-                    targets[i] = {**targets[i], "boxes": boxes[j]}
-        return images, targets

@@ -7,6 +7,11 @@ Without ``--val-json`` it evaluates on the built-in digits val split (``--data-r
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import contextlib
 import io
@@ -16,16 +21,53 @@ import time
 
 import torch
 
+from .checkpoint import load_training_checkpoint
 from .data import CocoDetection, build_transform, collate
+from .errors import InputError, report_input_errors
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
+def to_original_pixels(boxes: torch.Tensor, scale: float, orig_size: tuple[int, int]) -> torch.Tensor:
+    """Letterboxed XYXY ``boxes`` (D, 4) -> pixels of the original image, clipped to its (height, width):
+    the letterbox pads the image to a square, and a box reaching into the padding is cut at the real
+    image's edge."""
+    height, width = orig_size
+    boxes = boxes / scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return boxes
+
+
+def check_classes(num_classes: int, trained: list[int] | None, dataset: CocoDetection,
+                  checkpoint_path: str = "checkpoint") -> None:
+    """An :class:`InputError` when a model of ``num_classes`` outputs, trained on category ids
+    ``trained`` (None: not recorded), does not predict ``dataset``'s classes (another class count, or
+    the same count of other category ids): its AP would be a number without meaning."""
+    expected = len(dataset.category_ids)
+    if num_classes != expected:
+        raise InputError(f"{checkpoint_path} predicts {num_classes} classes but {dataset.data.path} has "
+                         f"{expected} categories: evaluate on the dataset the model was trained on")
+    if trained is not None and list(trained) != list(dataset.category_ids):
+        raise InputError(f"{checkpoint_path} was trained on category ids {_first(trained)}, "
+                         f"{dataset.data.path} has {_first(dataset.category_ids)}: not the same classes")
+
+
+def _first(ids, count: int = 10) -> str:
+    """The first ``count`` ids for a message, "..." when there are more."""
+    ids = list(ids)
+    return str(ids[:count])[:-1] + (", ...]" if len(ids) > count else "]")
+
+
 @torch.no_grad()
-def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool = False) -> list[dict]:
-    """Run ``model`` over ``dataset``; COCO result dicts with boxes in original image coordinates."""
+def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool = False,
+            shard: tuple[int, int] = (0, 1)) -> list[dict]:
+    """Run ``model`` over ``dataset``; COCO result dicts with boxes in original image coordinates and
+    the dataset's category ids. ``shard=(rank, world_size)`` predicts every world_size-th image only."""
     model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    rank, world_size = shard
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     if progress:
         from tqdm import tqdm
 
@@ -33,7 +75,7 @@ def predict(model, dataset: CocoDetection, batch_size: int = 32, progress: bool 
     results = []
     for images, targets in loader:
         for detections, target in zip(model(images), targets):
-            boxes = detections["boxes"] / target["scale"]
+            boxes = to_original_pixels(detections["boxes"], target["scale"], target["orig_size"])
             boxes[:, 2:] -= boxes[:, :2]  # XYXY -> XYWH
             for box, score, label in zip(boxes.tolist(), detections["scores"].tolist(),
                                          detections["labels"].tolist()):
@@ -58,25 +100,46 @@ def coco_evaluate(dataset: CocoDetection, results: list[dict], verbose: bool = F
     return {name: float(value) for name, value in zip(STAT_NAMES, evaluator.stats[:6])}
 
 
-def evaluate_model(model, image_root: str, annotation_file: str, image_size: int, batch_size: int = 32,
-                   verbose: bool = False, progress: bool = False) -> dict:
-    dataset = CocoDetection(image_root, annotation_file, build_transform(image_size, train=False))
+def evaluate_dataset(model, dataset: CocoDetection, batch_size: int = 32, verbose: bool = False,
+                     progress: bool = False) -> dict | None:
+    """COCO stats of ``model`` on ``dataset``. Under ``torchrun`` every process predicts its share of
+    the images and rank 0 gathers all detections and evaluates; the other ranks return None."""
+    from . import distributed
+
+    ctx = distributed.context()
     start = time.perf_counter()
-    results = predict(model, dataset, batch_size, progress)
+    shard = predict(model, dataset, batch_size, progress and ctx.is_main, (ctx.rank, ctx.world_size))
+    results = [r for part in distributed.all_gather(shard) for r in part]
+    if not ctx.is_main:
+        return None
     stats = coco_evaluate(dataset, results, verbose)
     stats["eval_seconds"] = time.perf_counter() - start
     stats["num_detections"] = len(results)
     return stats
 
 
+def evaluate_model(model, image_root: str, annotation_file: str, image_size: int, batch_size: int = 32,
+                   verbose: bool = False, progress: bool = False, checkpoint: dict | None = None,
+                   checkpoint_path: str = "the model") -> dict:
+    """COCO stats of ``model`` on a COCO dataset, after checking that its classes are the dataset's."""
+    dataset = CocoDetection(image_root, annotation_file, build_transform(image_size, train=False))
+    check_classes(model.config.num_classes, (checkpoint or {}).get("category_ids"), dataset, checkpoint_path)
+    return evaluate_dataset(model, dataset, batch_size, verbose, progress)
+
+
 def load_checkpoint(path: str):
-    """``(model, checkpoint)`` from a file written by ``train``; the model is in eval mode."""
+    """``(model, checkpoint)`` from a file written by ``train`` (loaded with ``weights_only=True``);
+    the model is in eval mode."""
     from .config import RetinaNetConfig, build_model
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = load_training_checkpoint(path)
     config = RetinaNetConfig.from_dict({**checkpoint["config"], "weights": None})
     model = build_model(config)
-    model.load_state_dict(checkpoint["model"])
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        raise InputError(f"checkpoint {path}: weights do not fit its own config: "
+                         f"{str(error).splitlines()[0]}") from None
     return model.eval(), checkpoint
 
 
@@ -92,6 +155,7 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")
     parser.add_argument("--data-root", default=None,
                         help="built-in digits dataset folder; default: the one the checkpoint trained on")
+    parser.add_argument("--data", default=None, help="a COCO-format folder (its val split), as train's --data")
     parser.add_argument("--image-root", default=None, help="image folder of a COCO dataset")
     parser.add_argument("--val-json", default=None, help="COCO annotation json to evaluate on")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training size")
@@ -99,10 +163,26 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None, help="write the stats here as json")
     args = parser.parse_args(argv)
+    for flag in ("batch_size", "threads", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    with report_input_errors(parser.prog):
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args.checkpoint)
     image_size = args.image_size or checkpoint.get("image_size", 96)
-    if args.val_json:
+    if args.data:
+        from .coco import dataset_layout
+
+        val = dataset_layout(args.data)["val"]
+        if val is None:
+            raise InputError(f"--data {args.data} has no val split to evaluate on")
+        image_root, annotation_file = val
+    elif args.val_json:
         image_root, annotation_file = args.image_root or os.path.dirname(args.val_json), args.val_json
     else:
         from .digits import DigitsParams, ensure_digits_dataset
@@ -110,7 +190,7 @@ def main(argv=None) -> None:
         params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
         image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
     stats = evaluate_model(model, image_root, annotation_file, image_size, args.batch_size, verbose=True,
-                           progress=True)
+                           progress=True, checkpoint=checkpoint, checkpoint_path=args.checkpoint)
     print(json.dumps({k: round(v, 4) for k, v in stats.items()}))
     if args.output:
         with open(args.output, "w") as f:

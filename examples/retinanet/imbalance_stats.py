@@ -14,6 +14,11 @@ positive). The ratios are totals over all images (anchors x images / positives).
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import json
 import math
@@ -23,7 +28,7 @@ import torch
 from .config import PRESETS, build_model
 from .digits import CLASS_NAMES, render_split, variant_params
 from .matcher import Matcher
-from .train import PRESET_DIGITS
+from .options import PRESET_DIGITS
 
 
 def expected_anchors_per_image(levels, image_size: int, anchors_per_cell: int) -> int:

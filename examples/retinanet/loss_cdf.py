@@ -13,6 +13,11 @@ is plotted against the fraction of samples.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import json
 import os
@@ -20,6 +25,7 @@ import os
 import torch
 
 from .data import CocoDetection, build_transform, collate
+from .errors import report_input_errors
 from .evaluate import data_root, load_checkpoint
 from .loss import IGNORE_INDEX
 
@@ -89,6 +95,11 @@ def main(argv=None) -> None:
     parser.add_argument("--output", default="outputs/retinanet/loss_cdf.png")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    with report_input_errors(parser.prog):
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     from .digits import DigitsParams, ensure_digits_dataset
 

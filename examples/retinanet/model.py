@@ -17,6 +17,18 @@ from .matcher import Matcher
 from .postprocess import detections_for_image
 
 
+CROWD_IOA = 0.5  # fraction of an anchor's area inside a crowd box from which it is ignored
+
+
+def intersection_over_anchor(boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(M, R): area of ``boxes`` (M, 4) ∩ ``anchors`` (R, 4), divided by the anchor's area."""
+    top_left = torch.maximum(boxes[:, None, :2], anchors[None, :, :2])
+    bottom_right = torch.minimum(boxes[:, None, 2:], anchors[None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    area = (anchors[:, 2:] - anchors[:, :2]).prod(dim=-1).clamp(min=1e-6)
+    return inter / area
+
+
 class RetinaNet(nn.Module):
     """``forward(images, targets=None)``.
 
@@ -31,7 +43,8 @@ class RetinaNet(nn.Module):
     def __init__(self, config: RetinaNetConfig):
         super().__init__()
         self.config = config
-        self.backbone = ResNetFPN(config.depth, config.backbone_width, config.levels, config.fpn_channels)
+        self.backbone = ResNetFPN(config.depth, config.backbone_width, config.levels, config.fpn_channels,
+                                  config.backbone_norm)
         if config.weights:
             self.backbone.body.load_torchvision_checkpoint(config.weights)
         self.anchor_generator = AnchorGenerator(
@@ -45,6 +58,9 @@ class RetinaNet(nn.Module):
         self.matcher = Matcher(config.fg_iou_threshold, config.bg_iou_threshold,
                                config.allow_low_quality_matches)
         self.box_coder = BoxCoder()
+        # Maps this process's positive-anchor count (a 0-dim float32 tensor) to the loss normaliser;
+        # None: the count itself, at least 1. Data-parallel training sets distributed.global_normalizer.
+        self.normalizer_fn = None
         self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, -1, 1, 1), persistent=False)
         if config.channels_last:
@@ -89,12 +105,19 @@ class RetinaNet(nn.Module):
 
         Returns ``gt_classes`` (N, R) int64: class id, ``Matcher.BACKGROUND`` or ``Matcher.IGNORE``; and
         ``gt_boxes`` (N, R, 4): the matched box of each anchor (the anchor itself where unmatched).
+        A target's optional ``crowd_boxes`` (C, 4) mark regions of many unannotated objects: an anchor
+        that is not positive and lies at least ``CROWD_IOA`` inside one is ignored, since calling it
+        background would teach the model that those objects are background.
         """
         gt_classes, gt_boxes = [], []
         for target in targets:
             boxes = target["boxes"].to(anchors)
             labels = target["labels"].to(device=anchors.device, dtype=torch.int64)
             matched = self.matcher(box_iou(boxes, anchors))  # (R,)
+            crowd = target.get("crowd_boxes")
+            if crowd is not None and crowd.numel():
+                on_crowd = intersection_over_anchor(crowd.to(anchors), anchors).amax(dim=0) >= CROWD_IOA
+                matched = torch.where(on_crowd & (matched < 0), Matcher.IGNORE, matched)
             if boxes.numel() == 0:
                 gt_classes.append(matched)
                 gt_boxes.append(anchors)
@@ -109,7 +132,12 @@ class RetinaNet(nn.Module):
         positives, both normalised by the number of positive anchors in the batch (a tensor)."""
         cfg = self.config
         foreground = gt_classes >= 0  # (N, R)
-        num_foreground = foreground.sum().clamp(min=1).to(cls_logits.dtype)  # 0-dim, no host sync
+        # 0-dim, no host sync; float32 even for 16-bit logits, whose 8-bit mantissa would round the count
+        num_foreground = foreground.sum().to(torch.float32)
+        if self.normalizer_fn is not None:
+            num_foreground = self.normalizer_fn(num_foreground)  # e.g. the global count under DDP
+        else:
+            num_foreground = num_foreground.clamp(min=1)
         gt_deltas = self.box_coder.encode(gt_boxes, anchors.unsqueeze(0))  # (N, R, 4)
         pred_boxes = None
         if cfg.box_loss == "giou" or cfg.cls_loss in ("qfl", "vfl"):

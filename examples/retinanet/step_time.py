@@ -12,6 +12,11 @@ implementation alike):
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the OpenMP runtime reads its settings once (see entry)
+    from .entry import configure_process
+
+    configure_process()
+
 import argparse
 import statistics
 import time
@@ -74,7 +79,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from .data import CocoDetection, InMemoryBatches, build_transform
+    from .batches import InMemoryBatches
+    from .data import CocoDetection, build_transform
     from .digits import ensure_digits_dataset
 
     image_root, annotation_file = ensure_digits_dataset(args.data_root)["val"]

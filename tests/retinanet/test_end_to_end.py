@@ -9,7 +9,8 @@ from PIL import Image
 
 from examples.retinanet import evaluate, infer
 from examples.retinanet.config import fast_config
-from examples.retinanet.data import CocoDetection, InMemoryBatches, build_transform
+from examples.retinanet.batches import InMemoryBatches, StreamingBatches, build_batches
+from examples.retinanet.data import CocoDetection, build_transform
 from examples.retinanet.digits import DigitsParams, ensure_digits_dataset
 from examples.retinanet.train import TrainOptions, lr_factor, train
 
@@ -61,6 +62,9 @@ def test_inference_writes_json_and_png(trained, tmp_path):
     with open(out / "detections.json") as f:
         (record,) = json.load(f)
     assert record["file"] == image and len(record["boxes"]) == len(record["scores"]) > 0
+    category_ids = sorted(c["id"] for c in json.load(open(paths["val"][1]))["categories"])
+    assert category_ids == list(range(1, 11))  # the digits' ids: label 0 is category 1
+    assert record["category_ids"] == [category_ids[label] for label in record["labels"]]
 
 
 def test_in_memory_batches_cover_an_epoch_and_flip_boxes(trained):
@@ -92,3 +96,47 @@ def test_learning_rate_schedule():
     assert lr_factor(0.9, 1000, options) == pytest.approx(0.01)
     # a short run ends its warm-up at warmup_max_fraction of the run at the latest
     assert lr_factor(0.1, 10, options) == 1.0
+
+
+def test_in_memory_batches_shard_the_global_batch_like_distributed_sampler(trained):
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    one = InMemoryBatches(dataset, batch_size=12, seed=3)
+    shards = [InMemoryBatches(dataset, batch_size=4, seed=3, rank=r, world_size=3) for r in range(3)]
+    assert one.batches_per_epoch == shards[0].batches_per_epoch == 2  # 32 images, drop_last
+    for _ in range(5):  # across epoch boundaries
+        whole = sorted(t["image_id"] for t in one.next_batch()[1])
+        parts = [t["image_id"] for shard in shards for t in shard.next_batch()[1]]
+        assert sorted(parts) == whole and len(set(parts)) == 12
+    assert one.state_dict() == {"epoch": 2, "position": 1} == shards[2].state_dict()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streaming_batches_are_the_in_memory_batches_and_resume_alike(trained, workers):
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    memory = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2)
+    stream = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers)
+    for step in range(7):  # 5 batches per epoch: crosses an epoch boundary
+        (a, ta), (b, tb) = memory.next_batch(), stream.next_batch()
+        assert torch.equal(a, b), step
+        assert [t["image_id"] for t in ta] == [t["image_id"] for t in tb]
+        for x, y in zip(ta, tb):
+            torch.testing.assert_close(x["boxes"], y["boxes"], rtol=0, atol=0)
+        if step == 2:
+            state = stream.state_dict()
+    resumed = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers)
+    resumed.load_state_dict(state)
+    replay = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2)
+    replay.load_state_dict(state)
+    for _ in range(3):
+        assert torch.equal(resumed.next_batch()[0], replay.next_batch()[0])
+    assert stream.state_dict() == memory.state_dict() == {"epoch": 1, "position": 2}
+
+
+def test_build_batches_picks_memory_for_small_datasets(trained):
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    assert isinstance(build_batches(dataset, 4, 0.0, 0, "auto", image_size=48), InMemoryBatches)
+    assert isinstance(build_batches(dataset, 4, 0.0, 0, "stream", image_size=48), StreamingBatches)
+    assert isinstance(build_batches(dataset, 4, 0.0, 0, "auto", image_size=48 * 1000), StreamingBatches)
