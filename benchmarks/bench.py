@@ -13,6 +13,7 @@ reports its ratio to it.
     python benchmarks/bench.py                       # all CPU shapes, fp32 + bf16 on CPU
     python benchmarks/bench.py --quick --json q.json # one shape, fp32, well under a minute
     python benchmarks/bench.py --device cuda --shapes headline paper --json gpu.json --plot gpu.png
+    python benchmarks/bench.py --family              # then FL*, QFL, VFL and the softmax focal loss
 
 On CUDA every call is timed with CUDA events after an L2 flush, with the GPU kept busy while the call
 is enqueued so that the time is the device's, not Python's (the host time is reported beside it).
@@ -871,6 +872,23 @@ def plot_cases(cases: list[dict], path: str, machine: dict) -> None:
 # CLI
 
 
+def run_family(args) -> int:
+    """The family's own benchmarks after this one's cases, with the same device, threads and
+    quickness: their tables follow this one's; their exit statuses are combined."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_family
+
+    common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    print("\n== the family: FL*, QFL, VFL (benchmarks/bench_family.py)")
+    status = bench_family.main(["--device", args.device] + common)
+    if args.device == "cpu":
+        import bench_softmax
+
+        print("\n== the softmax focal loss (benchmarks/bench_softmax.py)")
+        status = status or bench_softmax.main(common)
+    return status
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -884,6 +902,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="PATH", help="write every measurement here")
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here")
     parser.add_argument("--matrix", action="store_true", help="print each case's full time-ratio matrix")
+    parser.add_argument("--family", action="store_true",
+                        help="then the rest of the family: bench_family.py (FL*, QFL, VFL) and, on the CPU, "
+                             "bench_softmax.py (the softmax focal loss against F.cross_entropy)")
     parser.add_argument("--require-fused", action="store_true",
                         help="exit 1 when the fused op cannot run on the device (default: skip its rows with a note)")
     args = parser.parse_args(argv)
@@ -995,9 +1016,12 @@ def main(argv=None) -> int:
         else:
             plot_cases(cases, args.plot, machine)
             print(f"wrote {args.plot}")
+    family_status = run_family(args) if args.family else 0
     if not agreement_ok:
         print("error: focal disagrees with the exact loss (see 'check' above)", file=sys.stderr)
         return 1
+    if family_status:
+        return family_status
     fused_missing = [k for k in args.impls if IMPLS[k].fused and not availability[k]["available"]]
     if args.require_fused and fused_missing:
         print(f"error: --require-fused, but {', '.join(fused_missing)} could not run: "

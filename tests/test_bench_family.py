@@ -53,3 +53,14 @@ def test_goals_are_judged_on_the_headline_class_id_row(bench_family):
     goals = bench_family.evaluate_goals([case, slow, other_shape], "cpu", 2)
     assert [g["status"] for g in goals] == ["PASS", "FAIL"]
     assert bench_family.evaluate_goals([case], "cuda", 2) == []
+
+
+def test_bench_py_family_flag_runs_both_family_benchmarks(capsys):
+    """`bench.py --family` follows its own cases with bench_family.py and, on the CPU, bench_softmax.py."""
+    import argparse
+
+    bench = benchmark_scripts.load("bench")
+    status = bench.run_family(argparse.Namespace(device="cpu", threads=1, quick=True))
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "FL* (gamma 2, beta 1)" in out and "varifocal loss" in out and "softmax focal loss" in out
