@@ -879,14 +879,12 @@ def run_family(args) -> int:
     import bench_family
 
     common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+    import bench_softmax
+
     print("\n== the family: FL*, QFL, VFL (benchmarks/bench_family.py)")
     status = bench_family.main(["--device", args.device] + common)
-    if args.device == "cpu":
-        import bench_softmax
-
-        print("\n== the softmax focal loss (benchmarks/bench_softmax.py)")
-        status = status or bench_softmax.main(common)
-    return status
+    print("\n== the softmax focal loss (benchmarks/bench_softmax.py)")
+    return status or bench_softmax.main(["--device", args.device] + common)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -903,8 +901,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--plot", metavar="PATH", help="write a bar chart (PNG) here")
     parser.add_argument("--matrix", action="store_true", help="print each case's full time-ratio matrix")
     parser.add_argument("--family", action="store_true",
-                        help="then the rest of the family: bench_family.py (FL*, QFL, VFL) and, on the CPU, "
-                             "bench_softmax.py (the softmax focal loss against F.cross_entropy)")
+                        help="then the rest of the family: bench_family.py (FL*, QFL, VFL) and bench_softmax.py "
+                             "(the softmax focal loss against F.cross_entropy)")
     parser.add_argument("--require-fused", action="store_true",
                         help="exit 1 when the fused op cannot run on the device (default: skip its rows with a note)")
     args = parser.parse_args(argv)

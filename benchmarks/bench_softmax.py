@@ -11,6 +11,7 @@ float64 evaluation of the reference before it is timed.
 
     python benchmarks/bench_softmax.py --threads 2                       # both shapes, fp32 + bf16
     python benchmarks/bench_softmax.py --quick --json q.json             # one small shape, seconds
+    python benchmarks/bench_softmax.py --device cuda --json gpu.json      # on a GPU: bench.py's timer
 
 Shapes: ``detection`` (200000 x 80: the RetinaNet headline shape, one row of C classes per anchor)
 and ``segmentation`` (8 x 21 x 128 x 128: Pascal VOC's 21 classes, classes 128 * 128 apart).
@@ -23,7 +24,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402  (the timer: wall clock on the CPU, CUDA events after an L2 flush on a GPU)
 
 GAMMA = 2.0
 IGNORE_INDEX = -100
@@ -44,13 +46,13 @@ FUSED_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
 FLOOR = "softmax"
 
 
-def make_problem(shape, dtype, seed=0):
+def make_problem(shape, dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=g) * 2.0).to(dtype)
     target_shape = (shape[0],) + tuple(shape[2:])
     t = torch.randint(0, shape[1], target_shape, generator=g)
     t[torch.rand(target_shape, generator=g) < IGNORED_FRACTION] = IGNORE_INDEX
-    return x, t
+    return x.to(device), t.to(device)
 
 
 def loss_rows(t: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -83,8 +85,9 @@ def loss_rows(t: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tenso
 
 
 def exact(x, t):
-    """The loss and its gradient in float64, through ``F.log_softmax`` (whose derivative is right at
-    tied maxima, which 16-bit logits have: the reference's amax splits the gradient between them)."""
+    """The loss and its gradient in float64, through ``F.log_softmax``: an evaluation independent of
+    both the op and focal.reference (16-bit logits have tied maxima, where a gradient through the
+    row maximum must be taken with care)."""
     xd = x.double().requires_grad_()
     kept = t != IGNORE_INDEX
     safe = torch.where(kept, t, torch.zeros_like(t))
@@ -121,8 +124,9 @@ def make_step(name, loss_fn, x, fwdbwd):
     return step
 
 
-def run_case(shape_name, dtype, fwdbwd, rounds, check=True):
-    x, t = make_problem(SHAPES[shape_name], dtype)
+def run_case(shape_name, dtype, fwdbwd, rounds, check=True, timer=None, device="cpu"):
+    timer = timer or bench.Timer(torch.device(device))
+    x, t = make_problem(SHAPES[shape_name], dtype, device=device)
     rows = loss_rows(t)
     checks = {}
     if check:
@@ -135,12 +139,10 @@ def run_case(shape_name, dtype, fwdbwd, rounds, check=True):
     steps.update({name: make_step(name, fn, x, fwdbwd) for name, fn in rows.items()})
     times: dict[str, list[float]] = {name: [] for name in steps}
     for step in steps.values():  # warm-up
-        step()
+        timer(step)
     for _ in range(rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(timer(step))
     median = {name: statistics.median(ts) for name, ts in times.items()}
     return {
         "shape": shape_name,
@@ -156,6 +158,7 @@ def run_case(shape_name, dtype, fwdbwd, rounds, check=True):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=["detection", "segmentation"])
     parser.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     parser.add_argument("--modes", nargs="+", choices=("fwd", "fwdbwd"), default=["fwdbwd"])
@@ -166,22 +169,28 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.dtype, args.rounds = ["small"], ["float32"], 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no GPU is visible", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
+    timer = bench.Timer(torch.device(args.device))
     cases = []
     for shape in args.shapes:
         for dtype in args.dtype:
             for mode in args.modes:
-                case = run_case(shape, DTYPES[dtype], mode == "fwdbwd", args.rounds)
+                case = run_case(shape, DTYPES[dtype], mode == "fwdbwd", args.rounds, timer=timer, device=args.device)
                 cases.append(case)
-                print(f"{shape} {tuple(SHAPES[shape])} {dtype} {mode}, {args.threads} threads:")
+                where = "cuda" if args.device == "cuda" else f"{args.threads} threads"
+                print(f"{shape} {tuple(SHAPES[shape])} {dtype} {mode}, {where}:")
                 for name, s in case["median_s"].items():
                     check = case["agreement"].get(name)
                     note = "" if check is None else ("  ok" if check["ok"] else f"  DISAGREES {check}")
                     print(f"  {name:14s} {s * 1e3:9.2f} ms   x softmax {case['x_floor'][name]:6.2f}"
                           f"   x cross_entropy {case['x_cross_entropy'][name]:6.2f}{note}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"threads": args.threads, "torch": torch.__version__, "cases": cases},
-                                              indent=1))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"device": args.device, "threads": args.threads, "torch": torch.__version__,
+                                               "cases": cases}, indent=1))
     return 0 if all(c["ok"] for case in cases for c in case["agreement"].values()) else 1
 
 

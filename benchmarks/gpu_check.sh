@@ -13,6 +13,7 @@
 #              emulated-CUDA tests, a CPU proof, are left to `make test`)
 #   bench      benchmarks/bench.py --device cuda, headline and paper shapes, fp32/bf16/fp16, fwd+bwd
 #   family     benchmarks/bench_family.py --device cuda: FL*, QFL and VFL, headline shape, fp32/bf16
+#   softmax    benchmarks/bench_softmax.py --device cuda: the softmax focal loss, detection and segmentation
 #   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
@@ -203,7 +204,7 @@ fi
 # tests, bench, sanitizers
 
 if (( BUILD_RC != 0 )); then
-  for s in tests bench family profile memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
+  for s in tests bench family softmax profile memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
 else
   # Test files that import torchvision cannot be collected without it; none of them is CUDA-specific
   # but for one device=cuda case, so they are left out (and said so) rather than failing the step.
@@ -215,13 +216,14 @@ else
   run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k "cuda and not emulated" -q -rs -p no:cacheprovider \
     --junitxml "$OUTDIR/tests.xml"
   if (( ! HAVE_GPU && NO_GPU_OK )); then
-    for s in bench family profile memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
+    for s in bench family softmax profile memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
   else
     run_step bench 170 "$PY" benchmarks/bench.py --device cuda --shapes headline paper \
       --dtype float32 bfloat16 float16 --modes fwdbwd --impls fused_ids fused_float tv tv_compile \
       --budget 0.3 --require-fused --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png"
     run_step family 60 "$PY" benchmarks/bench_family.py --device cuda --budget 0.3 \
       --json "$OUTDIR/family.json" --plot "$OUTDIR/family.png"
+    run_step softmax 60 "$PY" benchmarks/bench_softmax.py --device cuda --rounds 10 --json "$OUTDIR/softmax.json"
     run_step profile 60 "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 bfloat16 --steps 20
     SANITIZER="$(find_sanitizer)"
     if [[ -z "$SANITIZER" ]]; then
