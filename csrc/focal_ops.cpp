@@ -7,14 +7,45 @@
 
 namespace focal {
 
-namespace {
-
 Reduction parse_reduction(std::string_view r) {
   if (r == "none") return Reduction::kNone;
   if (r == "mean") return Reduction::kMean;
   if (r == "sum") return Reduction::kSum;
   TORCH_CHECK_VALUE(false, "reduction must be 'none', 'mean' or 'sum', got '", std::string(r), "'");
 }
+
+GammaKind gamma_kind_of(double gamma) {
+  if (gamma == 0.0) return GammaKind::kZero;
+  if (gamma == 1.0) return GammaKind::kOne;
+  if (gamma == 2.0) return GammaKind::kTwo;
+  return GammaKind::kGeneral;
+}
+
+void check_logits_dtype(const at::Tensor& logits) {
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "logits must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+void check_normalizer(const at::Tensor& logits, const at::Tensor& normalizer) {
+  TORCH_CHECK_VALUE(normalizer.numel() == 1, "normalizer must have one element, got shape ",
+                    normalizer.sizes());
+  TORCH_CHECK_VALUE(normalizer.device() == logits.device() || normalizer.device().is_cpu(),
+                    "normalizer is on ", normalizer.device(), " but logits are on ", logits.device());
+  TORCH_CHECK_TYPE(normalizer.scalar_type() != at::kBool && !normalizer.is_complex(),
+                   "normalizer must be a real number tensor, got ", normalizer.scalar_type());
+}
+
+double divide_by_host_normalizer(double factor, const std::optional<at::Tensor>& normalizer) {
+  if (!normalizer || !normalizer->device().is_cpu()) return factor;
+  const double value = normalizer->item<double>();
+  TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be a finite number > 0, got ",
+                    value);
+  return factor / value;
+}
+
+namespace {
 
 void check_same_device(const at::Tensor& logits, const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device() == logits.device(), name, " is on ", t.device(),
@@ -34,12 +65,7 @@ at::IntArrayRef row_shape(const at::Tensor& logits) {
 
 }  // namespace
 
-GammaKind FocalCall::gamma_kind() const {
-  if (gamma == 0.0) return GammaKind::kZero;
-  if (gamma == 1.0) return GammaKind::kOne;
-  if (gamma == 2.0) return GammaKind::kTwo;
-  return GammaKind::kGeneral;
-}
+GammaKind FocalCall::gamma_kind() const { return gamma_kind_of(gamma); }
 
 at::ScalarType FocalCall::reduced_dtype() const {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -47,13 +73,7 @@ at::ScalarType FocalCall::reduced_dtype() const {
 
 double FocalCall::empty_mean() const { return class_ids() ? 0.0 : NAN; }
 
-double FocalCall::host_scale() const {
-  if (!normalizer || !normalizer->device().is_cpu()) return scale;
-  const double value = normalizer->item<double>();
-  TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be a finite number > 0, got ",
-                    value);
-  return scale / value;
-}
+double FocalCall::host_scale() const { return divide_by_host_normalizer(scale, normalizer); }
 
 std::optional<at::Tensor> FocalCall::device_normalizer() const {
   if (normalizer && !normalizer->device().is_cpu()) return normalizer;
@@ -91,10 +111,7 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
                     double scale, bool compute_grad, const LossSpec& spec) {
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_logits_dtype(logits);
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous");
   if (targets.is_floating_point()) {
     check_dtype_and_layout(logits, targets, "float targets");
@@ -143,15 +160,7 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       "row_weight must have the shape logits.shape[:-1] = ", row_shape(logits),
                       ", got ", row_weight->sizes());
   }
-  if (normalizer) {
-    TORCH_CHECK_VALUE(normalizer->numel() == 1, "normalizer must have one element, got shape ",
-                      normalizer->sizes());
-    TORCH_CHECK_VALUE(normalizer->device() == logits.device() || normalizer->device().is_cpu(),
-                      "normalizer is on ", normalizer->device(), " but logits are on ",
-                      logits.device());
-    TORCH_CHECK_TYPE(normalizer->scalar_type() != at::kBool && !normalizer->is_complex(),
-                     "normalizer must be a real number tensor, got ", normalizer->scalar_type());
-  }
+  if (normalizer) check_normalizer(logits, *normalizer);
   return FocalCall{logits, targets, spec.scores, weight, row_weight, normalizer, alpha, gamma,
                    label_smoothing, ignore_index, parse_reduction(reduction), scale, compute_grad,
                    spec.kind, spec.beta};

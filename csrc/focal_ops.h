@@ -115,6 +115,16 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
                     double scale, bool compute_grad, const LossSpec& spec = {});
 
+// Pieces of the argument checks that every loss op shares (focal_ops.cpp; softmax_ops.cpp uses them
+// too): the reduction's name, gamma's fast-path kind, the logits' dtype, a normaliser tensor's shape,
+// device and dtype, and `factor` divided by a normaliser that lives on the CPU (read and checked
+// to be finite and > 0 there; one on the GPU is left to the CUDA kernels).
+Reduction parse_reduction(std::string_view reduction);
+GammaKind gamma_kind_of(double gamma);
+void check_logits_dtype(const at::Tensor& logits);
+void check_normalizer(const at::Tensor& logits, const at::Tensor& normalizer);
+double divide_by_host_normalizer(double factor, const std::optional<at::Tensor>& normalizer);
+
 // For scale_grad_: true when grad_output is one value broadcast over grad (one element, or every
 // stride 0); checks that it broadcasts to grad and lives on grad's device (or is a CPU scalar).
 bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output);

@@ -2,8 +2,6 @@
 // softmax_ops.h, registered by module.cpp).
 #include "softmax_ops.h"
 
-#include <cmath>
-#include <string>
 #include <vector>
 
 #include <c10/util/accumulate.h>
@@ -11,13 +9,6 @@
 namespace focal {
 
 namespace {
-
-Reduction parse_softmax_reduction(std::string_view r) {
-  if (r == "none") return Reduction::kNone;
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  TORCH_CHECK_VALUE(false, "reduction must be 'none', 'mean' or 'sum', got '", std::string(r), "'");
-}
 
 void check_class_vector(const at::Tensor& logits, const at::Tensor& t, int64_t classes,
                         const char* name) {
@@ -35,12 +26,7 @@ int64_t SoftmaxCall::inner() const {
   return logits.dim() <= 2 ? 1 : c10::multiply_integers(logits.sizes().slice(2));
 }
 
-GammaKind SoftmaxCall::gamma_kind() const {
-  if (gamma == 0.0) return GammaKind::kZero;
-  if (gamma == 1.0) return GammaKind::kOne;
-  if (gamma == 2.0) return GammaKind::kTwo;
-  return GammaKind::kGeneral;
-}
+GammaKind SoftmaxCall::gamma_kind() const { return gamma_kind_of(gamma); }
 
 at::ScalarType SoftmaxCall::math_dtype() const {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -54,12 +40,7 @@ at::Tensor SoftmaxCall::class_factor() const {
 }
 
 double SoftmaxCall::host_scale() const {
-  const double factor = scale * alpha_value;
-  if (!normalizer || !normalizer->device().is_cpu()) return factor;
-  const double value = normalizer->item<double>();
-  TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be a finite number > 0, got ",
-                    value);
-  return factor / value;
+  return divide_by_host_normalizer(scale * alpha_value, normalizer);
 }
 
 SoftmaxArgs SoftmaxCall::kernel_args(const at::Tensor& class_factor, const at::Tensor& loss_out,
@@ -85,10 +66,7 @@ SoftmaxCall make_softmax_call(const at::Tensor& logits, const at::Tensor& target
                               const std::optional<at::Tensor>& normalizer, double alpha_value,
                               double gamma, double label_smoothing, int64_t ignore_index,
                               std::string_view reduction, double scale, bool compute_grad) {
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                       dtype == at::kBFloat16,
-                   "logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_logits_dtype(logits);
   TORCH_CHECK_VALUE(logits.dim() >= 1, "logits must have a class dimension: (C,), (N, C) or "
                     "(N, C, d1, ...), got a 0-dim tensor");
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous");
@@ -106,17 +84,9 @@ SoftmaxCall make_softmax_call(const at::Tensor& logits, const at::Tensor& target
   const int64_t classes = logits.size(class_dim);
   if (weight) check_class_vector(logits, *weight, classes, "weight");
   if (alpha) check_class_vector(logits, *alpha, classes, "alpha");
-  if (normalizer) {
-    TORCH_CHECK_VALUE(normalizer->numel() == 1, "normalizer must have one element, got shape ",
-                      normalizer->sizes());
-    TORCH_CHECK_VALUE(normalizer->device() == logits.device() || normalizer->device().is_cpu(),
-                      "normalizer is on ", normalizer->device(), " but logits are on ",
-                      logits.device());
-    TORCH_CHECK_TYPE(normalizer->scalar_type() != at::kBool && !normalizer->is_complex(),
-                     "normalizer must be a real number tensor, got ", normalizer->scalar_type());
-  }
+  if (normalizer) check_normalizer(logits, *normalizer);
   return SoftmaxCall{logits, target, weight, alpha, normalizer, alpha_value, gamma,
-                     label_smoothing, ignore_index, parse_softmax_reduction(reduction), scale,
+                     label_smoothing, ignore_index, parse_reduction(reduction), scale,
                      compute_grad};
 }
 
