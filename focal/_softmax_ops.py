@@ -173,19 +173,6 @@ def _backward(ctx, grad_output, _):
     return (grad,) + _NONES
 
 
-def _vmap(info, in_dims, logits, target, weight, alpha, normalizer, *rest):
-    """One call per sample, so that every argument combination (reductions, a normaliser per sample)
-    batches correctly."""
-    tensors = (logits, target, weight, alpha, normalizer)
-    losses, grads = [], []
-    for b in range(info.batch_size):
-        sample = [t if t is None or d is None else t.select(d, b).contiguous() for t, d in zip(tensors, in_dims[:5])]
-        loss, grad = torch.ops.focal.softmax_focal_loss(*sample, *rest)
-        losses.append(loss)
-        grads.append(grad)
-    return (torch.stack(losses), torch.stack(grads)), (0, 0)
-
-
 def _jvp(ctx, logits_tangent, *_):
     """Forward mode (torch.func.jvp / jacfwd / hessian, forward_ad): the saved gradient times the tangent."""
     if logits_tangent is None:
@@ -251,6 +238,8 @@ def register() -> None:
     if _LIBRARY is not None:
         return
     torch.library.register_fake("focal::softmax_focal_loss")(_fake)
-    torch.library.register_vmap("focal::softmax_focal_loss")(_vmap)
+    from focal.ops import _loss_vmap  # the elementwise ops' rule: one call per sample, any tensor argument
+
+    torch.library.register_vmap("focal::softmax_focal_loss")(_loss_vmap(torch.ops.focal.softmax_focal_loss))
     _LIBRARY = torch.library.Library("focal", "IMPL")
     _LIBRARY.impl("softmax_focal_loss", _autograd_kernel, "Autograd", with_keyset=True)
