@@ -9,10 +9,14 @@
   (Table 1b);
 * ``fl_star``, ``qfl``, ``vfl``: the family's other members (``--cls-loss``), fused like FL.
 
-    python -m examples.retinanet.ablate --minutes 4
+    python -m examples.retinanet.ablate --preset imbalance --seeds 0 1   # Table 1a/1b, two seeds
+    python -m examples.retinanet.ablate --arms fl alpha_ce --minutes 4   # two arms, a time budget
 
-Writes ``OUTPUT/ablation.md`` (table), ``OUTPUT/ablation.json`` and ``OUTPUT/loss_curves.png``. All arms
-share one decoded dataset, the same seed and the same optimiser settings as ``train``.
+The default arms are Table 1's (``TABLE1_ARMS``). Writes ``OUTPUT/ablation.json`` (a row per arm and
+seed), ``OUTPUT/ablation.md`` (the table with each arm's seed spread), ``OUTPUT/ablation.png`` (AP over
+the alpha and gamma sweeps, see ``ablation_report``) and ``OUTPUT/loss_curves.png`` (the first seed's
+losses). All arms share one decoded dataset and the same optimiser settings as ``train``; seed ``s``
+fixes the initialisation and the batch order, the same for every arm.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import math
 import os
 
+from .ablation_report import markdown_table, write_report
 from .config import add_config_arguments, config_from_arguments
 from .batches import InMemoryBatches
 from .data import CocoDetection, build_transform
@@ -53,6 +58,10 @@ ARMS = {
     "qfl": ("QFL (beta=2)", dict(cls_loss="qfl", qfl_beta=2.0, prior_prob=0.01)),
     "vfl": ("VFL (alpha=.75, gamma=2)", dict(cls_loss="vfl", vfl_alpha=0.75, vfl_gamma=2.0, prior_prob=0.01)),
 }
+# Table 1a (alpha-balanced CE over alpha), Table 1b (FL over gamma; gamma 0 is alpha_ce) and CE without
+# the prior initialisation (section 3.3): what ``ablate`` runs unless --arms says otherwise.
+TABLE1_ARMS = ["fl", "alpha_ce", "ce_no_prior", "alpha_ce_25", "alpha_ce_50", "alpha_ce_90", "fl_g05", "fl_g1",
+               "fl_g5"]
 
 
 def plot_loss_curves(results: dict, path: str) -> None:
@@ -80,13 +89,19 @@ def plot_loss_curves(results: dict, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="FL vs alpha-CE vs CE without prior init, same budget",
+    parser = argparse.ArgumentParser(description="Table 1a/1b: FL, alpha-CE and CE without prior init, same budget",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_train_arguments(parser)
     add_config_arguments(parser)
-    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=TABLE1_ARMS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every arm once per seed (default: --seed alone)")
     parser.set_defaults(output="runs/retinanet/ablate", iters=1000)
     args = parser.parse_args(argv)
+    if args.seeds is not None and (len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0):
+        parser.error(f"--seeds must be distinct non-negative integers, got {args.seeds}")
+    if len(set(args.arms)) != len(args.arms):
+        parser.error(f"--arms names an arm twice: {args.arms}")
     with report_input_errors(parser.prog):
         run(args)
 
@@ -98,11 +113,13 @@ def run(args) -> None:
     train_set = CocoDetection(*paths["train"], build_transform(base_options.image_size, train=False))
     base_config = dataclasses.replace(base_config, num_classes=len(train_set.category_ids))
     os.makedirs(base_options.output, exist_ok=True)
+    seeds = args.seeds if args.seeds is not None else [base_options.seed]
     results, rows = {}, []
-    for name in args.arms:
+    for seed, name in ((seed, name) for seed in seeds for name in args.arms):
         label, overrides = ARMS[name]
-        print(f"== {label}")
-        options = dataclasses.replace(base_options, output=os.path.join(base_options.output, name))
+        print(f"== {label}, seed {seed}")
+        run_dir = name if len(seeds) == 1 else os.path.join(f"seed{seed}", name)
+        options = dataclasses.replace(base_options, output=os.path.join(base_options.output, run_dir), seed=seed)
         batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed)
         config = dataclasses.replace(base_config, **overrides)
         diverged = False
@@ -116,23 +133,18 @@ def run(args) -> None:
             from .evaluate import evaluate_model
 
             stats = evaluate_model(result["model"], *paths["val"], options.image_size)
-        results[name] = result
-        rows.append({"arm": name, "label": label, "iterations": result["iterations"],
+        if seed == seeds[0]:
+            results[name] = result
+        rows.append({"arm": name, "label": label, "seed": seed, "iterations": result["iterations"],
                      "seconds": round(result["seconds"], 1), "diverged": diverged,
                      **{k: stats[k] for k in ("AP", "AP50", "AP75")},
                      "final_loss_cls": result["history"][-1]["loss_cls"] if result["history"] else None})
         print(json.dumps(rows[-1]))
-    lines = ["| loss | iterations | AP | AP50 | AP75 |", "| --- | ---: | ---: | ---: | ---: |"]
-    for row in rows:
-        mark = " (diverged)" if row["diverged"] else ""
-        lines.append(f"| {row['label']}{mark} | {row['iterations']} | {row['AP']:.3f} | {row['AP50']:.3f} | "
-                     f"{row['AP75']:.3f} |")
-    table = "\n".join(lines)
-    print(table)
-    with open(os.path.join(base_options.output, "ablation.md"), "w") as f:
-        f.write(table + "\n")
-    with open(os.path.join(base_options.output, "ablation.json"), "w") as f:
-        json.dump({"rows": rows, "options": dataclasses.asdict(base_options)}, f, indent=1)
+    options = dataclasses.asdict(base_options)
+    summary = write_report(rows, os.path.join(base_options.output, "ablation"),
+                           f"{base_options.digits} digits, {base_options.image_size} px, {rows[0]['iterations']} "
+                           f"iterations per arm, seeds {seeds}", {"options": options})
+    print(markdown_table(summary))
     plot_loss_curves(results, os.path.join(base_options.output, "loss_curves.png"))
 
 
