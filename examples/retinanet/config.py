@@ -25,6 +25,9 @@ from dataclasses import dataclass
 @dataclass
 class RetinaNetConfig:
     num_classes: int = 80
+    # "focal": this example's detector; "torchvision": stock torchvision RetinaNet on the same backbone,
+    # anchors and data, for comparison (torchvision_stock.py says which fields it uses).
+    detector: str = "focal"
     # Backbone: torchvision ResNet layout; ``backbone_width`` scales every stage's channels
     # (1.0 is torchvision's network, whose checkpoints ``weights`` can load).
     depth: int = 50
@@ -84,6 +87,8 @@ class RetinaNetConfig:
             )
         if not set(self.levels) <= {3, 4, 5, 6, 7}:
             raise ValueError(f"levels must be within 3..7, got {self.levels}")
+        if self.detector not in CHOICES["detector"]:
+            raise ValueError(f"detector must be one of {CHOICES['detector']}, got {self.detector!r}")
         if self.backbone_norm not in ("bn", "gn"):
             raise ValueError(f"backbone_norm must be 'bn' or 'gn', got {self.backbone_norm!r}")
         if self.head_norm not in ("none", "gn"):
@@ -142,6 +147,7 @@ PRESETS = {"fast": fast_config, "imbalance": imbalance_config, "paper": paper_co
 
 
 CHOICES = {
+    "detector": ("focal", "torchvision"),
     "head_norm": ("none", "gn"),
     "backbone_norm": ("bn", "gn"),
     "loss_impl": ("focal", "reference", "torchvision"),
@@ -192,6 +198,10 @@ def config_from_arguments(args: argparse.Namespace) -> RetinaNetConfig:
 
 def build_model(config: RetinaNetConfig):
     """The single place that turns a config into a :class:`~examples.retinanet.model.RetinaNet`."""
+    if config.detector == "torchvision":
+        from .torchvision_stock import StockRetinaNet
+
+        return StockRetinaNet(config)
     from .model import RetinaNet
 
     return RetinaNet(config)
