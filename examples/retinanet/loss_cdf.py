@@ -31,7 +31,7 @@ from .loss import IGNORE_INDEX
 
 
 @torch.no_grad()
-def logits_and_classes(model, dataset: CocoDetection, batch_size: int = 32):
+def logits_and_classes(model, dataset: torch.utils.data.Dataset, batch_size: int = 32):
     """Class logits (S, K) and class-id targets (S,) of every anchor of every image (S = images * R)."""
     model.eval()
     all_logits, all_classes = [], []
@@ -107,8 +107,8 @@ def run(args) -> None:
     params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
     image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
     dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
-    dataset.image_ids = dataset.image_ids[: args.max_images]
-    logits, classes = logits_and_classes(model, dataset)
+    subset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
+    logits, classes = logits_and_classes(model, subset)
     cdfs = {gamma: normalised_loss_cdf(logits, classes, gamma) for gamma in args.gammas}
     num_positive, num_negative = len(cdfs[args.gammas[0]][0]), len(cdfs[args.gammas[0]][1])
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)

@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 import time
 
 import torch
@@ -378,7 +379,11 @@ def main(argv=None) -> None:
         if options.minutes is None and options.iters is None:
             options.minutes = 12.0
         with distributed.process_group(options.device):
-            train(config, options)
+            try:
+                train(config, options)
+            except NonFiniteLossError as error:  # a diverged run: one line, not a traceback
+                print(f"{parser.prog}: error: {error}", file=sys.stderr)
+                raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

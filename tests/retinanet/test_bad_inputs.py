@@ -182,10 +182,16 @@ def _nan_on_call(monkeypatch, bad_call: int, loss: str = "loss_cls"):
     monkeypatch.setattr(RetinaNet, "losses", losses)
 
 
-def test_nonfinite_loss_stops_naming_the_loss_and_iteration(tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_naming_the_loss_and_iteration(tmp_path, monkeypatch, capsys):
     _nan_on_call(monkeypatch, 3, "loss_box")
-    with pytest.raises(train.NonFiniteLossError, match="loss_box is nan at iteration 3"):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(_tiny_train_args(tmp_path, "--iters", "5"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error: loss_box is nan at iteration 3 (a diverging run" in err[0]
+    with pytest.raises(train.NonFiniteLossError, match="loss_box is nan at iteration 3"):
+        options = train.options_from_arguments(_parse(_tiny_train_args(tmp_path, "--iters", "5")))
+        train.train(fast_config(backbone_width=0.25, fpn_channels=16, head_width=16), options)
 
 
 def test_nonfinite_loss_skip_drops_the_batch_and_keeps_the_weights_finite(tmp_path, monkeypatch, capsys):
