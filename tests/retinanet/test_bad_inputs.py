@@ -189,6 +189,7 @@ def test_nonfinite_loss_stops_naming_the_loss_and_iteration(tmp_path, monkeypatc
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "error: loss_box is nan at iteration 3 (a diverging run" in err[0]
+    _nan_on_call(monkeypatch, 3, "loss_box")  # a fresh count for train() called directly: it raises
     with pytest.raises(train.NonFiniteLossError, match="loss_box is nan at iteration 3"):
         options = train.options_from_arguments(_parse(_tiny_train_args(tmp_path, "--iters", "5")))
         train.train(fast_config(backbone_width=0.25, fpn_channels=16, head_width=16), options)
