@@ -21,10 +21,11 @@ import statistics
 
 from .errors import InputError, report_input_errors
 
-# Where each Table 1 arm sits on the sweeps' x axes: (alpha of alpha-balanced CE) and (gamma, with the
+# Where each Table 1 arm sits on the sweeps' x axes: the alpha of alpha-balanced CE, and (gamma, the
 # alpha the paper pairs with it). alpha_ce is alpha .75, the paper's best alpha and its gamma-0 point.
 ALPHA_SWEEP = {"alpha_ce_25": 0.25, "alpha_ce_50": 0.5, "alpha_ce": 0.75, "alpha_ce_90": 0.9}
-GAMMA_SWEEP = {"alpha_ce": 0.0, "fl_g05": 0.5, "fl_g1": 1.0, "fl": 2.0, "fl_g5": 5.0}
+GAMMA_SWEEP = {"alpha_ce": (0.0, 0.75), "fl_g05": (0.5, 0.5), "fl_g1": (1.0, 0.25), "fl": (2.0, 0.25),
+               "fl_g5": (5.0, 0.25)}
 STATS = ("AP", "AP50", "AP75")
 
 
@@ -91,11 +92,15 @@ def plot_sweeps(summary: list[dict], path: str, title: str = "") -> None:
 
     by_arm = {entry["arm"]: entry for entry in summary}
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6), sharey=True)
+    gammas = {arm: gamma for arm, (gamma, _) in GAMMA_SWEEP.items()}
     for ax, sweep, xlabel in ((axes[0], ALPHA_SWEEP, "alpha (alpha-balanced CE, gamma = 0)"),
-                              (axes[1], GAMMA_SWEEP, "gamma (alpha retuned per gamma)")):
-        points = sorted((x, by_arm[arm]) for arm, x in sweep.items() if arm in by_arm)
+                              (axes[1], gammas, "gamma (alpha retuned per gamma)")):
+        points = sorted(((x, by_arm[arm]) for arm, x in sweep.items() if arm in by_arm), key=lambda p: p[0])
         for x, entry in points:
             ax.scatter([x] * len(entry["AP"]), entry["AP"], color="0.6", s=14, zorder=2)
+            if ax is axes[1]:
+                ax.annotate(f"alpha {GAMMA_SWEEP[entry['arm']][1]:g}", (x, entry["AP_mean"]), fontsize=7,
+                            xytext=(5, -10), textcoords="offset points")
         if points:
             ax.errorbar([x for x, _ in points], [e["AP_mean"] for _, e in points],
                         yerr=[e["AP_sd"] for _, e in points], color="C0", marker="o", capsize=4, zorder=3,

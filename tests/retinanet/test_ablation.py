@@ -80,8 +80,8 @@ def test_report_command_writes_json_table_and_plot(tmp_path, capsys):
 def test_every_sweep_arm_is_an_ablate_arm_with_its_alpha_and_gamma():
     for arm, alpha in ablation_report.ALPHA_SWEEP.items():
         assert ablate.ARMS[arm][1]["focal_gamma"] == 0.0 and ablate.ARMS[arm][1]["focal_alpha"] == alpha
-    for arm, gamma in ablation_report.GAMMA_SWEEP.items():
-        assert ablate.ARMS[arm][1]["focal_gamma"] == gamma
+    for arm, (gamma, alpha) in ablation_report.GAMMA_SWEEP.items():
+        assert ablate.ARMS[arm][1]["focal_gamma"] == gamma and ablate.ARMS[arm][1]["focal_alpha"] == alpha
     assert set(ablation_report.ALPHA_SWEEP) | set(ablation_report.GAMMA_SWEEP) | {"ce_no_prior"} == set(
         ablate.TABLE1_ARMS)
 
