@@ -102,6 +102,16 @@ def test_ablate_runs_every_arm_for_every_seed(tmp_path):
         assert (out / name).exists(), name
 
 
+def test_ablate_seeds_default_to_two_and_follow_seed_or_seeds(capsys):
+    assert ablate.parse_arguments([]).seeds == [0, 1]
+    assert ablate.parse_arguments(["--seed", "3"]).seeds == [3]
+    args = ablate.parse_arguments(["--seeds", "4", "2", "--preset", "imbalance"])
+    assert args.seeds == [4, 2] and args.seed == 4 and args.arms == ablate.TABLE1_ARMS
+    with pytest.raises(SystemExit):
+        ablate.parse_arguments(["--seed", "1", "--seeds", "1", "2"])
+    assert "--seed and --seeds both" in capsys.readouterr().err
+
+
 def test_ablate_refuses_repeated_seeds(capsys):
     with pytest.raises(SystemExit) as exit_info:
         ablate.main(["--seeds", "0", "0"])
