@@ -150,6 +150,17 @@ def data_root(args, checkpoint: dict) -> str:
     return args.data_root or (checkpoint.get("options") or {}).get("data_root") or "data/digits"
 
 
+def checkpoint_digits(args, checkpoint: dict, split: str, max_images: int) -> torch.utils.data.Dataset:
+    """The first ``max_images`` images of the built-in digits ``split`` ("train" or "val") the
+    checkpoint trained on (its dataset parameters, ``data_root`` above), at its training size."""
+    from .digits import DigitsParams, ensure_digits_dataset
+
+    params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
+    image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)[split]
+    dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
+    return torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="COCO AP of a RetinaNet checkpoint")
     parser.add_argument("--checkpoint", default="runs/retinanet/default/model_final.pth")

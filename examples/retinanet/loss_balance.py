@@ -31,6 +31,7 @@ import json
 import torch
 
 from .errors import InputError, report_input_errors
+from .loss import BACKGROUND, IGNORE_INDEX
 
 GROUPS = ("positive", "hard negative", "easy negative")
 DEFAULT_LOSSES = ["CE=0,-1", "alpha-CE=0,0.75", "FL=2,0.25"]
@@ -51,7 +52,7 @@ def parse_loss(text: str) -> tuple[str, float, float]:
 def sample_groups(logits: torch.Tensor, classes: torch.Tensor, easy: float) -> dict[str, torch.Tensor]:
     """Boolean (S, K) masks of the positive, hard negative and easy negative samples of ``logits``
     (S, K) with class-id targets ``classes`` (S,) (``BACKGROUND``, ``IGNORE_INDEX`` or a class)."""
-    valid = (classes != -2).unsqueeze(-1).expand_as(logits)
+    valid = (classes != IGNORE_INDEX).unsqueeze(-1).expand_as(logits)
     positive = torch.zeros_like(logits, dtype=torch.bool)
     rows = (classes >= 0).nonzero().squeeze(-1)
     positive[rows, classes[rows]] = True
@@ -66,7 +67,7 @@ def group_losses(logits: torch.Tensor, classes: torch.Tensor, gamma: float, alph
     ``focal.sigmoid_focal_loss`` with ``reduction="none"``."""
     from focal import sigmoid_focal_loss
 
-    per_sample = sigmoid_focal_loss(logits, classes.clamp(min=-1), alpha=alpha, gamma=gamma, reduction="none")
+    per_sample = sigmoid_focal_loss(logits, classes.clamp(min=BACKGROUND), alpha=alpha, gamma=gamma, reduction="none")
     return {name: per_sample[mask].sum() / normalizer for name, mask in groups.items()}
 
 
@@ -142,9 +143,8 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     from .config import build_model
-    from .data import CocoDetection, build_transform, collate
-    from .digits import DigitsParams, ensure_digits_dataset
-    from .evaluate import data_root, load_checkpoint
+    from .data import collate
+    from .evaluate import checkpoint_digits, load_checkpoint
 
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args.checkpoint)
@@ -153,11 +153,8 @@ def run(args) -> None:
     if args.untrained:
         torch.manual_seed(args.seed)
         model = build_model(model.config)
-    params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
-    image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["train"]
-    dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
-    subset = torch.utils.data.Subset(dataset, range(min(args.images, len(dataset))))
-    loader = torch.utils.data.DataLoader(subset, batch_size=16, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(checkpoint_digits(args, checkpoint, "train", args.images), batch_size=16,
+                                         collate_fn=collate)
     batches = [measure(model, images, targets, args.losses, args.easy) for images, targets in loader]
     result = {"checkpoint": args.checkpoint, "untrained": args.untrained, "easy_below": args.easy,
               **accumulate(batches)}

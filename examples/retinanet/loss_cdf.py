@@ -24,9 +24,9 @@ import os
 
 import torch
 
-from .data import CocoDetection, build_transform, collate
+from .data import collate
 from .errors import report_input_errors
-from .evaluate import data_root, load_checkpoint
+from .evaluate import checkpoint_digits, load_checkpoint
 from .loss import IGNORE_INDEX
 
 
@@ -101,14 +101,8 @@ def main(argv=None) -> None:
 
 def run(args) -> None:
     torch.set_num_threads(args.threads)
-    from .digits import DigitsParams, ensure_digits_dataset
-
     model, checkpoint = load_checkpoint(args.checkpoint)
-    params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
-    image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
-    dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
-    subset = torch.utils.data.Subset(dataset, range(min(args.max_images, len(dataset))))
-    logits, classes = logits_and_classes(model, subset)
+    logits, classes = logits_and_classes(model, checkpoint_digits(args, checkpoint, "val", args.max_images))
     cdfs = {gamma: normalised_loss_cdf(logits, classes, gamma) for gamma in args.gammas}
     num_positive, num_negative = len(cdfs[args.gammas[0]][0]), len(cdfs[args.gammas[0]][1])
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
