@@ -9,6 +9,7 @@ The family: ``sigmoid_focal_loss_star`` (FL*), ``quality_focal_loss`` (QFL), ``v
 ``focal.reference`` holds the pure-PyTorch statement of the same math.
 """
 
+from focal import ops  # noqa: F401  (registers fake kernels, autograd and vmap on the compiled ops)
 from focal import reference
 from focal.family import quality_focal_loss, sigmoid_focal_loss_star, varifocal_loss
 from focal.functional import sigmoid_focal_loss

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from focal import _autograd, _validate
 from focal.functional import _forward_mode_or_transform
-from focal.ops import require_kernels
+from focal._extension import require_kernels
 
 __all__ = ["sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"]
 

@@ -7,7 +7,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from focal import _autograd, _validate
-from focal.ops import require_kernels
+from focal._extension import require_kernels
 
 __all__ = ["sigmoid_focal_loss"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from focal import ops
+from focal import _extension
 
 __all__ = ["empty_cache"]
 
@@ -24,5 +24,5 @@ def empty_cache() -> None:
     before a phase that needs the memory, or when measuring a process's footprint. Does nothing
     when the compiled extension is not available, since there is then no cache.
     """
-    if ops.BUILD_ERROR is None:
+    if _extension.BUILD_ERROR is None:
         torch.ops.focal.empty_cache()

@@ -12,7 +12,7 @@ from focal import _autograd
 from focal._softmax_ops import apply
 from focal.functional import _forward_mode_or_transform
 from focal._validate import _finite, _normalizer, _shape
-from focal.ops import require_kernels
+from focal._extension import require_kernels
 
 __all__ = ["softmax_focal_loss"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import focal
-import focal.ops
+import focal._extension
 
 
 def test_import_and_exports():
@@ -32,11 +32,11 @@ def test_star_import_gives_exactly_all():
 
 
 def test_extension_is_loaded_and_op_registered():
-    assert focal.ops.BUILD_ERROR is None
+    assert focal._extension.BUILD_ERROR is None
     schema = str(torch.ops.focal.sigmoid_focal_loss.default._schema)
     assert schema.startswith("focal::sigmoid_focal_loss(Tensor logits, Tensor targets, Tensor? weight")
     assert schema.endswith("-> (Tensor, Tensor)")
-    assert "cpu" in focal.ops.KERNEL_DEVICE_TYPES
+    assert "cpu" in focal._extension.KERNEL_DEVICE_TYPES
 
 
 def test_signature_matches_torchvision_then_the_extras():
@@ -85,15 +85,15 @@ def test_docstring_example_runs():
 
 def test_missing_cuda_kernel_error_says_how_to_rebuild(monkeypatch):
     """What a CPU-only build says for a CUDA tensor (checked without a GPU by removing the kernel)."""
-    monkeypatch.setattr(focal.ops, "KERNEL_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(focal._extension, "KERNEL_DEVICE_TYPES", frozenset({"cpu"}))
     message = r"focal has no kernel for cuda tensors: rebuild focal .*FOCAL_WITH_CUDA=1 pip install"
     with pytest.raises(RuntimeError, match=message):
-        focal.ops.require_kernels(torch.device("cuda"))
-    focal.ops.require_kernels(torch.device("cpu"))  # and the CPU still passes
+        focal._extension.require_kernels(torch.device("cuda"))
+    focal._extension.require_kernels(torch.device("cpu"))  # and the CPU still passes
 
 
 def test_unloadable_extension_error_says_how_to_build(monkeypatch):
-    monkeypatch.setattr(focal.ops, "BUILD_ERROR", "No module named 'focal._C'")
+    monkeypatch.setattr(focal._extension, "BUILD_ERROR", "No module named 'focal._C'")
     message = r"focal\._C could not be loaded \(No module named 'focal._C'\)\. Build it with: pip install"
     with pytest.raises(RuntimeError, match=message):
         focal.sigmoid_focal_loss(torch.zeros(2, 3), torch.zeros(2, 3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import focal
-import focal.ops
+import focal._extension
 from bitwise import assert_bitwise_equal
 from cuda_cases import cuda_reduced_sum, grid_blocks, make_logits, make_targets
 from focal import reference
@@ -17,7 +17,7 @@ from focal import reference
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="CUDA tests need a visible GPU (torch.cuda.is_available() is False)"
 )
-CUDA_KERNEL_BUILT = "cuda" in focal.ops.KERNEL_DEVICE_TYPES
+CUDA_KERNEL_BUILT = "cuda" in focal._extension.KERNEL_DEVICE_TYPES
 
 
 @requires_cuda
