@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -49,6 +50,9 @@ inline constexpr const char* kVarifocalLossSchema =
 // the device, so the call never waits for the GPU.
 inline constexpr const char* kScaleGradSchema =
     "scale_grad_(Tensor(a!) grad, Tensor grad_output) -> ()";
+
+// An operator's name: its schema up to the argument list.
+inline std::string op_name(std::string_view schema) { return std::string(schema.substr(0, schema.find('('))); }
 
 enum class Reduction { kNone, kMean, kSum };
 

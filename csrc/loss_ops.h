@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 
@@ -60,12 +61,13 @@ struct LossOps {
                          {LossKind::kVarifocal, 0.0, scores}));
   }
 
-  // Registers the four ops on `m` (a TORCH_LIBRARY_IMPL block of the backend's dispatch key).
+  // Registers the four ops on `m` (a TORCH_LIBRARY_IMPL block of the backend's dispatch key), each
+  // under the name its schema gives it.
   static void register_on(torch::Library& m) {
-    m.impl("sigmoid_focal_loss", &sigmoid_focal_loss);
-    m.impl("sigmoid_focal_loss_star", &sigmoid_focal_loss_star);
-    m.impl("quality_focal_loss", &quality_focal_loss);
-    m.impl("varifocal_loss", &varifocal_loss);
+    m.impl(op_name(kSigmoidFocalLossSchema).c_str(), &sigmoid_focal_loss);
+    m.impl(op_name(kSigmoidFocalLossStarSchema).c_str(), &sigmoid_focal_loss_star);
+    m.impl(op_name(kQualityFocalLossSchema).c_str(), &quality_focal_loss);
+    m.impl(op_name(kVarifocalLossSchema).c_str(), &varifocal_loss);
   }
 };
 

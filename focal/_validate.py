@@ -15,7 +15,10 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["op_arguments", "OpArguments"]
+__all__ = [
+    "op_arguments", "OpArguments", "star_arguments", "quality_arguments", "varifocal_arguments", "softmax_arguments",
+    "number",
+]
 
 # The arguments of torch.ops.focal.sigmoid_focal_loss, in the schema's order, less compute_grad:
 # logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing, ignore_index,
@@ -29,29 +32,33 @@ def _is_supported_dtype(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or dtype == torch.float64 or dtype == torch.float16 or dtype == torch.bfloat16
 
 
+def _real(value, name: str) -> None:
+    """TypeError unless ``value`` is a real number (not a bool): the one type check of every number."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _integer(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+
+
 def _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing):
     """What TorchScript's signature checks do for scripted callers, for eager ones."""
-
-    def real(value, name: str, optional: bool = False) -> None:
-        if optional and value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-
     for value, name in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    real(alpha, "alpha", optional=True)
-    real(gamma, "gamma")
-    real(label_smoothing, "label_smoothing")
-    if not isinstance(normalizer, Tensor):
-        real(normalizer, "normalizer", optional=True)
+    if alpha is not None:
+        _real(alpha, "alpha")
+    _real(gamma, "gamma")
+    _real(label_smoothing, "label_smoothing")
+    if normalizer is not None and not isinstance(normalizer, Tensor):
+        _real(normalizer, "normalizer")
     if not isinstance(reduction, str):
         raise TypeError(f"reduction must be a string, got {type(reduction).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _integer(ignore_index, "ignore_index")
 
 
 def _shape(shape: List[int]) -> str:
@@ -214,8 +221,7 @@ FamilyArguments = Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Opti
 
 def number(value, name: str, low: float = -float("inf"), low_inclusive: bool = True) -> float:
     """A finite real number (not a bool) above ``low``, as float; TypeError or ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    _real(value, name)
     above = value >= low if low_inclusive else value > low
     if not (_finite(value) and above):
         bound = "" if low == -float("inf") else f" {'>=' if low_inclusive else '>'} {low:g}"
@@ -234,8 +240,7 @@ def _family_inputs(inputs, reduction, weight, ignore_index) -> None:
         raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got '{reduction}'")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    _integer(ignore_index, "ignore_index")
 
 
 def _plain_tensor(value, name: str, inputs: Tensor) -> Tensor:
@@ -319,3 +324,123 @@ def family_arguments(
     op_weight, row_weight = _weights(weight, inputs)
     op_normalizer, scale = _normalizer(normalizer, inputs, reduction)
     return inputs.contiguous(), op_targets, scores, op_weight, row_weight, op_normalizer, scale
+
+
+def _alpha_or_off(alpha) -> float:
+    """A positives' weight in [0, 1], or -1 (no weighting) for None / -1."""
+    if alpha is None or alpha == -1:
+        return -1.0
+    value = number(alpha, "alpha", 0.0)
+    if value > 1.0:
+        raise ValueError(f"alpha must be in [0, 1], or None / -1 for no weighting, got {alpha}")
+    return value
+
+
+def _smoothing(label_smoothing) -> float:
+    _real(label_smoothing, "label_smoothing")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def star_arguments(inputs, targets, weight, gamma, beta, alpha, reduction, normalizer, ignore_index, label_smoothing):
+    """Checks the arguments of :func:`focal.sigmoid_focal_loss_star`; returns its operator's."""
+    gamma = number(gamma, "gamma", 0.0, low_inclusive=False)
+    beta = number(beta, "beta")
+    alpha_value = _alpha_or_off(alpha)
+    label_smoothing = number(label_smoothing, "label_smoothing", 0.0)
+    if label_smoothing > 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    logits, op_targets, _, op_weight, row_weight, op_normalizer, scale = family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=False
+    )
+    return (logits, op_targets, op_weight, row_weight, op_normalizer, alpha_value, gamma, beta, label_smoothing,
+            int(ignore_index), reduction, scale)
+
+
+def quality_arguments(inputs, targets, weight, beta, reduction, normalizer, ignore_index):
+    """Checks the arguments of :func:`focal.quality_focal_loss`; returns its operator's."""
+    beta = number(beta, "beta", 0.0)
+    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    )
+    return (logits, op_targets, scores, op_weight, row_weight, op_normalizer, beta, int(ignore_index), reduction,
+            scale)
+
+
+def varifocal_arguments(inputs, targets, weight, alpha, gamma, reduction, normalizer, ignore_index):
+    """Checks the arguments of :func:`focal.varifocal_loss`; returns its operator's."""
+    alpha = number(alpha, "alpha", 0.0)
+    gamma = number(gamma, "gamma", 0.0)
+    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = family_arguments(
+        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    )
+    return (logits, op_targets, scores, op_weight, row_weight, op_normalizer, alpha, gamma, int(ignore_index),
+            reduction, scale)
+
+
+# ---- the softmax focal loss (focal.softmax) -------------------------------------------------------
+
+
+def _class_vector(value: Tensor, name: str, input: Tensor, classes: int) -> Tensor:
+    """A per-class (C,) tensor: floating point, on the input's device, not requiring grad."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {value.dtype}")
+    if list(value.shape) != [classes]:
+        raise ValueError(f"{name} must have shape ({classes},) (one value per class), got {_shape(list(value.shape))}")
+    if value.device != input.device:
+        raise ValueError(f"{name} is on {value.device} but input is on {input.device}")
+    if value.requires_grad:
+        raise ValueError(f"gradients with respect to {name} are not supported: pass {name}.detach()")
+    return value.contiguous()
+
+
+def softmax_arguments(input, target, weight, alpha, gamma, reduction, ignore_index, label_smoothing, normalizer):
+    """Checks the arguments of :func:`focal.softmax_focal_loss`; returns its operator's."""
+    for value, name in ((input, "input"), (target, "target")):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not _is_supported_dtype(input.dtype):
+        raise TypeError(f"input must be float32, float64, float16 or bfloat16 logits, got {input.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(
+            f"target must hold integer class ids, got a {target.dtype} tensor "
+            "(class-probability targets are not supported)"
+        )
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension: (C,), (N, C) or (N, C, d1, ...), got a 0-dim tensor")
+    class_dim = 0 if input.dim() == 1 else 1
+    expected = list(input.shape)
+    classes = expected.pop(class_dim)
+    if list(target.shape) != expected:
+        raise ValueError(
+            f"target must have the shape of input without its class dimension {class_dim}, {_shape(expected)}, "
+            f"got {_shape(list(target.shape))}"
+        )
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if not isinstance(reduction, str) or reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got {reduction!r}")
+    gamma = number(gamma, "gamma", 0.0)
+    label_smoothing = _smoothing(label_smoothing)
+    _integer(ignore_index, "ignore_index")
+    alpha_tensor: Optional[Tensor] = None
+    alpha_value = 1.0
+    if isinstance(alpha, Tensor):
+        alpha_tensor = _class_vector(alpha, "alpha", input, classes)
+    elif alpha is not None:
+        _real(alpha, "alpha")
+        if not (_finite(alpha) and alpha >= 0.0):
+            raise ValueError(f"alpha must be a finite number >= 0, a ({classes},) tensor or None, got {alpha}")
+        alpha_value = float(alpha)
+    if weight is not None:
+        weight = _class_vector(weight, "weight", input, classes)
+    if normalizer is not None and not isinstance(normalizer, Tensor):
+        _real(normalizer, "normalizer")
+    op_normalizer, scale = _normalizer(normalizer, input, reduction)
+    return (
+        input.contiguous(), target.to(torch.long).contiguous(), weight, alpha_tensor, op_normalizer, alpha_value,
+        gamma, label_smoothing, int(ignore_index), reduction, scale,
+    )

@@ -13,45 +13,19 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor
 
-from focal import _autograd, _validate
-from focal.functional import _forward_mode_or_transform
-from focal._extension import require_kernels
+from focal import ops
 
 __all__ = ["sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss"]
 
 QualityTargets = Union[Tensor, Sequence[Tensor]]
 
 
-def _run(op_name: str, args: tuple, inputs, targets, weight) -> Tensor:
-    """The loss from ``torch.ops.focal.<op_name>(*args, compute_grad)``, through its autograd when
-    autograd (or a torch.func transform, or forward mode) will differentiate it."""
-    logits = args[0]
-    require_kernels(logits.device)
-    # The gradient is computed (and allocated) only when autograd will ask for it.
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if compute_grad or _forward_mode_or_transform(logits):
-        with _autograd.callers_tensors(inputs, targets if isinstance(targets, Tensor) else None, weight):
-            loss, _ = _autograd.apply(op_name, *args, True)
-        return loss
-    loss, _ = getattr(torch.ops.focal, op_name)(*args, compute_grad)
-    return loss
-
-
 def sigmoid_focal_loss_star(
-    inputs: Tensor,
-    targets: Tensor,
-    gamma: float = 2.0,
-    beta: float = 1.0,
-    alpha: Optional[float] = None,
-    reduction: str = "none",
-    *,
-    weight: Optional[Tensor] = None,
-    normalizer: Optional[Union[float, Tensor]] = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    inputs: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0, alpha: Optional[float] = None,
+    reduction: str = "none", *, weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> Tensor:
     r"""FL*, the focal loss variant of Appendix A of "Focal Loss for Dense Object Detection" (Lin et
     al., 2017), fused.
@@ -87,31 +61,15 @@ def sigmoid_focal_loss_star(
         >>> loss = focal.sigmoid_focal_loss_star(logits, labels, gamma=2.0, beta=1.0,
         ...                                      reduction="sum", normalizer=num_pos)
     """
-    gamma = _validate.number(gamma, "gamma", 0.0, low_inclusive=False)
-    beta = _validate.number(beta, "beta")
-    alpha_value = -1.0 if alpha is None or alpha == -1 else _validate.number(alpha, "alpha", 0.0)
-    if alpha_value > 1.0:
-        raise ValueError(f"alpha must be in [0, 1], or None / -1 for no weighting, got {alpha}")
-    label_smoothing = _validate.number(label_smoothing, "label_smoothing", 0.0)
-    if label_smoothing > 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    logits, op_targets, _, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=False
+    return ops.call(
+        "sigmoid_focal_loss_star", inputs, targets, weight, gamma=gamma, beta=beta, alpha=alpha, reduction=reduction,
+        normalizer=normalizer, ignore_index=ignore_index, label_smoothing=label_smoothing,
     )
-    args = (logits, op_targets, op_weight, row_weight, op_normalizer, alpha_value, gamma, beta, label_smoothing,
-            int(ignore_index), reduction, scale)
-    return _run("sigmoid_focal_loss_star", args, inputs, targets, weight)
 
 
 def quality_focal_loss(
-    inputs: Tensor,
-    targets: QualityTargets,
-    beta: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: Optional[Tensor] = None,
-    normalizer: Optional[Union[float, Tensor]] = None,
-    ignore_index: int = -100,
+    inputs: Tensor, targets: QualityTargets, beta: float = 2.0, reduction: str = "none", *,
+    weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
 ) -> Tensor:
     r"""Quality focal loss (Li et al., "Generalized Focal Loss: Learning Qualified and Distributed
     Bounding Boxes for Dense Object Detection", 2020), fused.
@@ -145,25 +103,15 @@ def quality_focal_loss(
         >>> loss = focal.quality_focal_loss(logits, (ids, iou), reduction="sum",
         ...                                 normalizer=(ids >= 0).sum().clamp(min=1))
     """
-    beta = _validate.number(beta, "beta", 0.0)
-    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    return ops.call(
+        "quality_focal_loss", inputs, targets, weight, beta=beta, reduction=reduction, normalizer=normalizer,
+        ignore_index=ignore_index,
     )
-    args = (logits, op_targets, scores, op_weight, row_weight, op_normalizer, beta, int(ignore_index), reduction,
-            scale)
-    return _run("quality_focal_loss", args, inputs, targets, weight)
 
 
 def varifocal_loss(
-    inputs: Tensor,
-    targets: QualityTargets,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: Optional[Tensor] = None,
-    normalizer: Optional[Union[float, Tensor]] = None,
-    ignore_index: int = -100,
+    inputs: Tensor, targets: QualityTargets, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "none", *,
+    weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
 ) -> Tensor:
     r"""Varifocal loss (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 2021), fused.
 
@@ -188,11 +136,7 @@ def varifocal_loss(
         >>> loss = focal.varifocal_loss(logits, (ids, iou), reduction="sum",
         ...                             normalizer=(ids >= 0).sum().clamp(min=1))
     """
-    alpha = _validate.number(alpha, "alpha", 0.0)
-    gamma = _validate.number(gamma, "gamma", 0.0)
-    logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = _validate.family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+    return ops.call(
+        "varifocal_loss", inputs, targets, weight, alpha=alpha, gamma=gamma, reduction=reduction,
+        normalizer=normalizer, ignore_index=ignore_index,
     )
-    args = (logits, op_targets, scores, op_weight, row_weight, op_normalizer, alpha, gamma, int(ignore_index),
-            reduction, scale)
-    return _run("varifocal_loss", args, inputs, targets, weight)

@@ -3,32 +3,16 @@
 from typing import Optional, Union
 
 import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from focal import _autograd, _validate
-from focal._extension import require_kernels
+from focal import _validate, ops
 
 __all__ = ["sigmoid_focal_loss"]
 
 
-def _forward_mode_or_transform(logits: Tensor) -> bool:
-    """Whether a torch.func transform is active or the logits carry a forward-mode tangent: then
-    the gradient is needed though logits.requires_grad may be False."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    return fwAD._current_level >= 0 and fwAD.unpack_dual(logits).tangent is not None
-
-
 def sigmoid_focal_loss(
-    inputs: Tensor,
-    targets: Tensor,
-    alpha: Optional[float] = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    weight: Optional[Tensor] = None,
-    normalizer: Optional[Union[float, Tensor]] = None,
-    ignore_index: int = -100,
+    inputs: Tensor, targets: Tensor, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
+    weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
     label_smoothing: float = 0.0,
 ) -> Tensor:
     r"""Sigmoid focal loss (Lin et al., "Focal Loss for Dense Object Detection", eq. 5), fused.
@@ -80,22 +64,17 @@ def sigmoid_focal_loss(
         >>> loss = sigmoid_focal_loss(logits, labels, reduction="sum", normalizer=num_pos)
         >>> loss.backward()
     """
-    args = _validate.op_arguments(
-        inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing
-    )
-    logits = args[0]
-    if not torch.jit.is_scripting():
-        require_kernels(logits.device)
-    # The gradient is computed (and allocated) only when autograd will ask for it.
-    compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    if not torch.jit.is_scripting():
-        if compute_grad or _forward_mode_or_transform(logits):
-            # The op's own autograd, entered here so that torch.func transforms see it too.
-            with _autograd.callers_tensors(inputs, targets, weight):
-                loss, _ = _autograd.apply("sigmoid_focal_loss", *args, True)
-            return loss
-    loss, _ = torch.ops.focal.sigmoid_focal_loss(
-        logits, args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10],
-        compute_grad,
-    )
-    return loss
+    if torch.jit.is_scripting():
+        args = _validate.op_arguments(
+            inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing
+        )
+        loss, _ = torch.ops.focal.sigmoid_focal_loss(
+            args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10],
+            torch.is_grad_enabled() and args[0].requires_grad,
+        )
+        return loss
+    else:
+        return ops.call(
+            "sigmoid_focal_loss", inputs, targets, weight, alpha=alpha, gamma=gamma, reduction=reduction,
+            normalizer=normalizer, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        )

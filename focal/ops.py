@@ -1,4 +1,23 @@
-"""The compiled operators and what Python registers on them: fake kernels, autograd and vmap.
+"""The table of loss operators, and the one entry every public loss function goes through.
+
+Each loss is a row of :data:`LOSS_OPS`: the compiled operator's name, the validator that turns the
+public function's arguments into the operator's (:mod:`focal._validate`), where the loss of reduction
+``"none"`` lives, and the differentiable gradient a second derivative recomputes
+(:mod:`focal._grads`). From the rows :mod:`focal._autograd` registers every operator's fake kernel,
+vmap rule and autograd; :func:`call` validates, picks whether the gradient is needed, and runs.
+
+Adding a loss:
+
+1. its per-element math as an ``ElementLoss`` policy in ``csrc/family_math.h`` (value, gradient and
+   the hard-target fast path), a ``LossKind``, its schema in ``csrc/focal_ops.h`` and its operator
+   function in ``csrc/loss_ops.h`` (the CPU and CUDA kernels are templates over the policy);
+2. its plain-PyTorch statement in :mod:`focal.reference`;
+3. its validator in :mod:`focal._validate`, its differentiable gradient in :mod:`focal._grads`
+   (usually ``_autograd_of`` its reference), and a row below;
+4. the public function: a docstring and ``return ops.call("<name>", inputs, targets, weight, ...)``,
+   plus a row of the tests' table of losses (``tests/family_cases.py``).
+
+The operators' schemas:
 
 ``torch.ops.focal.sigmoid_focal_loss(logits, targets, weight, row_weight, normalizer, alpha, gamma,
 label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
@@ -31,62 +50,82 @@ The other elementwise losses of the family take the same arguments in the same r
   logits' shape and dtype, or int64 class ids of shape ``logits.shape[:-1]`` with ``scores`` of
   that shape in the logits' dtype (the target of each row's class).
 
+``torch.ops.focal.softmax_focal_loss(logits, target, weight, alpha, normalizer, alpha_value, gamma,
+label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``:
+
+- ``logits``: ``(N, C)``, ``(N, C, d1, ...)`` or ``(C,)``, contiguous; the class dimension is 1 (0
+  when 1-D).
+- ``target``: int64 class ids, contiguous, of the logits' shape without the class dimension; each is
+  ``ignore_index`` or in ``[0, C)`` (an error on the CPU; NaN for that element on CUDA).
+- ``weight``, ``alpha``: None or float ``(C,)`` tensors on the logits' device; ``alpha_value`` and
+  ``scale`` numbers multiplying the loss.
+- Returns ``loss`` (``target``'s shape in the logits' dtype for "none", else as above) and ``grad``
+  (of ``loss.sum()`` for "none").
+
 ``torch.ops.focal.scale_grad_(grad, grad_output)`` multiplies ``grad`` in place (no pass at all
 when ``grad_output`` is a single 1, decided on the device for CUDA tensors).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+from torch import Tensor
 
-from focal._extension import BUILD_ERROR
+from focal import _autograd, _grads, _validate
+from focal._extension import BUILD_ERROR, require_kernels
 
-__all__ = ["LOSS_OPS"]
-
-
-def _loss_fake(*args):
-    """Shapes and dtypes of (loss, grad) for any of the elementwise loss ops."""
-    logits, reduction, compute_grad = args[0], args[-3], args[-1]
-    if reduction == "none":
-        loss = logits.new_empty(logits.shape)
-    else:
-        loss = logits.new_empty((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
-    return loss, grad
+__all__ = ["LossOp", "LOSS_OPS", "call"]
 
 
-def _scale_grad_fake(grad, grad_output):
-    return None
+@dataclass(frozen=True)
+class LossOp:
+    """One loss operator, ``torch.ops.focal.<name>``, returning ``(loss, grad)``."""
+
+    name: str
+    validate: Callable[..., tuple]
+    """The public function's arguments (logits, targets, then keywords) -> the op's, less compute_grad."""
+    differentiable_grad: _grads.GradFn
+    layout: str = "element"
+    """Where a reduction-"none" loss lives: "element" (the logits' shape) or "row" (the targets' shape:
+    one value per row of class dimension 1, or 0 for 1-D logits)."""
+
+    @property
+    def overload(self):
+        return getattr(torch.ops.focal, self.name).default
 
 
-def _loss_vmap(op):
-    def vmap_rule(info, in_dims, *args):
-        """One call per sample: every argument combination batches correctly, including reductions
-        and a normaliser per sample. Slower than one fused call over the stacked batch, but vmap of a
-        loss is rare outside of per-sample gradients, where correctness is what counts."""
-        losses, grads = [], []
-        for b in range(info.batch_size):
-            sample = [
-                a.select(d, b).contiguous() if isinstance(a, torch.Tensor) and d is not None else a
-                for a, d in zip(args, in_dims)
-            ]
-            loss, grad = op(*sample)
-            losses.append(loss)
-            grads.append(grad)
-        return (torch.stack(losses), torch.stack(grads)), (0, 0)
-
-    return vmap_rule
+LOSS_OPS = {
+    op.name: op
+    for op in (
+        LossOp("sigmoid_focal_loss", _validate.op_arguments, _grads.sigmoid_focal),
+        LossOp("sigmoid_focal_loss_star", _validate.star_arguments, _grads.sigmoid_focal_star),
+        LossOp("quality_focal_loss", _validate.quality_arguments, _grads.quality_focal),
+        LossOp("varifocal_loss", _validate.varifocal_arguments, _grads.varifocal),
+        LossOp("softmax_focal_loss", _validate.softmax_arguments, _grads.softmax_focal, layout="row"),
+    )
+}
 
 
-# The elementwise loss ops (schemas in csrc/focal_ops.h); every one returns (loss, grad).
-LOSS_OPS = ("sigmoid_focal_loss", "sigmoid_focal_loss_star", "quality_focal_loss", "varifocal_loss")
+def call(op_name: str, inputs, targets, weight, **arguments) -> Tensor:
+    """The loss of ``torch.ops.focal.<op_name>`` for a public function's arguments: validated, then
+    computed with its gradient when autograd (or a torch.func transform, or forward mode) will
+    differentiate it, through the op's autograd; without the gradient otherwise."""
+    op = LOSS_OPS[op_name]
+    args = op.validate(inputs, targets, weight=weight, **arguments)
+    logits = args[0]
+    require_kernels(logits.device)
+    if _autograd.needs_gradient(logits):
+        # The op's own autograd, entered here so that torch.func transforms and forward mode see it too.
+        with _autograd.callers_tensors(inputs, targets if isinstance(targets, Tensor) else None, weight):
+            loss, _ = _autograd.apply(op_name, *args, True)
+        return loss
+    # The gradient is computed (and allocated) only when autograd will ask for it.
+    loss, _ = op.overload(*args, False)
+    return loss
+
 
 if BUILD_ERROR is None:
-    for _name in LOSS_OPS:
-        torch.library.register_fake(f"focal::{_name}")(_loss_fake)
-        torch.library.register_vmap(f"focal::{_name}")(_loss_vmap(getattr(torch.ops.focal, _name)))
-    torch.library.register_fake("focal::scale_grad_")(_scale_grad_fake)
-    from focal import _autograd
-
-    _autograd.register()
-    from focal import _softmax_ops; _softmax_ops.register()  # noqa: E702
+    _autograd.register(LOSS_OPS.values())
