@@ -120,10 +120,10 @@ def paper_config(**overrides) -> RetinaNetConfig:
 FAST_DEVIATIONS = {
     "depth": (18, "ResNet-18: the smallest torchvision ResNet; the digits need no more"),
     "backbone_width": (0.5, "half the channels per stage (32..256): 4x fewer backbone FLOPs"),
-    "levels": ((3, 4), "digits are 12-40 px in 96-px images: P3/P4 anchors cover them; P5-P7 "
+    "levels": ((3, 4), "digits are 14-40 px in 96-px images: P3/P4 anchors cover them; P5-P7 "
                "would be 3x3..1x1 maps with no object of their size"),
     "fpn_channels": (64, "narrow FPN to match the narrow heads"),
-    "anchor_sizes": ((16.0, 32.0), "base size 2x the stride (paper: 4x) so anchors fit 12-40 px digits"),
+    "anchor_sizes": ((16.0, 32.0), "base size 2x the stride (paper: 4x) so anchors fit 14-40 px digits"),
     "head_width": (64, "256-wide heads cost more than the backbone at 96 px"),
     "head_norm": ("gn", "GroupNorm in the subnets trains stably at the larger learning rate"),
     "num_classes": (10, "digits 0-9"),

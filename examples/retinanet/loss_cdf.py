@@ -107,7 +107,7 @@ def run(args) -> None:
     num_positive, num_negative = len(cdfs[args.gammas[0]][0]), len(cdfs[args.gammas[0]][1])
     os.makedirs(os.path.dirname(args.output) or ".", exist_ok=True)
     plot(cdfs, args.output, num_positive, num_negative)
-    # Share of the negatives' loss carried by the hardest 1% / 10% of negatives, as quoted in the README.
+    # Share of the negatives' loss carried by the hardest 1% / 10% of negatives, as quoted in EXPERIMENTS.md.
     summary = {}
     for gamma, (positive, negative) in cdfs.items():
         n = len(negative)
