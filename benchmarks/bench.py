@@ -142,7 +142,7 @@ def main(argv=None) -> int:
         return {"schema": SCHEMA_VERSION, "complete": complete, "machine": machine,
                 "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "markdown")},
                 "implementations": availability, "notes": notes + skipped, "cpu_facts": facts, "cases": cases,
-                "goals": evaluate_goals(cases, device.type, machine["threads"]),
+                "goals": evaluate_goals(cases, machine),
                 "agreement_ok": all(r["agreement"]["ok"] for c in cases for r in c["rows"] if r["agreement"] and r["ours"])}
 
     cases = []

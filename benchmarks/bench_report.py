@@ -37,7 +37,7 @@ def case_title(case: dict) -> str:
             f"{shape['rows']} x {shape['classes']} | {case['rounds']} rounds")
 
 
-def case_table(case: dict, markdown: bool = False) -> list[str]:
+def case_table(case: dict) -> list[str]:
     """Median time, the spread of the rounds (interquartile range, +-% of the median), throughput, time
     over the floor's and over the fused op's with class ids, the agreement check."""
     rows = case["rows"]
@@ -56,7 +56,7 @@ def case_table(case: dict, markdown: bool = False) -> list[str]:
             hidden = "" if r.get("launch_hidden_fraction", 1.0) == 1.0 else f" (enqueue outlasted the spin {1 - r['launch_hidden_fraction']:.0%})"
             cells += [f"{r['peak_memory_bytes'] / 2**20:.1f}", _time(r["host_median_s"]) + hidden]
         body.append(cells + [_check(r["agreement"])])
-    return render(header + ["check"], body, markdown, right=range(1, len(header)))
+    return render(header + ["check"], body, markdown=False, right=range(1, len(header)))
 
 
 def goals_table(goals: list[dict], markdown: bool = False) -> list[str]:
@@ -72,9 +72,9 @@ def goals_table(goals: list[dict], markdown: bool = False) -> list[str]:
     return lines + ([f"({left_out} goals of other cases: not in this run)"] if left_out else [])
 
 
-GOALS_LEGEND = ("PASS / FAIL: a claim the README makes; MET / OPEN: a target still worked on; UNSURE: the goal lies "
-                "within the spread of the rounds, so the machine's load decides it (rerun on a quiet machine or "
-                "with a larger --budget)")
+GOALS_LEGEND = ("PASS / FAIL: a claim the README makes; MET / OPEN: a target still worked on; UNSURE: the machine's "
+                "load decides it (the goal lies within the spread of the rounds, or other processes kept every core "
+                "busy): rerun on a quiet machine or with a larger --budget")
 
 
 def machine_line(m: dict) -> str:
@@ -85,14 +85,27 @@ def machine_line(m: dict) -> str:
             f"{m['date']}; {load}")
 
 
+def summary_table(cases: list[dict], markdown: bool = False) -> list[str]:
+    """One line per case: each row's median time and, in brackets, its time over the floor's."""
+    keys = [k for k in ROWS if any(r["key"] == k and r.get("median_s") for c in cases for r in c["rows"])]
+    body = []
+    for case in cases:
+        timed = {r["key"]: r for r in case["rows"] if r.get("median_s")}
+        cells = [case["loss"], case["shape"]["name"], case["dtype"], case["mode"]]
+        for key in keys:
+            row = timed.get(key)
+            cells.append("-" if row is None else _time(row["median_s"]) + ("" if key == "floor" else f" ({row['floor_ratio']:.2f})"))
+        body.append(cells)
+    names = ["floor"] + [ROWS[k].name for k in keys[1:]]
+    return render(["loss", "shape", "dtype", "mode", *names], body, markdown, right=range(4, 4 + len(keys)))
+
+
 def markdown_report(result: dict) -> str:
-    """The run as RESULTS.md keeps it: machine, command, goals, then every case."""
+    """The run as RESULTS.md keeps it: machine, command, goals, and every case's times (x floor)."""
     out = [f"**{machine_line(result['machine'])}**", "", f"`{result['machine']['command']}`", ""]
     if result["goals"]:
         out += goals_table(result["goals"], markdown=True) + [""]
-    for case in result["cases"]:
-        out += [f"*{case_title(case)}*", ""] + case_table(case, markdown=True) + [""]
-    return "\n".join(out)
+    return "\n".join(out + summary_table(result["cases"], markdown=True))
 
 
 def plot_cases(cases: list[dict], path: str, machine: dict) -> None:

@@ -265,11 +265,31 @@ def evaluate_goal(goal: Goal, cases: list[dict]) -> dict:
     return result
 
 
-def evaluate_goals(cases: list[dict], device_type: str, threads: int) -> list[dict]:
-    goals = [evaluate_goal(g, cases) for g in GOALS if g.device == device_type]
-    if device_type == "cpu" and threads != 2:
-        for goal in goals:
-            goal["note"] = (goal.get("note", "") + f" (stated for 2 threads; this run used {threads})").strip()
+def others_load(machine: dict) -> float | None:
+    """How many runnable tasks of other processes the run shared the CPU with: the load average before
+    it started, or at its end less its own threads, whichever is larger."""
+    start, end = machine.get("load_average_at_start"), machine.get("load_average_at_end")
+    if start is None:
+        return None
+    return max(start, (end or 0.0) - machine["threads"])
+
+
+def evaluate_goals(cases: list[dict], machine: dict) -> list[dict]:
+    """The goals of the run's device. On a CPU that other processes keep fully busy (their load at
+    least the core count) every thread of the run shares its core, and a parallel kernel that waits on
+    its slowest thread loses more than a single pass like the floor: no ratio holds, the verdicts are
+    UNSURE."""
+    device, threads = machine["device"], machine["threads"]
+    goals = [evaluate_goal(g, cases) for g in GOALS if g.device == device]
+    load = others_load(machine) if device == "cpu" else None
+    for goal in goals:
+        notes = [goal.get("note", "")]
+        if device == "cpu" and threads != 2:
+            notes.append(f"stated for 2 threads; this run used {threads}")
+        if load is not None and load >= machine["cpu_count"] and goal["status"] != "NOT RUN":
+            goal["status"] = "UNSURE"
+            notes.append(f"other processes' load {load:.1f} on {machine['cpu_count']} cores")
+        goal["note"] = "; ".join(filter(None, notes))
     return goals
 
 

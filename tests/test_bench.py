@@ -100,12 +100,26 @@ def test_goals_are_judged_round_by_round_with_load_said():
         "fused_ids or tv_compile not timed")
 
 
-def test_goal_table_names_real_rows_and_says_the_threads():
+def _machine(device="cpu", threads=2, start=0.5, end=2.5, cores=2):
+    return {"device": device, "threads": threads, "cpu_count": cores, "load_average_at_start": start,
+            "load_average_at_end": end}
+
+
+def test_goal_table_names_real_rows_and_says_threads_and_load():
     for goal in run.GOALS:
         assert {goal.row, goal.peer} - {"floor"} <= set(rows.LOSSES[goal.loss].rows), goal
-    goals = run.evaluate_goals([], "cpu", threads=4)
+    goals = run.evaluate_goals([], _machine(threads=4))
     assert goals and all(g["status"] == "NOT RUN" and "stated for 2 threads" in g["note"] for g in goals)
-    assert {g["claim"] for g in run.evaluate_goals([], "cuda", threads=16)} == {True, False}
+    assert {g["claim"] for g in run.evaluate_goals([], _machine("cuda", threads=16))} == {True, False}
+    # The run's own 2 threads at its end are not other processes' load; 2.5 runnable tasks of others are.
+    passing = [_case("focal", "float32", {"fused_ids": [1.0] * 3, "floor": [1.0] * 3})]
+    assert run.others_load(_machine(start=0.5, end=2.5)) == 0.5
+    quiet = {g["name"]: g for g in run.evaluate_goals(passing, _machine())}
+    busy = {g["name"]: g for g in run.evaluate_goals(passing, _machine(start=2.5, end=4.0))}
+    name = "focal (class ids) float32 headline: <= 1.5x floor"
+    assert quiet[name]["status"] == "PASS" and busy[name]["status"] == "UNSURE"
+    assert "load 2.5 on 2 cores" in busy[name]["note"]
+    assert all(g["status"] == "NOT RUN" for n, g in busy.items() if n != name)
 
 
 def test_cli_refuses_bad_arguments(monkeypatch, capsys):
@@ -147,7 +161,8 @@ def test_run_of_every_loss_writes_json_plot_and_markdown(tmp_path, capsys):
             assert (row["agreement"] is None) == (key in ("floor", "cross_entropy")), key
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = out["md"].read_text()
-    assert markdown.count("| implementation |") == len(rows.LOSSES) and "commit `" in markdown
+    assert "commit `" in markdown and markdown.count("| small | float32 | fwdbwd |") == len(rows.LOSSES)
+    assert "| loss | shape | dtype | mode | floor | focal (class ids) |" in markdown
     assert "softmax focal loss (gamma 2) | forward+backward | float32 | small" in stdout
 
 
