@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -113,7 +112,8 @@ def main(argv=None) -> int:
     machine = describe_machine(device, torch.get_num_threads())
     timer = Timer(device)
     print(f"machine: {machine.get('gpu', machine['cpu'])}, {machine['threads']} threads, torch {machine['torch']}, "
-          f"commit {machine['git_describe']}, load average {machine['load_average_at_start']:.1f} on {machine['cpu_count']} cores")
+          f"commit {machine['git_describe']}, load average {machine['load_average_at_start']:.1f} "
+          f"on {machine['cpu_count']} cores")
     notes = []
     if device.type == "cpu":
         thp = machine["thp"]
@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     if result["goals"]:
         print("\n== goals (forward+backward) ==")
         print("\n".join(goals_table(result["goals"])))
-        print(GOALS_LEGEND)
+        if any(g["status"] != "NOT RUN" for g in result["goals"]):
+            print(GOALS_LEGEND)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

@@ -27,7 +27,9 @@ def render(header: list[str], body: list[list[str]], markdown: bool, right: rang
 def _check(agreement: dict | None) -> str:
     if not agreement or "value_error" not in agreement:
         return ""
-    errors = f"loss {agreement['value_error']:.0e}" + (f", grad {agreement['grad_error']:.0e}" if "grad_error" in agreement else "")
+    errors = f"loss {agreement['value_error']:.0e}"
+    if "grad_error" in agreement:
+        errors += f", grad {agreement['grad_error']:.0e}"
     return f"{'ok' if agreement['ok'] else 'MISMATCH'} ({errors})"
 
 
@@ -47,13 +49,15 @@ def case_table(case: dict) -> list[str]:
     body = []
     for r in rows:
         if r.get("median_s") is None:
-            body.append([r["name"], "-", *[""] * (len(header) - 2), " ".join(filter(None, [_check(r["agreement"]), r["note"] or "not timed"]))])
+            why = " ".join(filter(None, [_check(r["agreement"]), r["note"] or "not timed"]))
+            body.append([r["name"], "-", *[""] * (len(header) - 2), why])
             continue
         low, high = r["spread_s"]
         cells = [r["name"], _time(r["median_s"]), f"+-{(high - low) / 2 / r['median_s']:.0%}",
                  f"{r['elements_per_s'] / 1e9:.3f}", f"{r['gb_per_s']:.1f}", _ratio(r["floor_ratio"]), _ratio(r["fused_ratio"])]
         if cuda:
-            hidden = "" if r.get("launch_hidden_fraction", 1.0) == 1.0 else f" (enqueue outlasted the spin {1 - r['launch_hidden_fraction']:.0%})"
+            outlasted = 1 - r.get("launch_hidden_fraction", 1.0)
+            hidden = f" (enqueue outlasted the spin {outlasted:.0%})" if outlasted else ""
             cells += [f"{r['peak_memory_bytes'] / 2**20:.1f}", _time(r["host_median_s"]) + hidden]
         body.append(cells + [_check(r["agreement"])])
     return render(header + ["check"], body, markdown=False, right=range(1, len(header)))
@@ -80,7 +84,8 @@ GOALS_LEGEND = ("PASS / FAIL: a claim the README makes; MET / OPEN: a target sti
 def machine_line(m: dict) -> str:
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_capability']}), {m['threads']} threads"
     pages = "" if m.get("gpu") else f", huge pages {'on' if m['thp']['huge_pages_for_large_tensors'] else 'off'}"
-    load = f"load average {m['load_average_at_start'] or 0:.1f} -> {m.get('load_average_at_end') or 0:.1f} on {m['cpu_count']} cores"
+    start, end = m["load_average_at_start"] or 0, m.get("load_average_at_end") or 0
+    load = f"load average {start:.1f} -> {end:.1f} on {m['cpu_count']} cores"
     return (f"{where}{pages}; torch {m['torch']}, torchvision {m['torchvision']}; commit `{m['git_describe']}`; "
             f"{m['date']}; {load}")
 
@@ -94,7 +99,10 @@ def summary_table(cases: list[dict], markdown: bool = False) -> list[str]:
         cells = [case["loss"], case["shape"]["name"], case["dtype"], case["mode"]]
         for key in keys:
             row = timed.get(key)
-            cells.append("-" if row is None else _time(row["median_s"]) + ("" if key == "floor" else f" ({row['floor_ratio']:.2f})"))
+            if row is None:
+                cells.append("-")
+            else:
+                cells.append(_time(row["median_s"]) + ("" if key == "floor" else f" ({row['floor_ratio']:.2f})"))
         body.append(cells)
     names = ["floor"] + [ROWS[k].name for k in keys[1:]]
     return render(["loss", "shape", "dtype", "mode", *names], body, markdown, right=range(4, 4 + len(keys)))

@@ -95,7 +95,8 @@ def test_goals_are_judged_round_by_round_with_load_said():
     target = dataclasses.replace(floor_goal, claim=False)
     assert judge(target, [3.0] * 3, [1.0] * 3)["status"] == "OPEN" and judge(target, [1.0] * 3, [1.0] * 3)["status"] == "MET"
     # Not run: another dtype, or the peer not timed.
-    assert run.evaluate_goal(floor_goal, [_case("focal", "bfloat16", {"fused_ids": [1.0], "floor": [1.0]})])["status"] == "NOT RUN"
+    other_dtype = _case("focal", "bfloat16", {"fused_ids": [1.0], "floor": [1.0]})
+    assert run.evaluate_goal(floor_goal, [other_dtype])["status"] == "NOT RUN"
     assert run.evaluate_goal(speed_goal, [_case("focal", "float32", {"fused_ids": [1.0], "floor": [1.0]})])["note"] == (
         "fused_ids or tv_compile not timed")
 
