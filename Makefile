@@ -47,7 +47,7 @@ test: build
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
 
 bench: build $(BENCH_PEERS_STAMP)
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench.py --losses all
 
 # The benchmark at the speed goals' shape, then 3 minutes of RetinaNet training on the generated
 # digits benchmark, COCO evaluation, and detections drawn on two validation images.

@@ -12,8 +12,8 @@
 #   tests      pytest: tests/test_cuda.py and every test parametrised with device=cuda (-k cuda; the
 #              emulated-CUDA tests, a CPU proof, are left to `make test`)
 #   bench      benchmarks/bench.py --device cuda, headline and paper shapes, fp32/bf16/fp16, fwd+bwd
-#   family     benchmarks/bench_family.py --device cuda: FL*, QFL and VFL, headline shape, fp32/bf16
-#   softmax    benchmarks/bench_softmax.py --device cuda: the softmax focal loss, detection and segmentation
+#   family     benchmarks/bench.py --device cuda --losses star quality varifocal: headline shape, fp32/bf16
+#   softmax    benchmarks/bench.py --device cuda --losses softmax: the softmax focal loss, headline and voc
 #   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
@@ -221,9 +221,11 @@ else
     run_step bench 170 "$PY" benchmarks/bench.py --device cuda --shapes headline paper \
       --dtype float32 bfloat16 float16 --modes fwdbwd --impls fused_ids fused_float tv tv_compile \
       --budget 0.3 --require-fused --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png"
-    run_step family 60 "$PY" benchmarks/bench_family.py --device cuda --budget 0.3 \
+    run_step family 60 "$PY" benchmarks/bench.py --device cuda --losses star quality varifocal --shapes headline \
+      --dtype float32 bfloat16 --modes fwdbwd --impls fused_ids fused_float reference --budget 0.3 \
       --json "$OUTDIR/family.json" --plot "$OUTDIR/family.png"
-    run_step softmax 60 "$PY" benchmarks/bench_softmax.py --device cuda --rounds 10 --json "$OUTDIR/softmax.json"
+    run_step softmax 60 "$PY" benchmarks/bench.py --device cuda --losses softmax --shapes headline voc \
+      --dtype float32 bfloat16 --modes fwdbwd --budget 0.3 --json "$OUTDIR/softmax.json"
     run_step profile 60 "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 bfloat16 --steps 20
     SANITIZER="$(find_sanitizer)"
     if [[ -z "$SANITIZER" ]]; then

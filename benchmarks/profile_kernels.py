@@ -1,11 +1,11 @@
 """Where the device time of a training step's loss goes: every kernel that one forward+backward
 launches (focal's, ATen's for autograd's seed gradient, the floor's sigmoid), from the PyTorch
 profiler, with its time per step and calls per step, and for each row the bandwidth of the bytes it
-must move (``bench.bytes_moved``). ``bench.py`` says how fast a row is; this says which kernel to
-look at.
+must move (``bench_rows.bytes_moved``). ``bench.py`` says how fast a row is; this says which kernel to
+look at. The problems and rows are the benchmark's.
 
-    python benchmarks/profile_kernels.py [--device cuda] [--shape headline] [--dtype float32 ...]
-        [--impls floor fused_ids fused_float] [--steps 20] [--plain]
+    python benchmarks/profile_kernels.py [--device cuda] [--loss focal] [--shape headline]
+        [--dtype float32 ...] [--impls floor fused_ids fused_float] [--steps 20] [--plain]
 
 On the CPU it lists the operators by self time instead. Under another profiler, ``--plain`` runs
 the steps (after three warm-up steps) without PyTorch's, e.g. one launch of the class-id kernel
@@ -23,7 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the problems, implementations and steps the benchmark times)
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # the checkout, when focal is not installed
+from bench_rows import DTYPES, LOSSES, ROWS, SHAPES, Unavailable, bytes_moved, make_problem, make_step, row_name  # noqa: E402
 
 # Steps run before the measured ones, so that first-call work (allocations, module loads) stays out.
 # gpu_check.sh's ncu step skips this many launches (--launch-skip) to profile the first measured one.
@@ -72,10 +73,10 @@ def short(name: str, width: int = 96) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shape", default=bench.HEADLINE_SHAPE, choices=sorted(bench.SHAPES))
-    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(bench.DTYPES))
-    parser.add_argument("--impls", nargs="+", default=[bench.FLOOR, "fused_ids", "fused_float"],
-                        choices=sorted(bench.IMPLS))
+    parser.add_argument("--loss", default="focal", choices=tuple(LOSSES))
+    parser.add_argument("--shape", default="headline", choices=tuple(SHAPES))
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=tuple(DTYPES))
+    parser.add_argument("--impls", nargs="+", default=["floor", "fused_ids", "fused_float"], choices=tuple(ROWS))
     parser.add_argument("--steps", type=int, default=20, help="profiled steps (default 20)")
     parser.add_argument("--plain", action="store_true",
                         help="run the steps without PyTorch's profiler (for an external one: ncu, nsys)")
@@ -86,30 +87,30 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device is visible", file=sys.stderr)
         return 2
-    shape = bench.SHAPES[args.shape]
+    loss, shape = LOSSES[args.loss], SHAPES[args.shape]
     what = "kernel" if device.type == "cuda" else "operator (self time)"
     for dtype_name in args.dtype:
-        problem = bench.make_problem(shape, bench.DTYPES[dtype_name], device)
-        print(f"\n== {shape.name}: {shape.rows} x {bench.NUM_CLASSES}, {dtype_name}, forward+backward, "
+        problem = make_problem(shape, DTYPES[dtype_name], device)
+        print(f"\n== {loss.title}, {shape.name}: {shape.rows} x {shape.classes}, {dtype_name}, forward+backward, "
               f"{args.steps} steps on {device.type} ==")
-        for key in args.impls:
-            impl = bench.IMPLS[key]
+        for key in (k for k in args.impls if k in loss.rows):
+            row, name = ROWS[key], row_name(key, loss)
             try:
-                step = bench.make_step(impl, impl.build(problem), problem, "fwdbwd")
-            except bench.Unavailable as exc:
-                print(f"\n{impl.name}: not available ({exc})")
+                step = make_step(row, row.build(loss, problem), problem, "fwdbwd")
+            except Unavailable as exc:
+                print(f"\n{name}: not available ({exc})")
                 continue
             if args.plain:
                 for _ in range(WARMUP_STEPS + args.steps):
                     step()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                print(f"\n{impl.name}: {WARMUP_STEPS + args.steps} steps run")
+                print(f"\n{name}: {WARMUP_STEPS + args.steps} steps run")
                 continue
             table, total = kernel_times(step, device, args.steps)
-            moved = bench.bytes_moved(impl, problem, "fwdbwd")
+            moved = bytes_moved(row, loss, problem, "fwdbwd")
             rate = f", {moved / total / 1e9:.0f} GB/s of the {moved / 1e6:.0f} MB it must move" if total else ""
-            print(f"\n{impl.name}: {total * 1e6:.1f} us per step{rate}")
+            print(f"\n{name}: {total * 1e6:.1f} us per step{rate}")
             print(f"  {'us/step':>9} {'calls':>5}  {what}")
             for name, calls, seconds in table:
                 print(f"  {seconds * 1e6:9.1f} {calls:5d}  {short(name)}")

@@ -30,19 +30,19 @@ def test_cpu_breakdown_lists_the_fused_op_and_the_floor(profile_kernels, capsys)
                                  "--impls", "floor", "fused_ids"]) == 0
     out = capsys.readouterr().out
     floor = _rows(out, "torch.sigmoid(x)  [floor]")
-    fused = _rows(out, "focal (class-id targets)")
+    fused = _rows(out, "focal (class ids)")
     assert floor["aten::sigmoid"][0] == 1
     # One op call per step, and its gradient scaled in place by the backward (no pass when 1).
     assert fused["focal::sigmoid_focal_loss"][0] == 1 and fused["focal::scale_grad_"][0] == 1
     assert "aten::sigmoid" not in fused
-    assert re.search(r"focal \(class-id targets\): [\d.]+ us per step, \d+ GB/s of the", out)
+    assert re.search(r"focal \(class ids\): [\d.]+ us per step, \d+ GB/s of the", out)
 
 
 def test_plain_runs_the_steps_without_a_table(profile_kernels, capsys):
     assert profile_kernels.main(["--device", "cpu", "--shape", "small", "--dtype", "float32", "--steps", "2",
                                  "--impls", "fused_ids", "--plain"]) == 0
     out = capsys.readouterr().out
-    assert "focal (class-id targets): 5 steps run" in out and "us/step" not in out
+    assert "focal (class ids): 5 steps run" in out and "us/step" not in out
 
 
 def test_bad_arguments_are_refused(profile_kernels):
