@@ -56,7 +56,8 @@ def test_boxes_follow_the_pixels(name):
         assert len(target["boxes"]) == len(target["labels"]) and len(target["crowd_boxes"]) <= 1
         for box, label in zip(boxes, labels):
             assert (box >= 0).all() and (box[2:] <= 96).all()
-            assert torch.allclose(torch.tensor(_drawn_box(image, box), dtype=torch.float32), box, atol=2.5), (name, label, box)
+            drawn = torch.tensor(_drawn_box(image, box), dtype=torch.float32)
+            assert torch.allclose(drawn, box, atol=2.5), (name, label, box, drawn)
             x0, y0, x1, y1 = RECTANGLES[label]  # the label still names its rectangle: same aspect ratio
             if (box[:2] > 0).all() and (box[2:] < 96).all():  # not cut at a border
                 aspect = (box[2] - box[0]) / (box[3] - box[1])

@@ -105,7 +105,8 @@ def test_converted_folder_is_valid_coco_that_the_example_reads(folder):
     assert sum(len(i.boxes) for i in val.images) == 98 and not any(i.crowd_boxes for i in val.images)
     # Train tiles: each kept box holds at least half of its crown, each ignored one less.
     train = written["train"]
-    inside = (window.boxes[:, 0] < 600) & (window.boxes[:, 2] > 0) & (window.boxes[:, 1] < 400) & (window.boxes[:, 3] > 0)
+    b = window.boxes
+    inside = (b[:, 0] < 600) & (b[:, 2] > 0) & (b[:, 1] < 400) & (b[:, 3] > 0)
     assert len(train["annotations"]) >= inside.sum()  # every crown touching the window lands in a tile
     for tile in train["images"]:
         x0, y0 = tile["offset"]
@@ -141,3 +142,24 @@ def test_tiny_training_run_on_tiles_then_evaluation(folder, tmp_path):
     evaluate.main(["--checkpoint", str(tmp_path / "run" / "model_final.pth"), "--threads", "1", "--output", str(out)])
     with open(out) as f:  # without --data: the val split of the folder the checkpoint trained on
         assert json.load(f)["AP"] == pytest.approx(stats["AP"])
+
+
+def test_converted_on_first_use_and_again_only_when_the_settings_change(tmp_path, monkeypatch):
+    written = []
+
+    def write_split(root, split, photos, params):  # the conversion itself is tested above
+        written.append((split, sorted({p.site for p in photos})))
+        with open(os.path.join(root, f"{split}.json"), "w") as f:
+            json.dump({}, f)
+
+    monkeypatch.setattr(trees, "write_split", write_split)
+    root = str(tmp_path / "trees")
+    paths = trees.ensure_trees_dataset(root)
+    assert written == [("train", ["YELL"]), ("val", ["OSBS", "SOAP"])]
+    assert paths["val"] == (root, os.path.join(root, "val.json"))
+    trees.ensure_trees_dataset(root)
+    assert len(written) == 2  # up to date: nothing rewritten
+    trees.ensure_trees_dataset(root, val_sites=("SOAP",))
+    assert written[2:] == [("train", ["OSBS", "YELL"]), ("val", ["SOAP"])]
+    with open(os.path.join(root, "params.json")) as f:
+        assert json.load(f)["val_sites"] == ["SOAP"]
