@@ -78,8 +78,8 @@ class Augmentation:
         with warnings.catch_warnings():  # RandomErasing leaves boxes as they are, as intended for clutter
             warnings.filterwarnings("ignore", "RandomErasing", UserWarning)
             for image, target, index in zip(images, targets, indices):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.image_seed(epoch, index))
+                with torch.random.fork_rng(devices=[]):  # v2 draws from the CPU generator alone
+                    torch.random.default_generator.manual_seed(self.image_seed(epoch, index))
                     image, target = self.one(image, target)
                 out_images.append(image)
                 out_targets.append(target)
