@@ -14,8 +14,8 @@ Four presets:
   ``options.PRESET_DIGITS``, so ``--preset imbalance`` alone selects model, dataset and image size.
   The variant stays selectable on its own (``--digits imbalance``) to train any other model on it.
 * ``trees``: the ``fast`` model with P3-P5 and anchors for the 8-107 px tree crowns of the real-image
-  benchmark (``trees.py``); with ``options.PRESET_TRAINING`` it also selects that data, 400-px tiles,
-  batch 8 and the aerial augmentation.
+  benchmark (``trees.py``); with ``options.PRESET_DATA`` and ``PRESET_TRAINING`` it also selects that
+  data, 400-px tiles, the aerial augmentation, batch 4 and learning rate 0.01.
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ TREES_DEVIATIONS = {
 
 def trees_config(**overrides) -> RetinaNetConfig:
     """The ``fast`` model with pyramid levels and anchors sized for tree crowns (``TREES_DEVIATIONS``);
-    its training options (data, 400-px tiles, batch, augmentation) are ``options.PRESET_TRAINING``'s."""
+    its training options (data, 400-px tiles, augmentation; batch and learning rate) are in
+    ``options.PRESET_DATA`` and ``options.PRESET_TRAINING``."""
     values = {name: value for name, (value, _why) in TREES_DEVIATIONS.items()}
     values.update(overrides)
     return fast_config(**values)

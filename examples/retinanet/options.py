@@ -31,6 +31,12 @@ PRESET_DIGITS = {"imbalance": "imbalance"}
 # trees`` alone trains on the tree crowns (``trees.py``, converted on first use) in 400-px tiles.
 PRESET_DATA = {"trees": {"data": TREES_ROOT, "image_size": TREES_TILE, "augment": "aerial"}}
 
+# The batch and learning rate of a preset's model, when --batch-size and --lr are not given (the
+# command line's defaults; TrainOptions keeps 16 and 0.04). Trees: a 400-px tile has 17x the pixels of
+# a digits canvas, so 4 tiles a step at the same learning rate per image (0.04 / 16) take 4x the steps
+# of 16 in the same minutes, with still 4x the pixels of a digits step.
+PRESET_TRAINING = {"trees": {"batch_size": 4, "lr": 0.01}}
+
 
 @dataclass
 class TrainOptions:
@@ -146,6 +152,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name in ("batch_size", "lr"):  # None: the preset's (PRESET_TRAINING), else f.default
+            group.add_argument(flag, type=type(f.default), default=None,
+                               help=f"{f.default}; " + ", ".join(f"{v[f.name]} with --preset {k}"
+                                                                 for k, v in PRESET_TRAINING.items()))
         elif isinstance(f.default, tuple):
             group.add_argument(flag, type=float, nargs="+", default=f.default)
         elif f.default is None:
@@ -169,4 +179,8 @@ def options_from_arguments(args: argparse.Namespace) -> TrainOptions:
     """The parsed flags as :class:`TrainOptions`, data-dependent defaults resolved for ``--preset``."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}
     values["lr_steps"] = tuple(values["lr_steps"])
-    return resolve_options(TrainOptions(**values), getattr(args, "preset", None))
+    preset = getattr(args, "preset", None)
+    for f in dataclasses.fields(TrainOptions):
+        if f.name in ("batch_size", "lr") and values[f.name] is None:
+            values[f.name] = PRESET_TRAINING.get(preset, {}).get(f.name, f.default)
+    return resolve_options(TrainOptions(**values), preset)

@@ -89,12 +89,14 @@ def _options(*argv):
     return options_from_arguments(parser.parse_args(list(argv)))
 
 
-def test_augmentation_and_data_follow_the_preset_and_dataset():
+def test_augmentation_data_and_batch_follow_the_preset_and_dataset():
     assert _options().augment == "digits"  # the default digits benchmark
     assert _options("--preset", "imbalance").augment == "none"  # Table 1's runs, as they were measured
     assert _options("--data", "somewhere").augment == "none"  # a user's data: only what is asked
     trees = _options("--preset", "trees")
     assert (trees.data, trees.image_size, trees.augment) == ("data/trees", 400, "aerial")
+    assert (trees.batch_size, trees.lr) == (4, 0.01) and (_options().batch_size, _options().lr) == (16, 0.04)
+    assert _options("--preset", "trees", "--batch-size", "8").batch_size == 8
     assert _options("--preset", "trees", "--augment", "none", "--image-size", "512").image_size == 512
     assert _options("--preset", "trees", "--train-json", "a.json").data is None
     with pytest.raises(SystemExit):
