@@ -72,7 +72,7 @@ trees: build $(TREES_DATA_STAMP)
 	$(PY) -m examples.retinanet.trees
 	$(PY) -m examples.retinanet.train --preset trees --output runs/retinanet/trees
 	$(PY) -m examples.retinanet.infer data/trees/val/OSBS_029_x0_y0.png data/trees/val/SOAP_061_x0_y0.png \
-		--checkpoint runs/retinanet/trees/model_final.pth --output outputs/trees --zoom 2 --score-threshold 0.3
+		--checkpoint runs/retinanet/trees/model_final.pth --output outputs/trees --zoom 2 --score-threshold 0.3 --no-labels
 
 clean:
 	rm -rf build focal/_C*.so *.egg-info $(BUILD_STAMP)

@@ -123,7 +123,7 @@ def test_trees_anchors_fit_the_crowns(folder):
 
 
 def test_tiny_training_run_on_tiles_then_evaluation(folder, tmp_path):
-    from examples.retinanet import evaluate
+    from examples.retinanet import evaluate, infer
     from examples.retinanet.train import train
 
     root, _, _ = folder
@@ -142,6 +142,15 @@ def test_tiny_training_run_on_tiles_then_evaluation(folder, tmp_path):
     evaluate.main(["--checkpoint", str(tmp_path / "run" / "model_final.pth"), "--threads", "1", "--output", str(out)])
     with open(out) as f:  # without --data: the val split of the folder the checkpoint trained on
         assert json.load(f)["AP"] == pytest.approx(stats["AP"])
+    # Detections drawn on a val photograph, boxes only (dense crowns) and with labels.
+    tile = os.path.join(root, "val", "OSBS_029_x0_y0.png")
+    changed = {}
+    for flag in ("--labels", "--no-labels"):
+        infer.main([tile, "--checkpoint", str(tmp_path / "run" / "model_final.pth"), "--output", str(tmp_path / flag),
+                    "--score-threshold", "0", "--zoom", "1", "--threads", "1", flag])
+        with Image.open(tile) as original, Image.open(tmp_path / flag / "OSBS_029_x0_y0.png") as drawn:
+            changed[flag] = (np.asarray(original) != np.asarray(drawn)).any(axis=-1).sum()
+    assert 0 < changed["--no-labels"] < changed["--labels"]
 
 
 def test_converted_on_first_use_and_again_only_when_the_settings_change(tmp_path, monkeypatch):
