@@ -133,7 +133,8 @@ def run(args) -> None:
         print(f"== {label}, seed {seed}")
         run_dir = name if len(seeds) == 1 else os.path.join(f"seed{seed}", name)
         options = dataclasses.replace(base_options, output=os.path.join(base_options.output, run_dir), seed=seed)
-        batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed)
+        batches = InMemoryBatches(train_set, options.batch_size, options.flip_prob, options.seed,
+                                  augment=options.augment)
         config = dataclasses.replace(base_config, **overrides)
         diverged = False
         try:

@@ -7,7 +7,8 @@ and process ``rank`` takes every ``world_size``-th image; its step-k batch is th
 ``batch_size`` of those. So the union of the processes' step-k batches is the step-k batch of one
 process with ``batch_size * world_size`` images, whatever the process count, and the position in the
 data is two integers (``state_dict``): resuming is exact. ``flip_prob`` flips an image left-right with a
-decision drawn per (epoch, image), likewise independent of the process count.
+decision drawn per (epoch, image), likewise independent of the process count, and so are the draws of
+``augment`` (``augment.Augmentation``), applied after the flip.
 
 * ``InMemoryBatches`` decodes the whole letterboxed dataset once into one (N, 3, S, S) uint8 tensor
   and serves batches by indexing: no per-step decoding, no worker processes; what the built-in
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .augment import Augmentation
 from .data import CocoDetection, collate, flip_target
 from .errors import InputError
 
@@ -33,7 +35,7 @@ class BatchOrder:
     """The per-process batch order described in the module docstring, and the position in it."""
 
     def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, augment: str = "none"):
         global_batch = batch_size * world_size
         if global_batch > len(dataset):
             raise InputError(f"batch size {global_batch} is larger than the {len(dataset)} images of "
@@ -44,6 +46,7 @@ class BatchOrder:
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.flip_prob = flip_prob
         self.seed = seed
+        self.augmentation = Augmentation(augment, seed)
         self.batches_per_epoch = self.num_images // global_batch
         self.epoch, self.position = 0, 0
         self._epoch_order: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -85,6 +88,11 @@ class BatchOrder:
         self.position += 1
         return batch
 
+    def finish(self, images: torch.Tensor, targets: list[dict], index: torch.Tensor, flip: torch.Tensor):
+        """The batch of dataset ``index`` (B,) as trained on: flipped where ``flip`` (B,), then augmented."""
+        images, targets = self.apply_flips(images, targets, flip)
+        return self.augmentation(images, targets, index.tolist(), self.epoch)
+
     @staticmethod
     def apply_flips(images: torch.Tensor, targets: list[dict], flip: torch.Tensor):
         """Flip the images (B, 3, S, S) and targets where ``flip`` (B,) is true."""
@@ -100,8 +108,8 @@ class InMemoryBatches(BatchOrder):
     """Batches from the whole letterboxed dataset decoded once (see the module docstring)."""
 
     def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
-                 progress: bool = False, rank: int = 0, world_size: int = 1):
-        super().__init__(dataset, batch_size, flip_prob, seed, rank, world_size)  # checks before decoding
+                 progress: bool = False, rank: int = 0, world_size: int = 1, augment: str = "none"):
+        super().__init__(dataset, batch_size, flip_prob, seed, rank, world_size, augment)  # checks before decoding
         items = range(len(dataset))
         if progress:
             from tqdm import tqdm
@@ -117,7 +125,7 @@ class InMemoryBatches(BatchOrder):
     def next_batch(self):
         """``(images (B, 3, S, S) uint8, [targets])`` of this process; B is ``batch_size``."""
         index, flip = self.advance()
-        return self.apply_flips(self.images[index], [self.targets[i] for i in index.tolist()], flip)
+        return self.finish(self.images[index], [self.targets[i] for i in index.tolist()], index, flip)
 
 
 class _IndexStream(torch.utils.data.Sampler):
@@ -140,8 +148,8 @@ class StreamingBatches(BatchOrder):
     """The batches of :class:`InMemoryBatches`, decoded on demand by ``workers`` DataLoader processes."""
 
     def __init__(self, dataset: CocoDetection, batch_size: int, flip_prob: float = 0.0, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, workers: int = 2):
-        super().__init__(dataset, batch_size, flip_prob, seed, rank, world_size)
+                 rank: int = 0, world_size: int = 1, workers: int = 2, augment: str = "none"):
+        super().__init__(dataset, batch_size, flip_prob, seed, rank, world_size, augment)
         self.dataset, self.workers = dataset, workers
         self._batches = None
 
@@ -165,12 +173,12 @@ class StreamingBatches(BatchOrder):
         index, flip = self.advance()
         images, targets = next(self._batches)
         assert [t["image_id"] for t in targets] == [self.dataset.image_ids[i] for i in index.tolist()]
-        return self.apply_flips(images, targets, flip)
+        return self.finish(images, targets, index, flip)
 
 
 def build_batches(dataset: CocoDetection, batch_size: int, flip_prob: float, seed: int, loader: str,
                   image_size: int, workers: int = 2, progress: bool = False, rank: int = 0,
-                  world_size: int = 1) -> BatchOrder:
+                  world_size: int = 1, augment: str = "none") -> BatchOrder:
     """``InMemoryBatches`` or ``StreamingBatches`` for ``--loader`` (``auto``: in memory when the
     decoded images take at most ``MEMORY_LIMIT_BYTES``)."""
     if loader not in LOADER_CHOICES:
@@ -178,5 +186,5 @@ def build_batches(dataset: CocoDetection, batch_size: int, flip_prob: float, see
     if loader == "auto":
         loader = "memory" if len(dataset) * 3 * image_size**2 <= MEMORY_LIMIT_BYTES else "stream"
     if loader == "memory":
-        return InMemoryBatches(dataset, batch_size, flip_prob, seed, progress, rank, world_size)
-    return StreamingBatches(dataset, batch_size, flip_prob, seed, rank, world_size, workers)
+        return InMemoryBatches(dataset, batch_size, flip_prob, seed, progress, rank, world_size, augment)
+    return StreamingBatches(dataset, batch_size, flip_prob, seed, rank, world_size, workers, augment)

@@ -1,24 +1,39 @@
-"""The built-in benchmark: digits detection generated from scikit-learn's bundled handwritten digits.
+"""The built-in benchmark: digits detection generated from scikit-learn's handwritten digits and fonts.
 
-Each image is a noisy, cluttered canvas with several digits from ``sklearn.datasets.load_digits``
-(8x8 scans of 43 writers), each cropped to its ink, scaled to a random size and aspect ratio and pasted
-without overlap. Ten classes, "0".."9". The splits are written as PNG + COCO json:
+Each image is a noisy, cluttered canvas with several digits, each cropped to its ink, scaled to a
+random size and aspect ratio and pasted without overlap. Ten classes, "0".."9". How the digits and the
+canvas are drawn is the ``style`` (``STYLES``):
+
+* ``varied`` (the default benchmark): half the digits are 8x8 scans of ``sklearn.datasets.load_digits``
+  (43 writers), half are glyphs of ``TRAIN_FONTS`` (matplotlib's DejaVu Sans, Sans Mono and Serif and
+  its Computer Modern faces) drawn with a stroke of 0-3 px at 48 px; one ink colour per digit; the
+  canvas is a colour gradient or smooth colour blotches, with pixel noise and clutter.
+* ``heldout``: what training never draws, to measure whether a model learned digits or the
+  generator: glyphs of ``HELDOUT_FONTS`` (STIX, a Times-like family) only, each drawn in two colours
+  (a fill inside an outline of another colour), on striped canvases. ``evaluate --held-out-style``
+  reports its AP beside the in-distribution AP.
+* ``scans``: the benchmark's first generator: scans only, gradient canvases. The ``imbalance`` variant
+  keeps it, so that its Table 1 runs reproduce, and the ``scans`` variant is the first default
+  benchmark (``--digits scans --augment none`` reruns what was measured on it).
+
+The splits are written as PNG + COCO json:
 
     ROOT/train/000000.png ...   ROOT/train.json
     ROOT/val/000000.png ...     ROOT/val.json
 
-Training digits come from ``load_digits`` indices [0, 1300) and validation digits from [1300, 1797):
-the dataset is ordered by writer, so validation digits are written by people never seen in training.
+Training scans come from ``load_digits`` indices [0, 1300) and validation scans from [1300, 1797):
+the dataset is ordered by writer, so validation scans are written by people never seen in training.
 Everything is a function of ``seed`` and the parameters; ``ensure_digits_dataset`` generates on first
 use and regenerates when the parameters differ from those recorded in ``ROOT/params.json``.
 
-Two variants (``VARIANTS``), chosen by name with ``--digits`` in ``train`` and ``ablate``:
+Three variants (``VARIANTS``), chosen by name with ``--digits`` in ``train`` and ``ablate``:
 
 * ``default``: 2-5 digits on a 96-px canvas. With the ``fast`` model (P3-P4) an image has 1,620 anchors
   and about 20 positives, an imbalance far milder than the paper's (about 100k anchors per image).
 * ``imbalance``: 1-2 digits of the same 14-40 px on a 256-px canvas. The same model then has 11,520
   anchors and about 9 positives per image: the paper-like regime where most anchors are easy background
   (``python -m examples.retinanet.imbalance_stats`` prints the counts).
+* ``scans``: the ``default`` canvas drawn by the first generator (style ``scans``).
 
 Run ``python -m examples.retinanet.digits --root data/digits`` to (re)generate explicitly.
 """
@@ -26,6 +41,7 @@ Run ``python -m examples.retinanet.digits --root data/digits`` to (re)generate e
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from dataclasses import asdict, dataclass, replace
@@ -49,14 +65,44 @@ class DigitsParams:
     min_digits: int = 2
     max_digits: int = 5
     clutter: int = 6  # number of clutter strokes / blobs per image
+    style: str = "varied"  # see STYLES
 
+    def __post_init__(self) -> None:
+        if self.style not in STYLES:
+            raise ValueError(f"unknown digits style {self.style!r}; choose one of {STYLES}")
+
+
+STYLES = ("varied", "heldout", "scans")
+# matplotlib's bundled fonts (mpl-data/fonts/ttf). Training draws TRAIN_FONTS; HELDOUT_FONTS, another
+# family, only ever draws the held-out style.
+TRAIN_FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSansMono.ttf",
+               "DejaVuSansMono-Bold.ttf", "DejaVuSerif.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf",
+               "cmr10.ttf", "cmb10.ttf", "cmss10.ttf", "cmtt10.ttf")
+HELDOUT_FONTS = ("STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf", "STIXGeneralBolIta.ttf")
+GLYPH_SIZE = 48  # font size the glyphs are drawn at before scaling to the digit's box
+TRAIN_BACKGROUNDS = ("gradient", "blotches")
+HELDOUT_BACKGROUNDS = ("stripes",)
 
 VARIANTS = {
     "default": DigitsParams(),
-    # Same digits and clutter; 7x the canvas area and fewer digits, so the anchors per positive grow
-    # about 16x while an image still costs well under a second per training step on 2 cores.
-    "imbalance": DigitsParams(image_size=256, min_digits=1, max_digits=2),
+    # The first generator's scans and clutter; 7x the canvas area and fewer digits, so the anchors per
+    # positive grow about 16x while an image still costs well under a second per training step on 2 cores.
+    "imbalance": DigitsParams(image_size=256, min_digits=1, max_digits=2, style="scans"),
+    # The default benchmark as the first generator drew it, for the measurements made on it.
+    "scans": DigitsParams(style="scans"),
 }
+
+
+def params_from_record(record: dict) -> DigitsParams:
+    """The :class:`DigitsParams` recorded in a checkpoint; records from before ``style`` existed were
+    drawn by the first generator, ``scans``."""
+    return DigitsParams(**{"style": "scans", **record})
+
+
+def heldout_params(params: DigitsParams) -> DigitsParams:
+    """The held-out-style val set matching ``params`` (canvas, digit sizes and counts, val size): only
+    its val split is meant to be read (it has no training images)."""
+    return replace(params, style="heldout", num_train=0)
 
 
 def variant_params(name: str) -> DigitsParams:
@@ -116,6 +162,63 @@ def _background(rng: np.random.Generator, size: int, clutter: int) -> tuple[np.n
     return canvas, base
 
 
+def _styled_background(rng: np.random.Generator, size: int, kind: str, clutter: int):
+    """A (size, size, 3) float canvas of ``kind`` ("gradient", "blotches" or "stripes") with pixel
+    noise and clutter, and its mean colour (3,)."""
+    if kind == "gradient":
+        return _background(rng, size, clutter)
+    base = rng.uniform(0.0, 1.0, size=3)
+    if kind == "blotches":  # smooth colour variation: a coarse random grid upsampled
+        cells = int(rng.integers(3, 9))
+        coarse = rng.normal(0.0, 0.15, size=(cells, cells, 3))
+        smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32), mode="F")
+                                      .resize((size, size), Image.BICUBIC)) for c in range(3)], axis=-1)
+        pattern = smooth
+    elif kind == "stripes":  # straight stripes of a second colour at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(5.0, 14.0)
+        ys, xs = np.mgrid[0:size, 0:size]
+        phase = (xs * np.cos(angle) + ys * np.sin(angle)) / period
+        pattern = ((phase % 1.0) < 0.5)[..., None] * rng.uniform(-0.25, 0.25, size=3)
+    else:
+        raise ValueError(f"unknown background {kind!r}")
+    canvas, _ = _background(rng, size, clutter)  # noise and clutter as the gradient canvas has them
+    canvas = canvas - canvas.mean(axis=(0, 1)) + base + pattern
+    return canvas, base
+
+
+@functools.lru_cache(maxsize=None)
+def font_glyph(font: str, digit: int, stroke: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(outline, fill)``: two (h, w) uint8 masks of ``digit`` in matplotlib's font file ``font`` at
+    ``GLYPH_SIZE`` px, cropped to the ink: the glyph with a ``stroke``-px outline, and without it."""
+    import matplotlib
+    from PIL import ImageFont
+
+    face = ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", font), GLYPH_SIZE)
+    masks = []
+    for width in (stroke, 0):
+        image = Image.new("L", (2 * GLYPH_SIZE, 2 * GLYPH_SIZE))
+        ImageDraw.Draw(image).text((GLYPH_SIZE // 2, GLYPH_SIZE // 4), str(digit), font=face, fill=255,
+                                   stroke_width=width, stroke_fill=255)
+        masks.append(np.asarray(image))
+    rows, cols = np.flatnonzero(masks[0].max(axis=1) > 64), np.flatnonzero(masks[0].max(axis=0) > 64)
+    return tuple(m[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1] for m in masks)
+
+
+def _pick_glyph(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, style: str):
+    """``(outline, fill, label)`` of one digit of ``style``: uint8 masks (equal for one-colour ink)."""
+    if style == "varied" and rng.uniform() < 0.5:
+        index = int(rng.integers(0, len(digits)))
+        mask = (_ink_crop(digits[index]) * (255.0 / 16.0)).astype(np.uint8)
+        return mask, mask, int(labels[index])
+    fonts = TRAIN_FONTS if style == "varied" else HELDOUT_FONTS
+    font, digit = fonts[int(rng.integers(0, len(fonts)))], int(rng.integers(0, 10))
+    if style == "varied":
+        outline = font_glyph(font, digit, int(rng.integers(0, 4)))[0]
+        return outline, outline, digit
+    outline, fill = font_glyph(font, digit, int(rng.integers(2, 5)))
+    return outline, fill, digit
+
+
 def _no_overlap(box, boxes, margin: int = 1) -> bool:
     x0, y0, x1, y1 = box
     return all(x0 >= b[2] + margin or x1 + margin <= b[0] or y0 >= b[3] + margin or y1 + margin <= b[1]
@@ -125,16 +228,24 @@ def _no_overlap(box, boxes, margin: int = 1) -> bool:
 def render_image(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray, params: DigitsParams):
     """One image: (H, W, 3) uint8 and a list of (x0, y0, x1, y1, label) with integer pixel boxes."""
     size = params.image_size
-    canvas, base = _background(rng, size, params.clutter)
+    if params.style == "scans":  # the first generator's draws, in its order
+        canvas, base = _background(rng, size, params.clutter)
+    else:
+        kinds = TRAIN_BACKGROUNDS if params.style == "varied" else HELDOUT_BACKGROUNDS
+        canvas, base = _styled_background(rng, size, kinds[int(rng.integers(0, len(kinds)))], params.clutter)
     objects: list[tuple[int, int, int, int, int]] = []
     wanted = int(rng.integers(params.min_digits, params.max_digits + 1))
     attempts = 0
     while len(objects) < wanted and attempts < 50 * wanted:
         attempts += 1
-        index = int(rng.integers(0, len(digits)))
-        glyph = _ink_crop(digits[index])
+        if params.style == "scans":
+            index = int(rng.integers(0, len(digits)))
+            outline = fill = (_ink_crop(digits[index]) * (255.0 / 16.0)).astype(np.uint8)
+            label = int(labels[index])
+        else:
+            outline, fill, label = _pick_glyph(rng, digits, labels, params.style)
         height = int(rng.integers(params.min_digit_height, params.max_digit_height + 1))
-        aspect = glyph.shape[1] / glyph.shape[0] * rng.uniform(0.7, 1.4)
+        aspect = outline.shape[1] / outline.shape[0] * rng.uniform(0.7, 1.4)
         width = int(np.clip(round(height * aspect), 4, size))
         if width > size or height > size:
             continue
@@ -142,13 +253,18 @@ def render_image(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
         box = (x0, y0, x0 + width, y0 + height)
         if not _no_overlap(box, objects):
             continue
-        ink = Image.fromarray((glyph * (255.0 / 16.0)).astype(np.uint8)).resize((width, height), Image.BILINEAR)
-        ink = np.asarray(ink, dtype=np.float32)[..., None] / 255.0  # (h, w, 1) opacity of the ink
         # Ink colour far from the background's so the digit stays legible.
         colour = np.where(base > 0.5, rng.uniform(0.0, 0.3, 3), rng.uniform(0.7, 1.0, 3))
         region = canvas[y0: y0 + height, x0: x0 + width]
-        canvas[y0: y0 + height, x0: x0 + width] = region * (1 - ink) + colour * ink
-        objects.append((*box, int(labels[index])))
+        layers = [(outline, colour)]
+        if fill is not outline:  # two-colour ink: a fill of the background's side inside the outline
+            layers.append((fill, np.where(base > 0.5, rng.uniform(0.75, 1.0, 3), rng.uniform(0.0, 0.25, 3))))
+        for mask, ink_colour in layers:
+            ink = Image.fromarray(mask).resize((width, height), Image.BILINEAR)
+            ink = np.asarray(ink, dtype=np.float32)[..., None] / 255.0  # (h, w, 1) opacity of the ink
+            region = region * (1 - ink) + ink_colour * ink
+        canvas[y0: y0 + height, x0: x0 + width] = region
+        objects.append((*box, label))
     image = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return image, objects
 

@@ -2,7 +2,12 @@
 
     python -m examples.retinanet.evaluate --checkpoint runs/retinanet/default/model_final.pth
 
-Without ``--val-json`` it evaluates on the built-in digits val split (``--data-root``).
+Without ``--data`` or ``--val-json`` it evaluates on the val split of the data the checkpoint trained
+on: its ``--data`` folder, or its built-in digits (``--data-root``). ``--held-out-style`` (digits
+checkpoints) also evaluates on the generator's held-out style (``digits.STYLES``), never drawn in
+training, and reports both APs and their ratio:
+
+    python -m examples.retinanet.evaluate --checkpoint runs/retinanet/default/model_final.pth --held-out-style
 """
 
 from __future__ import annotations
@@ -153,9 +158,9 @@ def data_root(args, checkpoint: dict) -> str:
 def checkpoint_digits(args, checkpoint: dict, split: str, max_images: int) -> torch.utils.data.Dataset:
     """The first ``max_images`` images of the built-in digits ``split`` ("train" or "val") the
     checkpoint trained on (its dataset parameters, ``data_root`` above), at its training size."""
-    from .digits import DigitsParams, ensure_digits_dataset
+    from .digits import ensure_digits_dataset, params_from_record
 
-    params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
+    params = params_from_record(checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
     image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)[split]
     dataset = CocoDetection(image_root, annotation_file, build_transform(checkpoint.get("image_size", 96), False))
     return torch.utils.data.Subset(dataset, range(min(max_images, len(dataset))))
@@ -173,6 +178,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default=None, help="write the stats here as json")
+    parser.add_argument("--held-out-style", action="store_true",
+                        help="digits checkpoints: also the AP on digits of the generator's held-out style")
     args = parser.parse_args(argv)
     for flag in ("batch_size", "threads", "image_size"):
         value = getattr(args, flag)
@@ -186,26 +193,46 @@ def run(args) -> None:
     torch.set_num_threads(args.threads)
     model, checkpoint = load_checkpoint(args.checkpoint)
     image_size = args.image_size or checkpoint.get("image_size", 96)
-    if args.data:
+    trained_on = (checkpoint.get("options") or {}).get("data")
+    if args.held_out_style and (args.data or args.val_json or not checkpoint.get("digits_params")):
+        raise InputError("--held-out-style evaluates a checkpoint trained on the built-in digits, on its own "
+                         "val split and the held-out style: drop --data/--val-json")
+    sets = {}
+    if args.data or (trained_on and not args.val_json):
         from .coco import dataset_layout
 
-        val = dataset_layout(args.data)["val"]
+        val = dataset_layout(args.data or trained_on)["val"]
         if val is None:
-            raise InputError(f"--data {args.data} has no val split to evaluate on")
-        image_root, annotation_file = val
+            raise InputError(f"--data {args.data or trained_on} has no val split to evaluate on")
+        sets["val"] = val
     elif args.val_json:
-        image_root, annotation_file = args.image_root or os.path.dirname(args.val_json), args.val_json
+        sets["val"] = args.image_root or os.path.dirname(args.val_json), args.val_json
     else:
-        from .digits import DigitsParams, ensure_digits_dataset
+        from .digits import ensure_digits_dataset, heldout_params, params_from_record
 
-        params = DigitsParams(**checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
-        image_root, annotation_file = ensure_digits_dataset(data_root(args, checkpoint), params)["val"]
-    stats = evaluate_model(model, image_root, annotation_file, image_size, args.batch_size, verbose=True,
-                           progress=True, checkpoint=checkpoint, checkpoint_path=args.checkpoint)
-    print(json.dumps({k: round(v, 4) for k, v in stats.items()}))
+        params = params_from_record(checkpoint["digits_params"]) if checkpoint.get("digits_params") else None
+        root = data_root(args, checkpoint)
+        sets["val"] = ensure_digits_dataset(root, params)["val"]
+        if args.held_out_style:
+            sets["held_out_style"] = ensure_digits_dataset(f"{root}-heldout", heldout_params(params))["val"]
+    results = {}
+    for name, (image_root, annotation_file) in sets.items():
+        stats = evaluate_model(model, image_root, annotation_file, image_size, args.batch_size, verbose=True,
+                               progress=True, checkpoint=checkpoint, checkpoint_path=args.checkpoint)
+        print(json.dumps({"split": name, **{k: round(v, 4) for k, v in stats.items()}}))
+        results[name] = stats
+    if "held_out_style" in results:
+        held, val = results["held_out_style"], results["val"]
+        results["held_out_over_val"] = {k: held[k] / val[k] if val[k] > 0 else None for k in ("AP", "AP50")}
+        print("held-out style / in-distribution: " + ", ".join(
+            f"{k} {held[k]:.3f} / {val[k]:.3f} = {_ratio(results['held_out_over_val'][k])}" for k in ("AP", "AP50")))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(stats, f, indent=1)
+            json.dump(results["val"] if len(sets) == 1 else results, f, indent=1)
+
+
+def _ratio(value: float | None) -> str:
+    return "undefined (no val AP)" if value is None else f"{value:.2f}"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ import torch
 from .config import PRESETS, build_model
 from .digits import CLASS_NAMES, render_split, variant_params
 from .matcher import Matcher
-from .options import PRESET_DIGITS
+from .options import PRESET_DATA, PRESET_DIGITS
+
+DIGITS_PRESETS = sorted(set(PRESETS) - set(PRESET_DATA))  # the presets that train on a digits variant
 
 
 def expected_anchors_per_image(levels, image_size: int, anchors_per_cell: int) -> int:
@@ -48,8 +50,8 @@ def model_anchors(model, image_size: int) -> torch.Tensor:
 @torch.no_grad()
 def imbalance_stats(preset: str = "imbalance", images: int = 200, split: str = "train") -> dict:
     """Counts for the first ``images`` images of ``split`` of the preset's digits variant (see module)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if preset not in DIGITS_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {DIGITS_PRESETS} (those trained on digits)")
     if images < 1:
         raise ValueError(f"need at least one image, got {images}")
     digits = PRESET_DIGITS.get(preset, "default")
@@ -102,7 +104,7 @@ def format_stats(stats: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="imbalance")
+    parser.add_argument("--preset", choices=DIGITS_PRESETS, default="imbalance")
     parser.add_argument("--images", type=int, default=200, help="first N train images of the variant")
     parser.add_argument("--no-compare", action="store_true", help="skip the fast preset's numbers")
     parser.add_argument("--json", action="store_true", help="print json instead of text")

@@ -65,9 +65,10 @@ def place_labels(anchors: list[tuple[float, float, float]], sizes: list[tuple[in
     return corners
 
 
-def draw_detections(image: Image.Image, detections: dict, class_names: list[str], zoom: int = 1) -> Image.Image:
-    """Boxes (XYXY in ``image`` pixels) with "name score" labels, drawn on a ``zoom``-times enlarged copy.
-    Labels never cover one another (:func:`place_labels`)."""
+def draw_detections(image: Image.Image, detections: dict, class_names: list[str], zoom: int = 1,
+                    labels: bool = True) -> Image.Image:
+    """Boxes (XYXY in ``image`` pixels) with "name score" labels (unless ``labels`` is false: dense
+    scenes), drawn on a ``zoom``-times enlarged copy. Labels never cover one another (:func:`place_labels`)."""
     canvas = image.convert("RGB")
     if zoom != 1:
         canvas = canvas.resize((canvas.width * zoom, canvas.height * zoom), Image.NEAREST)
@@ -80,6 +81,8 @@ def draw_detections(image: Image.Image, detections: dict, class_names: list[str]
         x0, y0, x1, y1 = (v * zoom for v in box)
         colour = PALETTE[label % len(PALETTE)]
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=max(1, zoom // 2))
+        if not labels:
+            continue
         text = f"{class_names[label]} {score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text)
         texts.append((text, colour))
@@ -119,6 +122,8 @@ def main(argv=None) -> None:
     parser.add_argument("--score-threshold", type=float, default=0.4, help="drawn and written detections")
     parser.add_argument("--image-size", type=int, default=None, help="default: the training size")
     parser.add_argument("--zoom", type=int, default=4, help="enlarge the drawn PNGs (small images)")
+    parser.add_argument("--labels", action=argparse.BooleanOptionalAction, default=True,
+                        help="'class score' beside each drawn box (--no-labels: boxes only, for dense scenes)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     for flag in ("threads", "zoom", "image_size"):
@@ -160,7 +165,7 @@ def run(args) -> None:
         (detections,) = detect(model, [image], image_size, args.score_threshold)
         stem = os.path.splitext(os.path.basename(path))[0]
         drawn_path = os.path.join(args.output, f"{stem}.png")
-        draw_detections(image, detections, class_names, args.zoom).save(drawn_path)
+        draw_detections(image, detections, class_names, args.zoom, args.labels).save(drawn_path)
         records.append({"file": path, "drawn": drawn_path, **detections,
                         "category_ids": [category_ids[i] for i in detections["labels"]],
                         "names": [class_names[i] for i in detections["labels"]]})

@@ -3,6 +3,7 @@
     python -m examples.retinanet.train                      # digits benchmark, fast preset, 12 minutes
     python -m examples.retinanet.train --minutes 2          # a short demo run
     python -m examples.retinanet.train --preset imbalance   # 256-px digits variant, ~1:1,240 imbalance
+    python -m examples.retinanet.train --preset trees       # tree crowns in aerial photographs (trees.py)
     python -m examples.retinanet.train --preset paper --image-size 640 --train-json ... --val-json ...
     python -m examples.retinanet.train --data DIR --amp bf16 --eval-every 1000  # any COCO-format folder
     python -m examples.retinanet.train --output runs/x --resume auto            # continue an interrupted run
@@ -79,11 +80,16 @@ def lr_factor(progress: float, iteration: int, options: TrainOptions) -> float:
 
 def dataset_paths(options: TrainOptions) -> tuple[dict, dict | None]:
     """``({"train": (image root, json), "val": (image root, json) or None}, digits params or None)``:
-    ``--data``, else ``--train-json`` (images under ``--image-root``, default the json's folder), else
+    ``--data`` (``data/trees`` converted first if needed), else ``--train-json`` (images under
+    ``--image-root``, default the json's folder), else
     the built-in digits (generated on first use)."""
     if options.data:
         if options.train_json or options.val_json:
             raise InputError("--data and --train-json/--val-json both name the data: pass one or the other")
+        from . import trees
+
+        if os.path.normpath(options.data) == os.path.normpath(trees.DEFAULT_ROOT):  # --preset trees' folder
+            trees.ensure_trees_dataset(options.data)  # converted on first use, as the digits are generated
         return dataset_layout(options.data), None
     if options.train_json:
         root = options.image_root or os.path.dirname(options.train_json)
@@ -206,7 +212,7 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: BatchOrder | 
         batches = build_batches(train_set, options.batch_size // ctx.world_size, options.flip_prob, options.seed,
                                 options.loader, options.image_size, options.workers,
                                 progress=options.progress and ctx.is_main, rank=ctx.rank,
-                                world_size=ctx.world_size)
+                                world_size=ctx.world_size, augment=options.augment)
     if resumed is not None:
         # The model is the checkpoint's; the run length and the rest come from this command.
         config = RetinaNetConfig.from_dict({**resumed["config"], "weights": None})

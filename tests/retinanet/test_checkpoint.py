@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 def _options(root, name, **overrides):
     values = dict(output=str(root / name), train_json=data_path(root), image_size=32, batch_size=2, iters=7,
                   lr=0.02, warmup_iters=2, log_every=2, checkpoint_every=2, flip_prob=0.5, evaluate=False,
-                  progress=False, threads=1)
+                  progress=False, threads=1, augment="digits")  # flips and augmentation resume exactly too
     values.update(overrides)
     return train.TrainOptions(**values)
 

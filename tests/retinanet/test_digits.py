@@ -88,3 +88,45 @@ def test_digits_do_not_overlap():
         for i, a in enumerate(objects):
             for b in objects[i + 1:]:
                 assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1]
+
+
+def test_held_out_style_differs_and_is_never_drawn_in_training(monkeypatch):
+    from dataclasses import replace
+
+    from examples.retinanet import digits
+
+    assert not set(digits.TRAIN_FONTS) & set(digits.HELDOUT_FONTS)
+    assert not set(digits.TRAIN_BACKGROUNDS) & set(digits.HELDOUT_BACKGROUNDS)
+    assert all(params.style != "heldout" for params in digits.VARIANTS.values())  # no way to train on it
+    drawn = {"fonts": set(), "backgrounds": set()}
+    glyph, background = digits.font_glyph, digits._styled_background
+
+    def record_glyph(font, digit, stroke):
+        drawn["fonts"].add(font)
+        return glyph(font, digit, stroke)
+
+    def record_background(rng, size, kind, clutter):
+        drawn["backgrounds"].add(kind)
+        return background(rng, size, kind, clutter)
+
+    monkeypatch.setattr(digits, "font_glyph", record_glyph)
+    monkeypatch.setattr(digits, "_styled_background", record_background)
+    params = replace(digits.VARIANTS["default"], num_train=30, num_val=10)
+    for split in ("train", "val"):
+        list(digits.render_split(split, params))
+    assert drawn["fonts"] <= set(digits.TRAIN_FONTS) and len(drawn["fonts"]) >= 8
+    assert drawn["backgrounds"] == set(digits.TRAIN_BACKGROUNDS)
+    drawn["fonts"].clear(), drawn["backgrounds"].clear()
+    held_out = list(digits.render_split("val", replace(digits.heldout_params(params), num_val=10)))
+    assert drawn["fonts"] <= set(digits.HELDOUT_FONTS) and drawn["backgrounds"] == {"stripes"}
+    assert all(image.shape == (96, 96, 3) and 2 <= len(objects) <= 5 for image, objects in held_out)
+
+
+def test_checkpoints_from_before_styles_read_as_the_first_generator():
+    from examples.retinanet.digits import params_from_record
+
+    record = {k: v for k, v in DigitsParams().__dict__.items() if k != "style"}
+    assert params_from_record(record).style == "scans"
+    assert params_from_record({**record, "style": "varied"}) == DigitsParams()
+    with pytest.raises(ValueError, match="unknown digits style"):
+        DigitsParams(style="cursive")

@@ -41,7 +41,7 @@ def _options(root, output: str) -> train.TrainOptions:
     return train.TrainOptions(output=output, train_json=os.path.join(root, "train.json"),
                               val_json=os.path.join(root, "val.json"), image_size=32, batch_size=4, iters=ITERS,
                               lr=0.05, warmup_iters=0, log_every=2, checkpoint_every=2, flip_prob=0.5,
-                              progress=False, threads=1, device="cpu")
+                              augment="digits", progress=False, threads=1, device="cpu")
 
 
 def _worker(rank: int, world_size: int, port: int, root: str) -> None:

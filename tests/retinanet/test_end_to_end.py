@@ -1,5 +1,6 @@
 """Smoke run on tiny images: training reduces the loss, evaluation runs, inference writes a PNG."""
 
+import dataclasses
 import json
 import os
 
@@ -67,6 +68,26 @@ def test_inference_writes_json_and_png(trained, tmp_path):
     assert record["category_ids"] == [category_ids[label] for label in record["labels"]]
 
 
+def test_evaluate_reports_the_held_out_style_beside_the_val_split(trained, tmp_path):
+    root, _, options, _ = trained
+    checkpoint = torch.load(os.path.join(options.output, "model_final.pth"), weights_only=True)
+    # As if trained on the built-in digits: the generator's parameters and folder are recorded.
+    checkpoint.update(digits_params=dataclasses.asdict(TINY), options={"data_root": str(root / "data")})
+    path = str(tmp_path / "digits.pth")
+    torch.save(checkpoint, path)
+    out = tmp_path / "stats.json"
+    evaluate.main(["--checkpoint", path, "--held-out-style", "--threads", "1", "--output", str(out)])
+    with open(out) as f:
+        stats = json.load(f)
+    assert set(stats) == {"val", "held_out_style", "held_out_over_val"}
+    with open(root / "data-heldout" / "params.json") as f:
+        assert json.load(f) == {**dataclasses.asdict(TINY), "style": "heldout", "num_train": 0}
+    assert stats["val"]["AP"] == pytest.approx(evaluate.evaluate_model(
+        evaluate.load_checkpoint(path)[0], str(root / "data"), str(root / "data" / "val.json"), 48)["AP"])
+    with pytest.raises(SystemExit):  # a checkpoint of other data has no held-out style
+        evaluate.main(["--checkpoint", os.path.join(options.output, "model_final.pth"), "--held-out-style"])
+
+
 def test_in_memory_batches_cover_an_epoch_and_flip_boxes(trained):
     _, paths, _, _ = trained
     dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
@@ -115,8 +136,8 @@ def test_in_memory_batches_shard_the_global_batch_like_distributed_sampler(train
 def test_streaming_batches_are_the_in_memory_batches_and_resume_alike(trained, workers):
     _, paths, _, _ = trained
     dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
-    memory = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2)
-    stream = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers)
+    memory = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, augment="digits")
+    stream = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers, augment="digits")
     for step in range(7):  # 5 batches per epoch: crosses an epoch boundary
         (a, ta), (b, tb) = memory.next_batch(), stream.next_batch()
         assert torch.equal(a, b), step
@@ -125,9 +146,9 @@ def test_streaming_batches_are_the_in_memory_batches_and_resume_alike(trained, w
             torch.testing.assert_close(x["boxes"], y["boxes"], rtol=0, atol=0)
         if step == 2:
             state = stream.state_dict()
-    resumed = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers)
+    resumed = StreamingBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, workers=workers, augment="digits")
     resumed.load_state_dict(state)
-    replay = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2)
+    replay = InMemoryBatches(dataset, batch_size=6, flip_prob=0.5, seed=2, augment="digits")
     replay.load_state_dict(state)
     for _ in range(3):
         assert torch.equal(resumed.next_batch()[0], replay.next_batch()[0])
