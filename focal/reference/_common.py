@@ -24,6 +24,7 @@ __all__ = [
     "power",
     "reduce_elements",
     "reduce_loss",
+    "sigmoid",
     "softplus",
 ]
 
@@ -91,12 +92,32 @@ def power(base: torch.Tensor, exponent: float) -> torch.Tensor:
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:
-    """``log(1 + exp(z))`` to full precision for every ``z``, differentiable to any order.
+    """``log(1 + exp(z))`` to full precision for every ``z``, subnormal results included, and so are
+    its derivatives under autograd, to any order.
 
-    ``torch.nn.functional.softplus`` returns ``z`` itself above its threshold (20), which is off by
-    ``log1p(exp(-z))``, up to 2e-9: more than a float64 comparison allows.
+    ``max(z, 0) + log1p(exp(-|z|))``. ``torch.nn.functional.softplus`` returns ``z`` itself above its
+    threshold (20), off by ``log1p(exp(-z))``: 26 float64 ulps at ``z = 30``. ``logaddexp(z, 0)`` has
+    the value but not the derivative: its backward ``1 / (1 + exp(-z))`` is 0 below ``z = -709``,
+    where the derivative ``exp(z)`` is a subnormal.
     """
-    return torch.logaddexp(z, torch.zeros_like(z))
+    negative = z < 0
+    # where, not abs() or clamp(): the chosen branch keeps the gradient 1/2 at z = 0
+    return torch.where(negative, torch.zeros_like(z), z) + torch.log1p(torch.exp(torch.where(negative, z, -z)))
+
+
+def sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """``1 / (1 + exp(-z))`` to full relative precision for every ``z``, and so are its derivatives
+    under autograd.
+
+    ``torch.sigmoid`` (float64) loses its precision below ``z = -709`` (0 at ``z = -720``, where the
+    exact value is a subnormal, 1.2e-313), and its backward ``y (1 - y)`` cancels: 0 from ``z = 37`` where the derivative is
+    ``exp(-z)``. Here ``e = exp(-|z|)`` is never above 1 and the result is ``e / (1 + e)`` below 0 and
+    ``1 / (1 + e)`` from 0 on; ``sigmoid(-z)`` is then ``1 - sigmoid(z)`` without the cancellation.
+    """
+    negative = z < 0
+    # where, not abs(): the chosen branch keeps the gradient +-1 at z = 0, where abs() has 0
+    e = torch.exp(torch.where(negative, z, -z))
+    return torch.where(negative, e / (1 + e), 1 / (1 + e))
 
 
 def element_count(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:

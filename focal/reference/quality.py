@@ -23,6 +23,11 @@ anchor). Both losses take it in either of two forms:
 divides by the number of elements that are not ignored (at least 1 with the pair form; dense
 targets follow ``torch.mean``). Like the other references they materialise every intermediate and do
 no argument validation beyond what the math needs.
+
+Nothing is formed by cancellation that the math does not itself cancel: ``1 - sigma`` is
+``sigmoid(-x)``, the cross entropy a sum of two non-negative ``softplus`` terms, ``p^gamma`` a power
+of the exact ``sigmoid``; only ``|y - sigma|`` near ``y = sigma`` loses what its condition number
+says it must (tests/test_oracle.py checks this against arbitrary precision).
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements, softplus
+from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements, sigmoid, softplus
 
 __all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
 
@@ -87,8 +91,8 @@ def quality_focal_loss(
 ) -> torch.Tensor:
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
-    Computed as ``|y - sigmoid(x)|^beta`` times the binary cross entropy with logits, finite for any
-    finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
+    Computed as ``|y (1 - sigma) - (1 - y) sigma|^beta`` (exact for ``y`` in {0, 1}) times the binary
+    cross entropy with logits, finite for any finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
     exactly the gradient is taken as 0 (the true one for ``beta > 1``; below, there is none).
     Differentiable by autograd, to any order.
 
@@ -109,8 +113,8 @@ def quality_focal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    sigma = torch.sigmoid(inputs)
-    loss = power((quality - sigma).abs(), beta) * _bce(inputs, quality)
+    distance = quality * sigmoid(-inputs) - (1 - quality) * sigmoid(inputs)  # y - sigma
+    loss = power(distance.abs(), beta) * _bce(inputs, quality)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
 
 
@@ -129,8 +133,7 @@ def varifocal_loss(
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
 
     Computed as ``q`` times the binary cross entropy with logits and
-    ``alpha * exp(gamma * logsigmoid(x)) * softplus(x)``, finite (with finite gradients) for any finite
-    logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
+    ``alpha * sigmoid(x)^gamma * softplus(x)``, finite (with finite gradients) for any finite logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
     the IoU, 0 when the box misses). Differentiable by autograd, to any order.
 
     Args:
@@ -153,7 +156,8 @@ def varifocal_loss(
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
     positive = quality * _bce(inputs, quality)
-    # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
-    negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * softplus(inputs)
+    # power(), not exp(gamma log p), whose rounded argument costs |gamma log p| ulps; its gradient
+    # is 0, not NaN, where p underflows to 0, for any gamma
+    negative = alpha * power(sigmoid(inputs), gamma) * softplus(inputs)
     loss = torch.where(quality > 0, positive, negative)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
