@@ -1,4 +1,5 @@
-"""What the references share: target expansion, the alpha factor, guarded powers and the reductions.
+"""What the references share: target expansion, the alpha factor, guarded powers, an exact sigmoid and
+softplus, and the reductions.
 
 The conventions are those of :func:`focal.sigmoid_focal_loss` (see its docstring):
 
