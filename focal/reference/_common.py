@@ -1,4 +1,4 @@
-"""What the references share: target expansion, the alpha factor, guarded powers, an exact sigmoid and
+"""What the references share: target expansion, the alpha factor, guarded powers, exact sigmoids and
 softplus, and the reductions.
 
 The conventions are those of :func:`focal.sigmoid_focal_loss` (see its docstring):
@@ -21,12 +21,11 @@ __all__ = [
     "element_count",
     "expand_targets",
     "is_class_ids",
+    "logistic",
     "one_hot_rows",
     "power",
     "reduce_elements",
     "reduce_loss",
-    "sigmoid",
-    "softplus",
 ]
 
 
@@ -92,33 +91,32 @@ def power(base: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(nonzero, safe**exponent, torch.zeros_like(base))
 
 
-def softplus(z: torch.Tensor) -> torch.Tensor:
-    """``log(1 + exp(z))`` to full precision for every ``z``, subnormal results included, and so are
-    its derivatives under autograd, to any order.
+def logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sigmoid(z), sigmoid(-z), softplus(z), softplus(-z))``, each to full relative precision for
+    every ``z`` (subnormal results included), and so are their derivatives under autograd, to any
+    order; from one ``e = exp(-|z|)`` in (0, 1]: ``sigmoid(|z|) = 1 / (1 + e)``, ``sigmoid(-|z|) =
+    e / (1 + e)``, ``softplus(z) = max(z, 0) + log1p(e)``.
 
-    ``max(z, 0) + log1p(exp(-|z|))``. ``torch.nn.functional.softplus`` returns ``z`` itself above its
-    threshold (20), off by ``log1p(exp(-z))``: 26 float64 ulps at ``z = 30``. ``logaddexp(z, 0)`` has
-    the value but not the derivative: its backward ``1 / (1 + exp(-z))`` is 0 below ``z = -709``,
-    where the derivative ``exp(z)`` is a subnormal.
+    What the torch functions lack (float64): ``torch.sigmoid`` loses its precision below ``z = -709``
+    (0 at ``z = -720``, where the exact value is a subnormal, 1.2e-313) and its backward ``y (1 - y)``
+    cancels (0 from ``z = 37``, where the derivative is ``exp(-z)``); ``F.softplus`` returns ``z`` itself
+    above its threshold (20), off by ``log1p(exp(-z))``: 26 ulps at ``z = 30``; ``logaddexp(z, 0)`` has
+    the value but its backward ``1 / (1 + exp(-z))`` is 0 below ``z = -709``.
     """
     negative = z < 0
-    # where, not abs() or clamp(): the chosen branch keeps the gradient 1/2 at z = 0
-    return torch.where(negative, torch.zeros_like(z), z) + torch.log1p(torch.exp(torch.where(negative, z, -z)))
-
-
-def sigmoid(z: torch.Tensor) -> torch.Tensor:
-    """``1 / (1 + exp(-z))`` to full relative precision for every ``z``, and so are its derivatives
-    under autograd.
-
-    ``torch.sigmoid`` (float64) loses its precision below ``z = -709`` (0 at ``z = -720``, where the
-    exact value is a subnormal, 1.2e-313), and its backward ``y (1 - y)`` cancels: 0 from ``z = 37`` where the derivative is
-    ``exp(-z)``. Here ``e = exp(-|z|)`` is never above 1 and the result is ``e / (1 + e)`` below 0 and
-    ``1 / (1 + e)`` from 0 on; ``sigmoid(-z)`` is then ``1 - sigmoid(z)`` without the cancellation.
-    """
-    negative = z < 0
-    # where, not abs(): the chosen branch keeps the gradient +-1 at z = 0, where abs() has 0
+    # where, not abs() or clamp(): the chosen branch keeps the derivative right at z = 0, where
+    # abs() has 0
     e = torch.exp(torch.where(negative, z, -z))
-    return torch.where(negative, e / (1 + e), 1 / (1 + e))
+    inv = 1 / (1 + e)
+    small = e * inv
+    log1p_e = torch.log1p(e)
+    zero = torch.zeros_like(z)
+    return (
+        torch.where(negative, small, inv),
+        torch.where(negative, inv, small),
+        torch.where(negative, zero, z) + log1p_e,
+        torch.where(negative, -z, zero) + log1p_e,
+    )
 
 
 def element_count(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:

@@ -36,7 +36,7 @@ from typing import Sequence, Union
 
 import torch
 
-from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements, sigmoid, softplus
+from focal.reference._common import is_class_ids, logistic, one_hot_rows, power, reduce_elements
 
 __all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
 
@@ -71,12 +71,12 @@ def quality_targets(
     return targets.to(inputs.dtype), torch.ones_like(inputs), False
 
 
-def _bce(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _bce(softplus_x: torch.Tensor, softplus_neg_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The binary cross entropy with logits ``x`` and soft targets ``t``, as two non-negative terms
     ``t softplus(-x) + (1 - t) softplus(x)``: full relative precision also where ``t`` is close to
     ``sigmoid(x)`` at large ``|x|``, where ``binary_cross_entropy_with_logits``'s ``(1 - t) x +
     softplus(-x)`` cancels."""
-    return t * softplus(-x) + (1 - t) * softplus(x)
+    return t * softplus_neg_x + (1 - t) * softplus_x
 
 
 def quality_focal_loss(
@@ -113,8 +113,9 @@ def quality_focal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    distance = quality * sigmoid(-inputs) - (1 - quality) * sigmoid(inputs)  # y - sigma
-    loss = power(distance.abs(), beta) * _bce(inputs, quality)
+    sigma, one_minus_sigma, softplus_x, softplus_neg_x = logistic(inputs)
+    distance = quality * one_minus_sigma - (1 - quality) * sigma  # y - sigma
+    loss = power(distance.abs(), beta) * _bce(softplus_x, softplus_neg_x, quality)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
 
 
@@ -155,9 +156,10 @@ def varifocal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    positive = quality * _bce(inputs, quality)
+    p, _, softplus_x, softplus_neg_x = logistic(inputs)
+    positive = quality * _bce(softplus_x, softplus_neg_x, quality)
     # power(), not exp(gamma log p), whose rounded argument costs |gamma log p| ulps; its gradient
     # is 0, not NaN, where p underflows to 0, for any gamma
-    negative = alpha * power(sigmoid(inputs), gamma) * softplus(inputs)
+    negative = alpha * power(p, gamma) * softplus_x
     loss = torch.where(quality > 0, positive, negative)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)

@@ -24,10 +24,9 @@ from focal.reference._common import (
     element_count,
     expand_targets,
     is_class_ids,
+    logistic,
     power,
     reduce_elements,
-    sigmoid,
-    softplus,
 )
 
 __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
@@ -54,16 +53,17 @@ def sigmoid_focal_loss(
     order.
     """
     soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
-    ce, q = _cross_entropy_and_focal_base(inputs, soft)
+    _, _, ce, q = _focal_parts(inputs, soft)
     loss = alpha_t(soft, alpha) * power(q, gamma) * ce
     return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)
 
 
-def _cross_entropy_and_focal_base(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(CE, 1 - p_t)`` at logits ``x`` and targets ``t``, each a sum of non-negative terms:
-    ``CE = t softplus(-x) + (1 - t) softplus(x)`` and ``1 - p_t = p (1 - t) + (1 - p) t``."""
-    ce = t * softplus(-x) + (1 - t) * softplus(x)
-    return ce, sigmoid(x) * (1 - t) + sigmoid(-x) * t
+def _focal_parts(x: torch.Tensor, t: torch.Tensor):
+    """``(p, 1 - p, CE, 1 - p_t)`` at logits ``x`` and targets ``t``, the last two sums of non-negative
+    terms: ``CE = t softplus(-x) + (1 - t) softplus(x)`` and ``1 - p_t = p (1 - t) + (1 - p) t``."""
+    p, one_minus_p, softplus_x, softplus_neg_x = logistic(x)
+    ce = t * softplus_neg_x + (1 - t) * softplus_x
+    return p, one_minus_p, ce, p * (1 - t) + one_minus_p * t
 
 
 def sigmoid_focal_loss_grad(
@@ -88,8 +88,7 @@ def sigmoid_focal_loss_grad(
     ``reduction="none"``. Differentiable by autograd, which gives the second derivatives.
     """
     soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
-    p, one_minus_p = sigmoid(inputs), sigmoid(-inputs)
-    ce, q = _cross_entropy_and_focal_base(inputs, soft)
+    p, one_minus_p, ce, q = _focal_parts(inputs, soft)
     grad = p * (1 - soft) - one_minus_p * soft  # p - t: exactly p or -(1 - p) for a hard target
     if gamma != 0:
         # p (1 - p) q^(gamma - 1) as q^gamma r, r = p (1 - p) / q: q^(gamma - 1) overflows where q

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from focal.reference._common import power, reduce_loss, sigmoid, softplus
+from focal.reference._common import logistic, power, reduce_loss
 
 __all__ = ["softmax_focal_loss"]
 
@@ -112,9 +112,8 @@ def softmax_focal_loss(
     # cancellation (as in the sigmoid focal loss), and each class term reaches the logits through
     # u_c alone. Forms that reach 1 - p_c through log_softmax, expm1 or a difference of
     # probabilities give the right value but, under autograd, gradients that cancel.
-    binary_logits = _class_against_rest(logits)
-    log_p = -softplus(-binary_logits)
-    one_minus_p = sigmoid(-binary_logits)
+    _, one_minus_p, _, softplus_neg_u = logistic(_class_against_rest(logits))
+    log_p = -softplus_neg_u
 
     ids = target.long()
     kept = ids != ignore_index

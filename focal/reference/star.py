@@ -23,7 +23,8 @@ __all__ = ["sigmoid_focal_loss_star"]
 
 def _softplus_over(w: torch.Tensor, gamma: float) -> torch.Tensor:
     """``softplus(gamma w) / gamma`` without forming ``gamma w``, which overflows for the largest
-    logits: ``max(w, 0) + log1p(exp(-gamma |w|)) / gamma``, as :func:`softplus` does it."""
+    logits: ``max(w, 0) + log1p(exp(-gamma |w|)) / gamma``, as
+    :func:`focal.reference._common.logistic` forms softplus."""
     negative = w < 0
     tail = torch.log1p(torch.exp(gamma * torch.where(negative, w, -w))) / gamma
     return torch.where(negative, torch.zeros_like(w), w) + tail
