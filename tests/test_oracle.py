@@ -3,21 +3,24 @@
 Every other test compares the fused ops with `focal.reference`; it can only catch what the references
 get right. Here each loss of the family and its derivatives (autograd's, and the written-out Appendix B
 derivative with its own derivative, which the op's second derivatives use) are evaluated at 50
-significant digits with mpmath, on logits from -1e4 to 1e4: both saturated tails, the region where
-results are subnormal (|x| near 700-750), where ``F.softplus`` switches to its linear form (20-40), and
-at 1e300, where ``gamma x`` would overflow.
-Targets 0, 1 and soft, several exponents, alpha on and off, label smoothing.
+significant digits with mpmath, on logits from -1e4 to 1e4 (both saturated tails, the region where
+results are subnormal, |x| near 700-750, and where ``F.softplus`` switches to its linear form, 20-40)
+and at 1e300, where ``gamma x`` would overflow. Targets 0, 1 and soft, several exponents, alpha on and
+off, label smoothing.
 
 The error allowed, in float64 ulps of the exact value (the subnormal spacing below the normal range),
-is ``ULPS + kappa``: a few roundings, plus the condition number ``kappa = sum_v |v dF/dv| / |F|`` over
-the inputs ``v`` (logits, targets, the softmax's class weights) of the output ``F`` where it is large, which only an evaluation
-in more precision than the inputs' could beat (a soft target's gradient near ``p = t``, ``|y - sigma|``
-near its zero). ``python tests/test_oracle.py`` prints the largest error of each output.
+is ``ULPS + kappa``: a few roundings, plus, where the error is larger, the condition number
+``kappa = sum_v |v dF/dv| / |F|`` of the output ``F`` over its inputs ``v`` (logits, targets, the
+softmax's class weights), which only an evaluation in more precision than the inputs' could beat (a
+soft target's gradient near ``p = t``, ``|y - sigma|`` near its zero, a sum of class terms). A
+subnormal second derivative also carries the rounding of its subnormal factor ``p (1 - p)``.
+``python tests/test_oracle.py`` prints the largest error of each output.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -344,8 +347,6 @@ def softmax_cases():
 
 
 def _product(*axes):
-    import itertools
-
     return list(itertools.product(*axes))
 
 

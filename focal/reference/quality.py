@@ -26,7 +26,7 @@ no argument validation beyond what the math needs.
 
 Nothing is formed by cancellation that the math does not itself cancel: ``1 - sigma`` is
 ``sigmoid(-x)``, the cross entropy a sum of two non-negative ``softplus`` terms, ``p^gamma`` a power
-of the exact ``sigmoid``; only ``|y - sigma|`` near ``y = sigma`` loses what its condition number
+of the exact sigmoid (not ``exp(gamma log p)``, whose rounded argument costs ``|gamma log p|`` ulps); only ``|y - sigma|`` near ``y = sigma`` loses what its condition number
 says it must (tests/test_oracle.py checks this against arbitrary precision).
 """
 
@@ -92,8 +92,9 @@ def quality_focal_loss(
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
     Computed as ``|y (1 - sigma) - (1 - y) sigma|^beta`` (exact for ``y`` in {0, 1}) times the binary
-    cross entropy with logits, finite for any finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
-    exactly the gradient is taken as 0 (the true one for ``beta > 1``; below, there is none).
+    cross entropy with logits, finite for any finite logit; ``beta = 0`` is the binary cross entropy
+    with soft targets. Where ``y = sigma`` exactly the gradient is taken as 0 (the true one for
+    ``beta > 1``; below, there is none).
     Differentiable by autograd, to any order.
 
     Args:
@@ -134,8 +135,9 @@ def varifocal_loss(
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
 
     Computed as ``q`` times the binary cross entropy with logits and
-    ``alpha * sigmoid(x)^gamma * softplus(x)``, finite (with finite gradients) for any finite logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
-    the IoU, 0 when the box misses). Differentiable by autograd, to any order.
+    ``alpha * sigmoid(x)^gamma * softplus(x)``, finite (with finite gradients) for any finite logit.
+    A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is the IoU, 0
+    when the box misses). Differentiable by autograd, to any order.
 
     Args:
         inputs: logits ``(..., C)``, class dimension last; any float dtype.
