@@ -278,9 +278,7 @@ def _softmax_oracle(row: Row, x: torch.Tensor, t):
 
 def _softmax_class_terms(row: Row, x: torch.Tensor, t):
     """(loss, gradient) of each class's term alone: the oracle with every other class's weight 0,
-    through alpha (only the rows with smoothing have more than one term)."""
-    if "smoothing=0.0" in row.name:
-        return
+    through alpha (without smoothing, only the target's class has a term)."""
     for c in range(x.shape[-1]):
         alpha = torch.zeros(x.shape[-1], dtype=torch.float64)
         alpha[c] = 1.0
