@@ -9,10 +9,11 @@ and at 1e300, where ``gamma x`` would overflow. Targets 0, 1 and soft, several e
 off, label smoothing.
 
 The error allowed, in float64 ulps of the exact value (the subnormal spacing below the normal range),
-is ``ULPS + kappa``: a few roundings, plus, where the error is larger, the condition number
+is ``ULPS + 2 kappa``: a few roundings, plus, where the error is larger, twice the condition number
 ``kappa = sum_v |v dF/dv| / |F|`` of the output ``F`` over its inputs ``v`` (logits, targets, the
-softmax's class weights), which only an evaluation in more precision than the inputs' could beat (a
-soft target's gradient near ``p = t``, ``|y - sigma|`` near its zero, a sum of class terms). A
+softmax's class weights): what only an evaluation in more precision than the inputs' could beat (a
+soft target's gradient near ``p = t``, ``|y - sigma|`` near its zero, a sum of class terms), twice
+for the rounding of the inputs and that of the terms they enter. A
 subnormal second derivative also carries the rounding of its subnormal factor ``p (1 - p)``.
 ``python tests/test_oracle.py`` prints the largest error of each output.
 """
@@ -479,7 +480,7 @@ def errors(case_index: int):
                 err = math.inf if not math.isfinite(g) else float(abs(mpmath.mpf(g) - value)) / _ulp(value)
                 allowed = ULPS + _subnormal_factor(case, name, LOGITS[i], value)
                 if err > allowed:
-                    allowed += condition_number(case, points[i], name, component)
+                    allowed += 2 * condition_number(case, points[i], name, component)
                 yield err, allowed, functools.partial(_describe, case, name, component, LOGITS[i], g, value)
 
 
