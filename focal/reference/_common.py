@@ -1,4 +1,5 @@
-"""What the references share: target expansion, the alpha factor, guarded powers and the reductions.
+"""What the references share: target expansion, the alpha factor, guarded powers, exact sigmoids and
+softplus, and the reductions.
 
 The conventions are those of :func:`focal.sigmoid_focal_loss` (see its docstring):
 
@@ -20,11 +21,11 @@ __all__ = [
     "element_count",
     "expand_targets",
     "is_class_ids",
+    "logistic",
     "one_hot_rows",
     "power",
     "reduce_elements",
     "reduce_loss",
-    "softplus",
 ]
 
 
@@ -90,13 +91,32 @@ def power(base: torch.Tensor, exponent: float) -> torch.Tensor:
     return torch.where(nonzero, safe**exponent, torch.zeros_like(base))
 
 
-def softplus(z: torch.Tensor) -> torch.Tensor:
-    """``log(1 + exp(z))`` to full precision for every ``z``, differentiable to any order.
+def logistic(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sigmoid(z), sigmoid(-z), softplus(z), softplus(-z))``, each to full relative precision for
+    every ``z`` (subnormal results included), and so are their derivatives under autograd, to any
+    order; from one ``e = exp(-|z|)`` in (0, 1]: ``sigmoid(|z|) = 1 / (1 + e)``, ``sigmoid(-|z|) =
+    e / (1 + e)``, ``softplus(z) = max(z, 0) + log1p(e)``.
 
-    ``torch.nn.functional.softplus`` returns ``z`` itself above its threshold (20), which is off by
-    ``log1p(exp(-z))``, up to 2e-9: more than a float64 comparison allows.
+    What the torch functions lack (float64): ``torch.sigmoid`` loses its precision below ``z = -709``
+    (0 at ``z = -720``, where the exact value is a subnormal, 1.2e-313) and its backward ``y (1 - y)``
+    cancels (0 from ``z = 37``, where the derivative is ``exp(-z)``); ``F.softplus`` returns ``z`` itself
+    above its threshold (20), off by ``log1p(exp(-z))``: 26 ulps at ``z = 30``; ``logaddexp(z, 0)`` has
+    the value but its backward ``1 / (1 + exp(-z))`` is 0 below ``z = -709``.
     """
-    return torch.logaddexp(z, torch.zeros_like(z))
+    negative = z < 0
+    # where, not abs() or clamp(): the chosen branch keeps the derivative right at z = 0, where
+    # abs() has 0
+    e = torch.exp(torch.where(negative, z, -z))
+    inv = 1 / (1 + e)
+    small = e * inv
+    log1p_e = torch.log1p(e)
+    zero = torch.zeros_like(z)
+    return (
+        torch.where(negative, small, inv),
+        torch.where(negative, inv, small),
+        torch.where(negative, zero, z) + log1p_e,
+        torch.where(negative, -z, zero) + log1p_e,
+    )
 
 
 def element_count(keep: torch.Tensor, class_ids: bool) -> torch.Tensor:

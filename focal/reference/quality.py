@@ -23,6 +23,11 @@ anchor). Both losses take it in either of two forms:
 divides by the number of elements that are not ignored (at least 1 with the pair form; dense
 targets follow ``torch.mean``). Like the other references they materialise every intermediate and do
 no argument validation beyond what the math needs.
+
+Nothing is formed by cancellation that the math does not itself cancel: ``1 - sigma`` is
+``sigmoid(-x)``, the cross entropy a sum of two non-negative ``softplus`` terms, ``p^gamma`` a power
+of the exact sigmoid (not ``exp(gamma log p)``, whose rounded argument costs ``|gamma log p|`` ulps); only ``|y - sigma|`` near ``y = sigma`` loses what its condition number
+says it must (tests/test_oracle.py checks this against arbitrary precision).
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
-from focal.reference._common import is_class_ids, one_hot_rows, power, reduce_elements, softplus
+from focal.reference._common import is_class_ids, logistic, one_hot_rows, power, reduce_elements
 
 __all__ = ["quality_focal_loss", "varifocal_loss", "quality_targets"]
 
@@ -67,12 +71,12 @@ def quality_targets(
     return targets.to(inputs.dtype), torch.ones_like(inputs), False
 
 
-def _bce(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _bce(softplus_x: torch.Tensor, softplus_neg_x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The binary cross entropy with logits ``x`` and soft targets ``t``, as two non-negative terms
     ``t softplus(-x) + (1 - t) softplus(x)``: full relative precision also where ``t`` is close to
     ``sigmoid(x)`` at large ``|x|``, where ``binary_cross_entropy_with_logits``'s ``(1 - t) x +
     softplus(-x)`` cancels."""
-    return t * softplus(-x) + (1 - t) * softplus(x)
+    return t * softplus_neg_x + (1 - t) * softplus_x
 
 
 def quality_focal_loss(
@@ -87,9 +91,10 @@ def quality_focal_loss(
 ) -> torch.Tensor:
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
-    Computed as ``|y - sigmoid(x)|^beta`` times the binary cross entropy with logits, finite for any
-    finite logit; ``beta = 0`` is the binary cross entropy with soft targets. Where ``y = sigma``
-    exactly the gradient is taken as 0 (the true one for ``beta > 1``; below, there is none).
+    Computed as ``|y (1 - sigma) - (1 - y) sigma|^beta`` (exact for ``y`` in {0, 1}) times the binary
+    cross entropy with logits, finite for any finite logit; ``beta = 0`` is the binary cross entropy
+    with soft targets. Where ``y = sigma`` exactly the gradient is taken as 0 (the true one for
+    ``beta > 1``; below, there is none).
     Differentiable by autograd, to any order.
 
     Args:
@@ -109,8 +114,9 @@ def quality_focal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    sigma = torch.sigmoid(inputs)
-    loss = power((quality - sigma).abs(), beta) * _bce(inputs, quality)
+    sigma, one_minus_sigma, softplus_x, softplus_neg_x = logistic(inputs)
+    distance = quality * one_minus_sigma - (1 - quality) * sigma  # y - sigma
+    loss = power(distance.abs(), beta) * _bce(softplus_x, softplus_neg_x, quality)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)
 
 
@@ -129,9 +135,9 @@ def varifocal_loss(
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
 
     Computed as ``q`` times the binary cross entropy with logits and
-    ``alpha * exp(gamma * logsigmoid(x)) * softplus(x)``, finite (with finite gradients) for any finite
-    logit. A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is
-    the IoU, 0 when the box misses). Differentiable by autograd, to any order.
+    ``alpha * sigmoid(x)^gamma * softplus(x)``, finite (with finite gradients) for any finite logit.
+    A positive row whose score is 0 is a negative for its class, as in the paper (``q`` is the IoU, 0
+    when the box misses). Differentiable by autograd, to any order.
 
     Args:
         inputs: logits ``(..., C)``, class dimension last; any float dtype.
@@ -152,8 +158,10 @@ def varifocal_loss(
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
-    positive = quality * _bce(inputs, quality)
-    # p^gamma as exp(gamma log p): its gradient stays finite where p underflows to 0, for any gamma
-    negative = alpha * torch.exp(gamma * F.logsigmoid(inputs)) * softplus(inputs)
+    p, _, softplus_x, softplus_neg_x = logistic(inputs)
+    positive = quality * _bce(softplus_x, softplus_neg_x, quality)
+    # power(), not exp(gamma log p), whose rounded argument costs |gamma log p| ulps; its gradient
+    # is 0, not NaN, where p underflows to 0, for any gamma
+    negative = alpha * power(p, gamma) * softplus_x
     loss = torch.where(quality > 0, positive, negative)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)

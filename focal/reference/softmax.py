@@ -18,9 +18,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from focal.reference._common import power, reduce_loss
+from focal.reference._common import logistic, power, reduce_loss
 
 __all__ = ["softmax_focal_loss"]
+
+
+def _class_against_rest(logits: torch.Tensor) -> torch.Tensor:
+    """``u_c = x_c - log(sum_{j != c} exp(x_j))`` over the last dimension (+inf for a single class).
+
+    With ``z = x - max`` (the max of one chosen class, outside the graph: ``u`` does not depend on a
+    shift, and a max inside the graph would route a gradient of 1 - 1 through it) and ``S`` the sum
+    of ``exp(z)``, the rest of a class that is not the chosen one is ``S - exp(z_c) >= 1``; that of the
+    chosen class is the log-sum-exp of the others, which may be far below 1.
+    """
+    if logits.shape[-1] == 1:
+        return torch.full_like(logits, torch.inf) + 0 * logits  # keeps NaN and the graph
+    top_index = logits.argmax(dim=-1, keepdim=True)
+    top = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, top_index, True)
+    z = logits - logits.gather(-1, top_index).detach()
+    e = z.exp()
+    others = e.sum(dim=-1, keepdim=True) - e  # exact 0 derivative in z_c: e_c - e_c
+    rest_of_top = torch.logsumexp(z.masked_fill(top, -torch.inf), dim=-1, keepdim=True)
+    rest = torch.where(top, rest_of_top, torch.log(torch.where(top, torch.ones_like(others), others)))
+    return z - rest
 
 
 def softmax_focal_loss(
@@ -87,19 +107,13 @@ def softmax_focal_loss(
     num_classes = input.shape[1]
     # Classes last, so that every per-class factor broadcasts as a (C,) vector.
     logits = input.movedim(1, -1)
-    # log p = z - log(1 + s), z = logits - max, s the sum of exp(z) over every class but one
-    # maximal one: log1p keeps log p of a near-certain class (and so 1 - p) to full relative
-    # accuracy, which log_softmax's z - log(sum exp(z)) loses by cancellation.
-    # The maximum is taken as the value of one chosen maximal class (gather at argmax), not as amax:
-    # log p is then exactly log_softmax for that choice, and so is its gradient. amax would split
-    # its gradient between tied maxima (common in 16-bit logits) while the expression below treats
-    # the chosen one alone as exp(0) = 1: a wrong gradient at ties.
-    top_index = logits.argmax(dim=-1, keepdim=True)
-    z = logits - logits.gather(-1, top_index)
-    top = F.one_hot(top_index.squeeze(-1), num_classes).bool()
-    others = torch.where(top, torch.zeros_like(z), z.exp()).sum(dim=-1, keepdim=True)
-    log_p = z - torch.log1p(others)
-    one_minus_p = -torch.expm1(log_p)
+    # Each class against the rest is a binary problem with logit u_c = x_c - log(sum_{j != c} e^x_j):
+    # p_c = sigmoid(u_c), 1 - p_c = sigmoid(-u_c), -log p_c = softplus(-u_c), all without
+    # cancellation (as in the sigmoid focal loss), and each class term reaches the logits through
+    # u_c alone. Forms that reach 1 - p_c through log_softmax, expm1 or a difference of
+    # probabilities give the right value but, under autograd, gradients that cancel.
+    _, one_minus_p, _, softplus_neg_u = logistic(_class_against_rest(logits))
+    log_p = -softplus_neg_u
 
     ids = target.long()
     kept = ids != ignore_index

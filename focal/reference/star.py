@@ -16,9 +16,18 @@ from __future__ import annotations
 
 import torch
 
-from focal.reference._common import alpha_t, expand_targets, is_class_ids, reduce_elements, softplus
+from focal.reference._common import alpha_t, expand_targets, is_class_ids, reduce_elements
 
 __all__ = ["sigmoid_focal_loss_star"]
+
+
+def _softplus_over(w: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``softplus(gamma w) / gamma`` without forming ``gamma w``, which overflows for the largest
+    logits: ``max(w, 0) + log1p(exp(-gamma |w|)) / gamma``, as
+    :func:`focal.reference._common.logistic` forms softplus."""
+    negative = w < 0
+    tail = torch.log1p(torch.exp(gamma * torch.where(negative, w, -w))) / gamma
+    return torch.where(negative, torch.zeros_like(w), w) + tail
 
 
 def sigmoid_focal_loss_star(
@@ -39,8 +48,9 @@ def sigmoid_focal_loss_star(
     A soft target ``t`` in [0, 1] mixes the two hard cases linearly, as the binary cross entropy does:
     ``FL* = t FL*(x_t = x) + (1 - t) FL*(x_t = -x)``, so ``gamma = 1, beta = 0`` is the binary cross
     entropy with soft targets; the whole is scaled by ``alpha_t = alpha t + (1 - alpha)(1 - t)`` as in
-    :func:`focal.sigmoid_focal_loss`. ``-log(sigmoid(z))`` is computed as ``softplus(-z)``, finite for
-    any finite logit. Differentiable by autograd, to any order; the first derivative is Appendix B's
+    :func:`focal.sigmoid_focal_loss`. ``-log(sigmoid(z)) / gamma`` is computed as
+    ``softplus(-z) / gamma`` with the division inside (``z / gamma = x_t + beta / gamma``), exact and
+    finite for any finite logit. Differentiable by autograd, to any order; the first derivative is Appendix B's
     ``alpha_t y (p*_t - 1)`` for hard targets.
 
     Args:
@@ -66,7 +76,8 @@ def sigmoid_focal_loss_star(
     if not gamma > 0:
         raise ValueError(f"FL* divides by gamma, which must be > 0, got {gamma}")
     soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
-    positive = softplus(-(gamma * inputs + beta)) / gamma  # x_t = x:  -log sigmoid(gamma x + beta)
-    negative = softplus(gamma * inputs - beta) / gamma  # x_t = -x: -log sigmoid(-gamma x + beta)
+    shift = beta / gamma
+    positive = _softplus_over(-(inputs + shift), gamma)  # x_t = x:  -log sigmoid(gamma x + beta) / gamma
+    negative = _softplus_over(inputs - shift, gamma)  # x_t = -x: -log sigmoid(-gamma x + beta) / gamma
     loss = alpha_t(soft, alpha) * (soft * positive + (1 - soft) * negative)
     return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)
