@@ -142,7 +142,12 @@ struct ElementLoss<LossKind::kQuality, G, V, O> {
     } else {
       V ratio = d;  // |d|^beta / d, which is d itself for beta = 2
       if constexpr (G != GammaKind::kTwo) ratio = O::select(O::positive(a), divide<O>(w, d), V(0));
-      r.grad = O::fmadd(p.gamma * ratio, (s.sig * s.sig_neg) * ce, w * d);
+      // p (1 - p) CE in two parts, the small half of p (1 - p) with the ratio (large for beta < 1)
+      // and the other with CE: at saturated logits p (1 - p) CE alone would underflow where the
+      // product with the ratio does not.
+      const typename Ops<V>::Mask right = O::positive(x);
+      const V small = O::select(right, s.sig_neg, s.sig), large = O::select(right, s.sig, s.sig_neg);
+      r.grad = O::fmadd(p.gamma * (ratio * small), large * ce, w * d);
     }
     const V at = alpha.at(t);
     r.loss = r.loss * at;
