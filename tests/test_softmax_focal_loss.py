@@ -499,44 +499,6 @@ def test_reduced_loss_is_bitwise_identical_for_any_thread_count(shape):
     assert all(torch.equal(r, results[0]) for r in results)
 
 
-ISA_CHECK = r"""
-import json, sys
-import torch
-import focal
-sys.path.insert(0, sys.argv[1])
-import test_softmax_focal_loss as T
-report = {"capability": torch.backends.cpu.get_cpu_capability(), "checked": 0, "failures": []}
-for dtype in T.DTYPES:
-    for shape in T.SHAPES.values():
-        for gamma in (0.0, 2.0, 2.5):
-            for smoothing in (0.0, 0.1):
-                try:
-                    x, t = T.problem(shape, dtype, seed=report["checked"])
-                    T.assert_matches_reference(x, t, dtype, gamma=gamma, label_smoothing=smoothing, reduction="none",
-                                               weight=torch.rand(shape[T.class_dim(shape)]) + 0.5)
-                except AssertionError as error:
-                    report["failures"].append(f"{dtype} {shape} gamma={gamma} eps={smoothing}: {str(error)[:300]}")
-                report["checked"] += 1
-print(json.dumps(report))
-"""
-
-
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
-def test_every_instruction_set_copy_matches_reference(capability):
-    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
-    if rank[capability.upper()] > rank.get(torch.backends.cpu.get_cpu_capability(), 0):
-        pytest.skip(f"this CPU supports up to {torch.backends.cpu.get_cpu_capability()}, not {capability.upper()}")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    here = os.path.dirname(os.path.abspath(__file__))
-    result = subprocess.run([sys.executable, "-c", ISA_CHECK, here], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["capability"] == capability.upper()
-    assert report["checked"] == len(DTYPES) * len(SHAPES) * 6
-    assert report["failures"] == []
-
-
 # ---- errors --------------------------------------------------------------------------------------
 
 ERRORS = {
