@@ -9,11 +9,6 @@ themselves are tested against F.cross_entropy, whose gradient is right there.
 
 from __future__ import annotations
 
-import itertools
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,7 +23,7 @@ from focal import reference
 
 OP = torch.ops.focal.softmax_focal_loss.default
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-GAMMAS = [0.0, 0.5, 1.0, 2.0, 2.5]
+GAMMAS = [0.0, 1.0, 2.0, 2.5]  # the kernels' exponent paths: 0, 1, 2 and the general power
 # (N, C) with vector tails, segmentation layouts (classes `inner` apart), unbatched (C,)
 SHAPES = {
     "N,C": (9, 37),
@@ -553,7 +548,7 @@ def test_raw_op_guards_memory():
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("gamma", [0.0, 2.0, 2.5])
-@pytest.mark.parametrize("shape", [(300, 20), (64, 300), (2, 21, 9, 13)], ids=["short-rows", "long-rows", "NCHW"])
+@pytest.mark.parametrize("shape", [(40, 20), (8, 300), (2, 21, 3, 5)], ids=["short-rows", "long-rows", "NCHW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_device_matches_reference(device, dtype, shape, gamma, smoothing):
     """Both CUDA kernels (a thread per element, a block per row) and the CPU one, against the
