@@ -120,10 +120,18 @@ class Recorder:
         Path(path).write_text("".join(f"{key}\n" for key in sorted(self.seen)))
 
 
+def compiled(key: str) -> str:
+    """The part of a key that selects compiled code on the CPU (loss, device, dtype, targets, gamma):
+    weights, reduction and compute_grad are branches inside one instantiation there."""
+    return " ".join(key.split()[:5])
+
+
 def compare(before: set[str], after: set[str]) -> int:
     """Prints the counts and the differences; 1 when ``after`` misses a key of ``before``."""
+    for what, project in (("compiled instantiations", compiled), ("full keys", lambda key: key)):
+        b, a = {project(k) for k in before}, {project(k) for k in after}
+        print(f"{what}: before {len(b)}, after {len(a)}, missing {len(b - a)}, new {len(a - b)}")
     missing, new = sorted(before - after), sorted(after - before)
-    print(f"before: {len(before)}  after: {len(after)}  missing: {len(missing)}  new: {len(new)}")
     for key in missing:
         print(f"- {key}")
     for key in new:

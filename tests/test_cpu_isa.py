@@ -2,11 +2,10 @@
 
 The extension compiles its kernels once per ISA and picks the copy that matches ATen's CPU capability,
 which ATEN_CPU_CAPABILITY overrides at start-up. The rest of the suite runs the copy this CPU picks;
-each copy below it runs here, in a fresh interpreter, through the tests that visit every compiled
-instantiation against the float64 reference and bit for bit against the float32 kernel: every loss of
-the sigmoid family (tests/family_cases.py: each dtype, target form and exponent path, on rows with
-full vectors and tails), the softmax focal loss (every dtype, layout and gamma path), and every 16-bit
-logit (test_reduced_precision.py).
+each copy below it runs here, in a fresh interpreter, through the tests shaped like the kernels:
+every instantiation of every loss against the float64 reference (test_instantiations.py, on rows
+with full vectors, pairs of them and tails), and the 16-bit results bit for bit against the float32
+kernel (every loss of the sigmoid family, and every 16-bit logit in test_reduced_precision.py).
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ CAPABILITIES = ["default", "avx2", "avx512"]
 RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_TESTS = [
-    "test_family.py::test_reduced_precision_matches_float64_reference",
+    "test_instantiations.py",
     "test_family.py::test_half_precision_is_the_float32_result_rounded_once",
-    "test_softmax_focal_loss.py::test_matches_reference",
     "test_reduced_precision.py",
 ]
 

@@ -175,21 +175,17 @@ def _tolerances(dtype, reduced: bool):
 
 
 HALF_AND_SINGLE = [torch.float32, torch.float16, torch.bfloat16]
-VECTOR_ROWS = (40, 37)  # class ids 0..36, background and ignored: a positive in every lane
 
 
 @pytest.mark.parametrize("dtype", HALF_AND_SINGLE, ids=str)
 @pytest.mark.parametrize("loss,form", LOSS_FORMS, ids=LOSS_FORM_IDS)
 def test_reduced_precision_matches_float64_reference(device, loss, form, dtype):
-    """Every instantiation of the 16/32-bit kernels; rows of 37 classes hold full vectors (and pairs of
-    them) and a tail at every vector width, with class ids in each (test_cpu_isa.py runs this for
-    every instruction-set copy)."""
-    x = logits(device, VECTOR_ROWS)
+    """Every target form and hyper-parameter in 16/32-bit (test_instantiations.py crosses every kernel
+    instantiation with weights and reductions)."""
     for hyper in loss.hypers:
         for reduction, weight in (("none", None), ("mean", "per-class")):
-            w = None if weight is None else torch.rand(VECTOR_ROWS[-1], generator=generator(5), dtype=torch.float64)
-            w = None if w is None else (w * 2).to(device, dtype)
-            got, got_grad, ref, ref_grad = _compare(loss, form, device, reduction, hyper, x=x, dtype=dtype, weight=w)
+            w = None if weight is None else _weights(device)[weight].to(dtype)
+            got, got_grad, ref, ref_grad = _compare(loss, form, device, reduction, hyper, dtype=dtype, weight=w)
             assert_close(got, ref, **_tolerances(dtype, reduction != "none"), what=f"{hyper} {reduction}")
             assert_close(got_grad, ref_grad, **_tolerances(dtype, False), what=f"{hyper} {reduction}")
 

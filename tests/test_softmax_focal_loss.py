@@ -107,13 +107,14 @@ def assert_matches_reference(x, t, dtype, upstream=None, **kwargs):
 # ---- against the reference ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(dtype, shape, gamma):
-    """Every dtype, layout and gamma path; the rest of the arguments rotate over the cases so that
-    each meets every dtype: weight, alpha (none, a number, a tensor), label smoothing, reduction."""
-    i = DTYPES.index(dtype) + len(DTYPES) * (list(SHAPES.values()).index(shape) + len(SHAPES) * GAMMAS.index(gamma))
+def test_matches_reference(dtype, shape):
+    """Every dtype and shape (test_instantiations.py crosses every kernel instantiation); the rest
+    of the arguments rotate over the cases: gamma path, weight, alpha (none, a number, a tensor),
+    label smoothing, reduction."""
+    i = DTYPES.index(dtype) + len(DTYPES) * list(SHAPES.values()).index(shape)
+    gamma = GAMMAS[(i + i // len(DTYPES)) % len(GAMMAS)]
     x, t = problem(shape, dtype, seed=i)
     classes = shape[class_dim(shape)]
     g = torch.Generator().manual_seed(100 + i)
@@ -360,16 +361,19 @@ def test_second_derivative_after_in_place_change_is_an_error():
         torch.autograd.grad(loss, x, create_graph=True)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
-def test_opcheck(reduction):
+@pytest.mark.parametrize("case", ["none-plain", "mean-weighted", "sum-no-grad"])
+def test_opcheck(case):
+    """Schema, fake kernel, autograd and AOT dispatch: each reduction once, with and without the
+    weights, normaliser and gradient."""
     x, t = problem((6, 5, 3), torch.float32, ignore="none")
     x.requires_grad_()
-    for args in (
-        (x, t, None, None, None, 1.0, 2.0, 0.0, -100, reduction, 1.0, True),
-        (x, t, torch.rand(5), torch.rand(5), torch.tensor(2.0), 0.5, 1.5, 0.1, 0, reduction, 2.0, True),
-        (x.detach(), t, None, None, None, 1.0, 0.0, 0.0, -100, reduction, 1.0, False),
-    ):
-        torch.library.opcheck(OP, args)
+    reduction = case.split("-")[0]
+    args = {
+        "none-plain": (x, t, None, None, None, 1.0, 2.0, 0.0, -100, reduction, 1.0, True),
+        "mean-weighted": (x, t, torch.rand(5), torch.rand(5), None, 0.5, 1.5, 0.1, 0, reduction, 2.0, True),
+        "sum-no-grad": (x.detach(), t, None, None, torch.tensor(2.0), 1.0, 0.0, 0.0, -100, reduction, 1.0, False),
+    }[case]
+    torch.library.opcheck(OP, args)
 
 
 def test_compile_fullgraph():
@@ -546,30 +550,33 @@ def test_raw_op_guards_memory():
 # ---- every device (CUDA where a GPU is visible) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("gamma", [0.0, 2.0, 2.5])
+# Both CUDA kernels (a thread per element, a block per row) over the gamma paths and smoothing; the CPU's
+# instantiations are test_instantiations.py's, so one case per dtype and layout runs on the CPU here.
+DEVICE_CASES = {"cuda": [(g, s) for g in (0.0, 2.0, 2.5) for s in (0.0, 0.1)], "cpu": [(2.5, 0.1)]}
+
+
 @pytest.mark.parametrize("shape", [(40, 20), (8, 300), (2, 21, 3, 5)], ids=["short-rows", "long-rows", "NCHW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_device_matches_reference(device, dtype, shape, gamma, smoothing):
-    """Both CUDA kernels (a thread per element, a block per row) and the CPU one, against the
-    float64 reference, with a normaliser tensor on the device."""
-    x, t = problem(shape, dtype)
-    weight = torch.rand(shape[1]) + 0.5
-    upstream = torch.rand(t.shape, dtype=torch.float64)
-    kwargs = dict(gamma=gamma, label_smoothing=smoothing, alpha=0.5)
-    loss, grad = op_loss_and_grad(x.to(device), t.to(device), upstream.to(device), weight=weight.to(device),
-                                  reduction="none", **kwargs)
-    want_loss, want_grad = reference_loss_and_grad(x, t, upstream, weight=weight, reduction="none", **kwargs)
-    rtol, atol = tolerances(dtype)
-    rtol = rtol if dtype == torch.float64 or device.type == "cpu" else 2 * rtol  # CUDA's libm: a few more ulps
-    torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=rtol, atol=atol * want_loss.abs().max().item())
-    torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=rtol, atol=atol * want_grad.abs().max().item())
-    for reduction, normalizer in (("mean", None), ("sum", torch.tensor(4.0, device=device))):
-        got = focal.softmax_focal_loss(x.to(device), t.to(device), weight=weight.to(device), reduction=reduction,
-                                       normalizer=normalizer, **kwargs)
-        want, _ = reference_loss_and_grad(x, t, weight=weight, reduction=reduction,
-                                          normalizer=None if normalizer is None else 4.0, **kwargs)
-        torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5 if dtype != torch.float64 else 1e-10, atol=0)
+def test_device_matches_reference(device, dtype, shape):
+    """The device's kernels against the float64 reference, with a normaliser tensor on the device."""
+    for gamma, smoothing in DEVICE_CASES[device.type]:
+        x, t = problem(shape, dtype)
+        weight = torch.rand(shape[1]) + 0.5
+        upstream = torch.rand(t.shape, dtype=torch.float64)
+        kwargs = dict(gamma=gamma, label_smoothing=smoothing, alpha=0.5)
+        loss, grad = op_loss_and_grad(x.to(device), t.to(device), upstream.to(device), weight=weight.to(device),
+                                      reduction="none", **kwargs)
+        want_loss, want_grad = reference_loss_and_grad(x, t, upstream, weight=weight, reduction="none", **kwargs)
+        rtol, atol = tolerances(dtype)
+        rtol = rtol if dtype == torch.float64 or device.type == "cpu" else 2 * rtol  # CUDA's libm: a few more ulps
+        torch.testing.assert_close(loss.cpu().double(), want_loss, rtol=rtol, atol=atol * want_loss.abs().max().item())
+        torch.testing.assert_close(grad.cpu().double(), want_grad, rtol=rtol, atol=atol * want_grad.abs().max().item())
+        for reduction, normalizer in (("mean", None), ("sum", torch.tensor(4.0, device=device))):
+            got = focal.softmax_focal_loss(x.to(device), t.to(device), weight=weight.to(device), reduction=reduction,
+                                           normalizer=normalizer, **kwargs)
+            want, _ = reference_loss_and_grad(x, t, weight=weight, reduction=reduction,
+                                              normalizer=None if normalizer is None else 4.0, **kwargs)
+            torch.testing.assert_close(got.cpu().double(), want, rtol=2e-5 if dtype != torch.float64 else 1e-10, atol=0)
 
 
 @requires_cuda
