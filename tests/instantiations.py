@@ -46,18 +46,17 @@ def gamma_kind(value: float) -> str:
     return {0.0: "gamma0", 1.0: "gamma1", 2.0: "gamma2"}.get(float(value), "gamma_other")
 
 
-def _aligned(*tensors) -> bool:
-    return all(t is None or t.data_ptr() % 16 == 0 for t in tensors)
-
-
-def _cuda_kernel(a: dict) -> str:
-    """The CUDA loss kernel these arguments select (csrc/cuda/README.md, "The three loss kernels")."""
-    ids = not a["targets"].is_floating_point()
-    aligned = _aligned(a["logits"], a.get("scores"), a["row_weight"], a["weight"])
-    if (ids and a.get("label_smoothing", 0.0) == 0.0 and a["weight"] is None and a["reduction"] != "none"
-            and aligned):
+def _cuda_kernel(name: str, a: dict) -> str:
+    """The CUDA loss kernel these arguments select (csrc/cuda/focal_cuda.cu; csrc/cuda/README.md, "The
+    three loss kernels"): the outputs are fresh allocations, aligned."""
+    targets = a["targets"]
+    focal = name == "sigmoid_focal_loss"
+    aligned = a["logits"].data_ptr() % 16 == 0 and (not targets.is_floating_point() or targets.data_ptr() % 16 == 0)
+    unweighted = a["weight"] is None and a["row_weight"] is None
+    ids = a.get("scores") is not None or (focal and not targets.is_floating_point() and a["label_smoothing"] == 0)
+    if ids and a["reduction"] != "none" and aligned and unweighted:
         return "ids_kernel"
-    if not ids and a["weight"] is None and a["row_weight"] is None and aligned:
+    if focal and targets.is_floating_point() and aligned and unweighted:
         return "float_kernel"
     return "general_kernel"
 
@@ -85,7 +84,7 @@ def instantiation(name: str, a: dict) -> str:
     fields = [name, logits.device.type, dtype, targets, gamma, "+".join(weights) or "none", a["reduction"],
               "grad" if a["compute_grad"] else "nograd"]
     if logits.device.type == "cuda" and name != "softmax_focal_loss":
-        fields.append(_cuda_kernel(a))
+        fields.append(_cuda_kernel(name, a))
     return " ".join(fields)
 
 

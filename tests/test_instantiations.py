@@ -21,6 +21,17 @@ import focal  # noqa: F401  (loads the operators)
 from family_cases import FOCAL, QFL, STAR, VFL, assert_close, generator
 from focal import reference
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Problems this small run in one work item: no thread hand-offs (which cost milliseconds on a busy
+    machine) for thousands of calls. The split across threads has tests of its own (bitwise equal sums
+    for any thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 EXPONENTS = (0.0, 1.0, 2.0, 2.5)  # the kernels' fast paths and the general power
 REDUCTIONS = ("none", "sum", "mean")
