@@ -1,8 +1,10 @@
-"""Property tests (hypothesis) over shapes, dtypes, hyper-parameters, targets and weights.
+"""Properties of the sigmoid focal loss alone (hypothesis) over shapes, dtypes, hyper-parameters,
+targets and weights, and its shapes, long rows, target dtypes and normaliser forms.
 
-Every property compares the fused op with an independent computation: the float64 reference on the
-same (dtype-rounded) inputs, torchvision's function, the op's own one-hot float path, or soft targets
-smoothed by hand.
+Every property compares the fused op with an independent computation: torchvision's function, the
+op's own one-hot float path, or soft targets smoothed by hand. Those it shares with FL*, QFL and VFL
+(the float64 reference, "sum" and "mean" against "none", the loss with and without its gradient)
+are in test_family_properties.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ MAX_ELEMENTS = 96
 
 # alpha, gamma and label smoothing are drawn exactly representable in float32 (alpha a multiple of
 # 2^-12, so that 1 - alpha is too), so that the float64 comparisons below are about the math;
-# test_gradcheck.py::test_float64_keeps_hyperparameters_exact checks values that are not.
+# test_family.py::test_float64_keeps_hyperparameters_exact checks values that are not.
 unit_float32 = st.floats(0.0, 1.0, width=32)
 alphas = st.one_of(st.sampled_from([None, -1, 0.0, 0.25, 0.5, 1.0]), st.integers(0, 4096).map(lambda k: k / 4096))
 gammas = st.one_of(
