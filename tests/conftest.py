@@ -25,3 +25,25 @@ requires_cuda = pytest.mark.skipif(
 def device(request) -> torch.device:
     """Every test that takes `device` runs on the CPU and, where a GPU is visible, on CUDA."""
     return torch.device(request.param)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--instantiations", metavar="FILE", default=None,
+                     help="write the kernel instantiations the run reaches to FILE (tests/instantiations.py)")
+
+
+def pytest_configure(config):
+    path = config.getoption("--instantiations", default=None)
+    if path:
+        from instantiations import Recorder
+
+        recorder = Recorder()
+        recorder.install()
+        config._focal_instantiations = (recorder, path)
+
+
+def pytest_unconfigure(config):
+    recorded = getattr(config, "_focal_instantiations", None)
+    if recorded:
+        recorder, path = recorded
+        recorder.write(path)

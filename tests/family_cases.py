@@ -1,5 +1,9 @@
-"""The table the tests of FL*, QFL and VFL share: each loss with its reference, module, target forms
-and hyper-parameters, so that one test body covers the three fused ops.
+"""The table the tests of the sigmoid focal loss family share (FL, FL*, QFL, VFL): each loss with its
+reference, module, target forms and hyper-parameters, so that one test body covers the four fused ops.
+
+The forms and hyper-parameters of a row are chosen by what selects a compiled kernel
+(tests/instantiations.py): each target form the loss takes and each fast path of its exponent
+(0, 1, 2 and the general power), not by values that run the same code.
 
 Every target builder returns ``(targets, kwargs)`` on a device in float64 (the tests round to the
 dtype under test): ``targets`` is what both the fused op and its reference take (a tensor, or the
@@ -68,7 +72,7 @@ def _pair(device, shape, ignore_index=-100, seed=4):
 
 
 # name -> builder(device, shape) -> (targets, kwargs)
-STAR_TARGETS = {
+HARD_TARGETS = {  # the focal loss's and FL*'s: float targets, class ids, either with label smoothing
     "hard": lambda d, s: (_hard(d, s), {}),
     "soft": lambda d, s: (_soft(d, s), {}),
     "ids": lambda d, s: (class_ids(d, s), {}),
@@ -93,6 +97,8 @@ class Loss:
     reference: Callable
     module: type
     targets: dict  # form name -> builder
+    ids_form: str  # the form of class ids (with scores for the quality losses): detection's
+    dense_form: str  # a form of soft float targets
     # Keyword arguments: the paper's, BCE-equivalent, the fast paths (0, 1, 2) and the general path;
     # the first three (the paper's, a second fast path, a general one) are the costlier tests' subset.
     hypers: list
@@ -102,25 +108,35 @@ class Loss:
         return self.name
 
 
+FOCAL = Loss(
+    "focal", focal.sigmoid_focal_loss, reference.sigmoid_focal_loss, focal.SigmoidFocalLoss, HARD_TARGETS,
+    "ids", "soft",
+    [dict(alpha=0.25, gamma=2.0), dict(alpha=None, gamma=0.0), dict(alpha=0.75, gamma=3.0),
+     dict(alpha=0.0, gamma=1.0), dict(alpha=1.0, gamma=0.5)],
+    dict(alpha=0.25, gamma=2.0),
+)
+# FL*'s gamma is a plain factor, compiled once for every value: its hyper-parameters vary beta and alpha.
 STAR = Loss(
     "star", focal.sigmoid_focal_loss_star, reference.sigmoid_focal_loss_star, focal.SigmoidFocalLossStar,
-    STAR_TARGETS,
+    HARD_TARGETS, "ids", "soft",
     [dict(gamma=2.0, beta=1.0), dict(gamma=4.0, beta=0.0), dict(gamma=0.5, beta=-1.5, alpha=0.75),
-     dict(gamma=1.0, beta=0.0), dict(gamma=2.0, beta=1.0, alpha=0.25), dict(gamma=1.5, beta=0.5, alpha=0.0)],
+     dict(gamma=1.5, beta=0.5, alpha=0.0)],
     dict(gamma=2.0, beta=1.0, alpha=0.25),
 )
 QFL = Loss(
     "qfl", focal.quality_focal_loss, reference.quality_focal_loss, focal.QualityFocalLoss, QUALITY_TARGETS,
-    [dict(beta=2.0), dict(beta=0.0), dict(beta=3.0), dict(beta=1.0), dict(beta=1.5), dict(beta=0.5)],
+    "pair", "dense-zeros",
+    [dict(beta=2.0), dict(beta=0.0), dict(beta=3.0), dict(beta=1.0), dict(beta=0.5)],
     dict(beta=2.0),
 )
 VFL = Loss(
     "vfl", focal.varifocal_loss, reference.varifocal_loss, focal.VarifocalLoss, QUALITY_TARGETS,
+    "pair", "dense-zeros",
     [dict(alpha=0.75, gamma=2.0), dict(alpha=0.75, gamma=0.0), dict(alpha=0.25, gamma=1.5),
-     dict(alpha=0.5, gamma=1.0), dict(alpha=1.0, gamma=0.5), dict(alpha=0.0, gamma=2.0)],
+     dict(alpha=0.5, gamma=1.0), dict(alpha=0.0, gamma=0.5)],
     dict(alpha=0.75, gamma=2.0),
 )
-LOSSES = [STAR, QFL, VFL]
+LOSSES = [FOCAL, STAR, QFL, VFL]
 
 # (loss, target form) over the whole table, with readable test ids.
 LOSS_FORMS = [(loss, form) for loss in LOSSES for form in loss.targets]

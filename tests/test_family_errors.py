@@ -1,6 +1,6 @@
-"""Bad arguments to FL*, QFL and VFL: each is refused with ValueError or TypeError and a message
-that names the argument, before any kernel runs (or by the kernel's own check, for what only the
-data shows)."""
+"""Bad arguments to the sigmoid focal loss, FL*, QFL and VFL: each is refused with ValueError or
+TypeError and a message that names the argument, before any kernel runs (or by the kernel's own
+check, for what only the data shows). The focal loss's own arguments are in test_errors.py."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import focal
 
 N, C = 4, 3
 FUNCTIONS = {
+    "focal": focal.sigmoid_focal_loss,
     "star": focal.sigmoid_focal_loss_star,
     "qfl": focal.quality_focal_loss,
     "vfl": focal.varifocal_loss,
@@ -30,7 +31,7 @@ def _ids():
 
 def _targets(name):
     """Valid targets: class ids for FL*, the pair (ids, scores) for the quality losses."""
-    return _ids() if name == "star" else (_ids(), torch.rand(N))
+    return (_ids(), torch.rand(N)) if name in QUALITY else _ids()
 
 
 def call(name, **overrides):
@@ -127,7 +128,7 @@ def test_ignore_index_of_wrong_type(name, ignore_index):
 def test_class_id_out_of_range_on_cpu(name, bad_id):
     ids = _ids()
     ids[1] = bad_id
-    targets = ids if name == "star" else (ids, torch.rand(N))
+    targets = (ids, torch.rand(N)) if name in QUALITY else ids
     message = rf"class id {bad_id} at row 1 is out of range: expected a class in \[0, {C}\)"
     for reduction in ("none", "sum", "mean"):
         with pytest.raises(ValueError, match=message):
@@ -256,7 +257,7 @@ def test_pair_parts_must_be_tensors(name, part):
 
 @pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_targets_requiring_grad(name):
-    if name == "star":
+    if name not in QUALITY:
         targets = torch.rand(N, C, requires_grad=True)
         what = "targets"
     else:
@@ -282,7 +283,7 @@ def test_tensors_on_another_device(name):
         ("weight", dict(weight=torch.ones(C, device="meta"))),
         ("normalizer", dict(normalizer=torch.tensor(2.0, device="meta"), reduction="sum")),
     ]
-    if name == "star":
+    if name not in QUALITY:
         cases.append(("targets", dict(targets=ids.to("meta"))))
     else:
         cases += [("ids", dict(targets=(ids.to("meta"), scores))), ("scores", dict(targets=(ids, scores.to("meta"))))]

@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of FL*, QFL and VFL over shapes, dtypes, targets, weights and
+"""Property tests (hypothesis) of the sigmoid focal loss, FL*, QFL and VFL over shapes, dtypes, targets, weights and
 hyper-parameters: each compares the fused op with an independent computation (the float64
 reference on the same rounded inputs, the papers' formulas, its own "none" reduction, itself without
 gradient or with another thread count)."""
@@ -11,16 +11,19 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from family_cases import QFL, STAR, VFL, assert_close, cast_targets, loss_and_grad
+from family_cases import FOCAL, QFL, STAR, VFL, assert_close, cast_targets, loss_and_grad
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-MAX_ELEMENTS = 64
 IGNORE = -100
 
 # Hyper-parameters exactly representable in float32, so that the float64 comparisons are about the math.
 exponents = st.one_of(st.sampled_from([0.0, 1.0, 2.0]), st.floats(0.0, 4.0, width=32))
 unit = st.floats(0.0, 1.0, width=32)
 HYPERS = {
+    "focal": st.fixed_dictionaries({
+        "alpha": st.one_of(st.sampled_from([None, -1, 0.0, 1.0]), st.integers(0, 4096).map(lambda k: k / 4096)),
+        "gamma": exponents,
+    }),
     "star": st.fixed_dictionaries({
         "gamma": st.one_of(st.sampled_from([1.0, 2.0, 4.0]), st.floats(0.125, 4.0, width=32)),
         "beta": st.one_of(st.sampled_from([0.0, 1.0]), st.floats(-2.0, 2.0, width=32)),
@@ -29,7 +32,8 @@ HYPERS = {
     "qfl": st.fixed_dictionaries({"beta": exponents}),
     "vfl": st.fixed_dictionaries({"alpha": unit, "gamma": exponents}),
 }
-LOSSES = {"star": STAR, "qfl": QFL, "vfl": VFL}
+LOSSES = {"focal": FOCAL, "star": STAR, "qfl": QFL, "vfl": VFL}
+HARD_TARGET_LOSSES = ("focal", "star")
 
 
 @st.composite
@@ -48,10 +52,10 @@ def floats_tensor(draw, shape, low, high, dtype=torch.float64):
 
 @st.composite
 def targets_for(draw, loss_name, shape):
-    """FL*: hard, soft or class ids; QFL / VFL: dense with exact zeros and ones, or (ids, scores)."""
+    """FL, FL*: hard, soft or class ids; QFL / VFL: dense with exact zeros and ones, or (ids, scores)."""
     n, rows = math.prod(shape), math.prod(shape[:-1])
     ids = st.lists(st.sampled_from(list(range(shape[-1])) + [-1, IGNORE]), min_size=rows, max_size=rows)
-    if loss_name == "star":
+    if loss_name in HARD_TARGET_LOSSES:
         kind = draw(st.sampled_from(["hard", "soft", "ids"]))
         if kind == "ids":
             return torch.tensor(draw(ids), dtype=torch.long).reshape(shape[:-1])
@@ -212,7 +216,8 @@ def test_sum_and_mean_follow_none(data, name, dtype):
 @given(data=st.data(), name=st.sampled_from(list(LOSSES)), dtype=st.sampled_from(DTYPES),
        reduction=st.sampled_from(["none", "sum", "mean"]))
 def test_result_does_not_depend_on_grad_mode(data, name, dtype, reduction):
-    """The loss is bitwise the same whether or not the gradient is computed alongside it."""
+    """The loss is bitwise the same whether or not the gradient is computed alongside it (logits that
+    do not require it, or under torch.no_grad)."""
     loss = LOSSES[name]
     hyper = data.draw(HYPERS[name], label="hyper")
     shape = data.draw(shapes(), label="shape")
@@ -220,8 +225,11 @@ def test_result_does_not_depend_on_grad_mode(data, name, dtype, reduction):
     targets = cast_targets(data.draw(targets_for(name, shape), label="targets"), dtype)
     with_grad = loss.fused(x.clone().requires_grad_(), targets, reduction=reduction, **hyper)
     without = loss.fused(x, targets, reduction=reduction, **hyper)
-    assert with_grad.requires_grad and not without.requires_grad
+    with torch.no_grad():
+        no_grad = loss.fused(x.clone().requires_grad_(), targets, reduction=reduction, **hyper)
+    assert with_grad.requires_grad and not without.requires_grad and not no_grad.requires_grad
     assert torch.equal(with_grad.detach(), without) or (without.isnan().all() and with_grad.isnan().all())
+    assert torch.equal(no_grad, without) or (without.isnan().all() and no_grad.isnan().all())
 
 
 @settings(max_examples=10)
@@ -234,7 +242,7 @@ def test_deterministic_across_thread_counts(name, rows, cols, seed):
     x = torch.randn(rows, cols, generator=g) * 4
     ids = torch.randint(-1, cols, (rows,), generator=g)
     ids[::7] = IGNORE
-    targets = ids if name == "star" else (ids, torch.rand(rows, generator=g))
+    targets = ids if name in HARD_TARGET_LOSSES else (ids, torch.rand(rows, generator=g))
     threads = torch.get_num_threads()
     try:
         results = []

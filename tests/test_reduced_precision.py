@@ -34,7 +34,7 @@ def run_op(logits, targets, weight, gamma, reduction, label_smoothing=0.0, norma
 
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 2.5])
 @pytest.mark.parametrize("targets", ["ids", "float", "ids-smoothed"])
-@pytest.mark.parametrize("cols", [64, 37])
+@pytest.mark.parametrize("cols", [37])  # full vectors (pairs of them too) and a tail in every row
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 def test_every_half_precision_logit_is_the_float32_result_rounded_once(dtype, cols, targets, gamma):
     x = every_value(dtype, cols)

@@ -1,4 +1,6 @@
-"""The op under PyTorch's program transforms: torch.func, torch.export and TorchScript."""
+"""The sigmoid focal loss under PyTorch's program transforms: torch.func (per-sample normalisers,
+reverse over reverse, forward mode), torch.export and TorchScript. torch.func.grad, vmap,
+per-sample gradients, jvp and hessian of every loss of the family are in test_family.py."""
 
 from __future__ import annotations
 
@@ -29,24 +31,6 @@ def _reference_grad(x, ids, **kwargs):
 # --- torch.func ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_func_grad(device, reduction):
-    x, ids = _problem(device)
-
-    def loss_fn(x):
-        return focal.sigmoid_focal_loss(x, ids, reduction=reduction).sum()
-
-    torch.testing.assert_close(torch.func.grad(loss_fn)(x), _reference_grad(x, ids, reduction=reduction), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_vmap_over_a_batch(device, reduction):
-    x, ids = _problem(device, batch=3)
-    got = torch.func.vmap(lambda x, t: focal.sigmoid_focal_loss(x, t, reduction=reduction))(x, ids)
-    expected = torch.stack([focal.sigmoid_focal_loss(x[b], ids[b], reduction=reduction) for b in range(3)])
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
-
-
 def test_vmap_with_per_sample_normalizer_and_shared_weight(device):
     x, ids = _problem(device, batch=4)
     num_pos = (ids >= 0).sum(-1).clamp(min=1)
@@ -58,14 +42,6 @@ def test_vmap_with_per_sample_normalizer_and_shared_weight(device):
     got = torch.func.vmap(loss_fn)(x, ids, num_pos)
     expected = torch.stack([loss_fn(x[b], ids[b], num_pos[b]) for b in range(4)])
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
-
-
-def test_per_sample_gradients(device):
-    """vmap(grad(...)): the per-sample gradients of Opacus-style training."""
-    x, ids = _problem(device, batch=3)
-    per_sample = torch.func.vmap(torch.func.grad(lambda x, t: focal.sigmoid_focal_loss(x, t, reduction="sum")))(x, ids)
-    for b in range(3):
-        torch.testing.assert_close(per_sample[b], _reference_grad(x[b], ids[b], reduction="sum"), rtol=1e-5, atol=1e-6)
 
 
 def test_func_hessian_of_grad(device):
@@ -199,14 +175,6 @@ def test_forward_mode(reduction):
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(fused(fwAD.make_dual(x, v))).tangent
     torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-12)
-
-
-def test_func_hessian_forward_over_reverse():
-    x, ids = _problem(rows=3, classes=4)
-    x = x.double()
-    got = torch.func.hessian(lambda x: focal.sigmoid_focal_loss(x, ids, reduction="sum"))(x)
-    expected = torch.func.hessian(lambda x: reference.sigmoid_focal_loss(x, ids, reduction="sum"))(x)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 def test_batched_grad_outputs():
