@@ -351,30 +351,14 @@ def _where(x, t, i, output):
     return f"x = {x.flatten()[i].item()}, target {t.flatten()[i].item()}"
 
 
-# Where the op is not what README.md says, found by this file: (row, dtype) -> what is wrong. Each
-# is a strict xfail, so that its fix shows as an unexpected pass and the entry goes.
-KNOWN_DEVIATIONS = {
-    (name, dtype): (
-        "QFL with beta < 1, dense targets 0 or 1, saturated on the right side: the gradient is "
-        "1 / (1 + beta) of the exact one (x in (-69, -51.6) and (51.6, 69) for float32, bfloat16 "
-        "and (-496, -372) and (372, 496) for float64): its term beta |d|^beta / d * p (1 - p) CE "
-        "multiplies p (1 - p) CE ~ p^2 first, which underflows, before |d|^beta / d ~ p^(beta - 1) "
-        "(csrc/family_math.h, ElementLoss<kQuality>::soft)"
-    )
-    for name in ["quality beta=0.5"]
-    for dtype in [torch.float64, torch.float32, torch.bfloat16]
-}
+def params():
+    """Every row in every dtype, named "<row>-<dtype>"."""
+    return [
+        pytest.param(row, dtype, id=f"{row.name}-{str(dtype).replace('torch.', '')}") for row in ROWS for dtype in DTYPES
+    ]
 
 
-def _params():
-    for row in ROWS:
-        for dtype in DTYPES:
-            reason = KNOWN_DEVIATIONS.get((row.name, dtype))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(row, dtype, marks=marks, id=f"{row.name}-{str(dtype).replace('torch.', '')}")
-
-
-@pytest.mark.parametrize(("row", "dtype"), list(_params()))
+@pytest.mark.parametrize(("row", "dtype"), params())
 def test_op_within_readme_precision_of_the_oracle(row, dtype, device):
     cuda = device == "cuda"
     found = failures(row, dtype, cuda=cuda, flush_below=BFLOAT16_FLUSH if cuda and dtype == torch.bfloat16 else 0.0)

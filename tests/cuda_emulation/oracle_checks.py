@@ -15,21 +15,13 @@ import pytest
 import torch
 
 import focal  # noqa: F401  (the CPU ops, which the oracle's module imports)
-from test_op_vs_oracle import BFLOAT16_FLUSH, DTYPES, KNOWN_DEVIATIONS, ROWS, failures
+from test_op_vs_oracle import BFLOAT16_FLUSH, failures, params
 
 torch.ops.load_library(os.environ["FOCAL_EMU_LIBRARY"])
 EMU = torch.ops.focal_emu
 
 
-def _params():
-    for row in ROWS:
-        for dtype in DTYPES:
-            reason = KNOWN_DEVIATIONS.get((row.name, dtype))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(row, dtype, marks=marks, id=f"{row.name}-{str(dtype).replace('torch.', '')}")
-
-
-@pytest.mark.parametrize(("row", "dtype"), list(_params()))
+@pytest.mark.parametrize(("row", "dtype"), params())
 def test_emulated_cuda_within_readme_precision_of_the_oracle(row, dtype):
     flush = BFLOAT16_FLUSH if dtype == torch.bfloat16 else 0.0
     found = failures(row, dtype, EMU, cuda=True, flush_below=flush)
