@@ -3,10 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -68,16 +64,11 @@ def _expected_kernel(capability: str, compiled: list[str]) -> str:
 
 
 def test_cpu_kernel_follows_aten_capability():
+    """(With ATEN_CPU_CAPABILITY=default both fall back: test_install's round trip checks that.)"""
     capability = torch.backends.cpu.get_cpu_capability()
     picked = torch.ops.focal.cpu_kernel_isa()
     assert picked == _expected_kernel(capability, _extension.BUILD_INFO["cpu_isas"])
     assert info.cpu_kernel() == f"{picked} (ATen capability {capability})"
-    # ATEN_CPU_CAPABILITY (read once, at start-up) moves ATen and focal together.
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    forced = subprocess.run([sys.executable, "-c", "import focal.info; print(focal.info.cpu_kernel())"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert forced.returncode == 0, forced.stderr[-2000:]
-    assert forced.stdout.strip() == "DEFAULT (ATen capability DEFAULT)"
 
 
 def test_self_test_passes_on_the_cpu_and_catches_a_wrong_op(monkeypatch):

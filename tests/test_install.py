@@ -4,6 +4,7 @@ the build's record stops an extension built against another torch from loading.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -69,28 +70,32 @@ def test_mismatch_message_names_both_torches_and_the_fix():
         assert "pip install --no-build-isolation" in message
 
 
+def _load_extension_module_with(record: dict, folder: Path):
+    """Runs focal/_extension.py, as `import focal` does, from a copy whose build record is ``record``."""
+    (folder / "focal").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "focal" / "_extension.py", folder / "focal" / "_extension.py")
+    (folder / "focal" / "_build_info.json").write_text(json.dumps(record))
+    spec = importlib.util.spec_from_file_location("focal_extension_copy", folder / "focal" / "_extension.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+
 def test_import_refuses_an_extension_built_against_another_torch(tmp_path):
-    """A copy of the package whose record names another torch: `import focal` raises before loading
-    focal._C (the copy has none, so without the check the import would succeed)."""
-    shutil.copytree(REPO_ROOT / "focal", tmp_path / "focal", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
-    record = {"torch": "2.0.0+cu118", "torch_cuda": "11.8", "cxx11_abi": False, "cuda_sass": ["8.0"],
-              "cuda_ptx": [], "cpu_isas": ["DEFAULT"]}
-    (tmp_path / "focal" / "_build_info.json").write_text(json.dumps(record))
-    script = "import focal"
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_clean_env(PYTHONPATH=str(tmp_path)),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("focal._extension.TorchMismatchError: focal's compiled extension was built against "
-                           "torch 2.0.0+cu118 (CUDA 11.8, pre-C++11 ABI), but torch " + str(torch.__version__))
-    assert "pip install --no-build-isolation --no-deps --force-reinstall ." in last
+    record = dict(_extension.running_torch(), cuda_sass=["8.0"], cuda_ptx=[], cpu_isas=["DEFAULT"])
+    _load_extension_module_with(record, tmp_path / "same")  # the same torch: loads
+    record.update(torch="2.0.0+cu118", torch_cuda="11.8", cxx11_abi=False)
+    with pytest.raises(ImportError) as raised:
+        _load_extension_module_with(record, tmp_path / "other")
+    assert type(raised.value).__name__ == "TorchMismatchError"
+    assert str(raised.value).startswith("focal's compiled extension was built against torch 2.0.0+cu118 (CUDA 11.8, "
+                                        f"pre-C++11 ABI), but torch {torch.__version__} (")
+    assert "pip install --no-build-isolation --no-deps --force-reinstall ." in str(raised.value)
 
 
 ROUND_TRIP = textwrap.dedent("""
     import json, sys
     import torch
     import focal
-    from focal import _extension
+    from focal import _extension, info
     x = torch.randn(64, 80, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(-1, 80, (64,))
     loss = focal.sigmoid_focal_loss(x, labels, reduction="sum")
@@ -99,7 +104,7 @@ ROUND_TRIP = textwrap.dedent("""
     print(json.dumps({
         "focal": focal.__file__, "extension": _extension._C.__file__, "record": _extension.BUILD_INFO,
         "loss_ok": torch.allclose(loss, focal.reference.sigmoid_focal_loss(x, labels, reduction="sum")),
-        "grad_ok": torch.allclose(x.grad, expected), "torch": torch.__file__,
+        "grad_ok": torch.allclose(x.grad, expected), "torch": torch.__file__, "info": dict(info.report()[0]),
     }))
 """)
 
@@ -108,8 +113,8 @@ def test_wheel_installs_and_runs_in_a_second_environment(tmp_path):
     """`pip wheel --no-build-isolation` of this checkout (with the switches of the build that the tests
     run against, so it reuses that build's objects and only links), installed without an index into a
     fresh virtual environment that sees this environment's torch through a .pth file; there, from a
-    folder outside the source tree, `import focal` is the wheel's copy and forward + backward agree
-    with the reference."""
+    folder outside the source tree, `import focal` is the wheel's copy, forward + backward agree
+    with the reference, and focal.info's report works."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     build = subprocess.run([*pip, "wheel", "--no-build-isolation", "--no-deps", "-w", tmp_path / "dist", REPO_ROOT],
                            capture_output=True, text=True, timeout=1200)
@@ -133,8 +138,9 @@ def test_wheel_installs_and_runs_in_a_second_environment(tmp_path):
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
-    run = subprocess.run([python, "-c", ROUND_TRIP], cwd=outside, env=_clean_env(), capture_output=True, text=True,
-                         timeout=300)
+    # With ATEN_CPU_CAPABILITY=default, ATen and focal's CPU kernel both fall back to the generic copy.
+    run = subprocess.run([python, "-c", ROUND_TRIP], cwd=outside, env=_clean_env(ATEN_CPU_CAPABILITY="default"),
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(result["focal"]).parent == site_packages / "focal"
@@ -142,4 +148,6 @@ def test_wheel_installs_and_runs_in_a_second_environment(tmp_path):
     assert Path(result["torch"]) == Path(torch.__file__)
     assert result["record"]["torch"] == str(torch.__version__)
     assert result["loss_ok"] and result["grad_ok"]
+    assert result["info"]["CPU kernel"] == "DEFAULT (ATen capability DEFAULT)"
+    assert result["info"]["self-test cpu"].startswith("ok, ")
     assert focal.__file__ != result["focal"]
