@@ -135,6 +135,7 @@ def test_wheel_installs_and_runs_in_a_second_environment(tmp_path):
                              text=True, timeout=300, env=_clean_env())
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     assert "Successfully installed focal-" in install.stdout and "torch" not in install.stdout.split("Successfully")[-1]
+    assert "Successfully uninstalled" not in install.stdout  # this environment's focal is left alone
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
