@@ -75,7 +75,7 @@ trees: build $(TREES_DATA_STAMP)
 		--checkpoint runs/retinanet/trees/model_final.pth --output outputs/trees --zoom 2 --score-threshold 0.3 --no-labels
 
 clean:
-	rm -rf build focal/_C*.so *.egg-info $(BUILD_STAMP)
+	rm -rf build focal/_C*.so focal/_build_info.json *.egg-info $(BUILD_STAMP)
 
 # GPU checks on a machine with its own python3, torch and CUDA toolkit (no venv, no downloads): builds
 # for the visible GPU, then SASS budgets, CUDA tests, benchmark, compute-sanitizer, each logged to

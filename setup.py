@@ -1,4 +1,12 @@
-"""Builds focal and its extension module focal._C.
+"""Builds focal and its extension module focal._C, against the torch already installed.
+
+torch is deliberately absent from pyproject.toml's build requirements (as in apex and flash-attn): an
+isolated build would compile against whatever torch the registry serves, and the extension would then
+fail with undefined symbols when loaded by the user's own torch. Build with
+`pip install --no-build-isolation .`.
+
+Next to focal._C the build writes focal/_build_info.json (torch's version, its CUDA version and C++
+ABI, the CUDA architectures and CPU instruction sets compiled), which focal checks at import.
 
 Environment switches:
   FOCAL_WITH_CUDA=0|1   force the CUDA kernels off or on (default: on when a CUDA toolkit and a
@@ -9,8 +17,10 @@ Environment switches:
 """
 
 import glob
+import json
 import os
 import platform
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -22,7 +32,12 @@ if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
     # torch would otherwise guess the root from nvcc's location, which need not hold lib64.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402
+try:
+    import torch
+except ImportError as error:
+    sys.exit(f"focal is compiled against the installed torch, and this build cannot import one ({error}; pip "
+             "hides the environment's packages from a build unless given --no-build-isolation): "
+             "run `pip install torch`, then `pip install --no-build-isolation .`")
 from torch.utils import cpp_extension  # noqa: E402
 
 
@@ -115,8 +130,56 @@ def extension():
     return cpp_extension.CUDAExtension(**kwargs)
 
 
+BUILD_INFO_NAME = "_build_info.json"
+
+
+def cuda_archs_compiled() -> tuple[list[str], list[str]]:
+    """The architectures nvcc compiles for, as torch's build derives them: (SASS, PTX) lists like
+    ["8.0", "9.0"], ["9.0"] (a suffix such as 9.0a is kept)."""
+    sass, ptx = [], []
+    for flag in cpp_extension._get_cuda_arch_flags():
+        for kind, digits in re.findall(r"code=(sm|compute)_(\d+[a-z]?)", flag):
+            number, suffix = digits.rstrip("abcdefghijklmnopqrstuvwxyz"), digits.lstrip("0123456789")
+            arch = f"{number[:-1]}.{number[-1]}{suffix}"
+            found = sass if kind == "sm" else ptx
+            if arch not in found:
+                found.append(arch)
+    return sass, ptx
+
+
+def build_info(with_cuda: bool) -> dict:
+    """What focal/_build_info.json records: what the extension was compiled against and for."""
+    sass, ptx = cuda_archs_compiled() if with_cuda else ([], [])
+    return {
+        "torch": str(torch.__version__),
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "cuda_sass": sass,
+        "cuda_ptx": ptx,
+        "cpu_isas": list(ISA_FLAGS),
+    }
+
+
 class BuildExtension(cpp_extension.BuildExtension):
-    """torch's BuildExtension, plus one object of each CPU kernel file per instruction set."""
+    """torch's BuildExtension, plus one object of each CPU kernel file per instruction set, and the
+    build record written next to the module (and copied to the source tree with it when in place)."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        # One object folder for every kind of build (in place, editable, wheel) instead of a fresh
+        # temporary one each time: ninja then recompiles only what changed, and a wheel built after
+        # an editable install, by the same Python and with the same switches, only links.
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+    def run(self):
+        super().run()
+        info = json.dumps(build_info(WITH_CUDA), indent=1) + "\n"
+        folders = {os.path.dirname(os.path.join(self.build_lib, self.get_ext_filename("focal._C")))}
+        if self.inplace:
+            folders.add(os.path.join(ROOT, "focal"))
+        for folder in folders:
+            with open(os.path.join(folder, BUILD_INFO_NAME), "w") as file:
+                file.write(info)
 
     def build_extension(self, ext):
         base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args

@@ -2,6 +2,9 @@
 // operators (TORCH_LIBRARY / TORCH_LIBRARY_IMPL); the module itself has no functions.
 #include <Python.h>
 
+#include <string>
+
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include "focal_ops.h"
@@ -14,10 +17,29 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 }
 
+namespace {
+
+// The instruction set of the CPU kernel copy that runs here, for `python -m focal.info`: ATen's CPU
+// capability (which ATEN_CPU_CAPABILITY overrides), capped at the best copy compiled. The same rule as
+// kernels_for_this_cpu in cpu/focal_cpu.cpp.
+std::string cpu_kernel_isa() {
+  const std::string capability = at::get_cpu_capability();
+#if defined(FOCAL_HAVE_AVX512)
+  if (capability == "AVX512") return "AVX512";
+#endif
+#if defined(FOCAL_HAVE_AVX2)
+  if (capability == "AVX512" || capability == "AVX2") return "AVX2";
+#endif
+  return "DEFAULT";
+}
+
+}  // namespace
+
 // The schemas are defined here, with the module, rather than in focal_ops.cpp, so that the checks of
 // focal_ops.cpp can also be linked into the test-only emulated CUDA backend (namespace focal_emu)
 // that is loaded next to this module.
 TORCH_LIBRARY(focal, m) {
   for (const char* schema : focal::kSchemas) m.def(schema);
   m.def(focal::kSoftmaxFocalLossSchema);
+  m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);
 }

@@ -1,17 +1,84 @@
 """The compiled extension ``focal._C``: loading it, and the errors for devices it has no kernel for.
 
 Loading the library registers the operators (``torch.ops.focal.*``) and their CPU and CUDA kernels.
-The package stays importable without it, so that :mod:`focal.reference` works on any machine; the
-public functions then raise :func:`require_kernels`'s error.
+Before loading it, the build's record (``focal/_build_info.json``, written by setup.py next to the
+module) is compared with the running torch: an extension built against another torch would fail with
+undefined symbols, or crash, so ``import focal`` raises :class:`TorchMismatchError` instead, naming
+both and the command that fixes it. The package stays importable without the extension, so that
+:mod:`focal.reference` works on any machine; the public functions then raise
+:func:`require_kernels`'s error.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Sequence
+
 import torch
 
-__all__ = ["require_kernels", "BUILD_ERROR", "KERNEL_DEVICE_TYPES"]
+__all__ = ["require_kernels", "BUILD_ERROR", "BUILD_INFO", "KERNEL_DEVICE_TYPES", "TorchMismatchError"]
 
-BUILD_HINT = "pip install --no-build-isolation -e .  (from the focal checkout)"
+PACKAGE_DIR = Path(__file__).resolve().parent
+BUILD_INFO_PATH = PACKAGE_DIR / "_build_info.json"
+# What must be equal between the build and the running torch for the library to load and behave.
+TORCH_KEYS = ("torch", "torch_cuda", "cxx11_abi")
+
+
+class TorchMismatchError(ImportError):
+    """focal's extension was compiled against another torch than the one importing it."""
+
+
+def rebuild_command() -> str:
+    """The command that (re)builds focal against the installed torch: an editable install for a
+    source checkout (the package sits next to setup.py), a regular one for an installed copy."""
+    root = PACKAGE_DIR.parent
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():
+        return f"pip install --no-build-isolation -e {root}"
+    return "pip install --no-build-isolation --no-deps --force-reinstall .  (in the focal source folder)"
+
+
+def read_build_info(path: Path = BUILD_INFO_PATH) -> dict | None:
+    """The build's record, or None where there is none (an unbuilt checkout)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def running_torch() -> dict:
+    """The running torch, in the build record's terms."""
+    return {
+        "torch": str(torch.__version__),
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+    }
+
+
+def describe_torch(info: dict) -> str:
+    """'torch 2.14.1+cu130 (CUDA 13.0, C++11 ABI)' from a build record or :func:`running_torch`."""
+    cuda = f"CUDA {info['torch_cuda']}" if info.get("torch_cuda") else "no CUDA"
+    abi = "C++11 ABI" if info.get("cxx11_abi") else "pre-C++11 ABI"
+    return f"torch {info.get('torch')} ({cuda}, {abi})"
+
+
+def torch_mismatch(built: dict, running: dict) -> str | None:
+    """The error message when ``built`` (a build record) and ``running`` differ in torch's version
+    (local tag included), CUDA version or C++ ABI; None when they agree."""
+    if all(built.get(key) == running[key] for key in TORCH_KEYS):
+        return None
+    return (
+        f"focal's compiled extension was built against {describe_torch(built)}, but {describe_torch(running)} "
+        f"is installed; loading it would fail with undefined symbols. Rebuild focal against the installed "
+        f"torch: {rebuild_command()}; or reinstall torch=={built.get('torch')}."
+    )
+
+
+BUILD_INFO = read_build_info()
+if BUILD_INFO is not None:
+    _mismatch = torch_mismatch(BUILD_INFO, running_torch())
+    if _mismatch is not None:
+        raise TorchMismatchError(_mismatch)
 
 try:
     from focal import _C  # noqa: F401  (loading the library registers the ops)
@@ -29,18 +96,107 @@ KERNEL_DEVICE_TYPES = frozenset(
 )
 
 
+def parse_arch(arch: str) -> tuple[int, int, str]:
+    """'8.6' -> (8, 6, ''), '9.0a' -> (9, 0, 'a')."""
+    number = arch.rstrip("abcdefghijklmnopqrstuvwxyz")
+    major, minor = number.split(".")
+    return int(major), int(minor), arch[len(number):]
+
+
+def arch_name(arch: str, kind: str) -> str:
+    """'8.0', 'sm' -> 'sm_80'; '9.0', 'compute' -> 'compute_90'."""
+    major, minor, suffix = parse_arch(arch)
+    return f"{kind}_{major}{minor}{suffix}"
+
+
+def arch_coverage(capability: tuple[int, int], sass: Sequence[str], ptx: Sequence[str]) -> str | None:
+    """How a GPU of compute ``capability`` runs code compiled for the ``sass`` and ``ptx``
+    architectures ('8.0', '9.0a', ...): the machine code it runs ('sm_80'), else the PTX its driver
+    compiles on first use ('compute_90 (PTX)'), else None.
+
+    Machine code for X.y runs on GPUs X.z with z >= y (same major); PTX for X.y on any GPU of
+    capability >= X.y. Architecture-specific code ('9.0a') runs only on exactly that capability.
+    """
+    def runs(arch: str, same_major: bool) -> bool:
+        major, minor, suffix = parse_arch(arch)
+        if suffix == "a":
+            return (major, minor) == tuple(capability)
+        if same_major and major != capability[0]:
+            return False
+        return (major, minor) <= tuple(capability)
+
+    for archs, kind, same_major, note in ((sass, "sm", True, ""), (ptx, "compute", False, " (PTX)")):
+        usable = [arch for arch in archs if runs(arch, same_major)]
+        if usable:
+            return arch_name(max(usable, key=parse_arch), kind) + note
+    return None
+
+
+def describe_cuda_build(info: dict | None) -> str:
+    """'sm_80, sm_90, compute_90 (PTX)' from a build record."""
+    if info is None:
+        return "unknown architectures (no build record)"
+    names = [arch_name(a, "sm") for a in info["cuda_sass"]] + [
+        arch_name(a, "compute") + " (PTX)" for a in info["cuda_ptx"]
+    ]
+    return ", ".join(names) or "no architecture"
+
+
+def build_coverage() -> str:
+    """What this build has kernels for, in words: 'cpu, and cuda for sm_80, sm_90, compute_90 (PTX)'."""
+    covered = ["cpu"] if "cpu" in KERNEL_DEVICE_TYPES else []
+    if "cuda" in KERNEL_DEVICE_TYPES:
+        covered.append(f"cuda for {describe_cuda_build(BUILD_INFO)}")
+    return ", and ".join(covered) or "no device"
+
+
+# Per CUDA device index: None when the build covers it, else the error to raise. Filled on first use.
+_CUDA_DEVICE_ERRORS: dict[int, str | None] = {}
+
+
+@torch.compiler.assume_constant_result  # evaluated once while tracing, so it adds nothing to a graph
+def cuda_device_error(index: int | None) -> str | None:
+    """The error for CUDA device ``index`` (None: the current one) when the build has no code that
+    runs on its compute capability, else None. Asked of the driver once per device, then cached."""
+    if index is None:
+        index = torch.cuda.current_device()
+    if index not in _CUDA_DEVICE_ERRORS:
+        _CUDA_DEVICE_ERRORS[index] = None
+        if BUILD_INFO is not None:
+            capability = torch.cuda.get_device_capability(index)
+            if arch_coverage(capability, BUILD_INFO["cuda_sass"], BUILD_INFO["cuda_ptx"]) is None:
+                major, minor = capability
+                _CUDA_DEVICE_ERRORS[index] = (
+                    f"focal has no kernel for cuda:{index} ({torch.cuda.get_device_name(index)}, compute "
+                    f"capability {major}.{minor}): this build has CUDA code for {describe_cuda_build(BUILD_INFO)}, "
+                    f"none of which runs there. Rebuild for it: TORCH_CUDA_ARCH_LIST={major}.{minor} "
+                    f"{rebuild_command()}"
+                )
+    return _CUDA_DEVICE_ERRORS[index]
+
+
 def require_kernels(device: torch.device) -> None:
-    """Raise a RuntimeError that says how to build when no kernel exists for ``device``."""
+    """Raise a RuntimeError that names ``device``, what the build covers and the fix, when focal has
+    no kernel that runs there: the extension is not built, the device type has no kernel (MPS, XPU,
+    meta, or CUDA in a CPU-only build), or the CUDA GPU's architecture was not compiled for."""
     if BUILD_ERROR is not None:
         raise RuntimeError(
             f"focal's compiled extension focal._C could not be loaded ({BUILD_ERROR}). "
-            f"Build it with: {BUILD_HINT}"
+            f"Build it with: {rebuild_command()}"
         )
     if device.type not in KERNEL_DEVICE_TYPES:
-        hint = (
-            "rebuild focal where a CUDA toolkit (nvcc, CUDA_HOME) and a CUDA build of torch are "
-            f"present, with FOCAL_WITH_CUDA=1: FOCAL_WITH_CUDA=1 {BUILD_HINT}"
-            if device.type == "cuda"
-            else "only CPU and CUDA tensors are supported"
-        )
+        if device.type == "cuda":
+            hint = (
+                "rebuild focal where a CUDA toolkit (nvcc, CUDA_HOME) and a CUDA build of torch are "
+                f"present, with FOCAL_WITH_CUDA=1: FOCAL_WITH_CUDA=1 {rebuild_command()}"
+            )
+        else:
+            hint = (
+                f"only CPU and CUDA tensors are supported (this build: {build_coverage()}). Move the tensors "
+                "to one of those, or use focal.reference, plain PyTorch that runs on any device"
+            )
         raise RuntimeError(f"focal has no kernel for {device.type} tensors: {hint}")
+    if device.type == "cuda":
+        error = cuda_device_error(device.index)
+        if error is not None:
+            raise RuntimeError(error)

@@ -92,6 +92,55 @@ def test_missing_cuda_kernel_error_says_how_to_rebuild(monkeypatch):
     focal._extension.require_kernels(torch.device("cpu"))  # and the CPU still passes
 
 
+@pytest.mark.parametrize("device_type", ["mps", "xpu", "meta"])
+def test_device_without_kernels_names_it_the_build_and_the_way_out(device_type):
+    message = (rf"focal has no kernel for {device_type} tensors: only CPU and CUDA tensors are supported "
+               rf"\(this build: cpu.*\)\. Move the tensors to one of those, or use focal\.reference")
+    with pytest.raises(RuntimeError, match=message):
+        focal._extension.require_kernels(torch.device(device_type))
+
+
+def _two_gpus(monkeypatch) -> list:
+    """Made-up GPUs for a build with CUDA code for sm_80, sm_90 and compute_90: cuda:0 an H200 (9.0),
+    cuda:1 a T4 (7.5). Returns the list of device indices whose capability was asked for."""
+    asked = []
+    gpus = {0: ("NVIDIA H200", (9, 0)), 1: ("Tesla T4", (7, 5))}
+    monkeypatch.setattr(focal._extension, "KERNEL_DEVICE_TYPES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(focal._extension, "BUILD_INFO", dict(focal._extension.BUILD_INFO or {}, cuda_sass=["8.0", "9.0"],
+                                                             cuda_ptx=["9.0"]))
+    monkeypatch.setattr(focal._extension, "_CUDA_DEVICE_ERRORS", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: gpus[index][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: asked.append(index) or gpus[index][1])
+    return asked
+
+
+def test_gpu_the_build_does_not_cover_is_refused_once_checked(monkeypatch):
+    asked = _two_gpus(monkeypatch)
+    message = (r"focal has no kernel for cuda:1 \(Tesla T4, compute capability 7\.5\): this build has CUDA code for "
+               r"sm_80, sm_90, compute_90 \(PTX\), none of which runs there\. Rebuild for it: "
+               r"TORCH_CUDA_ARCH_LIST=7\.5 pip install --no-build-isolation")
+    for _ in range(2):
+        focal._extension.require_kernels(torch.device("cuda", 0))
+        focal._extension.require_kernels(torch.device("cuda"))  # the current device, cuda:0
+        with pytest.raises(RuntimeError, match=message):
+            focal._extension.require_kernels(torch.device("cuda", 1))
+    assert asked == [0, 1]  # each device's capability is read once
+
+
+def test_gpu_check_traces_under_compile(monkeypatch):
+    """Under torch.compile the check runs once, while tracing, and leaves nothing in the graph."""
+    asked = _two_gpus(monkeypatch)
+
+    def step(x):
+        focal._extension.require_kernels(torch.device("cuda", 0))
+        return x * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0)) and asked == [0]
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0)) and asked == [0]
+
+
 def test_unloadable_extension_error_says_how_to_build(monkeypatch):
     monkeypatch.setattr(focal._extension, "BUILD_ERROR", "No module named 'focal._C'")
     message = r"focal\._C could not be loaded \(No module named 'focal._C'\)\. Build it with: pip install"
