@@ -4,9 +4,9 @@
 
 #include <string>
 
-#include <ATen/Version.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
 #include "focal_ops.h"
 #include "softmax_ops.h"
 
@@ -19,19 +19,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 namespace {
 
-// The instruction set of the CPU kernel copy that runs here, for `python -m focal.info`: ATen's CPU
-// capability (which ATEN_CPU_CAPABILITY overrides), capped at the best copy compiled. The same rule as
-// kernels_for_this_cpu in cpu/focal_cpu.cpp.
-std::string cpu_kernel_isa() {
-  const std::string capability = at::get_cpu_capability();
-#if defined(FOCAL_HAVE_AVX512)
-  if (capability == "AVX512") return "AVX512";
-#endif
-#if defined(FOCAL_HAVE_AVX2)
-  if (capability == "AVX512" || capability == "AVX2") return "AVX2";
-#endif
-  return "DEFAULT";
-}
+// The instruction set of the CPU kernel copy that runs here, for `python -m focal.info`.
+std::string cpu_kernel_isa() { return focal::cpu::isa_name(focal::cpu::isa_for_this_cpu()); }
 
 }  // namespace
 

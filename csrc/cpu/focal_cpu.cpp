@@ -15,6 +15,7 @@
 #include "../loss_ops.h"
 #include "focal_kernel.h"
 #include "hugepage_alloc.h"
+#include "isa.h"
 
 namespace focal::cpu {
 namespace {
@@ -23,18 +24,18 @@ namespace {
 // are added in order, so a reduced loss is bitwise identical for any number of threads.
 constexpr int64_t kBlockElements = 16384;
 
-// Follows ATen's own choice, so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too.
 // Index 0: the focal loss's kernel, 1: the other losses'.
 const std::array<RowsFn, 2>& kernels_for_this_cpu() {
   static const std::array<RowsFn, 2> kernels = []() -> std::array<RowsFn, 2> {
-    const std::string capability = at::get_cpu_capability();
+    switch (isa_for_this_cpu()) {
 #if defined(FOCAL_HAVE_AVX512)
-    if (capability == "AVX512") return {&AVX512::focal_rows, &AVX512::family_rows};
+      case Isa::kAvx512: return {&AVX512::focal_rows, &AVX512::family_rows};
 #endif
 #if defined(FOCAL_HAVE_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return {&AVX2::focal_rows, &AVX2::family_rows};
+      case Isa::kAvx2: return {&AVX2::focal_rows, &AVX2::family_rows};
 #endif
-    return {&DEFAULT::focal_rows, &DEFAULT::family_rows};
+      default: return {&DEFAULT::focal_rows, &DEFAULT::family_rows};
+    }
   }();
   return kernels;
 }

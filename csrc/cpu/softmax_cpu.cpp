@@ -12,6 +12,7 @@
 
 #include "../softmax_ops.h"
 #include "hugepage_alloc.h"
+#include "isa.h"
 #include "softmax_kernel.h"
 
 namespace focal::cpu {
@@ -25,14 +26,15 @@ constexpr int64_t kPositionQuantum = 64;
 
 SoftmaxBlockFn select_kernel() {
   static const SoftmaxBlockFn kernel = []() -> SoftmaxBlockFn {
-    const std::string capability = at::get_cpu_capability();
+    switch (isa_for_this_cpu()) {
 #if defined(FOCAL_HAVE_AVX512)
-    if (capability == "AVX512") return &AVX512::softmax_block;
+      case Isa::kAvx512: return &AVX512::softmax_block;
 #endif
 #if defined(FOCAL_HAVE_AVX2)
-    if (capability == "AVX512" || capability == "AVX2") return &AVX2::softmax_block;
+      case Isa::kAvx2: return &AVX2::softmax_block;
 #endif
-    return &DEFAULT::softmax_block;
+      default: return &DEFAULT::softmax_block;
+    }
   }();
   return kernel;
 }
