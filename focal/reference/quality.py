@@ -80,14 +80,8 @@ def _bce(softplus_x: torch.Tensor, softplus_neg_x: torch.Tensor, t: torch.Tensor
 
 
 def quality_focal_loss(
-    inputs: torch.Tensor,
-    targets: QualityTargets,
-    beta: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
+    inputs: torch.Tensor, targets: QualityTargets, beta: float = 2.0, reduction: str = "none", *,
+    weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None, ignore_index: int = -100,
 ) -> torch.Tensor:
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
@@ -121,15 +115,8 @@ def quality_focal_loss(
 
 
 def varifocal_loss(
-    inputs: torch.Tensor,
-    targets: QualityTargets,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
+    inputs: torch.Tensor, targets: QualityTargets, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "none", *,
+    weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None, ignore_index: int = -100,
 ) -> torch.Tensor:
     r"""Varifocal loss, elementwise: ``-q (q log(p) + (1 - q) log(1 - p))`` where ``q > 0``,
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
@@ -146,16 +133,10 @@ def varifocal_loss(
         alpha: weight of the negatives (``q = 0``); the paper uses 0.75. Positives are weighted by
             ``q`` instead.
         gamma: focusing exponent >= 0 of the negatives; the paper uses 2.
-        reduction: ``"none"`` (shape of ``inputs``), ``"sum"`` or ``"mean"`` (over the elements
-            that are not ignored).
-        weight: optional weights broadcastable to ``inputs``, e.g. per class ``(C,)`` or per row
-            ``(..., 1)``.
-        normalizer: optional number or one-element tensor (on any device) dividing the loss, e.g.
-            the number of positives or the sum of their scores.
-        ignore_index: class id of ignored rows (pair form only).
+        reduction, weight, normalizer, ignore_index: as for :func:`quality_focal_loss`.
 
     Returns:
-        The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
+        The loss, as :func:`quality_focal_loss`'s.
     """
     quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
     p, _, softplus_x, softplus_neg_x = logistic(inputs)

@@ -33,16 +33,9 @@ __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
 
 
 def sigmoid_focal_loss(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float | None = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+    reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """The focal loss of equation (5), ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)``, elementwise.
 
@@ -67,16 +60,9 @@ def _focal_parts(x: torch.Tensor, t: torch.Tensor):
 
 
 def sigmoid_focal_loss_grad(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    alpha: float | None = 0.25,
-    gamma: float = 2.0,
-    reduction: str = "none",
-    *,
-    weight: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+    reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """d loss / d inputs, written out: the paper's Appendix B derivative, for any target in [0, 1].
 

@@ -44,16 +44,9 @@ def _class_against_rest(logits: torch.Tensor) -> torch.Tensor:
 
 
 def softmax_focal_loss(
-    input: torch.Tensor,
-    target: torch.Tensor,
-    alpha: float | torch.Tensor | None = None,
-    gamma: float = 2.0,
-    reduction: str = "mean",
-    *,
-    weight: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    normalizer: float | torch.Tensor | None = None,
+    input: torch.Tensor, target: torch.Tensor, alpha: float | torch.Tensor | None = None, gamma: float = 2.0,
+    reduction: str = "mean", *, weight: torch.Tensor | None = None, ignore_index: int = -100,
+    label_smoothing: float = 0.0, normalizer: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""Softmax focal loss ``-alpha_y (1 - p_y)^gamma log(p_y)`` per element, ``p = softmax(input, dim=1)``.
 

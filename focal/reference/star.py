@@ -31,17 +31,9 @@ def _softplus_over(w: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def sigmoid_focal_loss_star(
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    gamma: float = 2.0,
-    beta: float = 1.0,
-    alpha: float | None = None,
-    reduction: str = "none",
-    *,
-    weight: torch.Tensor | None = None,
-    normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    inputs: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, beta: float = 1.0, alpha: float | None = None,
+    reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     r"""FL* of Appendix A, ``-log(sigmoid(gamma x_t + beta)) / gamma``, elementwise.
 
