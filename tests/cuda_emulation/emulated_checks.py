@@ -446,6 +446,98 @@ def test_reduced_sum_of_16_bit_logits_is_repeatable(dtype):
         assert_bitwise_equal(loss_op(EMU, x, ids, reduction="mean")[0], first, "repeat")
 
 
+# ---- Launch shapes and grid sizes: the same bits ----------------------------------------------------
+
+LAUNCH_SHAPES = {"t256_f64_b4": 256, "t256_f32_b6": 256, "t256_f64_b6": 256}  # name -> threads per block
+GRIDS = [None, 1, 3]  # FOCAL_CUDA_GRID: the default one wave, one block, three
+
+
+@contextlib.contextmanager
+def launch_shape(name, grid):
+    """The roofline kernels in launch shape `name` on a grid of `grid` blocks (None: as chosen)."""
+    old = {k: os.environ.get(k) for k in ("FOCAL_CUDA_VARIANT", "FOCAL_CUDA_GRID")}
+    os.environ["FOCAL_CUDA_VARIANT"] = name
+    if grid is None:
+        os.environ.pop("FOCAL_CUDA_GRID", None)
+    else:
+        os.environ["FOCAL_CUDA_GRID"] = str(grid)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _every_launch(dtype, call):
+    """call() in every launch shape and grid size: the loss kernel's launch as asked, and the
+    results, which must be bitwise those of the first."""
+    first = None
+    for name, grid in itertools.product(LAUNCH_SHAPES, GRIDS):
+        with launch_shape(name, grid):
+            EMU.reset_emulation_counters()
+            got = call()
+            blocks, threads = EMU.emulated_launch_shapes()[:2]
+        # float64 has one launch shape of its own; the grid is the one asked for, or one wave.
+        assert threads == (256 if dtype == torch.float64 else LAUNCH_SHAPES[name]), (name, threads)
+        assert grid is None or blocks <= grid, (name, grid, blocks)
+        if first is None:
+            first = got
+            continue
+        for a, b, what in zip(got, first, ("loss", "grad")):
+            assert_bitwise_equal(a, b, f"{what}, {name} on {grid or 'one wave of'} blocks")
+    return first
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
+    """focal_ids_kernel: sizes that are not a whole number of tiles, rows that end inside a pack,
+    positives at every column, background, ignored and (on its own row layout) every chunk path;
+    sum and mean, with and without the gradient, gamma 2 and 1.5; all bit for bit the same in every
+    launch shape and on one, three or a wave of blocks. Rows of 80 give packs within rows, 37 packs
+    across row ends."""
+    g = torch.Generator().manual_seed(21)
+    tile = 32 * 16 * vector_width(dtype)
+    for rows, cols in ((2 * tile // 80 + 3, 80), (tile // 37 + 5, 37), (5, 3)):
+        x = make_logits((rows, cols), dtype, g)
+        ids = _ids_with_every_case(rows, cols, g)
+        for reduction, gamma, compute_grad in (("sum", 2.0, True), ("mean", 1.5, False)):
+            loss, _ = _every_launch(dtype, lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma,
+                                                           compute_grad=compute_grad))
+            cpu_loss, _ = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma)
+            assert_reduced_close(loss, cpu_loss, dtype, x.numel(), f"{rows}x{cols} {reduction} vs CPU op",
+                                 torch.float32 if dtype != torch.float64 else None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
+    """focal_float_kernel: soft targets over sizes that end in a partial pack and a partial tile,
+    every reduction (loss elements too for "none"), all bit for bit the same in every launch shape
+    and grid size, and the sum bitwise the model of its order in tests/cuda_cases.py."""
+    g = torch.Generator().manual_seed(22)
+    tile = 32 * 16 * vector_width(dtype)
+    for numel in (2 * tile + 3 * vector_width(dtype) + 1, 5):
+        x = make_logits((numel, 1), dtype, g)
+        t = make_targets("soft", x, g)
+        for reduction in REDUCTIONS:
+            _every_launch(dtype, lambda: loss_op(EMU, x, t, reduction=reduction, gamma=1.5, smoothing=0.1))
+        if dtype in (torch.float32, torch.float64):
+            unscaled, _ = loss_op(EMU, x, t, compute_grad=False)
+            total, _ = loss_op(EMU, x, t, reduction="sum", compute_grad=False)
+            assert_bitwise_equal(total, cuda_reduced_sum(unscaled, dtype), "sum vs model of its order")
+
+
+def test_launch_shape_override_is_checked():
+    x = make_logits((4, 80), torch.float32, torch.Generator().manual_seed(1))
+    ids = torch.zeros(4, dtype=torch.long)
+    with launch_shape("t999", None), pytest.raises(RuntimeError, match="FOCAL_CUDA_VARIANT=t999 is not a launch shape"):
+        loss_op(EMU, x, ids, reduction="sum")
+    with launch_shape("t256_f64_b4", 0), pytest.raises(RuntimeError, match="FOCAL_CUDA_GRID=0 is not a number"):
+        loss_op(EMU, x, ids, reduction="sum")
+
+
 # ---- scale_grad_ ----------------------------------------------------------------------------------
 
 def _grad(dtype, numel=1000):
