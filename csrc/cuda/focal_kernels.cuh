@@ -179,17 +179,18 @@ struct LaunchShape {
 // The launch shapes compiled, by index (the host's table per architecture and FOCAL_CUDA_VARIANT
 // name them so): 0, the default, 64 bytes in flight under a 64-register cap (4 blocks of 256, 50 %
 // occupancy: the cap the kernels had before they had shapes); 1, 32 bytes in flight under 40
-// registers (6 blocks, 75 %); 2, 64 bytes in flight under 40 registers. README.md says what each
+// registers in blocks of 128 (12 blocks, 75 %); 2, 64 bytes in flight under 40 registers (6 blocks
+// of 256, 75 %). README.md says what each
 // costs in registers and spills.
 inline constexpr int kLaunchShapeCount = 3;
-inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t256_f32_b6",
+inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
                                                                      "t256_f64_b6"};
 
 // f(LaunchShape<...>{}) for the shape of that index (0 for any other).
 template <typename F>
 decltype(auto) with_launch_shape(int index, F&& f) {
   switch (index) {
-    case 1: return f(LaunchShape<256, 32, 6>{});
+    case 1: return f(LaunchShape<128, 32, 12>{});
     case 2: return f(LaunchShape<256, 64, 6>{});
     default: return f(LaunchShape<256, 64, 4>{});
   }

@@ -448,7 +448,7 @@ def test_reduced_sum_of_16_bit_logits_is_repeatable(dtype):
 
 # ---- Launch shapes and grid sizes: the same bits ----------------------------------------------------
 
-LAUNCH_SHAPES = {"t256_f64_b4": 256, "t256_f32_b6": 256, "t256_f64_b6": 256}  # name -> threads per block
+LAUNCH_SHAPES = {"t256_f64_b4": 256, "t128_f32_b12": 128, "t256_f64_b6": 256}  # name -> threads per block
 GRIDS = [None, 1, 3]  # FOCAL_CUDA_GRID: the default one wave, one block, three
 
 
