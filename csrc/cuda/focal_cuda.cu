@@ -140,8 +140,7 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const bool focal = call.loss_kind == LossKind::kFocal;
   const bool ids_targets = focal ? args.target_kind == TargetKind::kClassId
                                  : args.target_kind == TargetKind::kClassIdScore;
-  const bool ids_kernel = ids_targets && reduce && aligned && args.row_weight == nullptr &&
-                          args.elem_weight == nullptr &&
+  const bool ids_kernel = ids_targets && reduce && aligned && args.elem_weight == nullptr &&
                           cols < (int64_t{1} << 30);  // its columns are 32-bit
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr;

@@ -450,17 +450,18 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
   return sum;
 }
 
-// Class-id targets without label smoothing or per-element weights, a reduced loss, 16-byte aligned
-// logits and gradient: the loss of dense detection, written for the memory roofline
-// (csrc/cuda/README.md). Tiles as above; each lane loads Shape::kInFlightBytes / 16 packs and their
-// rows' class ids before it uses any. It follows the row and column of its first pack in a tile
-// from tile to tile (a division only before the loop) and finds those of its other packs with
-// RowWalk. A pack within one row whose row has no positive in it (nearly every pack: a row
-// has at most one positive among its C classes, a background row none) runs focal_hard with z = x
-// on every element, alpha's negative weight and the scale folded into one factor; a pack of an
-// ignored row writes zeros; any other pack (a positive, an invalid id, a row boundary, the tail)
-// goes to focal_pack_slow. Which path a pack takes depends on the data alone, and each lane keeps
-// two sums in pack order (the fast packs' unweighted losses and the others'), joined once per tile.
+// Class-id targets without label smoothing or per-element weights (a weight per row is taken), a
+// reduced loss, 16-byte aligned logits and gradient: the loss of dense detection, written for the
+// memory roofline (csrc/cuda/README.md). Tiles as above; each lane loads Shape::kInFlightBytes / 16
+// packs and their rows' class ids (and weights) before it uses any. It follows the row and column
+// of its first pack in a tile from tile to tile (a division only before the loop) and finds those
+// of its other packs with RowWalk. A pack within one row whose row has no positive in it (nearly
+// every pack: a row has at most one positive among its C classes, a background row none) runs
+// focal_hard with z = x on every element, alpha's negative weight, the row's weight and the scale
+// folded into one factor; a pack of an ignored row writes zeros; any other pack (a positive, an
+// invalid id, a row boundary, the tail) goes to focal_pack_slow. Which path a pack takes depends on
+// the data alone, and each lane keeps two sums in pack order (the fast packs' losses before
+// alpha's negative weight, and the others'), joined once per tile.
 //
 // L is the focal loss, or QFL / VFL with class ids and scores: their negatives are focal_hard with
 // z = x too (with QFL's beta or VFL's gamma as the exponent and VFL's alpha as the negatives'
@@ -484,6 +485,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const acc_t negative_grad_w = alpha.neg * scale;
   const auto* ids = static_cast<const int64_t*>(a.targets);
+  const auto* row_weight = static_cast<const scalar_t*>(a.row_weight);  // or nullptr
   const auto* x_all = static_cast<const P*>(a.logits);
   auto* grad_all = static_cast<P*>(a.grad);
 
@@ -513,6 +515,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
       for (int r = 0; r < kLanePacks; r += kInFlight) {
         P x[kInFlight];
         int64_t label[kInFlight];
+        scalar_t weight[kInFlight];
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
           const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
@@ -520,6 +523,14 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           if (offset + kVec <= left) {
             label[i] = row_ids[rows_on];
             x[i] = x_lane[offset / kVec];
+          }
+        }
+        if (row_weight != nullptr) {  // after the others: the branch must not split them
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            const int32_t offset = (r + i) * kWarp * kVec;
+            const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
+            if (offset + kVec <= left) weight[i] = row_weight[row0 + rows_on];
           }
         }
 #pragma unroll
@@ -544,6 +555,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
             // loss and a zero gradient whatever its logits.
             if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
           } else if (fast) {
+            // A row weight scales the pack's gradient factor and its sum (exactly when there is
+            // none: a product by 1).
+            const acc_t w = row_weight != nullptr ? static_cast<acc_t>(weight[i]) : acc_t(1);
+            const acc_t grad_w = negative_grad_w * w;
             acc_t xf[kVec];
             unpack(x[i], xf);
             P grad;
@@ -552,9 +567,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
             for (int j = 0; j < kVec; ++j) {
               const LossAndGrad<acc_t> e = focal_hard<G, acc_t, M>(xf[j], gamma);
               pack_sum += e.loss;
-              grad.v[j] = static_cast<scalar_t>(e.grad * negative_grad_w);
+              grad.v[j] = static_cast<scalar_t>(e.grad * grad_w);
             }
-            negatives = add_rn(negatives, pack_sum);
+            negatives = add_rn(negatives, pack_sum * w);
             if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = grad;
           } else {
             slow |= 1u << (r + i);

@@ -494,21 +494,26 @@ def _every_launch(dtype, call):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
     """focal_ids_kernel: sizes that are not a whole number of tiles, rows that end inside a pack,
-    positives at every column, background, ignored and (on its own row layout) every chunk path;
-    sum and mean, with and without the gradient, gamma 2 and 1.5; all bit for bit the same in every
-    launch shape and on one, three or a wave of blocks. Rows of 80 give packs within rows, 37 packs
+    positives at every column, background and ignored rows; sum and mean, with and without the
+    gradient and a row weight, gamma 2 and 1.5; all bit for bit the same in every launch shape and
+    on one, three or a wave of blocks. Rows of 80 give packs within rows, 37 packs
     across row ends."""
     g = torch.Generator().manual_seed(21)
     tile = 32 * 16 * vector_width(dtype)
     for rows, cols in ((2 * tile // 80 + 3, 80), (tile // 37 + 5, 37), (5, 3)):
         x = make_logits((rows, cols), dtype, g)
         ids = _ids_with_every_case(rows, cols, g)
-        for reduction, gamma, compute_grad in (("sum", 2.0, True), ("mean", 1.5, False)):
-            loss, _ = _every_launch(dtype, lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma,
-                                                           compute_grad=compute_grad))
-            cpu_loss, _ = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma)
-            assert_reduced_close(loss, cpu_loss, dtype, x.numel(), f"{rows}x{cols} {reduction} vs CPU op",
+        row_weight = torch.rand(rows, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+        for reduction, gamma, compute_grad, rw in (("sum", 2.0, True, None), ("sum", 1.5, True, row_weight),
+                                                   ("mean", 1.5, False, None)):
+            loss, grad = _every_launch(dtype, lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma,
+                                                              row_weight=rw, compute_grad=compute_grad))
+            cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma, row_weight=rw)
+            what = f"{rows}x{cols} {reduction}{' row-weighted' if rw is not None else ''}"
+            assert_reduced_close(loss, cpu_loss, dtype, x.numel(), what + " vs CPU op",
                                  torch.float32 if dtype != torch.float64 else None)
+            if compute_grad:
+                assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], what + " grad vs CPU op", normwise=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
