@@ -367,57 +367,73 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp);
   int64_t touched = 0;
-  for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
-       tile < tiles; tile += warps) {
-    const int64_t first = tile * kTilePacks + lane;  // the lane's packs: first + 32 k
-    acc_t lane_sum = 0;
+  // The loop once per output written (the loss of reduction "none", the gradient), so that no
+  // pack tests for them.
+  const auto run = [&](auto writes_loss, auto writes_grad) {
+    for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
+         tile < tiles; tile += warps) {
+      const int64_t first = tile * kTilePacks + lane;  // the lane's packs: first + 32 k
+      acc_t lane_sum = 0;
 #pragma unroll 1
-    for (int r = 0; r < kLanePacks; r += kInFlight) {
-      P x[kInFlight], t[kInFlight];
+      for (int r = 0; r < kLanePacks; r += kInFlight) {
+        P x[kInFlight], t[kInFlight];
 #pragma unroll
-      for (int i = 0; i < kInFlight; ++i) {
-        const int64_t p = first + int64_t{kWarp} * (r + i);
-        if (p < full_packs) {
-          x[i] = reinterpret_cast<const P*>(x_all)[p];
-          t[i] = reinterpret_cast<const P*>(t_all)[p];
+        for (int i = 0; i < kInFlight; ++i) {
+          const int64_t p = first + int64_t{kWarp} * (r + i);
+          if (p < full_packs) {
+            x[i] = reinterpret_cast<const P*>(x_all)[p];
+            t[i] = reinterpret_cast<const P*>(t_all)[p];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          const int64_t p = first + int64_t{kWarp} * (r + i);
+          if (p >= full_packs) continue;
+          acc_t xf[kVec], tf[kVec];
+          unpack(x[i], xf);
+          unpack(t[i], tf);
+          P loss, grad;
+          acc_t pack_sum = 0;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            const LossAndGrad<acc_t> e = one(xf[j], tf[j]);
+            pack_sum = j == 0 ? e.loss : add_rn(pack_sum, e.loss);
+            loss.v[j] = static_cast<scalar_t>(e.loss * scale);
+            grad.v[j] = static_cast<scalar_t>(e.grad * scale);
+          }
+          lane_sum = add_rn(lane_sum, pack_sum);
+          if constexpr (decltype(writes_loss)::value) reinterpret_cast<P*>(loss_all)[p] = loss;
+          if constexpr (decltype(writes_grad)::value) reinterpret_cast<P*>(grad_all)[p] = grad;
+          touched += kVec;
         }
       }
-#pragma unroll
-      for (int i = 0; i < kInFlight; ++i) {
-        const int64_t p = first + int64_t{kWarp} * (r + i);
-        if (p >= full_packs) continue;
-        acc_t xf[kVec], tf[kVec];
-        unpack(x[i], xf);
-        unpack(t[i], tf);
-        P loss, grad;
+      const int64_t tail = full_packs * kVec;  // the partial last pack's first element
+      if (tail < n && full_packs - first >= 0 && (full_packs - first) % kWarp == 0 &&
+          full_packs - first < int64_t{kTilePacks}) {
         acc_t pack_sum = 0;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const LossAndGrad<acc_t> e = one(xf[j], tf[j]);
-          pack_sum = j == 0 ? e.loss : add_rn(pack_sum, e.loss);
-          loss.v[j] = static_cast<scalar_t>(e.loss * scale);
-          grad.v[j] = static_cast<scalar_t>(e.grad * scale);
+        for (int64_t e = tail; e < n; ++e) {
+          const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));
+          pack_sum = e == tail ? r.loss : add_rn(pack_sum, r.loss);
+          if (loss_all) loss_all[e] = static_cast<scalar_t>(r.loss * scale);
+          if (grad_all) grad_all[e] = static_cast<scalar_t>(r.grad * scale);
+          ++touched;
         }
         lane_sum = add_rn(lane_sum, pack_sum);
-        if (loss_all) reinterpret_cast<P*>(loss_all)[p] = loss;
-        if (grad_all) reinterpret_cast<P*>(grad_all)[p] = grad;
-        touched += kVec;
       }
+      if (tile_sums) store_tile_sum(lane_sum, tile, tile_sums);
     }
-    const int64_t tail = full_packs * kVec;  // the partial last pack's first element
-    if (tail < n && full_packs - first >= 0 && (full_packs - first) % kWarp == 0 &&
-        full_packs - first < int64_t{kTilePacks}) {
-      acc_t pack_sum = 0;
-      for (int64_t e = tail; e < n; ++e) {
-        const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));
-        pack_sum = e == tail ? r.loss : add_rn(pack_sum, r.loss);
-        if (loss_all) loss_all[e] = static_cast<scalar_t>(r.loss * scale);
-        if (grad_all) grad_all[e] = static_cast<scalar_t>(r.grad * scale);
-        ++touched;
-      }
-      lane_sum = add_rn(lane_sum, pack_sum);
+  };
+  const auto with_grad = [&](auto writes_loss) {
+    if (grad_all != nullptr) {
+      run(writes_loss, std::true_type{});
+    } else {
+      run(writes_loss, std::false_type{});
     }
-    if (tile_sums) store_tile_sum(lane_sum, tile, tile_sums);
+  };
+  if (loss_all != nullptr) {
+    with_grad(std::true_type{});
+  } else {
+    with_grad(std::false_type{});
   }
   trace_elements(touched);
 }
