@@ -550,14 +550,16 @@ def check_budgets(records: list[dict], budgets: dict[tuple[str, str, str], float
 
 def check_roofline(records: list[dict], budgets: dict = ROOFLINE_BUDGETS, limits: dict = ROOFLINE_LIMITS,
                    shape: dict | None = None) -> list[dict]:
-    """The roofline budgets of every (kernel, dtype) in `budgets`, at gamma 2, in launch shape
+    """The roofline budgets of every (kernel, dtype) in `budgets`, for the focal loss at gamma 2, in launch shape
     `shape` (threads, in_flight_bytes, blocks_per_sm; None: every shape found): occupancy, bytes in
     flight before their first use, no spill in the hot loop, instructions per element. One result per
     instantiation and budget, PASS or FAIL with the measured number; FAIL when nothing matches."""
     results = []
     for (kernel, dtype), limit in budgets.items():
         match = [r for r in records if r.get("kernel") == kernel and r["dtype"] == dtype and r["gamma"] == "Two"
-                 and (shape is None or r.get("launch_shape") == shape)]
+                 and (shape is None or r.get("launch_shape") == shape)
+                 and not any(a.startswith("LossKind::") and a != "LossKind::Focal"  # the focal loss's own
+                             for a in r.get("other_template_args", []))]
         if not match:
             results.append({"kernel": kernel, "dtype": dtype, "shape": shape, "check": "instantiation",
                             "measured": None, "limit": None, "status": "FAIL"})

@@ -410,7 +410,52 @@ BUILT = sc.default_binary()
 # (kernel, dtype, launch shape name, check) -> measured. Kept here rather than loosened, so that a
 # change in either direction fails the test below and is written down (csrc/cuda/README.md).
 SHAPE_NAMES = {(256, 64, 4): "t256_f64_b4", (128, 32, 12): "t128_f32_b12", (256, 64, 6): "t256_f64_b6"}
-KNOWN_MISSES = KNOWN_MISSES_PLACEHOLDER
+KNOWN_MISSES = {
+    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 32,
+    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'hot_loop_spills'): 13,
+    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 66.12,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 61.12,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 27,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 64.81,
+    ('focal_float_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 32,
+    ('focal_float_kernel', 'float16', 't128_f32_b12', 'hot_loop_spills'): 13,
+    ('focal_float_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 65.12,
+    ('focal_float_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 60.12,
+    ('focal_float_kernel', 'float16', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_float_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 43,
+    ('focal_float_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 64.81,
+    ('focal_float_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 32,
+    ('focal_float_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 1,
+    ('focal_float_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_float_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 8,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 48,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'hot_loop_spills'): 38,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 37.06,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'hot_loop_spills'): 44,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 35.72,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'bytes_in_flight'): 16,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 90,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 36.81,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 48,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'hot_loop_spills'): 38,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 36.0,
+    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'hot_loop_spills'): 36,
+    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 34.69,
+    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'bytes_in_flight'): 16,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 90,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 36.34,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 48,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 38,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'instructions_per_element'): 57.38,
+    ('focal_ids_kernel', 'float32', 't256_f64_b4', 'hot_loop_spills'): 23,
+    ('focal_ids_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'bytes_in_flight'): 24,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 86,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'instructions_per_element'): 56.56,
+}
 
 
 def _shape_name(shape):
