@@ -360,7 +360,7 @@ def test_class_id_mean_counts_rows_on_the_device():
     x = make_logits((50, 7), torch.float32, g)
     ids = make_targets("ids", x, g)
     (loss, grad), launches, _ = counted(lambda: loss_op(EMU, x, ids, reduction="mean"))
-    assert launches == 3  # count, loss, sum of the block sums
+    assert launches == 3  # count, loss, sum of the tile sums
     cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction="mean")
     assert_reduced_close(loss, cpu_loss, torch.float32, x.numel(), "mean")
     assert_close_ulps(grad, cpu_grad, torch.float32, GRAD_ULPS[torch.float32], "grad", normwise=True)
@@ -709,7 +709,7 @@ def test_family_invalid_class_ids_poison_their_rows_and_ignored_rows_are_zero(lo
 @pytest.mark.parametrize("cols", [1, 3, 17, 80])
 def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, cols):
     """QFL and VFL with class ids and scores, reduced: the case that focal_cuda.cu sends to the
-    roofline class-id kernel (two launches: it and the block sums; the mean's count a third), whose
+    roofline class-id kernel (two launches: it and the sum of its tile sums; the mean's count a third), whose
     chunks may straddle rows or hold a positive anywhere: results as the CPU op's, every element
     counted once."""
     g = torch.Generator().manual_seed(cols)
