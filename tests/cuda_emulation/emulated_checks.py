@@ -495,6 +495,12 @@ def _every_launch(dtype, call):
     return first
 
 
+def _tiles_past_a_block(dtype):
+    """Tiles enough that on a grid of one block some warps take two (the smallest block, of the
+    launch shapes dtype has, holds this many warps minus one)."""
+    return 9 if dtype == torch.float64 else 1 + min(LAUNCH_SHAPES.values()) // 32
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
     """focal_ids_kernel: sizes that are not a whole number of tiles, rows that end inside a pack,
@@ -504,7 +510,7 @@ def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and
     across row ends."""
     g = torch.Generator().manual_seed(21)
     tile = 32 * 16 * vector_width(dtype)
-    for rows, cols in ((2 * tile // 80 + 3, 80), (tile // 37 + 5, 37), (5, 3)):
+    for rows, cols in ((_tiles_past_a_block(dtype) * tile // 80 + 3, 80), (tile // 37 + 5, 37), (5, 3)):
         x = make_logits((rows, cols), dtype, g)
         ids = _ids_with_every_case(rows, cols, g)
         row_weight = torch.rand(rows, generator=g, dtype=torch.float64).add(0.5).to(dtype)
@@ -527,7 +533,7 @@ def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape
     and grid size, and the sum bitwise the model of its order in tests/cuda_cases.py."""
     g = torch.Generator().manual_seed(22)
     tile = 32 * 16 * vector_width(dtype)
-    for numel in (2 * tile + 3 * vector_width(dtype) + 1, 5):
+    for numel in (_tiles_past_a_block(dtype) * tile + 3 * vector_width(dtype) + 1, 5):
         x = make_logits((numel, 1), dtype, g)
         t = make_targets("soft", x, g)
         for reduction in REDUCTIONS:
