@@ -83,3 +83,11 @@ clean:
 .PHONY: gpu-check
 gpu-check:
 	PYTHON="$(PYTHON)" bash benchmarks/gpu_check.sh $(OUTDIR)
+
+# The fastest launch shape of the roofline kernels on the visible GPU, with that machine's python3:
+# builds for it, times every shape of every hot path against the torch.sigmoid floor, writes
+# outputs/gpu-tune/gpu_tune.{json,md} and prints the line of the host's table for this GPU (at most
+# 8 minutes). benchmarks/gpu_tune.py --dry-run checks the plan without a GPU.
+.PHONY: gpu-tune
+gpu-tune:
+	$(PYTHON) benchmarks/gpu_tune.py --python "$(PYTHON)"

@@ -57,11 +57,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KERNEL_PATTERN = r"\bfocal_ids_kernel<"
 
 # What a kernel's name implies that its template arguments do not say: focal_ids_kernel is the
-# class-id kernel and takes two 16-byte packs per trip, focal_float_kernel the float-target one
-# with one pack of logits per trip.
+# class-id kernel, focal_float_kernel the float-target one. The logits' bytes one trip of the hot
+# loop takes follow from the launch shape (LaunchShape<threads, bytes in flight, blocks per SM>):
+# the class-id kernel loads its bytes in flight of logits, the float-target kernel half of them
+# (as many of targets), at least one 16-byte pack; without a shape, one pack (32 bytes for
+# focal_ids_kernel, whose shapes all hold at least two).
 KERNEL_FACTS = {
-    "focal_ids_kernel": {"target": "ClassId", "bytes_per_iteration": 32},
-    "focal_float_kernel": {"target": "Float", "bytes_per_iteration": 16},
+    "focal_ids_kernel": {"target": "ClassId", "bytes_per_iteration": 32,
+                         "shape_bytes": lambda in_flight: max(16, in_flight)},
+    "focal_float_kernel": {"target": "Float", "bytes_per_iteration": 16,
+                           "shape_bytes": lambda in_flight: max(16, in_flight // 2)},
 }
 DEFAULT_ARCH = "sm_90"
 
@@ -79,6 +84,24 @@ DEFAULT_BUDGETS = {
     ("float32", "ClassId", "Two"): 55.0,
     ("bfloat16", "ClassId", "Two"): 28.0,
 }
+
+# The roofline budgets (README.md in csrc/cuda says why each predicts the memory roofline), per
+# (kernel, dtype): the most instructions per element of the hot loop, at gamma 2. Occupancy, bytes
+# in flight and spills are the same for every kernel: see ROOFLINE_LIMITS.
+ROOFLINE_BUDGETS = {
+    ("focal_ids_kernel", "float32"): 55.0,
+    ("focal_ids_kernel", "bfloat16"): 28.0,
+    ("focal_ids_kernel", "float16"): 28.0,
+    ("focal_float_kernel", "float32"): 82.0,
+    ("focal_float_kernel", "bfloat16"): 41.0,
+    ("focal_float_kernel", "float16"): 41.0,
+}
+ROOFLINE_LIMITS = {"min_occupancy": 0.75, "min_bytes_in_flight": 64}
+
+# The register file of one SM (sm_80 to sm_120): 65536 registers, allocated per warp in units of
+# 256; at most 64 resident warps (48 on sm_86/sm_89) and 32 blocks (16 on sm_86/sm_89).
+SM_LIMITS = {"registers": 65536, "register_unit": 256, "warps": 64, "blocks": 32}
+SM_LIMITS_BY_ARCH = {"sm_86": {"warps": 48, "blocks": 16}, "sm_89": {"warps": 48, "blocks": 24}}
 
 # One instruction line of `cuobjdump -sass`:  /*0350*/   @!P0 BRA 0x350 ;   /* 0x... */
 INSTRUCTION = re.compile(r"^\s*/\*(?P<addr>[0-9a-fA-F]{4,})\*/\s+(?P<text>[^;]*);")
@@ -237,6 +260,66 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
     return HotLoop(hot, unroll, candidates)
 
 
+def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH) -> float:
+    """Resident warps per SM over the most an SM holds, for blocks of `threads` threads whose
+    threads use `registers` registers each (no shared memory: the loss kernels use none)."""
+    limits = {**SM_LIMITS, **SM_LIMITS_BY_ARCH.get(arch, {})}
+    unit = limits["register_unit"]
+    per_warp = -(-max(registers, 1) * 32 // unit) * unit
+    warps_per_block = -(-threads // 32)
+    blocks = min(limits["registers"] // per_warp // warps_per_block, limits["warps"] // warps_per_block,
+                 limits["blocks"])
+    return blocks * warps_per_block / limits["warps"]
+
+
+REGISTER = re.compile(r"\bR(\d+)(?:\.64)?\b")
+LOAD_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+# Instructions none of whose operands is a destination register.
+NO_DESTINATION = ("ST", "STG", "STS", "STL", "RED", "BRA", "BRX", "JMP", "EXIT", "RET", "CALL", "BAR",
+                  "BSYNC", "BSSY", "WARPSYNC", "YIELD", "NOP", "DEPBAR")
+
+
+def _registers(operand: str, width: int = 1) -> set[int]:
+    out = set()
+    for m in REGISTER.finditer(operand):
+        first = int(m[1])
+        n = 2 if m[0].endswith(".64") else width
+        out.update(range(first, first + n))
+    return out
+
+
+def bytes_in_flight(loop: Loop) -> dict:
+    """Bytes of global loads the hot loop issues, from its head, before the first instruction that
+    reads a register one of them writes: the memory-level parallelism of one thread. Also how many
+    loads that is."""
+    pending: set[int] = set()
+    total = loads = 0
+    for ins in loop.instructions:
+        operands = [o.strip() for o in ins.operands.split(",")]
+        is_load = GLOBAL_LOAD.match(ins.opcode) is not None
+        sources = operands if (ins.base_opcode in NO_DESTINATION) else operands[1:]
+        read = set().union(*(_registers(o) for o in sources)) if sources else set()
+        if ins.predicate is None and read & pending:
+            break
+        if read & pending:
+            break
+        if is_load:
+            size = next((b for suffix, b in LOAD_BYTES.items() if f".{suffix}" in ins.opcode), 4)
+            pending |= _registers(operands[0], max(1, size // 4))
+            total += size
+            loads += 1
+    return {"bytes": total, "loads": loads}
+
+
+def parse_launch_shape(args: list[str]) -> dict | None:
+    """threads, bytes in flight and blocks per SM of a ``LaunchShape<t, b, s>`` template argument."""
+    for arg in args:
+        m = re.search(r"LaunchShape<\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*>", arg)
+        if m:
+            return {"threads": int(m[1]), "in_flight_bytes": int(m[2]), "blocks_per_sm": int(m[3])}
+    return None
+
+
 # --------------------------------------------------------------------------------------------------
 # Names
 
@@ -391,12 +474,18 @@ def analyse(
         demangled = names[fn.mangled]
         if not pattern.search(demangled):
             continue
-        info = describe_instantiation(split_template_args(demangled, pattern), enums)
-        facts = next((f for name, f in KERNEL_FACTS.items() if re.search(rf"\b{name}<", demangled)), {})
+        template_args = split_template_args(demangled, pattern)
+        info = describe_instantiation(template_args, enums)
+        shape = parse_launch_shape(template_args)
+        kernel = next((name for name in KERNEL_FACTS if re.search(rf"\b{name}<", demangled)), None)
+        facts = KERNEL_FACTS.get(kernel, {})
         info["target"] = info["target"] or facts.get("target")
         res = usage.get((arch, fn.mangled)) or usage.get(("unknown", fn.mangled), {})
+        threads = shape["threads"] if shape else 256
         record = {
             "name": demangled,
+            "kernel": kernel or pattern.pattern,
+            "launch_shape": shape,
             "mangled": fn.mangled,
             "arch": arch,
             **{k: info[k] for k in ("dtype", "target", "gamma")},
@@ -411,12 +500,16 @@ def analyse(
             "loops": [lp.summary() for lp in find_loops(fn.instructions)],
             "hot_loop": None,
         }
+        if record["registers"] is not None:
+            record["occupancy"] = occupancy(record["registers"], threads, arch)
         hot = find_hot_loop(fn.instructions)
         if hot is not None:
             if elements_per_iteration is not None:
                 per_pack = elements_per_iteration
             elif info.get("element_bytes"):
-                per_pack = max(1, (bytes_per_iteration or facts.get("bytes_per_iteration", 16)) // info["element_bytes"])
+                trip_bytes = bytes_per_iteration or (facts["shape_bytes"](shape["in_flight_bytes"]) if shape and facts
+                                                     else facts.get("bytes_per_iteration", 16))
+                per_pack = max(1, trip_bytes // info["element_bytes"])
             else:
                 per_pack = None  # no dtype among the template arguments: say so rather than guess
             elements = hot.unroll * per_pack if per_pack else None
@@ -426,6 +519,7 @@ def analyse(
                 "unroll": hot.unroll,
                 "elements_per_iteration": elements,
                 "instructions_per_element": len(hot.loop.instructions) / elements if elements else None,
+                "bytes_in_flight": bytes_in_flight(hot.loop)["bytes"],
             }
         records.append(record)
     if not records:
@@ -454,6 +548,49 @@ def check_budgets(records: list[dict], budgets: dict[tuple[str, str, str], float
     return results
 
 
+def check_roofline(records: list[dict], budgets: dict = ROOFLINE_BUDGETS, limits: dict = ROOFLINE_LIMITS,
+                   shape: dict | None = None) -> list[dict]:
+    """The roofline budgets of every (kernel, dtype) in `budgets`, for the focal loss at gamma 2, in launch shape
+    `shape` (threads, in_flight_bytes, blocks_per_sm; None: every shape found): occupancy, bytes in
+    flight before their first use, no spill in the hot loop, instructions per element. One result per
+    instantiation and budget, PASS or FAIL with the measured number; FAIL when nothing matches."""
+    results = []
+    for (kernel, dtype), limit in budgets.items():
+        match = [r for r in records if r.get("kernel") == kernel and r["dtype"] == dtype and r["gamma"] == "Two"
+                 and (shape is None or r.get("launch_shape") == shape)
+                 and not any(a.startswith("LossKind::") and a != "LossKind::Focal"  # the focal loss's own
+                             for a in r.get("other_template_args", []))]
+        if not match:
+            results.append({"kernel": kernel, "dtype": dtype, "shape": shape, "check": "instantiation",
+                            "measured": None, "limit": None, "status": "FAIL"})
+            continue
+        for r in match:
+            hot = r["hot_loop"] or {}
+            checks = [
+                ("occupancy", r.get("occupancy"), limits["min_occupancy"], ">="),
+                ("bytes_in_flight", hot.get("bytes_in_flight"), limits["min_bytes_in_flight"], ">="),
+                ("hot_loop_spills", (hot.get("spill_stores") or 0) + (hot.get("spill_loads") or 0) if hot else None, 0, "<="),
+                ("instructions_per_element", hot.get("instructions_per_element"), limit, "<="),
+            ]
+            for name, measured, bound, op in checks:
+                ok = measured is not None and (measured >= bound if op == ">=" else measured <= bound)
+                results.append({"kernel": kernel, "dtype": dtype, "shape": r.get("launch_shape"),
+                                "registers": r["registers"], "check": name, "measured": measured,
+                                "limit": f"{op} {bound:g}", "status": "PASS" if ok else "FAIL"})
+    return results
+
+
+def format_roofline(results: list[dict]) -> str:
+    lines = []
+    for b in results:
+        shape = b["shape"]
+        shape = f"{shape['threads']}t/{shape['in_flight_bytes']}B/{shape['blocks_per_sm']}b" if shape else "-"
+        m = b["measured"]
+        m = "-" if m is None else (f"{m:.3g}" if isinstance(m, float) else str(m))
+        lines.append(f"  {b['status']:4s} {b['kernel']} {b['dtype']} {shape}: {b['check']} {m} ({b['limit']})")
+    return "\n".join(lines)
+
+
 def parse_budget(spec: str) -> tuple[tuple[str, str, str], float]:
     """``DTYPE,TARGET,GAMMA=N``, e.g. ``float32,ClassId,Two=55``."""
     try:
@@ -470,7 +607,8 @@ def parse_budget(spec: str) -> tuple[tuple[str, str, str], float]:
 
 def format_table(records: list[dict]) -> str:
     header = (f"{'dtype':9s} {'target':16s} {'gamma':8s} {'regs':>4s} {'stack':>5s} {'spill st/ld':>11s} "
-              f"{'loop':>6s} {'branch':>6s} {'calls':>5s} {'unroll':>6s} {'elem/it':>7s} {'instr/elem':>10s}")
+              f"{'loop':>6s} {'branch':>6s} {'calls':>5s} {'unroll':>6s} {'elem/it':>7s} {'instr/elem':>10s} "
+              f"{'occup':>5s} {'B/flight':>8s} {'shape':>11s}")
     lines = [header, "-" * len(header)]
     for r in records:
         hot = r["hot_loop"] or {}
@@ -482,6 +620,9 @@ def format_table(records: list[dict]) -> str:
             f"{hot.get('instructions', '-'):>6} {hot.get('branches', '-'):>6} {hot.get('calls', '-'):>5} "
             f"{hot.get('unroll', '-'):>6} {hot.get('elements_per_iteration') or '-':>7} "
             + (f"{ipe:10.1f}" if ipe is not None else f"{'-':>10s}")
+            + (f" {r['occupancy']:5.2f}" if r.get("occupancy") is not None else f" {'-':>5s}")
+            + f" {hot.get('bytes_in_flight', '-'):>8}"
+            + (f" {sh['threads']:>4d}/{sh['in_flight_bytes']:>3d}/{sh['blocks_per_sm']:<2d}" if (sh := r.get("launch_shape")) else f" {'-':>11s}")
         )
     return "\n".join(lines)
 
@@ -509,6 +650,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budget", action="append", type=parse_budget, metavar="DTYPE,TARGET,GAMMA=N",
                         help="instructions-per-element budget (repeatable; default: float32,ClassId,Two=55 and bfloat16,ClassId,Two=28)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a budget is exceeded or matches no kernel")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also check the roofline budgets (occupancy, bytes in flight, spills, instructions) of "
+                             "focal_ids_kernel and focal_float_kernel in every launch shape (implies --kernel for both)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every record here")
     parser.add_argument("--cuobjdump", help="cuobjdump to use (default: $CUOBJDUMP, $CUDA_HOME/bin, PATH, triton's)")
     args = parser.parse_args(argv)
@@ -539,6 +683,8 @@ def main(argv=None) -> int:
         print("error: neither cu++filt nor c++filt found to demangle kernel names", file=sys.stderr)
         return 2
     budgets = dict(args.budget) if args.budget else dict(DEFAULT_BUDGETS)
+    if args.roofline and args.kernel == DEFAULT_KERNEL_PATTERN:
+        args.kernel = r"\b(?:focal_ids_kernel|focal_float_kernel)<"
     try:
         records = analyse(
             run_cuobjdump(cuobjdump, "-sass", binary),
@@ -549,12 +695,17 @@ def main(argv=None) -> int:
     except SassError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    budget_results = check_budgets(records, budgets)
+    budget_results = check_budgets([r for r in records if r.get("kernel") in (None, "focal_ids_kernel")
+                                    or not args.roofline], budgets)
+    roofline = check_roofline(records) if args.roofline else []
     print(f"{binary} ({args.arch}): {len(records)} instantiations of {args.kernel!r}")
     print(format_table(records))
     print("\nbudgets (static SASS instructions of the hot loop per element):")
     print(format_budgets(budget_results))
-    ok = all(b["status"] == "PASS" for b in budget_results)
+    if roofline:
+        print("\nroofline budgets (gamma 2; occupancy on this architecture's register file):")
+        print(format_roofline(roofline))
+    ok = all(b["status"] == "PASS" for b in budget_results + roofline)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
@@ -565,6 +716,7 @@ def main(argv=None) -> int:
             "elements_per_iteration": args.elements_per_iteration,
             "kernels": records,
             "budgets": budget_results,
+            "roofline": roofline,
             "budgets_ok": ok,
         }, indent=1))
         print(f"wrote {args.json}")

@@ -12,6 +12,7 @@ import torch
 
 THREADS = 256  # kThreads
 WARP = 32
+LANE_PACKS = 16  # kLanePacks: a tile is WARP * LANE_PACKS packs
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 GAMMAS = [0.0, 1.0, 2.0, 1.5]  # the three fast paths and the general one
 REDUCTIONS = ["none", "sum", "mean"]
@@ -31,6 +32,11 @@ def grid_blocks(numel: int, dtype: torch.dtype, multiprocessors: int) -> int:
     """Blocks of the loss kernel for `numel` elements: one thread per pack, at most one wave."""
     packs = -(-numel // vector_width(dtype))
     return min(-(-packs // THREADS), multiprocessors * blocks_per_sm(dtype))
+
+
+def tile_count(numel: int, dtype: torch.dtype) -> int:
+    """Tiles of the roofline kernels (focal_ids_kernel, focal_float_kernel) for `numel` elements."""
+    return -(-numel // (WARP * LANE_PACKS * vector_width(dtype)))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,20 +120,42 @@ def _thread_sums(values: torch.Tensor, threads: int, per_step: int) -> torch.Ten
     return acc
 
 
-def cuda_reduced_sum(losses: torch.Tensor, dtype: torch.dtype, blocks: int) -> torch.Tensor:
-    """The unscaled sum that focal_kernel and sum_blocks_kernel compute, in their order, of `losses`
-    (every element's unscaled loss, in the accumulation dtype, in memory order) for logits of
-    `dtype` on a grid of `blocks` blocks: bitwise what the GPU (and the emulation) must return."""
+def cuda_reduced_sum(losses: torch.Tensor, dtype: torch.dtype, blocks: int | None = None) -> torch.Tensor:
+    """The unscaled sum that focal_float_kernel and sum_blocks_kernel compute, in their order, of
+    `losses` (every element's unscaled loss, in the accumulation dtype, in memory order) for logits
+    of `dtype`: bitwise what the GPU (and the emulation) must return, on any grid and in any launch
+    shape. Each pack's elements left to right; in each tile, lane l's packs l, l + 32, ... in turn;
+    the 32 lanes' sums in the tree of store_tile_sum (lane l adds lane l + 16's, then l + 8's, ...);
+    then the tiles' sums as sum_blocks_kernel adds them. `blocks` is not used (the grid does not
+    change the order); callers written for focal_kernel's order may still pass it."""
+    del blocks
+    vec = vector_width(dtype)
     values = losses.reshape(-1).to(accumulation_dtype(dtype))
-    block_sums = _block_reduce(_thread_sums(values, blocks * THREADS, vector_width(dtype)).view(blocks, THREADS))
-    return _block_reduce(_thread_sums(block_sums, THREADS, 1).view(1, THREADS))[0]
+    tiles = tile_count(values.numel(), dtype)
+    padded = torch.zeros(tiles * WARP * LANE_PACKS * vec, dtype=values.dtype)  # + 0.0 changes no sum
+    padded[: values.numel()] = values
+    packs = padded.view(tiles, LANE_PACKS, WARP, vec)  # pack lane + 32 k of a tile at [k, lane]
+    pack_sums = packs[..., 0]
+    for j in range(1, vec):
+        pack_sums = pack_sums + packs[..., j]
+    lanes = torch.zeros(tiles, WARP, dtype=values.dtype)
+    for k in range(LANE_PACKS):
+        lanes = lanes + pack_sums[:, k]
+    offset = WARP // 2
+    while offset:
+        lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset : 2 * offset]
+        offset //= 2
+    return _block_reduce(_thread_sums(lanes[:, 0], THREADS, 1).view(1, THREADS))[0]
 
 
 def summation_error_bound(numel: int, dtype: torch.dtype, blocks: int) -> float:
     """Relative error bound of the GPU's sum of `numel` non-negative terms: the longest chain of
-    roundings (a thread's sequential sum, the warp tree, the warps, then the same over the blocks)
-    times the accumulation dtype's unit roundoff, doubled for the terms' own error."""
+    roundings times the accumulation dtype's unit roundoff, doubled for the terms' own error. The
+    chain is the longer of focal_kernel's (a thread's sequential sum, the warp tree, the warps, then
+    the same over the blocks) and the roofline kernels' (a pack, a lane's packs, the lanes' tree,
+    then the tiles' sums as sum_blocks_kernel adds them)."""
     eps = torch.finfo(accumulation_dtype(dtype)).eps
     per_thread = math.ceil(numel / (blocks * THREADS))
-    chain = per_thread + 5 + THREADS // WARP + math.ceil(blocks / THREADS) + 5 + THREADS // WARP
+    final = math.ceil(max(blocks, tile_count(numel, dtype)) / THREADS) + 5 + THREADS // WARP
+    chain = max(per_thread + 5 + THREADS // WARP, vector_width(dtype) + LANE_PACKS + 5) + final
     return 2 * chain * eps

@@ -21,12 +21,9 @@ void launch(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* sums, i
 }
 
 template <typename scalar_t, LossKind L, GammaKind G>
-void launch_quality(const KernelArgs& a, bool ids_kernel, bool aligned, const ScaleArgs& s, void* sums,
-                    int blocks, rt::Stream stream) {
-  if (ids_kernel) {
-    rt::launch(&focal_ids_kernel<scalar_t, G, L>, blocks, kThreads, stream, a, s,
-               static_cast<at::opmath_type<scalar_t>*>(sums));
-  } else if (a.target_kind == TargetKind::kClassIdScore) {
+void launch_quality(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* sums, int blocks,
+                    rt::Stream stream) {
+  if (a.target_kind == TargetKind::kClassIdScore) {
     launch<scalar_t, TargetKind::kClassIdScore, G, L>(a, aligned, s, sums, blocks, stream);
   } else {
     TORCH_CHECK(a.target_kind == TargetKind::kFloat, "QFL / VFL: float targets or ids with scores");
@@ -52,26 +49,48 @@ void launch_star(const KernelArgs& a, bool aligned, const ScaleArgs& s, void* su
 }  // namespace
 
 void launch_family_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
-                          bool ids_kernel, bool aligned, const ScaleArgs& s, void* block_sums,
-                          int blocks, rt::Stream stream) {
-  TORCH_CHECK(!ids_kernel || args.loss_kind != LossKind::kFocalStar, "FL* has no class-id kernel");
+                          bool aligned, const ScaleArgs& s, void* block_sums, int blocks,
+                          rt::Stream stream) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "focal_family_cuda", [&] {
     switch (args.loss_kind) {
       case LossKind::kFocalStar:
         return launch_star<scalar_t>(args, aligned, s, block_sums, blocks, stream);
       case LossKind::kQuality:
         return with_gamma_kind(gamma_kind, [&](auto g) {
-          launch_quality<scalar_t, LossKind::kQuality, decltype(g)::value>(args, ids_kernel, aligned, s,
+          launch_quality<scalar_t, LossKind::kQuality, decltype(g)::value>(args, aligned, s,
                                                                            block_sums, blocks, stream);
         });
       case LossKind::kVarifocal:
         return with_gamma_kind(gamma_kind, [&](auto g) {
-          launch_quality<scalar_t, LossKind::kVarifocal, decltype(g)::value>(args, ids_kernel, aligned, s,
+          launch_quality<scalar_t, LossKind::kVarifocal, decltype(g)::value>(args, aligned, s,
                                                                              block_sums, blocks, stream);
         });
       default:
         TORCH_CHECK(false, "launch_family_kernel: the focal loss has its own launches");
     }
+  });
+}
+
+void launch_family_ids_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
+                              RowWalk walk, const ScaleArgs& s, void* tile_sums, int blocks,
+                              rt::Stream stream) {
+  TORCH_CHECK(args.loss_kind == LossKind::kQuality || args.loss_kind == LossKind::kVarifocal,
+              "launch_family_ids_kernel: QFL or VFL only");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "focal_family_ids_cuda", [&] {
+    with_launch_shape_for<scalar_t>(0, [&](auto shape) {
+      using Shape = decltype(shape);
+      auto* sums = static_cast<at::opmath_type<scalar_t>*>(tile_sums);
+      with_gamma_kind(gamma_kind, [&](auto g) {
+        constexpr GammaKind G = decltype(g)::value;
+        if (args.loss_kind == LossKind::kQuality) {
+          rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kQuality, Shape>, blocks, Shape::kThreads,
+                     stream, args, s, walk, sums);
+        } else {
+          rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kVarifocal, Shape>, blocks, Shape::kThreads,
+                     stream, args, s, walk, sums);
+        }
+      });
+    });
   });
 }
 

@@ -10,11 +10,17 @@
 
 namespace focal::cuda {
 
-// Launches the kernel of args.loss_kind (not kFocal) over `blocks` blocks: focal_ids_kernel when
-// `ids_kernel` (QFL / VFL, class ids and scores, see focal_cuda.cu), else focal_kernel. `block_sums`
-// (the dtype's math type, or nullptr) receives the per-block sums of a reduced loss.
+// Launches focal_kernel for args.loss_kind (not kFocal) over `blocks` blocks. `block_sums` (the
+// dtype's math type, or nullptr) receives the per-block sums of a reduced loss.
 void launch_family_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
-                          bool ids_kernel, bool aligned, const ScaleArgs& s, void* block_sums,
-                          int blocks, rt::Stream stream);
+                          bool aligned, const ScaleArgs& s, void* block_sums, int blocks,
+                          rt::Stream stream);
+
+// Launches focal_ids_kernel for QFL or VFL with class ids and scores (focal_cuda.cu says when) in
+// the default launch shape (float64's own for float64 data) over `blocks` blocks; `tile_sums`
+// receives the per-tile sums.
+void launch_family_ids_kernel(const KernelArgs& args, c10::ScalarType dtype, GammaKind gamma_kind,
+                              RowWalk walk, const ScaleArgs& s, void* tile_sums, int blocks,
+                              rt::Stream stream);
 
 }  // namespace focal::cuda

@@ -6,7 +6,9 @@
 // can be captured in a CUDA graph. Compiled by nvcc, and for tests as host C++ against the
 // emulation (host_runtime.cuh, README.md).
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
@@ -37,6 +39,51 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The launch shape (focal_kernels.cuh, kLaunchShapeNames) of the roofline kernels per GPU
+// architecture, as `make gpu-tune` (benchmarks/gpu_tune.py) measures it; any architecture not
+// listed takes shape 0. Results do not depend on the choice, only the time does.
+struct ArchLaunchShape {
+  int major, minor;
+  int shape;
+};
+constexpr ArchLaunchShape kArchLaunchShapes[] = {
+    {8, 0, 0},  // A100: not yet measured
+    {8, 9, 0},  // L4, RTX 40: not yet measured
+    {9, 0, 0},  // H100, H200: not yet measured
+};
+
+// FOCAL_CUDA_VARIANT (a name of kLaunchShapeNames) overrides the table, and FOCAL_CUDA_GRID (a
+// number of blocks >= 1) the grid's size: for benchmarks/gpu_tune.py and the tests, which compare
+// every shape and grid size; both are read at every call.
+int launch_shape_index() {
+  if (const char* name = std::getenv("FOCAL_CUDA_VARIANT"); name != nullptr && *name != '\0') {
+    for (int i = 0; i < kLaunchShapeCount; ++i) {
+      if (std::string_view(name) == kLaunchShapeNames[i]) return i;
+    }
+    std::string known;
+    for (const char* n : kLaunchShapeNames) known += std::string(known.empty() ? "" : ", ") + n;
+    TORCH_CHECK(false, "FOCAL_CUDA_VARIANT=", name, " is not a launch shape of focal's CUDA kernels (",
+                known, ")");
+  }
+  const auto [major, minor] = rt::compute_capability();
+  for (const ArchLaunchShape& a : kArchLaunchShapes) {
+    if (a.major == major && a.minor == minor) return a.shape;
+  }
+  return 0;
+}
+
+// The most blocks a launch may take: FOCAL_CUDA_GRID if set, else one wave of `blocks_per_sm`.
+int64_t max_blocks(int64_t blocks_per_sm) {
+  if (const char* grid = std::getenv("FOCAL_CUDA_GRID"); grid != nullptr && *grid != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(grid, &end, 10);
+    TORCH_CHECK(*end == '\0' && v >= 1 && v <= (1 << 30), "FOCAL_CUDA_GRID=", grid,
+                " is not a number of blocks >= 1");
+    return v;
+  }
+  return rt::multiprocessor_count() * blocks_per_sm;
+}
 
 // Loss and gradient of any elementwise loss of the family, from checked arguments.
 std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
@@ -93,45 +140,75 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const bool focal = call.loss_kind == LossKind::kFocal;
   const bool ids_targets = focal ? args.target_kind == TargetKind::kClassId
                                  : args.target_kind == TargetKind::kClassIdScore;
-  const bool ids_kernel = ids_targets && reduce && aligned && args.row_weight == nullptr &&
-                          args.elem_weight == nullptr &&
+  const bool ids_kernel = ids_targets && reduce && aligned && args.elem_weight == nullptr &&
                           cols < (int64_t{1} << 30);  // its columns are 32-bit
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr;
 
+  const int shape_index = launch_shape_index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t per_thread = ids_kernel ? kIdsChunk<scalar_t> : 16 / sizeof(scalar_t);
-    const int blocks = grid_blocks((numel + per_thread - 1) / per_thread,
-                                   multiprocessors * kBlocksPerSm<scalar_t>);
-    const at::Tensor block_sums =
-        reduce ? at::empty({blocks}, options.dtype(call.reduced_dtype())) : at::Tensor();
-    acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
-    if (!focal) {
-      launch_family_kernel(args, logits.scalar_type(), call.gamma_kind(), ids_kernel, aligned, s, sums,
-                           blocks, stream);
-    } else {
-      with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
-        constexpr GammaKind G = decltype(gamma_kind)::value;
-        constexpr LossKind L = LossKind::kFocal;
-        if (ids_kernel) {
-          rt::launch(&focal_ids_kernel<scalar_t, G, L>, blocks, kThreads, stream, args, s, sums);
-        } else if (float_kernel) {
-          rt::launch(&focal_float_kernel<scalar_t, G>, blocks, kThreads, stream, args, s, sums);
-        } else if (args.target_kind == TargetKind::kClassId) {
-          rt::launch(&focal_kernel<scalar_t, TargetKind::kClassId, G, L>, blocks, kThreads, stream,
-                     args, aligned, s, sums);
-        } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
-          rt::launch(&focal_kernel<scalar_t, TargetKind::kClassIdSmoothed, G, L>, blocks, kThreads,
-                     stream, args, aligned, s, sums);
-        } else {
-          rt::launch(&focal_kernel<scalar_t, TargetKind::kFloat, G, L>, blocks, kThreads, stream,
-                     args, aligned, s, sums);
+    acc_t* sums = nullptr;
+    at::Tensor partial_sums;
+    // The sums of a reduced loss, one per tile.
+    const auto sums_of = [&](int64_t count) {
+      if (reduce) {
+        partial_sums = at::empty({count}, options.dtype(call.reduced_dtype()));
+        sums = partial_sums.mutable_data_ptr<acc_t>();
+      }
+      return count;
+    };
+    int64_t partials = 0;
+    if (ids_kernel || float_kernel) {
+      with_launch_shape_for<scalar_t>(focal ? shape_index : 0, [&](auto shape) {
+        using Shape = decltype(shape);
+        partials = sums_of(tile_count<scalar_t>(numel));
+        const int blocks = tile_blocks<Shape>(partials, max_blocks(Shape::kBlocksPerSm));
+        const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1,
+                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>);
+        if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
+          if constexpr (std::is_same_v<Shape, DefaultLaunchShape> || std::is_same_v<Shape, Float64LaunchShape>) {
+            launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,
+                                     stream);
+          }
+          return;
         }
+        with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
+          constexpr GammaKind G = decltype(gamma_kind)::value;
+          if (ids_kernel) {
+            rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kFocal, Shape>, blocks, Shape::kThreads,
+                       stream, args, s, walk, sums);
+          } else {
+            rt::launch(&focal_float_kernel<scalar_t, G, Shape>, blocks, Shape::kThreads, stream, args, s,
+                       sums);
+          }
+        });
       });
+    } else {
+      partials = sums_of(tile_count<scalar_t>(numel));
+      const int blocks = tile_blocks<LaunchShape<kThreads, 16, kBlocksPerSm<scalar_t>>>(
+          partials, max_blocks(kBlocksPerSm<scalar_t>));
+      if (!focal) {
+        launch_family_kernel(args, logits.scalar_type(), call.gamma_kind(), aligned, s, sums, blocks, stream);
+      } else {
+        with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
+          constexpr GammaKind G = decltype(gamma_kind)::value;
+          constexpr LossKind L = LossKind::kFocal;
+          if (args.target_kind == TargetKind::kClassId) {
+            rt::launch(&focal_kernel<scalar_t, TargetKind::kClassId, G, L>, blocks, kThreads, stream,
+                       args, aligned, s, sums);
+          } else if (args.target_kind == TargetKind::kClassIdSmoothed) {
+            rt::launch(&focal_kernel<scalar_t, TargetKind::kClassIdSmoothed, G, L>, blocks, kThreads,
+                       stream, args, aligned, s, sums);
+          } else {
+            rt::launch(&focal_kernel<scalar_t, TargetKind::kFloat, G, L>, blocks, kThreads, stream,
+                       args, aligned, s, sums);
+          }
+        });
+      }
     }
     if (reduce) {
-      rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, blocks, s,
+      rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, static_cast<int>(partials), s,
                  loss.mutable_data_ptr<acc_t>());
     }
   });

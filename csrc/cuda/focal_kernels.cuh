@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/OpMathType.h>
 
@@ -138,28 +139,135 @@ __device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath
 }
 
 
-// block_sums[blockIdx.x] = the sum of every thread's `sum` in the block, in CUB's order. Every
-// thread of the block must call it.
-template <typename acc_t>
-__device__ __forceinline__ void store_block_sum(acc_t sum, acc_t* __restrict__ block_sums) {
-  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-  __shared__ typename BlockReduce::TempStorage storage;
-  const acc_t total = BlockReduce(storage).Sum(sum);
-  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
+// ---- The roofline kernels: launch shapes and tiles ------------------------------------------------
+//
+// focal_ids_kernel and focal_float_kernel split the logits into tiles of kTilePacks 16-byte packs.
+// A warp takes whole tiles, grid-stride; lane l of the warp takes the tile's packs l, l + 32, ...,
+// l + 32 * (kLanePacks - 1) (each load of the warp reads 512 contiguous bytes), a few of them at a
+// time (the launch shape's bytes in flight). The sum of a reduced loss is ordered by the data alone:
+// each pack's elements left to right, each lane's packs in that order, the 32 lanes' sums in a fixed
+// tree (store_tile_sum), one sum per tile written to memory, and the tiles' sums added by
+// sum_blocks_kernel in an order fixed by their number. Threads per block, bytes in flight, the
+// register cap and the grid size change which thread does what and when, never what is added to
+// what: every launch shape and grid size gives the same bits (tests/cuda_emulation checks it).
+
+constexpr int kWarp = 32;
+constexpr int kLanePacks = 16;                     // packs of one lane in one tile
+constexpr int kTilePacks = kWarp * kLanePacks;     // 512 packs, 8 KiB of logits
+
+// Elements per tile for data of type scalar_t.
+template <typename scalar_t>
+inline constexpr int64_t kTileElements = int64_t{kTilePacks} * (16 / static_cast<int>(sizeof(scalar_t)));
+
+// Tiles of `numel` elements: the length of the tile sums' buffer.
+template <typename scalar_t>
+__host__ __device__ inline int64_t tile_count(int64_t numel) {
+  return (numel + kTileElements<scalar_t> - 1) / kTileElements<scalar_t>;
 }
 
-// Loss (reduction "none") and gradient of every element, times the scale; with `block_sums`, also
-// each block's sum of the unscaled losses. Each thread handles packs of kVec consecutive elements
-// (16 bytes), grid-stride, read and written with 128-bit accesses when `aligned` (every pointer
-// accessed in packs is 16-byte aligned); the last, partial pack takes element accesses.
+// A launch shape of the roofline kernels: threads per block, bytes of logits (and, for float
+// targets, of targets) each thread loads before it uses any, and the blocks per SM that
+// __launch_bounds__ makes fit in the register file (65536 registers per SM from sm_70 to sm_120:
+// at most 65536 / (Threads * BlocksPerSm) registers per thread, rounded down to a multiple of 8).
+template <int Threads, int InFlightBytes, int BlocksPerSm>
+struct LaunchShape {
+  static constexpr int kThreads = Threads;
+  static constexpr int kInFlightBytes = InFlightBytes;
+  static constexpr int kBlocksPerSm = BlocksPerSm;
+};
+
+// The launch shapes compiled, by index (the host's table per architecture and FOCAL_CUDA_VARIANT
+// name them so): 0, the default, 64 bytes in flight under a 64-register cap (4 blocks of 256, 50 %
+// occupancy: the cap the kernels had before they had shapes); 1, 32 bytes in flight under 40
+// registers in blocks of 128 (12 blocks, 75 %); 2, 64 bytes in flight under 40 registers (6 blocks
+// of 256, 75 %). README.md says what each
+// costs in registers and spills.
+inline constexpr int kLaunchShapeCount = 3;
+inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
+                                                                     "t256_f64_b6"};
+
+// f(LaunchShape<...>{}) for the shape of that index (0 for any other).
+template <typename F>
+decltype(auto) with_launch_shape(int index, F&& f) {
+  switch (index) {
+    case 1: return f(LaunchShape<128, 32, 12>{});
+    case 2: return f(LaunchShape<256, 64, 6>{});
+    default: return f(LaunchShape<256, 64, 4>{});
+  }
+}
+using DefaultLaunchShape = LaunchShape<256, 64, 4>;
+// float64 needs up to about 80 registers: 3 blocks of 256 threads per SM (85), one shape only.
+using Float64LaunchShape = LaunchShape<256, 64, 3>;
+
+// The shape a launch of scalar_t data takes: `index`'s for 16- and 32-bit data, float64's own.
+template <typename scalar_t, typename F>
+decltype(auto) with_launch_shape_for(int index, F&& f) {
+  if constexpr (sizeof(scalar_t) == 8) {
+    return f(Float64LaunchShape{});
+  } else {
+    return with_launch_shape(index, std::forward<F>(f));
+  }
+}
+
+// Blocks of `Shape` for `tiles` tiles (one per warp), at most `max_blocks`.
+template <typename Shape>
+inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
+  constexpr int64_t warps = Shape::kThreads / kWarp;
+  const int64_t wanted = (tiles + warps - 1) / warps;
+  return static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
+}
+
+// How focal_ids_kernel follows rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 as a
+// multiply-high, an add and a shift (Granlund and Montgomery's method, as in ATen's IntDivider),
+// and the rows and columns a lane's first element moves by from one of its tiles to the next
+// (`step` elements: the grid's warps times a tile). Made by the host, so that the kernel reads all
+// of it from its parameters rather than holding it in registers.
+struct RowWalk {
+  uint32_t magic = 1;
+  uint32_t shift = 0;
+  int32_t cols = 1;
+  int32_t step_cols = 0;
+  int64_t step_rows = 0;
+
+  static RowWalk make(int64_t cols, int64_t step) {
+    RowWalk w;
+    w.cols = static_cast<int32_t>(cols);
+    while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
+    w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
+    w.step_rows = step / cols;
+    w.step_cols = static_cast<int32_t>(step - w.step_rows * cols);
+    return w;
+  }
+  __device__ __forceinline__ uint32_t rows_in(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
+// tile_sums[tile] = the 32 lanes' values added in a fixed tree: lane l adds lane l + 16's, then
+// l + 8's, ..., l + 1's, so lane 0 ends with ((v0 + v16) + (v8 + v24)) + ... Every lane of the warp
+// must call it.
+template <typename acc_t>
+__device__ __forceinline__ void store_tile_sum(acc_t v, int64_t tile, acc_t* __restrict__ tile_sums) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  if (threadIdx.x % kWarp == 0) tile_sums[tile] = v;
+}
+
+// Loss (reduction "none") and gradient of every element, times the scale; with `tile_sums`, also
+// each tile's sum of the unscaled losses, in the tiles' order (above), so that its sums are bitwise
+// those of focal_float_kernel. Each warp takes tiles, grid-stride, and each lane its packs of kVec
+// consecutive elements (16 bytes) in the tile, read and written with 128-bit accesses when
+// `aligned` (every pointer accessed in packs is 16-byte aligned); the last, partial pack takes
+// element accesses.
 template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     focal_kernel(KernelArgs a, bool aligned, ScaleArgs s,
-                 at::opmath_type<scalar_t>* __restrict__ block_sums) {
+                 at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
+  const int64_t tiles = tile_count<scalar_t>(n);
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const auto loss_fn = launch_loss<scalar_t, G, L>(a);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
@@ -168,69 +276,82 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   auto* grad_all = static_cast<scalar_t*>(a.grad);
   const bool packs = aligned || kFaultAssumeAligned;
 
-  acc_t sum = 0;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / kWarp);
   int64_t touched = 0;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kVec;
-  for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kVec; base < n;
-       base += stride) {
-    const bool vector_io = packs && (base + kVec <= n || kFaultVectorTail);
-    P x, t, loss, grad;
-    if (vector_io) {
-      x = *reinterpret_cast<const P*>(x_all + base);
-      if constexpr (TK == TargetKind::kFloat) t = *reinterpret_cast<const P*>(t_all + base);
-    } else {
-      for (int j = 0; j < kVec; ++j) {
-        if (base + j < n) {
-          x.v[j] = x_all[base + j];
-          if constexpr (TK == TargetKind::kFloat) t.v[j] = t_all[base + j];
+  for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / kWarp; tile < tiles;
+       tile += warps) {
+    acc_t lane_sum = 0;
+    for (int k = 0; k < kLanePacks; ++k) {
+      const int64_t base = (tile * kTilePacks + lane + int64_t{kWarp} * k) * kVec;
+      if (base >= n) break;
+      const bool vector_io = packs && (base + kVec <= n || kFaultVectorTail);
+      P x, t, loss, grad;
+      if (vector_io) {
+        x = *reinterpret_cast<const P*>(x_all + base);
+        if constexpr (TK == TargetKind::kFloat) t = *reinterpret_cast<const P*>(t_all + base);
+      } else {
+        for (int j = 0; j < kVec; ++j) {
+          if (base + j < n) {
+            x.v[j] = x_all[base + j];
+            if constexpr (TK == TargetKind::kFloat) t.v[j] = t_all[base + j];
+          }
         }
       }
-    }
-    int64_t row = base / a.cols;
-    int64_t col = base - row * a.cols;
+      int64_t row = base / a.cols;
+      int64_t col = base - row * a.cols;
+      acc_t pack_sum = 0;
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      if (base + j < n) {
-        const acc_t tj = TK == TargetKind::kFloat ? static_cast<acc_t>(t.v[j]) : acc_t(0);
-        const auto r = element<scalar_t, TK, G, L>(a, loss_fn, row, col, static_cast<acc_t>(x.v[j]), tj);
-        sum = add_rn(sum, r.loss);
-        loss.v[j] = static_cast<scalar_t>(r.loss * scale);
-        grad.v[j] = static_cast<scalar_t>(r.grad * scale);
-      }
-      if (++col == a.cols) {
-        col = 0;
-        ++row;
-      }
-    }
-    if (vector_io) {
-      if (loss_all) *reinterpret_cast<P*>(loss_all + base) = loss;
-      if (grad_all) *reinterpret_cast<P*>(grad_all + base) = grad;
-    } else {
       for (int j = 0; j < kVec; ++j) {
         if (base + j < n) {
-          if (loss_all) loss_all[base + j] = loss.v[j];
-          if (grad_all) grad_all[base + j] = grad.v[j];
+          const acc_t tj = TK == TargetKind::kFloat ? static_cast<acc_t>(t.v[j]) : acc_t(0);
+          const auto r = element<scalar_t, TK, G, L>(a, loss_fn, row, col, static_cast<acc_t>(x.v[j]), tj);
+          pack_sum = j == 0 ? r.loss : add_rn(pack_sum, r.loss);
+          loss.v[j] = static_cast<scalar_t>(r.loss * scale);
+          grad.v[j] = static_cast<scalar_t>(r.grad * scale);
+        }
+        if (++col == a.cols) {
+          col = 0;
+          ++row;
         }
       }
+      lane_sum = add_rn(lane_sum, pack_sum);
+      if (vector_io) {
+        if (loss_all) *reinterpret_cast<P*>(loss_all + base) = loss;
+        if (grad_all) *reinterpret_cast<P*>(grad_all + base) = grad;
+      } else {
+        for (int j = 0; j < kVec; ++j) {
+          if (base + j < n) {
+            if (loss_all) loss_all[base + j] = loss.v[j];
+            if (grad_all) grad_all[base + j] = grad.v[j];
+          }
+        }
+      }
+      touched += n - base < kVec ? n - base : kVec;
     }
-    touched += n - base < kVec ? n - base : kVec;
+    if (tile_sums) store_tile_sum(lane_sum, tile, tile_sums);
   }
   trace_elements(touched);
-  if (block_sums) store_block_sum(sum, block_sums);
 }
 
 // Float targets (torchvision's form) without weights, 16-byte aligned logits, targets and outputs:
-// no rows at all. Each thread takes one pack of logits and one of targets per step, grid-stride, in
-// the order of focal_kernel (so its sums are bitwise focal_kernel's: tests/cuda_cases.py models
-// both); the partial last pack, if any, falls to the thread whose turn it is, after the loop.
-template <typename scalar_t, GammaKind G>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
-    focal_float_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
+// no rows at all. Each lane loads Shape::kInFlightBytes / 32 packs of logits and as many of targets
+// (at least one of each) before computing any; a pack's losses are added left to right, each with
+// a round-to-nearest addition that nvcc never fuses, so the GPU's sums are bitwise those of the
+// emulation and of the model in tests/cuda_cases.py. The partial last pack, if any, is its lane's
+// last, taken element by element after the others.
+template <typename scalar_t, GammaKind G, typename Shape = DefaultLaunchShape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
+    focal_float_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = MathFor<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
+  constexpr int kInFlight = Shape::kInFlightBytes >= 64 ? Shape::kInFlightBytes / 32 : 1;
+  static_assert(kLanePacks % kInFlight == 0, "a lane's packs come in equal rounds");
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
+  const int64_t full_packs = n / kVec;
+  const int64_t tiles = tile_count<scalar_t>(n);
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
   const acc_t gamma = static_cast<acc_t>(a.gamma);
@@ -243,46 +364,86 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   const auto one = [&](acc_t x, acc_t t) {
     return focal_target<G, acc_t, M>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
   };
-  const int64_t full_packs = n / kVec;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  acc_t sum = 0;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp);
   int64_t touched = 0;
-  for (; p < full_packs; p += stride) {
-    const P x = reinterpret_cast<const P*>(x_all)[p];
-    const P t = reinterpret_cast<const P*>(t_all)[p];
-    acc_t xf[kVec], tf[kVec];
-    unpack(x, xf);
-    unpack(t, tf);
-    P loss, grad;
+  // The loop once per output written (the loss of reduction "none", the gradient), so that no
+  // pack tests for them.
+  const auto run = [&](auto writes_loss, auto writes_grad) {
+    for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
+         tile < tiles; tile += warps) {
+      const int64_t first = tile * kTilePacks + lane;  // the lane's packs: first + 32 k
+      acc_t lane_sum = 0;
+#pragma unroll 1
+      for (int r = 0; r < kLanePacks; r += kInFlight) {
+        P x[kInFlight], t[kInFlight];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      const LossAndGrad<acc_t> r = one(xf[j], tf[j]);
-      sum = add_rn(sum, r.loss);
-      loss.v[j] = static_cast<scalar_t>(r.loss * scale);
-      grad.v[j] = static_cast<scalar_t>(r.grad * scale);
+        for (int i = 0; i < kInFlight; ++i) {
+          const int64_t p = first + int64_t{kWarp} * (r + i);
+          if (p < full_packs) {
+            x[i] = reinterpret_cast<const P*>(x_all)[p];
+            t[i] = reinterpret_cast<const P*>(t_all)[p];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          const int64_t p = first + int64_t{kWarp} * (r + i);
+          if (p >= full_packs) continue;
+          acc_t xf[kVec], tf[kVec];
+          unpack(x[i], xf);
+          unpack(t[i], tf);
+          P loss, grad;
+          acc_t pack_sum = 0;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            const LossAndGrad<acc_t> e = one(xf[j], tf[j]);
+            pack_sum = j == 0 ? e.loss : add_rn(pack_sum, e.loss);
+            loss.v[j] = static_cast<scalar_t>(e.loss * scale);
+            grad.v[j] = static_cast<scalar_t>(e.grad * scale);
+          }
+          lane_sum = add_rn(lane_sum, pack_sum);
+          if constexpr (decltype(writes_loss)::value) reinterpret_cast<P*>(loss_all)[p] = loss;
+          if constexpr (decltype(writes_grad)::value) reinterpret_cast<P*>(grad_all)[p] = grad;
+          touched += kVec;
+        }
+      }
+      const int64_t tail = full_packs * kVec;  // the partial last pack's first element
+      if (tail < n && full_packs - first >= 0 && (full_packs - first) % kWarp == 0 &&
+          full_packs - first < int64_t{kTilePacks}) {
+        acc_t pack_sum = 0;
+        for (int64_t e = tail; e < n; ++e) {
+          const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));
+          pack_sum = e == tail ? r.loss : add_rn(pack_sum, r.loss);
+          if (loss_all) loss_all[e] = static_cast<scalar_t>(r.loss * scale);
+          if (grad_all) grad_all[e] = static_cast<scalar_t>(r.grad * scale);
+          ++touched;
+        }
+        lane_sum = add_rn(lane_sum, pack_sum);
+      }
+      if (tile_sums) store_tile_sum(lane_sum, tile, tile_sums);
     }
-    if (loss_all) reinterpret_cast<P*>(loss_all)[p] = loss;
-    if (grad_all) reinterpret_cast<P*>(grad_all)[p] = grad;
-    touched += kVec;
-  }
-  for (int64_t e = p * kVec; e < n; ++e) {  // the partial last pack: only one thread gets here
-    const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));
-    sum = add_rn(sum, r.loss);
-    if (loss_all) loss_all[e] = static_cast<scalar_t>(r.loss * scale);
-    if (grad_all) grad_all[e] = static_cast<scalar_t>(r.grad * scale);
-    ++touched;
+  };
+  const auto with_grad = [&](auto writes_loss) {
+    if (grad_all != nullptr) {
+      run(writes_loss, std::true_type{});
+    } else {
+      run(writes_loss, std::false_type{});
+    }
+  };
+  if (loss_all != nullptr) {
+    with_grad(std::true_type{});
+  } else {
+    with_grad(std::false_type{});
   }
   trace_elements(touched);
-  if (block_sums) store_block_sum(sum, block_sums);
 }
 
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
 // loss (reduction "none") and gradient times `scale` written out; returns the sum of their
-// alpha-weighted losses. What focal_ids_kernel leaves to the general code; not inlined, so that
-// the fast loop stays short.
+// alpha-weighted losses, left to right. What focal_ids_kernel leaves to the general code; not
+// inlined, so that its copies in the unrolled loop stay out of the instruction cache.
 template <typename scalar_t, GammaKind G, LossKind L>
-__device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
+__device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
     const KernelArgs& a, at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row,
     int64_t col) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -305,126 +466,155 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_chunk_slow(
   return sum;
 }
 
-// Elements each thread of focal_ids_kernel takes per step: two 16-byte packs.
-template <typename scalar_t>
-inline constexpr int kIdsChunk = 2 * 16 / static_cast<int>(sizeof(scalar_t));
-
-// Class-id targets without label smoothing or per-element weights, a reduced loss, 16-byte aligned
-// logits and gradient: the loss of dense detection, written for the memory roofline
-// (csrc/cuda/README.md). Each thread takes chunks of two 16-byte packs, grid-stride, and follows
-// its chunk's row and column incrementally (no division in the loop); each trip loads the next
-// chunk's class id with this chunk's logits. A chunk within one row and without a positive (nearly
-// every chunk: a row has at most one positive among its C classes, a background row none) runs
-// focal_hard with z = x on every element, alpha's negative weight and the scale folded into one
-// factor; a chunk of an ignored row writes zeros; any other chunk (a positive, an invalid id, a row
-// boundary, the tail) goes to focal_chunk_slow.
+// Class-id targets without label smoothing or per-element weights (a weight per row is taken), a
+// reduced loss, 16-byte aligned logits and gradient: the loss of dense detection, written for the
+// memory roofline (csrc/cuda/README.md). Tiles as above; each lane loads Shape::kInFlightBytes / 16
+// packs and their rows' class ids (and weights) before it uses any. It follows the row and column
+// of its first pack in a tile from tile to tile (a division only before the loop) and finds those
+// of its other packs with RowWalk. A pack within one row whose row has no positive in it (nearly
+// every pack: a row has at most one positive among its C classes, a background row none) runs
+// focal_hard with z = x on every element, alpha's negative weight, the row's weight and the scale
+// folded into one factor; a pack of an ignored row writes zeros; any other pack (a positive, an
+// invalid id, a row boundary, the tail) goes to focal_pack_slow. Which path a pack takes depends on
+// the data alone, and each lane keeps two sums in pack order (the fast packs' losses before
+// alpha's negative weight, and the others'), joined once per tile.
 //
 // L is the focal loss, or QFL / VFL with class ids and scores: their negatives are focal_hard with
 // z = x too (with QFL's beta or VFL's gamma as the exponent and VFL's alpha as the negatives'
-// weight), and a positive's score is read by focal_chunk_slow alone.
-template <typename scalar_t, GammaKind G, LossKind L>
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
-    focal_ids_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ block_sums) {
+// weight), and a positive's score is read by focal_pack_slow alone.
+template <typename scalar_t, GammaKind G, LossKind L, typename Shape = DefaultLaunchShape>
+__global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
+    focal_ids_kernel(KernelArgs a, ScaleArgs s, RowWalk walk,
+                     at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = MathFor<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
-  constexpr int kChunk = kIdsChunk<scalar_t>;
+  constexpr int kInFlight = Shape::kInFlightBytes / 16;
+  static_assert(kInFlight >= 1 && kLanePacks % kInFlight == 0, "a lane's packs come in equal rounds");
+  constexpr int32_t kTile = static_cast<int32_t>(kTileElements<scalar_t>);
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
-  const int64_t cols = a.cols;
+  const int32_t cols = walk.cols;
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   static_assert(L != LossKind::kFocalStar, "FL*'s negatives are not focal_hard");
   const AlphaWeights<acc_t> alpha = loss_alpha<L, acc_t, acc_t>(a.alpha);
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const acc_t negative_grad_w = alpha.neg * scale;
   const auto* ids = static_cast<const int64_t*>(a.targets);
+  const auto* row_weight = static_cast<const scalar_t*>(a.row_weight);  // or nullptr
   const auto* x_all = static_cast<const P*>(a.logits);
   auto* grad_all = static_cast<P*>(a.grad);
 
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kChunk;
-  // Columns in 32 bits: the host takes this kernel only for rows of fewer than 2^30 elements, so
-  // that col + stride_cols (both below cols) never reaches 2^31.
-  const int64_t stride_rows = stride / cols;
-  const int32_t stride_cols = static_cast<int32_t>(stride - stride_rows * cols);
-  const int32_t cols32 = static_cast<int32_t>(cols);
-  int64_t e0 = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) * kChunk;
-  int64_t row = e0 / cols;
-  int32_t col = static_cast<int32_t>(e0 - row * cols);
-  acc_t negatives = 0;  // losses of the fast chunks, before alpha's negative weight
-  acc_t others = 0;     // alpha- and weight-scaled losses of the other chunks
+  const int lane = threadIdx.x % kWarp;
+  const int64_t first_tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
+  // The lane's first element in its tile, with its row and column; from tile to tile they move by
+  // walk's step (the tile is e_lane / kTile).
+  int64_t e_lane = first_tile * kTile + lane * kVec;
+  int64_t row0 = e_lane / cols;
+  int32_t col0 = static_cast<int32_t>(e_lane - row0 * cols);
+  const int64_t step = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp) * kTile;
   int64_t touched = 0;
-  const auto next_chunk = [&]() {
-    e0 += stride;
-    col += stride_cols;
-    row += stride_rows;
-    if (col >= cols32) {
-      col -= cols32;
-      ++row;
-    }
-  };
+
   // The loop twice, with and without the gradient (a forward under no_grad), so that neither
-  // tests for it per chunk.
+  // tests for it per pack.
   const auto run = [&](auto writes_grad) {
-    while (e0 < n) {
-      // The fast chunks, one after another: the loop that runs for nearly every element. The call
-      // to focal_chunk_slow stays outside it, so nothing in it waits for or spills around a call.
-      // Each trip loads the next chunk's class id together with this chunk's logits: the branch on
-      // a class id never waits for memory, and a trip costs one memory latency, not two.
-      int64_t label = ids[row];
-      while (true) {
-        // The chunk ends in this row (so both packs lie inside the logits), and the row is
-        // ignored, or -1 <= label < cols with label outside [col, col + kChunk).
-        const bool ignored = label == a.ignore_index;
-        const bool negative =
-            static_cast<uint64_t>(label) + 1 <= static_cast<uint64_t>(cols) &&
-            static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kChunk);
-        const bool fast = col + kChunk <= cols32 && (ignored || negative);
-        if (!fast) break;
-        const uint64_t p = static_cast<uint64_t>(e0) / kVec;  // unsigned: a shift, no sign fix-up
-        const P x[2] = {x_all[p], x_all[p + 1]};
-        next_chunk();
-        const bool more = e0 < n;
-        const int64_t next_label = more ? ids[row] : 0;
-        if (ignored) {
-          // An ignored row (a few percent of anchors in detection) stays in this loop, with no
-          // loss and a zero gradient whatever its logits: a thread that left the loop for it
-          // would idle the rest of its warp until every thread had left.
-          if constexpr (decltype(writes_grad)::value) {
-            grad_all[p] = P{};
-            grad_all[p + 1] = P{};
-          }
-        } else {
-          P grad[2];
-          acc_t pack_sums[2];
+    for (; e_lane - lane * kVec < n; e_lane += step) {
+      const int64_t left64 = n - e_lane;  // elements from the lane's first to the end
+      const int32_t left = static_cast<int32_t>(left64 < kTile ? left64 : kTile);
+      const int64_t* row_ids = ids + row0;
+      const uint64_t pack0 = static_cast<uint64_t>(e_lane) / kVec;  // unsigned: a shift
+      const P* x_lane = x_all + pack0;
+      acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
+      acc_t others = 0;     // the other packs' alpha-weighted losses
+      uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
+#pragma unroll 1
+      for (int r = 0; r < kLanePacks; r += kInFlight) {
+        P x[kInFlight];
+        int64_t label[kInFlight];
+        scalar_t weight[kInFlight];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            acc_t xf[kVec];
-            unpack(x[h], xf);
-            pack_sums[h] = 0;
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) {
-              const LossAndGrad<acc_t> r = focal_hard<G, acc_t, M>(xf[j], gamma);
-              pack_sums[h] += r.loss;
-              grad[h].v[j] = static_cast<scalar_t>(r.grad * negative_grad_w);
-            }
-          }
-          // Summed per pack first: the thread's running sum takes one rounding per chunk rather
-          // than one per element (8 to 16 times fewer on a sum over billions of elements).
-          negatives += pack_sums[0] + pack_sums[1];
-          if constexpr (decltype(writes_grad)::value) {
-            grad_all[p] = grad[0];
-            grad_all[p + 1] = grad[1];
+        for (int i = 0; i < kInFlight; ++i) {
+          const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
+          const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
+          if (offset + kVec <= left) {
+            label[i] = row_ids[rows_on];
+            x[i] = x_lane[offset / kVec];
           }
         }
-        touched += kChunk;
-        if (!more) break;
-        label = next_label;
+        if (row_weight != nullptr) {  // after the others: the branch must not split them
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            const int32_t offset = (r + i) * kWarp * kVec;
+            const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
+            if (offset + kVec <= left) weight[i] = row_weight[row0 + rows_on];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          const int32_t offset = (r + i) * kWarp * kVec;
+          if (offset >= left) continue;  // past the end
+          touched += left - offset < kVec ? left - offset : kVec;
+          const uint32_t at = static_cast<uint32_t>(col0 + offset);
+          const uint32_t rows_on = walk.rows_in(at);
+          const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
+          bool fast = false, ignored = false;
+          if (offset + kVec <= left && col + kVec <= cols) {
+            // Within one row; ignored, or -1 <= label < cols with label outside [col, col + kVec).
+            ignored = label[i] == a.ignore_index;
+            const bool negative =
+                static_cast<uint64_t>(label[i]) + 1 <= static_cast<uint64_t>(cols) &&
+                static_cast<uint64_t>(label[i] - col) >= static_cast<uint64_t>(kVec);
+            fast = ignored || negative;
+          }
+          if (fast && ignored) {
+            // An ignored row (a few percent of anchors in detection) stays in this loop, with no
+            // loss and a zero gradient whatever its logits.
+            if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
+          } else if (fast) {
+            // A row weight scales the pack's gradient factor and its sum (exactly when there is
+            // none: a product by 1).
+            const acc_t w = row_weight != nullptr ? static_cast<acc_t>(weight[i]) : acc_t(1);
+            const acc_t grad_w = negative_grad_w * w;
+            acc_t xf[kVec];
+            unpack(x[i], xf);
+            P grad;
+            acc_t pack_sum = 0;
+#pragma unroll
+            for (int j = 0; j < kVec; ++j) {
+              const LossAndGrad<acc_t> e = focal_hard<G, acc_t, M>(xf[j], gamma);
+              pack_sum += e.loss;
+              grad.v[j] = static_cast<scalar_t>(e.grad * grad_w);
+            }
+            negatives = add_rn(negatives, pack_sum * w);
+            if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = grad;
+          } else {
+            slow |= 1u << (r + i);
+          }
+        }
       }
-      if (e0 >= n) break;
-      const int len = n - e0 < kChunk ? static_cast<int>(n - e0) : kChunk;
-      others += focal_chunk_slow<scalar_t, G, L>(a, scale, e0, len, row, col);
-      touched += len;
-      next_chunk();
+      // The other packs, in the lane's order, after the loop above: the call, and the registers
+      // it needs saved, stay out of it.
+      while (slow != 0) {
+        const int k = __ffs(slow) - 1;
+        slow &= slow - 1;
+        const int32_t offset = k * kWarp * kVec;
+        const uint32_t at = static_cast<uint32_t>(col0 + offset);
+        const uint32_t rows_on = walk.rows_in(at);
+        const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
+        const int len = left - offset < kVec ? left - offset : kVec;
+        others = add_rn(others, focal_pack_slow<scalar_t, G, L>(a, scale, e_lane + offset, len,
+                                                                row0 + rows_on, col));
+      }
+      // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0
+      // is NaN).
+      store_tile_sum(alpha.neg == acc_t(0) ? others : add_rn(negatives * alpha.neg, others),
+                     static_cast<uint64_t>(e_lane) / kTile, tile_sums);
+      row0 += walk.step_rows;
+      col0 += walk.step_cols;
+      if (col0 >= cols) {
+        col0 -= cols;
+        ++row0;
+      }
     }
   };
   if (grad_all != nullptr) {
@@ -433,20 +623,30 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
     run(std::false_type{});
   }
   trace_elements(touched);
-  if (block_sums) {
-    // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0 is NaN).
-    store_block_sum(alpha.neg == acc_t(0) ? others : negatives * alpha.neg + others, block_sums);
-  }
 }
 
 // *out = scale * (sum of block_sums), the sum in an order fixed by `blocks`: thread i adds
-// block_sums[i], [i + kThreads], ... in turn, then cub::BlockReduce adds the threads' sums.
+// block_sums[i], [i + kThreads], ... in turn, then cub::BlockReduce adds the threads' sums. The
+// roofline kernels leave one sum per tile (tens of thousands for a large input): each thread
+// loads kSumsInFlight of its values before adding them, so that the loads overlap.
 template <typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     sum_blocks_kernel(const acc_t* __restrict__ block_sums, int blocks, ScaleArgs s,
                       acc_t* __restrict__ out) {
+  constexpr int kSumsInFlight = 16;
   acc_t sum = 0;
-  for (int i = threadIdx.x; i < blocks; i += kThreads) sum = add_rn(sum, block_sums[i]);
+  for (int base = threadIdx.x; base < blocks; base += kThreads * kSumsInFlight) {
+    acc_t v[kSumsInFlight];
+#pragma unroll
+    for (int k = 0; k < kSumsInFlight; ++k) {
+      const int i = base + k * kThreads;
+      v[k] = i < blocks ? block_sums[i] : acc_t(0);
+    }
+#pragma unroll
+    for (int k = 0; k < kSumsInFlight; ++k) {
+      if (base + k * kThreads < blocks) sum = add_rn(sum, v[k]);
+    }
+  }
   using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
   const acc_t total = BlockReduce(storage).Sum(sum);

@@ -31,6 +31,12 @@ inline int multiprocessor_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// The current device's compute capability, {major, minor}.
+inline std::pair<int, int> compute_capability() {
+  const cudaDeviceProp* p = at::cuda::getCurrentDeviceProperties();
+  return {p->major, p->minor};
+}
+
 // True when the host may read the tensor without waiting for the GPU.
 inline bool resides_on_host(const at::Tensor& t) { return t.device().is_cpu(); }
 
@@ -53,6 +59,7 @@ using Stream = std::nullptr_t;
 
 inline Stream current_stream() { return nullptr; }
 inline int multiprocessor_count() { return focal_emu::kMultiprocessors; }
+inline std::pair<int, int> compute_capability() { return {9, 0}; }  // an H100's, for the table
 inline bool resides_on_host(const at::Tensor& t) {
   return t.device().is_cpu() && !focal_emu::scalars_on_device();
 }

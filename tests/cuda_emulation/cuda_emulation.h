@@ -63,6 +63,10 @@ inline float __uint_as_float(uint32_t u) {
   return f;
 }
 inline double __dadd_rn(double a, double b) { return a + b; }
+inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
 
 namespace focal_emu {
 
@@ -74,6 +78,7 @@ inline constexpr int kWarpThreads = 32;
 struct Counters {
   std::atomic<int64_t> launches{0};
   std::atomic<int64_t> elements{0};  // reported by the kernels through trace_elements()
+  std::vector<int64_t> shapes;       // blocks and threads per block of each launch, in turn
 };
 inline Counters counters;
 
@@ -86,6 +91,15 @@ inline std::atomic<bool> scalars_on_device_flag{false};
 inline bool scalars_on_device() { return scalars_on_device_flag.load(); }
 
 inline thread_local std::barrier<>* block_barrier = nullptr;
+
+// The calling thread's warp: a barrier of its 32 lanes and one exchange slot per lane, for the
+// warp shuffles below.
+struct Warp {
+  explicit Warp(std::ptrdiff_t lanes) : barrier(lanes) {}
+  std::barrier<> barrier;
+  uint64_t slots[kWarpThreads] = {};
+};
+inline thread_local Warp* warp = nullptr;
 
 // Runs the blocks of a grid on a pool of OS threads, one per thread of a block.
 class Device {
@@ -107,6 +121,8 @@ class Device {
     }
     const std::lock_guard<std::mutex> one_launch_at_a_time(launch_mutex_);
     counters.launches.fetch_add(1);
+    counters.shapes.push_back(int64_t{grid.x} * grid.y * grid.z);
+    counters.shapes.push_back(static_cast<int64_t>(threads));
     grow(static_cast<unsigned>(threads));
     kernel_ = &kernel;
     grid_ = grid;
@@ -139,6 +155,11 @@ class Device {
   void run_block(uint3 block_idx, unsigned threads) {
     block_idx_ = block_idx;
     barrier_.emplace(static_cast<std::ptrdiff_t>(threads));
+    warps_.clear();
+    for (unsigned first = 0; first < threads; first += kWarpThreads) {
+      const unsigned lanes = threads - first < kWarpThreads ? threads - first : kWarpThreads;
+      warps_.push_back(std::make_unique<Warp>(static_cast<std::ptrdiff_t>(lanes)));
+    }
     {
       const std::lock_guard<std::mutex> lock(done_mutex_);
       running_ = threads;
@@ -156,10 +177,13 @@ class Device {
       blockDim = block_;
       gridDim = grid_;
       block_barrier = &*barrier_;
+      warp = warps_[id / kWarpThreads].get();
       (*kernel_)();
-      // An exited thread no longer takes part in __syncthreads(), as on the GPU.
+      // An exited thread no longer takes part in __syncthreads() or a shuffle, as on the GPU.
       block_barrier->arrive_and_drop();
+      warp->barrier.arrive_and_drop();
       block_barrier = nullptr;
+      warp = nullptr;
       const std::lock_guard<std::mutex> lock(done_mutex_);
       if (--running_ == 0) done_.notify_one();
     }
@@ -172,6 +196,7 @@ class Device {
   dim3 grid_, block_;
   uint3 block_idx_;
   std::optional<std::barrier<>> barrier_;
+  std::vector<std::unique_ptr<Warp>> warps_;
   std::mutex done_mutex_;
   std::condition_variable done_;
   unsigned running_ = 0;
@@ -196,6 +221,28 @@ inline void __syncthreads() {
 }
 
 // ---- CUB --------------------------------------------------------------------------------------
+
+// __shfl_down_sync over a full warp (mask 0xffffffff, which the kernels always pass): lane l
+// receives lane l + offset's value, or its own when that lane is past the warp's end. Every lane
+// writes its slot, all wait, all read, all wait again before a slot can be rewritten.
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned offset) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "one register's worth");
+  focal_emu::Warp* w = focal_emu::warp;
+  if (w == nullptr || mask != 0xffffffffu || blockDim.x % focal_emu::kWarpThreads != 0) {
+    std::fputs("emulated CUDA: __shfl_down_sync needs a full warp inside a kernel\n", stderr);
+    std::abort();
+  }
+  const unsigned lane = threadIdx.x % focal_emu::kWarpThreads;
+  std::memcpy(&w->slots[lane], &value, sizeof(T));
+  w->barrier.arrive_and_wait();
+  T out = value;
+  if (lane + offset < static_cast<unsigned>(focal_emu::kWarpThreads)) {
+    std::memcpy(&out, &w->slots[lane + offset], sizeof(T));
+  }
+  w->barrier.arrive_and_wait();
+  return out;
+}
 
 namespace cub {
 

@@ -360,7 +360,7 @@ def test_class_id_mean_counts_rows_on_the_device():
     x = make_logits((50, 7), torch.float32, g)
     ids = make_targets("ids", x, g)
     (loss, grad), launches, _ = counted(lambda: loss_op(EMU, x, ids, reduction="mean"))
-    assert launches == 3  # count, loss, sum of the block sums
+    assert launches == 3  # count, loss, sum of the tile sums
     cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction="mean")
     assert_reduced_close(loss, cpu_loss, torch.float32, x.numel(), "mean")
     assert_close_ulps(grad, cpu_grad, torch.float32, GRAD_ULPS[torch.float32], "grad", normwise=True)
@@ -444,6 +444,113 @@ def test_reduced_sum_of_16_bit_logits_is_repeatable(dtype):
     first, _ = loss_op(EMU, x, ids, reduction="mean")
     for _ in range(3):
         assert_bitwise_equal(loss_op(EMU, x, ids, reduction="mean")[0], first, "repeat")
+
+
+# ---- Launch shapes and grid sizes: the same bits ----------------------------------------------------
+
+LAUNCH_SHAPES = {"t256_f64_b4": 256, "t128_f32_b12": 128, "t256_f64_b6": 256}  # name -> threads per block
+GRIDS = [None, 1]  # FOCAL_CUDA_GRID: one wave (8, 12 or 24 blocks on the 2 emulated SMs, by shape), one block
+
+
+@contextlib.contextmanager
+def launch_shape(name, grid):
+    """The roofline kernels in launch shape `name` on a grid of `grid` blocks (None: as chosen)."""
+    old = {k: os.environ.get(k) for k in ("FOCAL_CUDA_VARIANT", "FOCAL_CUDA_GRID")}
+    os.environ["FOCAL_CUDA_VARIANT"] = name
+    if grid is None:
+        os.environ.pop("FOCAL_CUDA_GRID", None)
+    else:
+        os.environ["FOCAL_CUDA_GRID"] = str(grid)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _every_launch(dtype, call):
+    """call() in every launch shape and grid size: the loss kernel's launch as asked, and the
+    results, which must be bitwise those of the first."""
+    first = None
+    shapes = list(LAUNCH_SHAPES)[:1] if dtype == torch.float64 else LAUNCH_SHAPES  # float64: one shape
+    for name, grid in itertools.product(shapes, GRIDS):
+        with launch_shape(name, grid):
+            EMU.reset_emulation_counters()
+            got = call()
+            shapes = EMU.emulated_launch_shapes()
+            launches = list(zip(shapes[::2], shapes[1::2]))
+            # The loss kernel's: the only launch, or the one before the sum of its tiles.
+            blocks, threads = launches[-2] if len(launches) > 1 else launches[0]
+        # float64 has one launch shape of its own; the grid is the one asked for, or one wave.
+        assert threads == (256 if dtype == torch.float64 else LAUNCH_SHAPES[name]), (name, threads)
+        assert grid is None or blocks <= grid, (name, grid, blocks)
+        if first is None:
+            first = got
+            continue
+        for a, b, what in zip(got, first, ("loss", "grad")):
+            assert_bitwise_equal(a, b, f"{what}, {name} on {grid or 'one wave of'} blocks")
+    return first
+
+
+def _tiles_past_a_block(dtype):
+    """Tiles enough that on a grid of one block some warps take two (the smallest block, of the
+    launch shapes dtype has, holds this many warps minus one)."""
+    return 9 if dtype == torch.float64 else 1 + min(LAUNCH_SHAPES.values()) // 32
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
+    """focal_ids_kernel: sizes that are not a whole number of tiles, rows that end inside a pack,
+    positives at every column, background and ignored rows; sum and mean, with and without the
+    gradient and a row weight, gamma 2 and 1.5; all bit for bit the same in every launch shape and
+    on one block or a wave of them. Rows of 80 give packs within rows, 37 packs
+    across row ends."""
+    g = torch.Generator().manual_seed(21)
+    tile = 32 * 16 * vector_width(dtype)
+    for rows, cols in ((_tiles_past_a_block(dtype) * tile // 80 + 3, 80), (tile // 37 + 5, 37), (5, 3)):
+        x = make_logits((rows, cols), dtype, g)
+        ids = _ids_with_every_case(rows, cols, g)
+        row_weight = torch.rand(rows, generator=g, dtype=torch.float64).add(0.5).to(dtype)
+        for reduction, gamma, compute_grad, rw in (("sum", 2.0, True, None), ("sum", 1.5, True, row_weight),
+                                                   ("mean", 1.5, False, None)):
+            loss, grad = _every_launch(dtype, lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma,
+                                                              row_weight=rw, compute_grad=compute_grad))
+            cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma, row_weight=rw)
+            what = f"{rows}x{cols} {reduction}{' row-weighted' if rw is not None else ''}"
+            assert_reduced_close(loss, cpu_loss, dtype, x.numel(), what + " vs CPU op",
+                                 torch.float32 if dtype != torch.float64 else None)
+            if compute_grad:
+                assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], what + " grad vs CPU op", normwise=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and_grid(dtype):
+    """focal_float_kernel: soft targets over sizes that end in a partial pack and a partial tile,
+    every reduction (loss elements too for "none"), all bit for bit the same in every launch shape
+    and grid size, and the sum bitwise the model of its order in tests/cuda_cases.py."""
+    g = torch.Generator().manual_seed(22)
+    tile = 32 * 16 * vector_width(dtype)
+    for numel in (_tiles_past_a_block(dtype) * tile + 3 * vector_width(dtype) + 1, 5):
+        x = make_logits((numel, 1), dtype, g)
+        t = make_targets("soft", x, g)
+        for reduction in REDUCTIONS:
+            _every_launch(dtype, lambda: loss_op(EMU, x, t, reduction=reduction, gamma=1.5, smoothing=0.1))
+        if dtype in (torch.float32, torch.float64):
+            unscaled, _ = loss_op(EMU, x, t, compute_grad=False)
+            total, _ = loss_op(EMU, x, t, reduction="sum", compute_grad=False)
+            assert_bitwise_equal(total, cuda_reduced_sum(unscaled, dtype), "sum vs model of its order")
+
+
+def test_launch_shape_override_is_checked():
+    x = make_logits((4, 80), torch.float32, torch.Generator().manual_seed(1))
+    ids = torch.zeros(4, dtype=torch.long)
+    with launch_shape("t999", None), pytest.raises(RuntimeError, match="FOCAL_CUDA_VARIANT=t999 is not a launch shape"):
+        loss_op(EMU, x, ids, reduction="sum")
+    with launch_shape("t256_f64_b4", 0), pytest.raises(RuntimeError, match="FOCAL_CUDA_GRID=0 is not a number"):
+        loss_op(EMU, x, ids, reduction="sum")
 
 
 # ---- scale_grad_ ----------------------------------------------------------------------------------
@@ -608,7 +715,7 @@ def test_family_invalid_class_ids_poison_their_rows_and_ignored_rows_are_zero(lo
 @pytest.mark.parametrize("cols", [1, 3, 17, 80])
 def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, cols):
     """QFL and VFL with class ids and scores, reduced: the case that focal_cuda.cu sends to the
-    roofline class-id kernel (two launches: it and the block sums; the mean's count a third), whose
+    roofline class-id kernel (two launches: it and the sum of its tile sums; the mean's count a third), whose
     chunks may straddle rows or hold a positive anywhere: results as the CPU op's, every element
     counted once."""
     g = torch.Generator().manual_seed(cols)

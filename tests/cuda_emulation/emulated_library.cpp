@@ -21,7 +21,11 @@ std::vector<int64_t> emulation_counters() {
 void reset_emulation_counters() {
   focal_emu::counters.launches = 0;
   focal_emu::counters.elements = 0;
+  focal_emu::counters.shapes.clear();
 }
+
+// [blocks, threads per block] of each launch since the last reset, flattened.
+std::vector<int64_t> emulated_launch_shapes() { return focal_emu::counters.shapes; }
 
 int64_t emulated_multiprocessors() { return focal_emu::kMultiprocessors; }
 
@@ -35,6 +39,7 @@ TORCH_LIBRARY(focal_emu, m) {
   m.def(focal::kSoftmaxFocalLossSchema);
   m.def("emulation_counters() -> int[]", &emulation_counters);
   m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
+  m.def("emulated_launch_shapes() -> int[]", &emulated_launch_shapes);
   m.def("set_scalars_on_device(bool on) -> bool", &set_scalars_on_device);
   m.def("emulated_multiprocessors() -> int", &emulated_multiprocessors);
 }

@@ -1,0 +1,289 @@
+"""Which launch shape of the roofline kernels is fastest on this GPU (``make gpu-tune``).
+
+The class-id and float-target kernels (csrc/cuda/focal_kernels.cuh) are compiled in a few launch
+shapes (threads per block, bytes in flight per thread, register cap), and the host code picks one
+per GPU architecture from one table (``kArchLaunchShapes`` in csrc/cuda/focal_cuda.cu). Results
+do not depend on the shape, only the time does. This script, in one run on a GPU machine:
+
+1. builds focal for the visible GPU's architecture with the machine's own python
+   (``python3 -m pip install --no-build-isolation --no-deps -e .``, as benchmarks/gpu_check.sh);
+2. times forward + backward of every hot path (class ids, float targets, and the row-weight path,
+   which runs the general kernel and has no shapes) in every shape, at 200000 x 80 and 960000 x 80,
+   in float32, bfloat16 and float16, with CUDA events after an L2 flush (benchmarks/bench.py's
+   timer), and the floor (``torch.sigmoid`` of the logits) in the same run;
+3. checks that every shape gives the same loss and gradient, bit for bit;
+4. writes JSON and a markdown table, and prints this GPU's line of ``kArchLaunchShapes``.
+
+    python benchmarks/gpu_tune.py [--out DIR] [--no-build]    (make gpu-tune)
+    python benchmarks/gpu_tune.py --dry-run                    # the plan and the table, no GPU needed
+
+The whole run is meant to fit in 8 minutes (the build most of it); ``--budget-s`` caps the timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.append(str(REPO_ROOT))  # an installed focal wins; the checkout (built in place) is the fallback
+KERNELS = REPO_ROOT / "csrc" / "cuda" / "focal_kernels.cuh"
+HOST = REPO_ROOT / "csrc" / "cuda" / "focal_cuda.cu"
+
+SHAPES = [(200_000, 80), (960_000, 80)]
+DTYPES = ["float32", "bfloat16", "float16"]
+# path -> whether the launch shape applies to it
+PATHS = {"ids": True, "float": True, "row_weight": False}
+REPEATS = 15
+POSITIVE_FRACTION, IGNORED_FRACTION = 0.005, 0.02  # as benchmarks/bench.py's anchors
+
+
+class TuneError(Exception):
+    """The run cannot go on: no GPU, a failed build, a table that does not parse."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The table in the sources
+
+
+def launch_shape_names(text: str | None = None) -> list[str]:
+    """kLaunchShapeNames of focal_kernels.cuh, by index."""
+    text = KERNELS.read_text() if text is None else text
+    m = re.search(r"kLaunchShapeNames\[[^\]]*\]\s*=\s*\{([^}]*)\}", text)
+    if not m:
+        raise TuneError(f"no kLaunchShapeNames in {KERNELS}")
+    names = re.findall(r'"([^"]+)"', m[1])
+    if not names or len(set(names)) != len(names):
+        raise TuneError(f"kLaunchShapeNames must list distinct names, got {names}")
+    return names
+
+
+def arch_table(text: str | None = None, names: list[str] | None = None) -> dict[tuple[int, int], int]:
+    """kArchLaunchShapes of focal_cuda.cu: (major, minor) -> shape index, checked against `names`."""
+    text = HOST.read_text() if text is None else text
+    names = launch_shape_names() if names is None else names
+    m = re.search(r"kArchLaunchShapes\[\]\s*=\s*\{(.*?)\n\};", text, re.S)
+    if not m:
+        raise TuneError(f"no kArchLaunchShapes table in {HOST}")
+    table: dict[tuple[int, int], int] = {}
+    for major, minor, shape in re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\}", m[1]):
+        key = (int(major), int(minor))
+        if key in table:
+            raise TuneError(f"kArchLaunchShapes lists sm_{major}{minor} twice")
+        if not 0 <= int(shape) < len(names):
+            raise TuneError(f"kArchLaunchShapes: sm_{major}{minor} takes shape {shape}, which does not exist "
+                            f"({len(names)} shapes: {', '.join(names)})")
+        table[key] = int(shape)
+    return table
+
+
+def plan() -> list[dict]:
+    """Every timing of a run: path x size x dtype x shape (one shape for paths without shapes)."""
+    names = launch_shape_names()
+    cases = []
+    for rows, cols in SHAPES:
+        for dtype in DTYPES:
+            cases.append({"path": "floor", "rows": rows, "cols": cols, "dtype": dtype, "shape": None})
+            for path, shaped in PATHS.items():
+                for shape in names if shaped else [None]:
+                    cases.append({"path": path, "rows": rows, "cols": cols, "dtype": dtype, "shape": shape})
+    return cases
+
+
+def table_entry(major: int, minor: int, shape: int, names: list[str], note: str) -> str:
+    """A line of kArchLaunchShapes."""
+    return f"    {{{major}, {minor}, {shape}}},  // {note}: {names[shape]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# On the GPU
+
+
+def build_for_visible_gpu(python: str) -> None:
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}", FOCAL_WITH_CUDA="1")
+    cmd = [python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(REPO_ROOT)]
+    print(f"building for sm_{major}{minor}: {' '.join(cmd)}", flush=True)
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TuneError(f"build failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+
+
+def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
+    """Logits, targets (class ids, or their one-hot floats for the float path) and a row weight
+    (row_weight path only), made on the device."""
+    import torch
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+    u = torch.rand(rows, generator=g, device=device)
+    ids = torch.randint(0, cols, (rows,), generator=g, device=device)
+    ids = torch.where(u < POSITIVE_FRACTION, ids, torch.full_like(ids, -1))
+    ids = torch.where((u >= POSITIVE_FRACTION) & (u < POSITIVE_FRACTION + IGNORED_FRACTION),
+                      torch.full_like(ids, -100), ids)
+    if path == "float":
+        t = torch.zeros(rows, cols + 1, dtype=dtype, device=device)
+        t.scatter_(1, torch.where(ids >= 0, ids, cols).unsqueeze(1), 1)
+        return x, t[:, :cols].contiguous(), None
+    row_weight = (torch.rand(rows, generator=g, device=device) + 0.5).to(dtype) if path == "row_weight" else None
+    return x, ids, row_weight
+
+
+def op_call(x, t, row_weight):
+    """Forward + backward of the fused op in one call (the loss and the gradient it returns)."""
+    import torch
+
+    return torch.ops.focal.sigmoid_focal_loss.default(x, t, None, row_weight, None, 0.25, 2.0, 0.0, -100, "sum",
+                                                      1.0 / 1000, True)
+
+
+def with_shape(shape: str | None):
+    if shape is None:
+        os.environ.pop("FOCAL_CUDA_VARIANT", None)
+    else:
+        os.environ["FOCAL_CUDA_VARIANT"] = shape
+
+
+def run(out: Path, budget_s: float) -> dict:
+    import torch
+
+    import focal  # noqa: F401  (registers torch.ops.focal)
+    from bench import Timer  # the CUDA-event timer with its L2 flush (benchmarks/bench.py)
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    timer = Timer(device)
+    names = launch_shape_names()
+    start = time.monotonic()
+    results = []
+    same_bits = []
+    inputs: dict = {}
+    for case in plan():
+        if time.monotonic() - start > budget_s:
+            print(f"time budget of {budget_s:.0f} s spent: {len(results)} of {len(plan())} timings done")
+            break
+        dtype = getattr(torch, case["dtype"])
+        key = ("ids" if case["path"] == "floor" else case["path"], case["rows"], case["cols"], dtype)
+        if key not in inputs:
+            inputs.clear()  # one problem on the device at a time
+            inputs[key] = make_inputs(*key, device)
+        x, t, row_weight = inputs[key]
+        with_shape(case["shape"])
+        if case["path"] == "floor":
+            step = lambda: torch.sigmoid(x)  # noqa: E731
+        else:
+            step = lambda: op_call(x, t, row_weight)  # noqa: E731
+        for _ in range(3):
+            step()
+        times = sorted(timer(step) for _ in range(REPEATS))
+        results.append({**case, "median_s": times[len(times) // 2], "min_s": times[0]})
+        with_shape(None)
+    # The same bits in every shape, on this GPU's compiler output.
+    for path in ("ids", "float"):
+        for dtype_name in DTYPES:
+            dtype = getattr(torch, dtype_name)
+            x, t, row_weight = make_inputs(path, 20_011, 80, dtype, device, seed=1)
+            outs = []
+            for shape in names:
+                with_shape(shape)
+                outs.append([o.clone() for o in op_call(x, t, row_weight)])
+            with_shape(None)
+            bits = lambda v: v.reshape(-1).view(torch.uint8)  # noqa: E731
+            equal = all(torch.equal(bits(a), bits(b)) for o in outs[1:] for a, b in zip(o, outs[0]))
+            same_bits.append({"path": path, "dtype": dtype_name, "bitwise_equal": bool(equal)})
+    floors = {(r["rows"], r["dtype"]): r["median_s"] for r in results if r["path"] == "floor"}
+    for r in results:
+        r["x_floor"] = r["median_s"] / floors[(r["rows"], r["dtype"])] if (r["rows"], r["dtype"]) in floors else None
+    score = {}
+    for shape in names:
+        ratios = [r["x_floor"] for r in results if r["shape"] == shape and r["x_floor"]]
+        if ratios:
+            score[shape] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+    best = min(score, key=score.get) if score else names[0]
+    major, minor = props.major, props.minor
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                            text=True).stdout.strip() or os.environ.get("GIT_COMMIT", "?")
+    report = {
+        "gpu": props.name, "capability": f"{major}.{minor}", "commit": commit,
+        "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+        "timings": results, "same_bits": same_bits,
+        "geomean_x_floor": score, "best": best,
+        "entry": table_entry(major, minor, names.index(best), names,
+                             f"{props.name}, {score.get(best, float('nan')):.2f}x the floor ({commit})"),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_tune.json").write_text(json.dumps(report, indent=1))
+    (out / "gpu_tune.md").write_text(markdown(report))
+    print(markdown(report))
+    print("\nkArchLaunchShapes entry for this GPU (csrc/cuda/focal_cuda.cu):")
+    print(report["entry"])
+    if not all(s["bitwise_equal"] for s in same_bits):
+        raise TuneError("launch shapes gave different bits (see same_bits in gpu_tune.json)")
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['gpu']} (sm_{report['capability'].replace('.', '')}), commit {report['commit']}, "
+             f"{report['date']}: forward + backward, ms (x the torch.sigmoid floor)", "",
+             "| path | shape | size | dtype | ms | x floor |", "| --- | --- | --- | --- | ---: | ---: |"]
+    for r in report["timings"]:
+        x = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
+        lines.append(f"| {r['path']} | {r['shape'] or '-'} | {r['rows']}x{r['cols']} | {r['dtype']} | "
+                     f"{r['median_s'] * 1e3:.3f} | {x} |")
+    lines += ["", "geometric mean over the shaped paths, x floor: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in report["geomean_x_floor"].items())
+              + f"; best: **{report['best']}**"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs" / "gpu-tune", help="where JSON and table go")
+    parser.add_argument("--dry-run", action="store_true", help="list the plan and check the table; no GPU needed")
+    parser.add_argument("--no-build", action="store_true", help="time the focal already built")
+    parser.add_argument("--budget-s", type=float, default=180.0, help="stop timing after this many seconds")
+    parser.add_argument("--python", default=sys.executable, help="the python that builds focal (default: this one)")
+    args = parser.parse_args(argv)
+    try:
+        names = launch_shape_names()
+        table = arch_table(names=names)
+        cases = plan()
+        if args.dry_run:
+            print(f"launch shapes: {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
+            print("kArchLaunchShapes: " + ", ".join(f"sm_{a}{b} -> {names[s]}" for (a, b), s in sorted(table.items()))
+                  + f"; any other -> {names[0]}")
+            timed = [c for c in cases if c["path"] != "floor"]
+            print(f"plan: {len(cases)} timings ({len(timed)} of the op, {len(cases) - len(timed)} floors) x {REPEATS} "
+                  f"repeats, sizes {', '.join(f'{r}x{c}' for r, c in SHAPES)}, dtypes {', '.join(DTYPES)}")
+            for c in cases:
+                print(f"  {c['path']:10s} {c['rows']}x{c['cols']} {c['dtype']:8s} {c['shape'] or '-'}")
+            return 0
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TuneError("no CUDA GPU is visible to torch: gpu-tune times kernels on a GPU "
+                            "(use --dry-run to check the plan without one)")
+        if not args.no_build:
+            build_for_visible_gpu(args.python)
+        run(args.out, args.budget_s)
+    except TuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
