@@ -23,6 +23,8 @@ from cuda_emulation import build_emulation
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKS = Path(__file__).resolve().parent / "cuda_emulation" / "emulated_checks.py"
+# The same backend against the exact oracle of tests/test_op_vs_oracle.py, over the whole logit range.
+ORACLE_CHECKS = Path(__file__).resolve().parent / "cuda_emulation" / "oracle_checks.py"
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or shutil.which(build_emulation.CXX) is None,
@@ -44,7 +46,7 @@ def test_cuda_kernels_under_emulation_and_sanitizers():
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # --capture=sys: a sanitizer writes its report to file descriptor 2, which must stay this pipe.
-    cmd = [sys.executable, "-m", "pytest", str(CHECKS), "-q", "-p", "no:cacheprovider", "-rfE", "--capture=sys",
+    cmd = [sys.executable, "-m", "pytest", str(CHECKS), str(ORACLE_CHECKS), "-q", "-p", "no:cacheprovider", "-rfE", "--capture=sys",
            "--rootdir", str(ROOT)]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
