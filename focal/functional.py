@@ -55,7 +55,7 @@ def sigmoid_focal_loss(
         The loss: shape of ``inputs`` for ``"none"``, else a scalar. Differentiable with respect to
         ``inputs`` (not to targets, weights or the normaliser), to any order: a second derivative
         (``create_graph=True``, ``torch.autograd.functional.hessian``) recomputes the math from
-        ``inputs``, which must then still exist unmodified; see :mod:`focal.ops`.
+        ``inputs``, which must then still exist unmodified; see :mod:`focal._autograd`.
 
     Example:
         >>> logits = torch.randn(8, 100, 80, requires_grad=True)   # (N, anchors, classes)
