@@ -101,9 +101,9 @@ def test_goals_are_judged_round_by_round_with_load_said():
         "fused_ids or tv_compile not timed")
 
 
-def _machine(device="cpu", threads=2, start=0.5, end=2.5, cores=2):
+def _machine(device="cpu", threads=2, start=0.5, end=2.5, cores=2, kernel="AVX512"):
     return {"device": device, "threads": threads, "cpu_count": cores, "load_average_at_start": start,
-            "load_average_at_end": end}
+            "load_average_at_end": end, "cpu_capability": kernel}
 
 
 def test_goal_table_names_real_rows_and_says_threads_and_load():
@@ -272,3 +272,18 @@ def test_sanitize_cases_pass_on_cuda():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     count = len(list(_load_sanitize_cases().cases()))
     assert f"{count} of {count} cases agree with the CPU op" in proc.stdout
+
+
+def test_a_claim_backed_on_some_cpu_kernels_is_a_target_on_the_others():
+    """bfloat16 class ids are claimed where measured (AVX-512 kernels); on the AVX2 copy the same goal
+    is open work, so a new user there reads OPEN, not FAIL."""
+    slow = [_case("focal", "bfloat16", {"fused_ids": [3.0] * 3, "floor": [1.0] * 3})]
+    name = "focal (class ids) bfloat16 headline: <= 2x floor"
+    on_avx512 = {g["name"]: g for g in run.evaluate_goals(slow, _machine(kernel="AVX512"))}[name]
+    on_avx2 = {g["name"]: g for g in run.evaluate_goals(slow, _machine(kernel="AVX2"))}[name]
+    assert on_avx512["claim"] and on_avx512["status"] == "FAIL"
+    assert not on_avx2["claim"] and on_avx2["status"] == "OPEN"
+    assert "a claim on AVX512 kernels, a target on AVX2" in on_avx2["note"]
+    float32 = [_case("focal", "float32", {"fused_ids": [3.0] * 3, "floor": [1.0] * 3})]
+    plain = {g["name"]: g for g in run.evaluate_goals(float32, _machine(kernel="AVX2"))}
+    assert plain["focal (class ids) float32 headline: <= 1.5x floor"]["status"] == "FAIL"  # claimed everywhere
