@@ -5,6 +5,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/stack.h>
+
 namespace focal {
 
 Reduction parse_reduction(std::string_view r) {
@@ -96,6 +99,8 @@ KernelArgs FocalCall::kernel_args(const at::Tensor& loss_out, const at::Tensor& 
   a.gamma = gamma;
   a.label_smoothing = label_smoothing;
   a.ignore_index = ignore_index;
+  a.background_index = background_index;
+  a.class_alpha = class_alpha ? class_alpha->const_data_ptr() : nullptr;
   a.beta = beta;
   a.loss_kind = loss_kind;
   a.target_kind = !class_ids()           ? TargetKind::kFloat
@@ -110,7 +115,8 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& row_weight,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
-                    double scale, bool compute_grad, const LossSpec& spec) {
+                    double scale, bool compute_grad, const LabelSpec& labels,
+                    const LossSpec& spec) {
   check_logits_dtype(logits);
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous");
   if (targets.is_floating_point()) {
@@ -125,10 +131,14 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       "class-id targets must have the shape logits.shape[:-1] = ", row_shape(logits),
                       ", got ", targets.sizes());
     TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous");
-    // The kernels tell an ignored row from a class id or background by this value alone.
+    // The kernels tell ignored rows, background rows and classes apart by these values alone.
     const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
-    TORCH_CHECK_VALUE(ignore_index < -1 || ignore_index >= classes, "ignore_index ", ignore_index,
-                      " collides with a class id or background (-1); classes are [0, ", classes, ")");
+    const int64_t background = labels.background_index;
+    TORCH_CHECK_VALUE(background < 0 || background >= classes, "background_index ", background,
+                      " collides with a class id; classes are [0, ", classes, ")");
+    TORCH_CHECK_VALUE((ignore_index < 0 || ignore_index >= classes) && ignore_index != background,
+                      "ignore_index ", ignore_index, " collides with a class id or with background_index (",
+                      background, "); classes are [0, ", classes, ")");
   }
   const bool quality = spec.kind == LossKind::kQuality || spec.kind == LossKind::kVarifocal;
   if (spec.scores) {
@@ -161,9 +171,36 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       ", got ", row_weight->sizes());
   }
   if (normalizer) check_normalizer(logits, *normalizer);
+  std::optional<at::Tensor> alpha_table;
+  if (labels.class_alpha) {
+    const at::Tensor& a = *labels.class_alpha;
+    const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
+    TORCH_CHECK_VALUE(spec.kind != LossKind::kQuality, "QFL takes no alpha");
+    check_same_device(logits, a, "class_alpha");
+    TORCH_CHECK_TYPE(a.is_floating_point(), "class_alpha must be a floating point tensor, got ",
+                     a.scalar_type());
+    TORCH_CHECK_VALUE(a.dim() == 1 && a.size(0) == classes, "class_alpha must have shape (", classes,
+                      ",), got ", a.sizes());
+    if (a.device().is_cpu()) {  // read where that costs no device sync
+      const bool valid = spec.kind == LossKind::kVarifocal
+                             ? (a.ge(0.0).logical_and(a.isfinite())).all().item<bool>()
+                             : (a.ge(0.0).logical_and(a.le(1.0))).all().item<bool>();
+      TORCH_CHECK_VALUE(valid, "class_alpha values must be ",
+                        spec.kind == LossKind::kVarifocal ? "finite and >= 0" : "in [0, 1]");
+    }
+    // Each class's alpha weights of t = 1 and t = 0, as loss_alpha makes them from one alpha:
+    // formed in double and rounded once, so that a constant tensor gives the scalar's bits.
+    const at::Tensor v = a.to(at::kDouble);
+    const at::Tensor table = spec.kind == LossKind::kVarifocal ? at::stack({at::ones_like(v), v})
+                                                               : at::stack({v, v.neg().add(1.0)});
+    alpha_table = table.to(logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  }
+  // With a tensor alpha the number weighs nothing (VFL's alpha is its negatives' weight, FL's and
+  // FL*'s alpha < 0 turns alpha off): the kernels apply each class's weights instead.
+  if (alpha_table) alpha = spec.kind == LossKind::kVarifocal ? 1.0 : -1.0;
   return FocalCall{logits, targets, spec.scores, weight, row_weight, normalizer, alpha, gamma,
-                   label_smoothing, ignore_index, parse_reduction(reduction), scale, compute_grad,
-                   spec.kind, spec.beta};
+                   label_smoothing, ignore_index, labels.background_index, alpha_table,
+                   parse_reduction(reduction), scale, compute_grad, spec.kind, spec.beta};
 }
 
 bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {

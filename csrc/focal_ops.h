@@ -24,27 +24,36 @@ namespace focal {
 //   in the logits' dtype; normalizer: a one-element tensor dividing the loss; scale: a number
 //   multiplying it. Returns loss (the logits' shape and dtype for "none", else a 0-dim float32
 //   tensor, float64 for float64 logits) and grad (the logits' shape and dtype, or an empty (0,)
-//   tensor when compute_grad is false).
+//   tensor when compute_grad is false). The arguments after compute_grad came later and have
+//   defaults, so that callers of the first schema keep working: class_alpha, a float (C,) tensor,
+//   gives each class c its own alpha in place of `alpha` (alpha_c for t = 1, 1 - alpha_c for
+//   t = 0); background_index is the class id of background rows (negative for every class), -1 by
+//   default. Class ids are [0, C), background_index or ignore_index; both of those lie outside
+//   [0, C) and differ.
 inline constexpr const char* kSigmoidFocalLossSchema =
     "sigmoid_focal_loss(Tensor logits, Tensor targets, Tensor? weight, Tensor? row_weight, "
     "Tensor? normalizer, float alpha, float gamma, float label_smoothing, int ignore_index, "
-    "str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+    "str reduction, float scale, bool compute_grad, Tensor? class_alpha=None, "
+    "int background_index=-1) -> (Tensor, Tensor)";
 // The other elementwise losses of the family (family_math.h), with the same arguments, outputs and
 // conventions; alpha < 0 disables FL*'s alpha weighting. QFL and VFL take float targets of the
 // logits' shape, or int64 class ids of shape logits.shape[:-1] together with `scores` of that shape
 // in the logits' dtype: the target of a row's class (not read for background and ignored rows).
+// VFL's class_alpha weights each class's negatives (its positives carry their target).
 inline constexpr const char* kSigmoidFocalLossStarSchema =
     "sigmoid_focal_loss_star(Tensor logits, Tensor targets, Tensor? weight, Tensor? row_weight, "
     "Tensor? normalizer, float alpha, float gamma, float beta, float label_smoothing, "
-    "int ignore_index, str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+    "int ignore_index, str reduction, float scale, bool compute_grad, Tensor? class_alpha=None, "
+    "int background_index=-1) -> (Tensor, Tensor)";
 inline constexpr const char* kQualityFocalLossSchema =
     "quality_focal_loss(Tensor logits, Tensor targets, Tensor? scores, Tensor? weight, "
     "Tensor? row_weight, Tensor? normalizer, float beta, int ignore_index, str reduction, "
-    "float scale, bool compute_grad) -> (Tensor, Tensor)";
+    "float scale, bool compute_grad, int background_index=-1) -> (Tensor, Tensor)";
 inline constexpr const char* kVarifocalLossSchema =
     "varifocal_loss(Tensor logits, Tensor targets, Tensor? scores, Tensor? weight, "
     "Tensor? row_weight, Tensor? normalizer, float alpha, float gamma, int ignore_index, "
-    "str reduction, float scale, bool compute_grad) -> (Tensor, Tensor)";
+    "str reduction, float scale, bool compute_grad, Tensor? class_alpha=None, "
+    "int background_index=-1) -> (Tensor, Tensor)";
 // scale_grad_: grad *= grad_output (broadcast to grad). When grad_output holds one value (one
 // element, or every stride 0) equal to 1, no element of grad is touched; on CUDA that test runs on
 // the device, so the call never waits for the GPU.
@@ -73,6 +82,10 @@ struct FocalCall {
   double gamma;
   double label_smoothing;
   int64_t ignore_index;
+  int64_t background_index;
+  // With a tensor alpha: the (2, C) table of each class's alpha weights (KernelArgs::class_alpha)
+  // in the math type, made from it by make_call.
+  std::optional<at::Tensor> class_alpha;
   Reduction reduction;
   double scale;
   bool compute_grad;
@@ -108,6 +121,13 @@ struct LossSpec {
   std::optional<at::Tensor> scores;
 };
 
+// The arguments every schema gained after compute_grad: a tensor alpha (None for QFL) and the
+// background's class id.
+struct LabelSpec {
+  std::optional<at::Tensor> class_alpha;
+  int64_t background_index = -1;
+};
+
 // Checks what the kernels rely on for memory safety (dtypes, shapes, contiguity, devices) and parses
 // the reduction. The values of alpha, gamma, beta, label_smoothing and ignore_index are validated,
 // with messages for users, by the Python functions (focal.sigmoid_focal_loss, ...). For QFL and VFL
@@ -117,7 +137,8 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const std::optional<at::Tensor>& row_weight,
                     const std::optional<at::Tensor>& normalizer, double alpha, double gamma,
                     double label_smoothing, int64_t ignore_index, std::string_view reduction,
-                    double scale, bool compute_grad, const LossSpec& spec = {});
+                    double scale, bool compute_grad, const LabelSpec& labels,
+                    const LossSpec& spec = {});
 
 // Pieces of the argument checks that every loss op shares (focal_ops.cpp; softmax_ops.cpp uses them
 // too): the reduction's name, gamma's fast-path kind, the logits' dtype, a normaliser tensor's shape,

@@ -10,7 +10,7 @@ namespace focal {
 
 enum class TargetKind {
   kFloat,            // (rows, cols) binary or soft targets in the logits' dtype
-  kClassId,          // (rows,) int64 class ids: [0, cols) positive, -1 background, ignore_index
+  kClassId,          // (rows,) int64 class ids: [0, cols) positive, background_index, ignore_index
   kClassIdSmoothed,  // class ids with label smoothing: positives 1 - eps/2, negatives eps/2
   kClassIdScore,     // class ids and a (rows,) score in the logits' dtype: the positive's target
 };
@@ -34,6 +34,11 @@ struct KernelArgs {
   int64_t ignore_index = -100;
   TargetKind target_kind = TargetKind::kFloat;
   LossKind loss_kind = LossKind::kFocal;
+  // Added last, so that the roofline kernels' code does not move with them:
+  int64_t background_index = -1;      // the class id of background rows (negative for every class)
+  const void* class_alpha = nullptr;  // (2, cols) in the math type, or nullptr: each class's alpha
+                                      // weights of t = 1 and of t = 0 (row 0, row 1), in place of
+                                      // those of `alpha` (loss_alpha's, per class)
 };
 
 }  // namespace focal

@@ -25,19 +25,20 @@ struct LossOps {
       const at::Tensor& logits, const at::Tensor& targets, const OptTensor& weight,
       const OptTensor& row_weight, const OptTensor& normalizer, double alpha, double gamma,
       double label_smoothing, int64_t ignore_index, c10::string_view reduction, double scale,
-      bool compute_grad) {
+      bool compute_grad, const OptTensor& class_alpha, int64_t background_index) {
     return Run(make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma,
-                         label_smoothing, ignore_index, view(reduction), scale, compute_grad));
+                         label_smoothing, ignore_index, view(reduction), scale, compute_grad,
+                         {class_alpha, background_index}));
   }
 
   static LossAndGradTensors sigmoid_focal_loss_star(
       const at::Tensor& logits, const at::Tensor& targets, const OptTensor& weight,
       const OptTensor& row_weight, const OptTensor& normalizer, double alpha, double gamma,
       double beta, double label_smoothing, int64_t ignore_index, c10::string_view reduction,
-      double scale, bool compute_grad) {
+      double scale, bool compute_grad, const OptTensor& class_alpha, int64_t background_index) {
     return Run(make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma,
                          label_smoothing, ignore_index, view(reduction), scale, compute_grad,
-                         {LossKind::kFocalStar, beta, std::nullopt}));
+                         {class_alpha, background_index}, {LossKind::kFocalStar, beta, std::nullopt}));
   }
 
   // QFL's beta is its focusing exponent: the call's gamma.
@@ -45,20 +46,20 @@ struct LossOps {
       const at::Tensor& logits, const at::Tensor& targets, const OptTensor& scores,
       const OptTensor& weight, const OptTensor& row_weight, const OptTensor& normalizer,
       double beta, int64_t ignore_index, c10::string_view reduction, double scale,
-      bool compute_grad) {
+      bool compute_grad, int64_t background_index) {
     return Run(make_call(logits, targets, weight, row_weight, normalizer, -1.0, beta, 0.0,
                          ignore_index, view(reduction), scale, compute_grad,
-                         {LossKind::kQuality, 0.0, scores}));
+                         {std::nullopt, background_index}, {LossKind::kQuality, 0.0, scores}));
   }
 
   static LossAndGradTensors varifocal_loss(
       const at::Tensor& logits, const at::Tensor& targets, const OptTensor& scores,
       const OptTensor& weight, const OptTensor& row_weight, const OptTensor& normalizer,
       double alpha, double gamma, int64_t ignore_index, c10::string_view reduction, double scale,
-      bool compute_grad) {
+      bool compute_grad, const OptTensor& class_alpha, int64_t background_index) {
     return Run(make_call(logits, targets, weight, row_weight, normalizer, alpha, gamma, 0.0,
                          ignore_index, view(reduction), scale, compute_grad,
-                         {LossKind::kVarifocal, 0.0, scores}));
+                         {class_alpha, background_index}, {LossKind::kVarifocal, 0.0, scores}));
   }
 
   // Registers the four ops on `m` (a TORCH_LIBRARY_IMPL block of the backend's dispatch key), each

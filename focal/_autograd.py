@@ -136,7 +136,9 @@ def _make_functions(op):
     arguments = overload._schema.arguments
     names = tuple(a.name for a in arguments)
     tensor_slots = tuple(i for i, a in enumerate(arguments) if i > 0 and _is_tensor_argument(a))
-    param_names = tuple(a.name for i, a in enumerate(arguments) if i > 0 and i not in tensor_slots)[:-1]
+    param_names = tuple(
+        a.name for i, a in enumerate(arguments) if i > 0 and i not in tensor_slots and a.name != "compute_grad"
+    )
     nones = (None,) * (len(names) - 1)
 
     def class_dim(logits_dim: int):
@@ -262,8 +264,12 @@ def apply(op_name: str, *args):
 def _autograd_kernel(op):
     _, with_jvp = _FUNCTIONS[op.name]
     overload, op_name = op.overload, op.name
+    defaults = tuple(a.default_value for a in overload._schema.arguments)
 
     def kernel(keyset, *args):
+        # The dispatcher leaves out trailing arguments that equal their defaults: the Function needs
+        # them all, in place.
+        args = args + defaults[len(args):]
         if torch.is_grad_enabled() and args[0].requires_grad:
             if torch._C._are_functorch_transforms_active():
                 raise RuntimeError(
@@ -276,10 +282,14 @@ def _autograd_kernel(op):
     return kernel
 
 
-def _fake(per_row: bool):
+def _fake(op):
+    per_row = op.layout == "row"
+    names = [a.name for a in op.overload._schema.arguments]
+    reduction_slot, compute_grad_slot = names.index("reduction"), names.index("compute_grad")
+
     def fake(logits, targets, *rest):
-        """Shapes and dtypes of (loss, grad): every loss op ends in (..., reduction, scale, compute_grad)."""
-        reduction, compute_grad = rest[-3], rest[-1]
+        """Shapes and dtypes of (loss, grad), from the schema's reduction and compute_grad."""
+        reduction, compute_grad = rest[reduction_slot - 2], rest[compute_grad_slot - 2]
         if reduction == "none":
             loss = logits.new_empty(targets.shape if per_row else logits.shape)
         else:
@@ -320,7 +330,7 @@ def register(ops) -> None:
     _LIBRARY = torch.library.Library("focal", "IMPL")
     torch.library.register_fake("focal::scale_grad_")(lambda grad, grad_output: None)
     for op in ops:
-        torch.library.register_fake(f"focal::{op.name}")(_fake(op.layout == "row"))
+        torch.library.register_fake(f"focal::{op.name}")(_fake(op))
         torch.library.register_vmap(f"focal::{op.name}")(_vmap(op.overload))
         _FUNCTIONS[op.name] = _make_functions(op)
         _LIBRARY.impl(op.name, _autograd_kernel(op), "Autograd", with_keyset=True)

@@ -25,16 +25,19 @@ __all__ = ["GradFn", "sigmoid_focal", "sigmoid_focal_star", "quality_focal", "va
 GradFn = Callable[[torch.Tensor, dict, dict, torch.Tensor], torch.Tensor]
 
 
-def _alpha_or_none(alpha: float) -> float | None:
-    return None if alpha < 0 else alpha
+def _alpha(tensors, params):
+    """The op's alpha as the references take it: its class_alpha tensor, or its number (None when off)."""
+    if tensors.get("class_alpha") is not None:
+        return tensors["class_alpha"]
+    return None if params["alpha"] < 0 else params["alpha"]
 
 
 def sigmoid_focal(x, tensors, params, grad_output):
     """Appendix B's derivative, written out (:func:`focal.reference.sigmoid_focal_loss_grad`)."""
     grad = reference.sigmoid_focal_loss_grad(
-        x, tensors["targets"], _alpha_or_none(params["alpha"]), params["gamma"], params["reduction"],
+        x, tensors["targets"], _alpha(tensors, params), params["gamma"], params["reduction"],
         weight=tensors["weight"], normalizer=tensors["normalizer"], ignore_index=params["ignore_index"],
-        label_smoothing=params["label_smoothing"],
+        label_smoothing=params["label_smoothing"], background_index=params["background_index"],
     )
     return grad * (params["scale"] * grad_output)
 
@@ -59,23 +62,23 @@ def _quality_targets(tensors):
 
 sigmoid_focal_star = _autograd_of(
     lambda x, t, p: reference.sigmoid_focal_loss_star(
-        x, t["targets"], p["gamma"], p["beta"], _alpha_or_none(p["alpha"]), p["reduction"],
+        x, t["targets"], p["gamma"], p["beta"], _alpha(t, p), p["reduction"],
         weight=t["weight"], normalizer=t["normalizer"], ignore_index=p["ignore_index"],
-        label_smoothing=p["label_smoothing"],
+        label_smoothing=p["label_smoothing"], background_index=p["background_index"],
     )
 )
 
 quality_focal = _autograd_of(
     lambda x, t, p: reference.quality_focal_loss(
         x, _quality_targets(t), p["beta"], p["reduction"], weight=t["weight"], normalizer=t["normalizer"],
-        ignore_index=p["ignore_index"],
+        ignore_index=p["ignore_index"], background_index=p["background_index"],
     )
 )
 
 varifocal = _autograd_of(
     lambda x, t, p: reference.varifocal_loss(
-        x, _quality_targets(t), p["alpha"], p["gamma"], p["reduction"], weight=t["weight"],
-        normalizer=t["normalizer"], ignore_index=p["ignore_index"],
+        x, _quality_targets(t), _alpha(t, p), p["gamma"], p["reduction"], weight=t["weight"],
+        normalizer=t["normalizer"], ignore_index=p["ignore_index"], background_index=p["background_index"],
     )
 )
 

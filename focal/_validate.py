@@ -22,9 +22,10 @@ __all__ = [
 
 # The arguments of torch.ops.focal.sigmoid_focal_loss, in the schema's order, less compute_grad:
 # logits, targets, weight, row_weight, normalizer, alpha, gamma, label_smoothing, ignore_index,
-# reduction, scale.
+# reduction, scale, class_alpha, background_index.
 OpArguments = Tuple[
-    Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], float, float, float, int, str, float
+    Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], float, float, float, int, str, float,
+    Optional[Tensor], int,
 ]
 
 
@@ -43,14 +44,16 @@ def _integer(value, name: str) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
-def _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing):
+def _check_python_types(
+    inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing, background_index
+):
     """What TorchScript's signature checks do for scripted callers, for eager ones."""
     for value, name in ((inputs, "inputs"), (targets, "targets")):
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if alpha is not None:
+    if alpha is not None and not isinstance(alpha, Tensor):
         _real(alpha, "alpha")
     _real(gamma, "gamma")
     _real(label_smoothing, "label_smoothing")
@@ -59,6 +62,7 @@ def _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normal
     if not isinstance(reduction, str):
         raise TypeError(f"reduction must be a string, got {type(reduction).__name__}")
     _integer(ignore_index, "ignore_index")
+    _integer(background_index, "background_index")
 
 
 def _shape(shape: List[int]) -> str:
@@ -79,6 +83,37 @@ def _alpha(alpha: Optional[float]) -> float:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], or None / -1 for no weighting, got {alpha}")
     return float(alpha)
+
+
+def _class_alpha(alpha: Tensor, inputs: Tensor) -> Tensor:
+    """A per-class alpha: a floating point ``(C,)`` tensor on the inputs' device, not requiring grad.
+    Its values are checked by the op on the CPU, where reading them needs no device sync."""
+    if not alpha.is_floating_point():
+        raise TypeError(f"alpha as a tensor must be floating point, got {alpha.dtype}")
+    classes = inputs.shape[-1] if inputs.dim() > 0 else 1
+    if list(alpha.shape) != [classes]:
+        raise ValueError(
+            f"alpha as a tensor must have shape ({classes},), one value per class, got {_shape(list(alpha.shape))}"
+        )
+    if alpha.device != inputs.device:
+        raise ValueError(f"alpha is on {alpha.device} but inputs are on {inputs.device}")
+    if alpha.requires_grad:
+        raise ValueError("gradients with respect to alpha are not supported: pass alpha.detach()")
+    return alpha.contiguous()
+
+
+def _label_ids(ignore_index: int, background_index: int, classes: int) -> None:
+    """ignore_index and background_index, the two ids that are not classes: outside [0, C) and apart."""
+    if 0 <= background_index < classes:
+        raise ValueError(
+            f"background_index={background_index} is a class id in [0, {classes}); background is -1 (the "
+            f"default) or any id outside the classes, e.g. {classes} as mmdetection and detectron2 mark it"
+        )
+    if 0 <= ignore_index < classes or ignore_index == background_index:
+        raise ValueError(
+            f"ignore_index={ignore_index} collides with a class id in [0, {classes}) or with background_index "
+            f"({background_index}); use another value outside [0, {classes}), e.g. -100"
+        )
 
 
 def _broadcasts_to(shape: List[int], target: List[int]) -> bool:
@@ -155,24 +190,33 @@ def _normalizer(
 def op_arguments(
     inputs: Tensor,
     targets: Tensor,
-    alpha: Optional[float],
+    alpha: Optional[Union[float, Tensor]],
     gamma: float,
     reduction: str,
     weight: Optional[Tensor],
     normalizer: Optional[Union[float, Tensor]],
     ignore_index: int,
     label_smoothing: float,
+    background_index: int = -1,
 ) -> OpArguments:
     """Checks the arguments of :func:`focal.sigmoid_focal_loss` and returns the operator's."""
     if not torch.jit.is_scripting():
-        _check_python_types(inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing)
+        _check_python_types(
+            inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing,
+            background_index,
+        )
     if not _is_supported_dtype(inputs.dtype):
         raise TypeError(f"inputs must be float32, float64, float16 or bfloat16 logits, got {inputs.dtype}")
     if targets.device != inputs.device:
         raise ValueError(f"targets is on {targets.device} but inputs are on {inputs.device}")
     if reduction != "none" and reduction != "mean" and reduction != "sum":
         raise ValueError(f"reduction must be one of ('none', 'mean', 'sum'), got '{reduction}'")
-    alpha_value = _alpha(alpha)
+    class_alpha: Optional[Tensor] = None
+    if isinstance(alpha, Tensor):
+        class_alpha = _class_alpha(alpha, inputs)
+        alpha_value = -1.0
+    else:
+        alpha_value = _alpha(alpha)
     if not (_finite(gamma) and gamma >= 0.0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -196,19 +240,14 @@ def op_arguments(
                 f"integer class-id targets must have shape inputs.shape[:-1] = {_shape(shape[:-1])}, "
                 f"got {_shape(list(targets.shape))} (for one-hot targets pass a float tensor)"
             )
-        classes = shape[-1]
-        if -1 <= ignore_index < classes:
-            raise ValueError(
-                f"ignore_index={ignore_index} collides with a class id in [0, {classes}) or with "
-                "background (-1); use a value outside [-1, C), e.g. -100"
-            )
+        _label_ids(ignore_index, background_index, shape[-1])
         op_targets = targets.to(torch.long).contiguous()
 
     op_weight, row_weight = _weights(weight, inputs)
     op_normalizer, scale = _normalizer(normalizer, inputs, reduction)
     return (
         inputs.contiguous(), op_targets, op_weight, row_weight, op_normalizer, alpha_value,
-        float(gamma), float(label_smoothing), int(ignore_index), reduction, scale,
+        float(gamma), float(label_smoothing), int(ignore_index), reduction, scale, class_alpha, int(background_index),
     )
 
 
@@ -229,7 +268,7 @@ def number(value, name: str, low: float = -float("inf"), low_inclusive: bool = T
     return float(value)
 
 
-def _family_inputs(inputs, reduction, weight, ignore_index) -> None:
+def _family_inputs(inputs, reduction, weight, ignore_index, background_index) -> None:
     if not isinstance(inputs, Tensor):
         raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
     if not _is_supported_dtype(inputs.dtype):
@@ -241,6 +280,7 @@ def _family_inputs(inputs, reduction, weight, ignore_index) -> None:
     if weight is not None and not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
     _integer(ignore_index, "ignore_index")
+    _integer(background_index, "background_index")
 
 
 def _plain_tensor(value, name: str, inputs: Tensor) -> Tensor:
@@ -264,18 +304,13 @@ def _dense_targets(targets: Tensor, inputs: Tensor) -> Tensor:
     return targets.to(inputs.dtype).contiguous()
 
 
-def _class_id_targets(ids: Tensor, inputs: Tensor, ignore_index: int, what: str) -> Tensor:
+def _class_id_targets(ids: Tensor, inputs: Tensor, ignore_index: int, background_index: int, what: str) -> Tensor:
     if inputs.dim() == 0 or list(ids.shape) != list(inputs.shape[:-1]):
         raise ValueError(
             f"{what} must have shape inputs.shape[:-1] = {_shape(list(inputs.shape[:-1]))}, "
             f"got {_shape(list(ids.shape))}"
         )
-    classes = inputs.shape[-1]
-    if -1 <= ignore_index < classes:
-        raise ValueError(
-            f"ignore_index={ignore_index} collides with a class id in [0, {classes}) or with "
-            "background (-1); use a value outside [-1, C), e.g. -100"
-        )
+    _label_ids(ignore_index, background_index, inputs.shape[-1])
     return ids.to(torch.long).contiguous()
 
 
@@ -286,6 +321,7 @@ def family_arguments(
     weight: Optional[Tensor],
     normalizer: Optional[Union[float, Tensor]],
     ignore_index: int,
+    background_index: int,
     quality: bool,
 ) -> FamilyArguments:
     """Checks the arguments that FL*, QFL and VFL share and returns their operators' tensors.
@@ -293,7 +329,7 @@ def family_arguments(
     ``quality``: QFL / VFL, whose targets are dense float targets or the pair ``(ids, scores)``;
     otherwise FL*, whose targets are float targets or class ids, as the focal loss's.
     """
-    _family_inputs(inputs, reduction, weight, ignore_index)
+    _family_inputs(inputs, reduction, weight, ignore_index, background_index)
     scores: Optional[Tensor] = None
     if quality and isinstance(targets, (tuple, list)):
         if len(targets) != 2:
@@ -304,7 +340,7 @@ def family_arguments(
             raise TypeError(f"the ids of (ids, scores) must be integer class ids, got {ids.dtype}")
         if not (scores.is_floating_point() or scores.dtype == torch.bool):
             raise TypeError(f"the scores of (ids, scores) must be floating point, got {scores.dtype}")
-        op_targets = _class_id_targets(ids, inputs, ignore_index, "ids")
+        op_targets = _class_id_targets(ids, inputs, ignore_index, background_index, "ids")
         if list(scores.shape) != list(ids.shape):
             raise ValueError(
                 f"scores must have the shape of ids {_shape(list(ids.shape))}, got {_shape(list(scores.shape))}"
@@ -320,7 +356,7 @@ def family_arguments(
                 f"pair (ids, scores), got a {targets.dtype} tensor alone"
             )
         else:
-            op_targets = _class_id_targets(targets, inputs, ignore_index, "integer class-id targets")
+            op_targets = _class_id_targets(targets, inputs, ignore_index, background_index, "integer class-id targets")
     op_weight, row_weight = _weights(weight, inputs)
     op_normalizer, scale = _normalizer(normalizer, inputs, reduction)
     return inputs.contiguous(), op_targets, scores, op_weight, row_weight, op_normalizer, scale
@@ -336,6 +372,13 @@ def _alpha_or_off(alpha) -> float:
     return value
 
 
+def _number_or_classes(alpha, inputs: Tensor, read) -> Tuple[float, Optional[Tensor]]:
+    """(the op's alpha, its class_alpha) for a number (read by ``read``) or a (C,) tensor."""
+    if isinstance(alpha, Tensor):
+        return -1.0, _class_alpha(alpha, inputs)
+    return read(alpha), None
+
+
 def _smoothing(label_smoothing) -> float:
     _real(label_smoothing, "label_smoothing")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -343,40 +386,47 @@ def _smoothing(label_smoothing) -> float:
     return float(label_smoothing)
 
 
-def star_arguments(inputs, targets, weight, gamma, beta, alpha, reduction, normalizer, ignore_index, label_smoothing):
+def star_arguments(
+    inputs, targets, weight, gamma, beta, alpha, reduction, normalizer, ignore_index, label_smoothing,
+    background_index=-1,
+):
     """Checks the arguments of :func:`focal.sigmoid_focal_loss_star`; returns its operator's."""
     gamma = number(gamma, "gamma", 0.0, low_inclusive=False)
     beta = number(beta, "beta")
-    alpha_value = _alpha_or_off(alpha)
     label_smoothing = number(label_smoothing, "label_smoothing", 0.0)
     if label_smoothing > 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     logits, op_targets, _, op_weight, row_weight, op_normalizer, scale = family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=False
+        inputs, targets, reduction, weight, normalizer, ignore_index, background_index, quality=False
     )
+    alpha_value, class_alpha = _number_or_classes(alpha, inputs, _alpha_or_off)
     return (logits, op_targets, op_weight, row_weight, op_normalizer, alpha_value, gamma, beta, label_smoothing,
-            int(ignore_index), reduction, scale)
+            int(ignore_index), reduction, scale, class_alpha, int(background_index))
 
 
-def quality_arguments(inputs, targets, weight, beta, reduction, normalizer, ignore_index):
+def quality_arguments(inputs, targets, weight, beta, reduction, normalizer, ignore_index, background_index=-1):
     """Checks the arguments of :func:`focal.quality_focal_loss`; returns its operator's."""
     beta = number(beta, "beta", 0.0)
     logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+        inputs, targets, reduction, weight, normalizer, ignore_index, background_index, quality=True
     )
     return (logits, op_targets, scores, op_weight, row_weight, op_normalizer, beta, int(ignore_index), reduction,
-            scale)
+            scale, int(background_index))
 
 
-def varifocal_arguments(inputs, targets, weight, alpha, gamma, reduction, normalizer, ignore_index):
+def _nonnegative_alpha(alpha) -> float:
+    return number(alpha, "alpha", 0.0)
+
+
+def varifocal_arguments(inputs, targets, weight, alpha, gamma, reduction, normalizer, ignore_index, background_index=-1):
     """Checks the arguments of :func:`focal.varifocal_loss`; returns its operator's."""
-    alpha = number(alpha, "alpha", 0.0)
     gamma = number(gamma, "gamma", 0.0)
     logits, op_targets, scores, op_weight, row_weight, op_normalizer, scale = family_arguments(
-        inputs, targets, reduction, weight, normalizer, ignore_index, quality=True
+        inputs, targets, reduction, weight, normalizer, ignore_index, background_index, quality=True
     )
+    alpha, class_alpha = _number_or_classes(alpha, inputs, _nonnegative_alpha)
     return (logits, op_targets, scores, op_weight, row_weight, op_normalizer, alpha, gamma, int(ignore_index),
-            reduction, scale)
+            reduction, scale, class_alpha, int(background_index))
 
 
 # ---- the softmax focal loss (focal.softmax) -------------------------------------------------------

@@ -23,9 +23,10 @@ QualityTargets = Union[Tensor, Sequence[Tensor]]
 
 
 def sigmoid_focal_loss_star(
-    inputs: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0, alpha: Optional[float] = None,
-    reduction: str = "none", *, weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
-    ignore_index: int = -100, label_smoothing: float = 0.0,
+    inputs: Tensor, targets: Tensor, gamma: float = 2.0, beta: float = 1.0,
+    alpha: Optional[Union[float, Tensor]] = None, reduction: str = "none", *, weight: Optional[Tensor] = None,
+    normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+    background_index: int = -1,
 ) -> Tensor:
     r"""FL*, the focal loss variant of Appendix A of "Focal Loss for Dense Object Detection" (Lin et
     al., 2017), fused.
@@ -42,14 +43,15 @@ def sigmoid_focal_loss_star(
         inputs: logits ``(..., C)``, class dimension last.
         targets: float (or bool) targets of the shape of ``inputs``, hard 0/1 or soft in [0, 1]; or
             integer class ids of shape ``inputs.shape[:-1]`` (``c`` in ``[0, C)`` a positive for
-            class ``c``, ``-1`` background, ``ignore_index`` ignored; any other id is a ValueError on
-            the CPU and a NaN row on CUDA).
+            class ``c``, ``background_index`` background, ``ignore_index`` ignored; any other id is
+            a ValueError on the CPU and a NaN row on CUDA).
         gamma: sharpness > 0. beta: shift, any finite number.
-        alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``); None (the default,
-            as in Appendix A) or -1 for none.
+        alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``), or a ``(C,)``
+            tensor of one per class; None (the default, as in Appendix A) or -1 for none.
         reduction: ``"none"`` (shape and dtype of ``inputs``), ``"sum"`` or ``"mean"`` (a 0-dim
             float32 tensor, float64 for float64 inputs).
-        weight, normalizer, ignore_index, label_smoothing: as for :func:`focal.sigmoid_focal_loss`.
+        weight, normalizer, ignore_index, label_smoothing, background_index: as for
+            :func:`focal.sigmoid_focal_loss`.
 
     Returns:
         The loss, differentiable with respect to ``inputs`` to any order.
@@ -64,12 +66,14 @@ def sigmoid_focal_loss_star(
     return ops.call(
         "sigmoid_focal_loss_star", inputs, targets, weight, gamma=gamma, beta=beta, alpha=alpha, reduction=reduction,
         normalizer=normalizer, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        background_index=background_index,
     )
 
 
 def quality_focal_loss(
     inputs: Tensor, targets: QualityTargets, beta: float = 2.0, reduction: str = "none", *,
     weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
+    background_index: int = -1,
 ) -> Tensor:
     r"""Quality focal loss (Li et al., "Generalized Focal Loss: Learning Qualified and Distributed
     Bounding Boxes for Dense Object Detection", 2020), fused.
@@ -84,14 +88,16 @@ def quality_focal_loss(
         inputs: logits ``(..., C)``, class dimension last.
         targets: dense quality targets of the shape of ``inputs`` (values in [0, 1]), or the pair
             ``(ids, scores)``: integer class ids of shape ``inputs.shape[:-1]`` (``c`` in ``[0, C)``,
-            ``-1`` background, ``ignore_index`` ignored) and float scores of that shape, the
+            ``background_index`` background, ``ignore_index`` ignored) and float scores of that shape, the
             quality of each row's class (not read for background and ignored rows). The pair never
             builds a dense target tensor.
         beta: focusing exponent >= 0; the paper uses 2 (0 gives the binary cross entropy).
         reduction: ``"none"``, ``"sum"`` or ``"mean"`` (over the elements that are not ignored).
         weight, normalizer: as for :func:`focal.sigmoid_focal_loss` (GFL normalises by the sum of
             the positives' scores, or their number).
-        ignore_index: class id of ignored rows (pair form only), outside ``[-1, C)``.
+        ignore_index: class id of ignored rows (pair form only), outside ``[0, C)``.
+        background_index: class id of background rows (pair form only), outside ``[0, C)`` and
+            not ``ignore_index``: -1 (the default) or e.g. ``C``.
 
     Returns:
         The loss, differentiable with respect to ``inputs`` to any order.
@@ -105,13 +111,14 @@ def quality_focal_loss(
     """
     return ops.call(
         "quality_focal_loss", inputs, targets, weight, beta=beta, reduction=reduction, normalizer=normalizer,
-        ignore_index=ignore_index,
+        ignore_index=ignore_index, background_index=background_index,
     )
 
 
 def varifocal_loss(
-    inputs: Tensor, targets: QualityTargets, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "none", *,
-    weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
+    inputs: Tensor, targets: QualityTargets, alpha: Union[float, Tensor] = 0.75, gamma: float = 2.0,
+    reduction: str = "none", *, weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100, background_index: int = -1,
 ) -> Tensor:
     r"""Varifocal loss (Zhang et al., "VarifocalNet: An IoU-aware Dense Object Detector", 2021), fused.
 
@@ -125,9 +132,11 @@ def varifocal_loss(
         inputs: logits ``(..., C)``, class dimension last.
         targets: dense quality targets of the shape of ``inputs``, or the pair ``(ids, scores)`` (see
             :func:`quality_focal_loss`).
-        alpha: weight of the negatives (``q = 0``), >= 0; the paper uses 0.75.
+        alpha: weight of the negatives (``q = 0``), >= 0, or a ``(C,)`` tensor of one per class;
+            the paper uses 0.75.
         gamma: focusing exponent of the negatives, >= 0; the paper uses 2.
-        reduction, weight, normalizer, ignore_index: as for :func:`quality_focal_loss`.
+        reduction, weight, normalizer, ignore_index, background_index: as for
+            :func:`quality_focal_loss`.
 
     Returns:
         The loss, differentiable with respect to ``inputs`` to any order.
@@ -138,5 +147,5 @@ def varifocal_loss(
     """
     return ops.call(
         "varifocal_loss", inputs, targets, weight, alpha=alpha, gamma=gamma, reduction=reduction,
-        normalizer=normalizer, ignore_index=ignore_index,
+        normalizer=normalizer, ignore_index=ignore_index, background_index=background_index,
     )

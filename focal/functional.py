@@ -11,9 +11,9 @@ __all__ = ["sigmoid_focal_loss"]
 
 
 def sigmoid_focal_loss(
-    inputs: Tensor, targets: Tensor, alpha: Optional[float] = 0.25, gamma: float = 2.0, reduction: str = "none",
-    weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None, ignore_index: int = -100,
-    label_smoothing: float = 0.0,
+    inputs: Tensor, targets: Tensor, alpha: Optional[Union[float, Tensor]] = 0.25, gamma: float = 2.0,
+    reduction: str = "none", weight: Optional[Tensor] = None, normalizer: Optional[Union[float, Tensor]] = None,
+    ignore_index: int = -100, label_smoothing: float = 0.0, background_index: int = -1,
 ) -> Tensor:
     r"""Sigmoid focal loss (Lin et al., "Focal Loss for Dense Object Detection", eq. 5), fused.
 
@@ -29,13 +29,15 @@ def sigmoid_focal_loss(
             - float (or bool) targets of the shape of ``inputs``: hard 0/1 or soft in [0, 1], with
               the same values and gradients as torchvision's function; or
             - integer class ids of shape ``inputs.shape[:-1]``: ``c`` in ``[0, C)`` makes that row
-              a positive for class ``c`` and a negative for all others, ``-1`` is background
-              (negative for every class), ``ignore_index`` contributes neither loss nor gradient.
+              a positive for class ``c`` and a negative for all others, ``background_index``
+              (``-1`` by default) is background (negative for every class), ``ignore_index``
+              contributes neither loss nor gradient.
               Any other value is an error (ValueError on the CPU; on CUDA, where checking would
               need a host sync, the row's loss and gradient become NaN). The one-hot tensor is
               never materialised.
         alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``); None or -1 for
-            no weighting.
+            no weighting; or a float ``(C,)`` tensor: ``alpha[c]`` for the positives of class ``c``
+            and ``1 - alpha[c]`` for its negatives (checked to lie in [0, 1] on the CPU only).
         gamma: focusing parameter >= 0; 0, 1 and 2 have fast paths, any other value works.
         reduction: ``"none"`` (shape of ``inputs``, their dtype), ``"sum"`` or ``"mean"`` (a
             0-dim float32 tensor, float64 for float64 inputs). The mean is over the elements
@@ -47,9 +49,13 @@ def sigmoid_focal_loss(
             positive anchors, which may live on the GPU) dividing the loss inside the op, without
             a host sync. Use with ``"sum"`` (or ``"none"``). A tensor on the CPU is checked to be
             finite and positive; one on the GPU cannot be without a sync.
-        ignore_index: class id of ignored rows (integer targets only); must lie outside [-1, C).
+        ignore_index: class id of ignored rows (integer targets only); outside [0, C) and not
+            ``background_index``.
         label_smoothing: ``eps`` in [0, 1]; every binary target ``t`` becomes
             ``t (1 - eps) + eps / 2``, exactly as if those soft targets had been passed.
+        background_index: class id of background rows (integer targets only), outside [0, C):
+            ``-1`` (the default) or, as mmdetection, detectron2 and ultralytics mark it,
+            ``C``. The ids -1 and ``C`` take the fast path on CUDA; any other takes the general one.
 
     Returns:
         The loss: shape of ``inputs`` for ``"none"``, else a scalar. Differentiable with respect to
@@ -66,15 +72,17 @@ def sigmoid_focal_loss(
     """
     if torch.jit.is_scripting():
         args = _validate.op_arguments(
-            inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing
+            inputs, targets, alpha, gamma, reduction, weight, normalizer, ignore_index, label_smoothing,
+            background_index,
         )
         loss, _ = torch.ops.focal.sigmoid_focal_loss(
             args[0], args[1], args[2], args[3], args[4], args[5], args[6], args[7], args[8], args[9], args[10],
-            torch.is_grad_enabled() and args[0].requires_grad,
+            torch.is_grad_enabled() and args[0].requires_grad, args[11], args[12],
         )
         return loss
     else:
         return ops.call(
             "sigmoid_focal_loss", inputs, targets, weight, alpha=alpha, gamma=gamma, reduction=reduction,
             normalizer=normalizer, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            background_index=background_index,
         )

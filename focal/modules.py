@@ -64,8 +64,8 @@ class SigmoidFocalLoss(_LossModule):
     function = staticmethod(sigmoid_focal_loss)
 
     def __init__(
-        self, alpha: float | None = 0.25, gamma: float = 2.0, reduction: str = "none", ignore_index: int = -100,
-        label_smoothing: float = 0.0,
+        self, alpha: float | torch.Tensor | None = 0.25, gamma: float = 2.0, reduction: str = "none",
+        ignore_index: int = -100, label_smoothing: float = 0.0, background_index: int = -1,
     ) -> None:
         super().__init__(**_arguments(locals()))
 
@@ -77,6 +77,7 @@ class SigmoidFocalLoss(_LossModule):
         return sigmoid_focal_loss(
             inputs, targets, self.alpha, self.gamma, self.reduction, weight=weight, normalizer=normalizer,
             ignore_index=self.ignore_index, label_smoothing=self.label_smoothing,
+            background_index=self.background_index,
         )
 
 
@@ -87,8 +88,8 @@ class SigmoidFocalLossStar(_LossModule):
     function = staticmethod(sigmoid_focal_loss_star)
 
     def __init__(
-        self, gamma: float = 2.0, beta: float = 1.0, alpha: float | None = None, reduction: str = "none",
-        ignore_index: int = -100, label_smoothing: float = 0.0,
+        self, gamma: float = 2.0, beta: float = 1.0, alpha: float | torch.Tensor | None = None,
+        reduction: str = "none", ignore_index: int = -100, label_smoothing: float = 0.0, background_index: int = -1,
     ) -> None:
         super().__init__(**_arguments(locals()))
 
@@ -104,7 +105,9 @@ class QualityFocalLoss(_LossModule):
 
     function = staticmethod(quality_focal_loss)
 
-    def __init__(self, beta: float = 2.0, reduction: str = "none", ignore_index: int = -100) -> None:
+    def __init__(
+        self, beta: float = 2.0, reduction: str = "none", ignore_index: int = -100, background_index: int = -1
+    ) -> None:
         super().__init__(**_arguments(locals()))
 
 
@@ -119,7 +122,10 @@ class VarifocalLoss(_LossModule):
 
     function = staticmethod(varifocal_loss)
 
-    def __init__(self, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "none", ignore_index: int = -100) -> None:
+    def __init__(
+        self, alpha: float | torch.Tensor = 0.75, gamma: float = 2.0, reduction: str = "none", ignore_index: int = -100,
+        background_index: int = -1,
+    ) -> None:
         super().__init__(**_arguments(locals()))
 
 

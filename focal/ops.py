@@ -20,15 +20,21 @@ Adding a loss:
 The operators' schemas:
 
 ``torch.ops.focal.sigmoid_focal_loss(logits, targets, weight, row_weight, normalizer, alpha, gamma,
-label_smoothing, ignore_index, reduction, scale, compute_grad) -> (loss, grad)``
+label_smoothing, ignore_index, reduction, scale, compute_grad, class_alpha=None, background_index=-1)
+-> (loss, grad)``
 
 - ``logits``: ``(..., C)`` contiguous float32 / float64 / float16 / bfloat16.
 - ``targets``: the logits' shape and dtype (binary or soft targets), or int64 class ids of shape
-  ``logits.shape[:-1]`` (``[0, C)`` positive class, ``-1`` background, ``ignore_index`` ignored).
+  ``logits.shape[:-1]`` (``[0, C)`` positive class, ``background_index`` background,
+  ``ignore_index`` ignored).
 - ``weight``: None, ``(C,)`` or the logits' shape; ``row_weight``: None or ``logits.shape[:-1]``;
   both in the logits' dtype.
 - ``normalizer``: None or a one-element tensor that divides the loss; ``scale``: a float multiplying it.
-- ``alpha`` < 0 disables alpha weighting; ``reduction`` is "none", "mean" or "sum".
+- ``alpha`` < 0 disables alpha weighting; ``class_alpha``, a float ``(C,)`` tensor, gives each
+  class its own alpha instead (values checked on the CPU only); ``reduction`` is "none", "mean" or
+  "sum".
+- The arguments after ``compute_grad`` were added later, with defaults: callers of the older
+  schema keep working. ``LossOp.with_compute_grad`` puts ``compute_grad`` in its place.
 - Returns ``loss`` (the logits' shape and dtype for "none", else a 0-dim float32 tensor, float64
   for float64 logits) and ``grad`` = d loss / d logits (the logits' shape and dtype), or an empty
   ``(0,)`` tensor when ``compute_grad`` is False.
@@ -38,15 +44,19 @@ The extension itself is loaded by :mod:`focal._extension`.
 The op is differentiable with respect to ``logits`` (see :mod:`focal._autograd`); ``grad`` is not
 differentiable. ``grad`` is the very buffer that backward scales and hands to autograd: a caller of
 the raw op that keeps it sees it scaled by ``grad_output`` after a backward that frees the graph.
-``ignore_index`` must lie outside ``[-1, C)`` (the kernels tell ignored rows apart by it).
+``ignore_index`` and ``background_index`` must lie outside ``[0, C)`` and differ (the kernels tell
+ignored rows, background rows and classes apart by them alone).
 
 The other elementwise losses of the family take the same arguments in the same roles:
 
 - ``sigmoid_focal_loss_star(logits, targets, weight, row_weight, normalizer, alpha, gamma, beta,
-  label_smoothing, ignore_index, reduction, scale, compute_grad)``: FL* (``gamma`` > 0);
+  label_smoothing, ignore_index, reduction, scale, compute_grad, class_alpha=None,
+  background_index=-1)``: FL* (``gamma`` > 0);
 - ``quality_focal_loss(logits, targets, scores, weight, row_weight, normalizer, beta, ignore_index,
-  reduction, scale, compute_grad)`` and ``varifocal_loss(logits, targets, scores, weight, row_weight,
-  normalizer, alpha, gamma, ignore_index, reduction, scale, compute_grad)``: ``targets`` the
+  reduction, scale, compute_grad, background_index=-1)`` and ``varifocal_loss(logits, targets,
+  scores, weight, row_weight, normalizer, alpha, gamma, ignore_index, reduction, scale,
+  compute_grad, class_alpha=None, background_index=-1)`` (VFL's alpha, and each value of its
+  ``class_alpha``, weights the negatives only): ``targets`` the
   logits' shape and dtype, or int64 class ids of shape ``logits.shape[:-1]`` with ``scores`` of
   that shape in the logits' dtype (the target of each row's class).
 
@@ -96,6 +106,17 @@ class LossOp:
     def overload(self):
         return getattr(torch.ops.focal, self.name).default
 
+    def with_compute_grad(self, args: tuple, compute_grad: bool) -> tuple:
+        """The validator's arguments with ``compute_grad`` put in its place in the schema (not last:
+        the arguments added since come after it, with defaults)."""
+        slot = _COMPUTE_GRAD_SLOTS[self.name]
+        return args[:slot] + (compute_grad,) + args[slot:]
+
+
+# op name -> position of compute_grad in its schema, read once the compiled ops are loaded (not while
+# torch.compile traces a call).
+_COMPUTE_GRAD_SLOTS: dict = {}
+
 
 LOSS_OPS = {
     op.name: op
@@ -120,12 +141,14 @@ def call(op_name: str, inputs, targets, weight, **arguments) -> Tensor:
     if _autograd.needs_gradient(logits):
         # The op's own autograd, entered here so that torch.func transforms and forward mode see it too.
         with _autograd.callers_tensors(inputs, targets if isinstance(targets, Tensor) else None, weight):
-            loss, _ = _autograd.apply(op_name, *args, True)
+            loss, _ = _autograd.apply(op_name, *op.with_compute_grad(args, True))
         return loss
     # The gradient is computed (and allocated) only when autograd will ask for it.
-    loss, _ = op.overload(*args, False)
+    loss, _ = op.overload(*op.with_compute_grad(args, False))
     return loss
 
 
 if BUILD_ERROR is None:
     _autograd.register(LOSS_OPS.values())
+    for _op in LOSS_OPS.values():
+        _COMPUTE_GRAD_SLOTS[_op.name] = [a.name for a in _op.overload._schema.arguments].index("compute_grad")

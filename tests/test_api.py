@@ -45,16 +45,18 @@ def test_signature_matches_torchvision_then_the_extras():
     parameters = inspect.signature(focal.sigmoid_focal_loss).parameters
     assert list(parameters) == [
         "inputs", "targets", "alpha", "gamma", "reduction", "weight", "normalizer", "ignore_index", "label_smoothing",
+        "background_index",
     ]
     defaults = tuple(parameters[name].default for name in list(parameters)[2:])
-    assert defaults == (0.25, 2.0, "none", None, None, -100, 0.0)
+    assert defaults == (0.25, 2.0, "none", None, None, -100, 0.0, -1)
 
 
 def test_module_has_no_state_and_describes_itself():
     criterion = focal.SigmoidFocalLoss(alpha=None, gamma=1.5, reduction="sum", ignore_index=-7, label_smoothing=0.1)
     assert list(criterion.parameters()) == [] and criterion.state_dict() == {}
     assert repr(criterion) == (
-        "SigmoidFocalLoss(alpha=None, gamma=1.5, reduction='sum', ignore_index=-7, label_smoothing=0.1)"
+        "SigmoidFocalLoss(alpha=None, gamma=1.5, reduction='sum', ignore_index=-7, label_smoothing=0.1, "
+        "background_index=-1)"
     )
 
 

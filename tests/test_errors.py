@@ -95,10 +95,16 @@ def test_alpha_out_of_range(alpha):
         call(alpha=alpha)
 
 
-@pytest.mark.parametrize("alpha", ["0.25", True, torch.tensor(0.25)], ids=["str", "bool", "tensor"])
+@pytest.mark.parametrize("alpha", ["0.25", True, [0.25, 0.5]], ids=["str", "bool", "list"])
 def test_alpha_wrong_type(alpha):
     with pytest.raises(TypeError, match="alpha must be a real number"):
         call(alpha=alpha)
+
+
+def test_alpha_tensor_of_no_class_dimension():
+    """A 0-dim tensor is not a number here: alpha as a tensor is one value per class."""
+    with pytest.raises(ValueError, match=r"alpha as a tensor must have shape \(\d+,\)"):
+        call(alpha=torch.tensor(0.25))
 
 
 @pytest.mark.parametrize("gamma", [-1.0, -1e-9, math.nan, math.inf, -math.inf])

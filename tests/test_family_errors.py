@@ -89,6 +89,10 @@ def test_vfl_alpha_and_gamma_must_be_non_negative(name, value):
                                            ("qfl", "beta"), ("vfl", "alpha"), ("vfl", "gamma")])
 @pytest.mark.parametrize("value", ["2", None, True, torch.tensor([1.0, 2.0])], ids=["str", "None", "bool", "tensor"])
 def test_hyperparameter_of_wrong_type(name, argument, value):
+    if argument == "alpha" and isinstance(value, torch.Tensor):  # one alpha per class: a (C,) tensor
+        with pytest.raises(ValueError, match=r"alpha as a tensor must have shape \(\d+,\)"):
+            call(name, **{argument: value})
+        return
     with pytest.raises(TypeError, match=f"{argument} must be a real number"):
         call(name, **{argument: value})
 

@@ -50,9 +50,9 @@ int64_t count_kept_rows(const FocalCall& call) {
   for (int64_t r = 0; r < call.rows(); ++r) {
     const int64_t id = ids[r];
     if (id == call.ignore_index) continue;
-    TORCH_CHECK_VALUE(id >= -1 && id < cols, "class id ", id, " at row ", r,
-                      " is out of range: expected a class in [0, ", cols,
-                      "), -1 for background, or ignore_index (", call.ignore_index, ")");
+    TORCH_CHECK_VALUE((id >= 0 && id < cols) || id == call.background_index, "class id ", id, " at row ", r,
+                      " is out of range: expected a class in [0, ", cols, "), background_index (",
+                      call.background_index, ") or ignore_index (", call.ignore_index, ")");
     ++kept;
   }
   return kept;

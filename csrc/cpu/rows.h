@@ -45,9 +45,12 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
   const auto* elem_w = static_cast<const scalar_t*>(a.elem_weight);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
+  // With a tensor alpha, each class's alpha weights of t = 1 (row 0) and t = 0 (row 1).
+  const auto* class_alpha = static_cast<const acc_t*>(a.class_alpha);
+  using SA = simd::SimdFor<acc_t>;  // loads of the math type, into the same vectors
 
   // Float targets need no row structure unless weights have one: the block is then one flat span.
-  const bool flat = TK == TargetKind::kFloat && row_w == nullptr &&
+  const bool flat = TK == TargetKind::kFloat && row_w == nullptr && class_alpha == nullptr &&
                     (elem_w == nullptr || a.elem_weight_row_stride == C);
   const int64_t spans = flat ? 1 : r1 - r0;
   const int64_t span_len = flat ? (r1 - r0) * C : C;
@@ -63,7 +66,7 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
         if (grad_all) std::fill_n(grad_all + off, C, scalar_t(0));
         continue;
       }
-      label = ids[r];
+      label = ids[r] == a.background_index ? -1 : ids[r];
     }
     // A row weight is folded into the alpha weights: one multiply per row instead of per vector.
     const AlphaWeights<V> row_alpha =
@@ -82,6 +85,7 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
     const V grad_w = scale;
     const V neg_loss_w = loss_w * row_alpha.neg;
     const V neg_grad_w = grad_w * row_alpha.neg;
+    const V row_factor(row_w ? static_cast<acc_t>(row_w[r]) : acc_t(1));
 
     // Weights, output and sum of the loss and gradient of elements [c, c + n), n <= kLanes.
     const auto finish = [&](int64_t c, int64_t n, LossAndGrad<V> out, const V& lw, const V& gw)
@@ -104,24 +108,33 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
       const V x = S::load(x_all + off + c, n);
       LossAndGrad<V> out;
       V lw = loss_w, gw = grad_w;
+      // This vector's alpha weights: the row's, or with a tensor alpha its classes' (times the
+      // row's weight).
+      Loss vec_loss = loss;
+      V vec_neg_loss_w = neg_loss_w, vec_neg_grad_w = neg_grad_w;
+      if (class_alpha != nullptr) {
+        vec_loss.alpha = {SA::load(class_alpha + c, n) * row_factor, SA::load(class_alpha + C + c, n) * row_factor};
+        vec_neg_loss_w = loss_w * vec_loss.alpha.neg;
+        vec_neg_grad_w = grad_w * vec_loss.alpha.neg;
+      }
       if constexpr (TK == TargetKind::kFloat) {
         V t = S::load(t_all + off + c, n);
         if (eps != acc_t(0)) t = O::fmadd(t, V(acc_t(1) - eps), V(eps / 2));
-        out = loss.soft(x, t);
+        out = vec_loss.soft(x, t);
       } else if constexpr (TK == TargetKind::kClassId || TK == TargetKind::kClassIdScore) {
         const int64_t positive_lane = label - c;
         if (static_cast<uint64_t>(positive_lane) >= static_cast<uint64_t>(kLanes)) {
-          out = loss.negative(x);  // every lane a negative: most vectors of a batch
-          lw = neg_loss_w;
-          gw = neg_grad_w;
+          out = vec_loss.negative(x);  // every lane a negative: most vectors of a batch
+          lw = vec_neg_loss_w;
+          gw = vec_neg_grad_w;
         } else if constexpr (TK == TargetKind::kClassId) {
-          out = loss.binary(x, S::lane(positive_lane));
+          out = vec_loss.binary(x, S::lane(positive_lane));
         } else {
-          out = loss.soft(x, O::select(S::lane(positive_lane), score, V(acc_t(0))));
+          out = vec_loss.soft(x, O::select(S::lane(positive_lane), score, V(acc_t(0))));
         }
       } else {
         const auto positive = S::lane(label - c);
-        out = loss.soft(x, O::select(positive, t_pos, t_neg));
+        out = vec_loss.soft(x, O::select(positive, t_pos, t_neg));
       }
       finish(c, n, out, lw, gw);
     };
@@ -141,9 +154,11 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
         {P{loss.p.gamma, loss.p.gamma}, P{loss.p.beta, loss.p.beta}, P{loss.p.inv_gamma, loss.p.inv_gamma},
          P{loss.p.shift, loss.p.shift}},
         {{row_alpha.pos, row_alpha.pos}, {row_alpha.neg, row_alpha.neg}}};
+    // (With a tensor alpha, every vector has weights of its own: one at a time.)
     int64_t c = 0;
+    const int64_t pair_len = class_alpha == nullptr ? span_len : 0;
     if constexpr (TK == TargetKind::kClassId || TK == TargetKind::kClassIdScore) {
-      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
+      for (; c + 2 * kLanes <= pair_len; c += 2 * kLanes) {
         if (static_cast<uint64_t>(label - c) < static_cast<uint64_t>(2 * kLanes)) {
           step(c, kLanes);
           step(c + kLanes, kLanes);
@@ -152,7 +167,7 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
         }
       }
     } else if constexpr (TK == TargetKind::kFloat) {
-      for (; c + 2 * kLanes <= span_len; c += 2 * kLanes) {
+      for (; c + 2 * kLanes <= pair_len; c += 2 * kLanes) {
         P t = load_pair(t_all + off + c);
         if (eps != acc_t(0)) t = Ops<P>::fmadd(t, P(acc_t(1) - eps), P(eps / 2));
         finish_pair(c, pair_loss.soft(load_pair(x_all + off + c), t), loss_w, grad_w);

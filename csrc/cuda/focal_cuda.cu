@@ -140,10 +140,15 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const bool focal = call.loss_kind == LossKind::kFocal;
   const bool ids_targets = focal ? args.target_kind == TargetKind::kClassId
                                  : args.target_kind == TargetKind::kClassIdScore;
+  // A tensor alpha, like a per-element weight, takes the general kernel; so does a background_index
+  // other than -1 and C (RowWalk::ids_from).
   const bool ids_kernel = ids_targets && reduce && aligned && args.elem_weight == nullptr &&
-                          cols < (int64_t{1} << 30);  // its columns are 32-bit
+                          args.class_alpha == nullptr &&
+                          (args.background_index == -1 || args.background_index == cols) &&
+                          cols < (int64_t{1} << 30);  // 32-bit columns
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
-                            args.row_weight == nullptr && args.elem_weight == nullptr;
+                            args.row_weight == nullptr && args.elem_weight == nullptr &&
+                            args.class_alpha == nullptr;
 
   const int shape_index = launch_shape_index();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
@@ -165,7 +170,8 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
         partials = sums_of(tile_count<scalar_t>(numel));
         const int blocks = tile_blocks<Shape>(partials, max_blocks(Shape::kBlocksPerSm));
         const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1,
-                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>);
+                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>,
+                                           args.background_index);
         if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
           if constexpr (std::is_same_v<Shape, DefaultLaunchShape> || std::is_same_v<Shape, Float64LaunchShape>) {
             launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,

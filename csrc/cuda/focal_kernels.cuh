@@ -77,13 +77,16 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
   using acc_t = at::opmath_type<scalar_t>;
   LossAndGrad<acc_t> r;
+  acc_t target = 0;  // the element's target in [0, 1], for a tensor alpha's weight
   if constexpr (TK == TargetKind::kFloat) {
     const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-    r = loss.soft(x, t * (acc_t(1) - eps) + eps / 2);
+    target = t * (acc_t(1) - eps) + eps / 2;
+    r = loss.soft(x, target);
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
-    if (id < -1 || id >= a.cols) {
+    // Background (outside [0, cols)) is a positive of no column.
+    if ((id < 0 || id >= a.cols) && id != a.background_index) {
       // An invalid class id cannot raise without a host sync: make it impossible to miss.
       const acc_t nan = static_cast<acc_t>(NAN);
       return {nan, nan};
@@ -91,9 +94,11 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     const bool positive = id == col;
     if constexpr (TK == TargetKind::kClassId) {
       r = loss.binary(x, positive);
+      target = positive ? acc_t(1) : acc_t(0);
     } else if constexpr (TK == TargetKind::kClassIdScore) {
       if (positive) {
-        r = loss.soft(x, static_cast<acc_t>(static_cast<const scalar_t*>(a.scores)[row]));
+        target = static_cast<acc_t>(static_cast<const scalar_t*>(a.scores)[row]);
+        r = loss.soft(x, target);
       } else {
         r = loss.negative(x);
         r.loss *= loss.alpha.neg;
@@ -101,7 +106,8 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
       }
     } else {
       const acc_t eps = static_cast<acc_t>(a.label_smoothing);
-      r = loss.soft(x, positive ? acc_t(1) - eps / 2 : eps / 2);
+      target = positive ? acc_t(1) - eps / 2 : eps / 2;
+      r = loss.soft(x, target);
     }
   }
   acc_t w = acc_t(1);
@@ -109,6 +115,13 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
   if (a.elem_weight) {
     w *= static_cast<acc_t>(
         static_cast<const scalar_t*>(a.elem_weight)[row * a.elem_weight_row_stride + col]);
+  }
+  if (a.class_alpha != nullptr) {
+    // A tensor alpha (make_call made the launch's alpha weigh nothing): this class's weights of
+    // t = 1 and t = 0, as the loss applies its alpha: VFL's by the target's sign, the others' linearly.
+    const auto* table = static_cast<const acc_t*>(a.class_alpha);
+    const acc_t pos = table[col], neg = table[a.cols + col];
+    w *= L == LossKind::kVarifocal ? (target > acc_t(0) ? pos : neg) : neg + (pos - neg) * target;
   }
   r.loss *= w;
   r.grad *= w;
@@ -222,15 +235,21 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
 // and the rows and columns a lane's first element moves by from one of its tiles to the next
 // (`step` elements: the grid's warps times a tile). Made by the host, so that the kernel reads all
 // of it from its parameters rather than holding it in registers.
+//
+// ids_from: the first of the cols + 1 class ids [ids_from, ids_from + cols] that the kernel's fast
+// path takes, the classes and background: -1 when background_index is -1, 0 when it is cols (the
+// host sends any other background_index to the general kernel).
 struct RowWalk {
   uint32_t magic = 1;
   uint32_t shift = 0;
   int32_t cols = 1;
   int32_t step_cols = 0;
   int64_t step_rows = 0;
+  int64_t ids_from = -1;
 
-  static RowWalk make(int64_t cols, int64_t step) {
+  static RowWalk make(int64_t cols, int64_t step, int64_t background_index = -1) {
     RowWalk w;
+    w.ids_from = background_index == cols ? 0 : -1;
     w.cols = static_cast<int32_t>(cols);
     while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
     w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
@@ -559,10 +578,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
           bool fast = false, ignored = false;
           if (offset + kVec <= left && col + kVec <= cols) {
-            // Within one row; ignored, or -1 <= label < cols with label outside [col, col + kVec).
+            // Within one row; ignored, or a class or background (walk's ids) outside [col, col + kVec).
             ignored = label[i] == a.ignore_index;
             const bool negative =
-                static_cast<uint64_t>(label[i]) + 1 <= static_cast<uint64_t>(cols) &&
+                static_cast<uint64_t>(label[i] - walk.ids_from) <= static_cast<uint64_t>(cols) &&
                 static_cast<uint64_t>(label[i] - col) >= static_cast<uint64_t>(kVec);
             fast = ignored || negative;
           }

@@ -3,8 +3,10 @@ softplus, and the reductions.
 
 The conventions are those of :func:`focal.sigmoid_focal_loss` (see its docstring):
 
-* class ids ``c`` in ``[0, C)`` mark a positive for class ``c``, ``-1`` is background (negative for every
-  class) and ``ignore_index`` marks a row that contributes neither loss nor gradient;
+* class ids ``c`` in ``[0, C)`` mark a positive for class ``c``, ``background_index`` (``-1`` by default)
+  is background (negative for every class) and ``ignore_index`` marks a row that contributes neither
+  loss nor gradient;
+* ``alpha`` may be a ``(C,)`` tensor, one value per class;
 * ``reduction="mean"`` divides by the number of elements that are not ignored; with class ids a batch
   whose rows are all ignored gives 0, while dense float targets follow ``torch.mean`` (NaN when empty);
 * a ``normalizer`` (a number, or a one-element tensor on any device) divides the loss before the
@@ -35,14 +37,14 @@ def is_class_ids(targets: torch.Tensor) -> bool:
 
 
 def one_hot_rows(
-    ids: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype
+    ids: torch.Tensor, num_classes: int, ignore_index: int, dtype: torch.dtype, background_index: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(one_hot, kept)``: ``one_hot`` of shape ``ids.shape + (num_classes,)`` in ``dtype``, with an
-    all-zero row for ``-1`` (background) and for ``ignore_index``; ``kept`` a bool tensor of ``ids``'s
+    all-zero row for ``background_index`` and for ``ignore_index``; ``kept`` a bool tensor of ``ids``'s
     shape, False where the id is ``ignore_index``."""
     ids = ids.long()
     kept = ids != ignore_index
-    ids = torch.where(kept, ids, torch.full_like(ids, -1))
+    ids = torch.where(kept & (ids != background_index), ids, torch.full_like(ids, -1))
     classes = torch.arange(num_classes, device=ids.device)
     return (ids.unsqueeze(-1) == classes).to(dtype), kept
 
@@ -52,27 +54,32 @@ def expand_targets(
     targets: torch.Tensor,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    background_index: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(soft_targets, keep)``, both shaped like ``inputs`` and in its dtype.
 
     Float targets pass through. Integer class ids of shape ``inputs.shape[:-1]`` become one-hot rows
-    (``-1`` is an all-zero background row); rows whose id equals ``ignore_index`` get ``keep == 0``.
+    (``background_index`` is an all-zero background row); rows whose id equals ``ignore_index`` get
+    ``keep == 0``.
     Label smoothing ``eps`` then maps every binary target ``t`` to ``t * (1 - eps) + eps / 2``.
     """
     if not is_class_ids(targets):
         soft = targets.to(inputs.dtype)
         keep = torch.ones_like(inputs)
     else:
-        soft, kept = one_hot_rows(targets, inputs.shape[-1], ignore_index, inputs.dtype)
+        soft, kept = one_hot_rows(targets, inputs.shape[-1], ignore_index, inputs.dtype, background_index)
         keep = kept.unsqueeze(-1).expand_as(inputs).to(inputs.dtype)
     if label_smoothing:
         soft = soft * (1.0 - label_smoothing) + label_smoothing / 2.0
     return soft, keep
 
 
-def alpha_t(t: torch.Tensor, alpha: float | None) -> torch.Tensor | float:
-    """The binary alpha factor ``alpha t + (1 - alpha)(1 - t)``; 1 when ``alpha`` is None or negative."""
-    if alpha is None or alpha < 0:
+def alpha_t(t: torch.Tensor, alpha: float | torch.Tensor | None) -> torch.Tensor | float:
+    """The binary alpha factor ``alpha t + (1 - alpha)(1 - t)``; 1 when ``alpha`` is None or negative.
+    A ``(C,)`` tensor ``alpha`` gives each class (the last dimension of ``t``) its own."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(t.dtype)
+    elif alpha is None or alpha < 0:
         return 1.0
     return alpha * t + (1.0 - alpha) * (1.0 - t)
 

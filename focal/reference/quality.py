@@ -44,7 +44,7 @@ QualityTargets = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
 def quality_targets(
-    inputs: torch.Tensor, targets: QualityTargets, ignore_index: int = -100
+    inputs: torch.Tensor, targets: QualityTargets, ignore_index: int = -100, background_index: int = -1
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Return ``(quality, keep, class_ids)``: dense quality targets and keep mask, both shaped like
     ``inputs`` and in its dtype, and whether ``targets`` was the ``(ids, scores)`` pair."""
@@ -57,7 +57,7 @@ def quality_targets(
                 f"(ids, scores) must both have the shape of inputs without the class dimension, "
                 f"{tuple(inputs.shape[:-1])}; got {tuple(ids.shape)} and {tuple(scores.shape)}"
             )
-        one_hot, kept = one_hot_rows(ids, inputs.shape[-1], ignore_index, inputs.dtype)
+        one_hot, kept = one_hot_rows(ids, inputs.shape[-1], ignore_index, inputs.dtype, background_index)
         # where, not a product: the scores of background and ignored rows are never read
         scores = scores.to(inputs.dtype).unsqueeze(-1).expand_as(inputs)
         quality = torch.where(one_hot.bool(), scores, torch.zeros_like(scores))
@@ -82,6 +82,7 @@ def _bce(softplus_x: torch.Tensor, softplus_neg_x: torch.Tensor, t: torch.Tensor
 def quality_focal_loss(
     inputs: torch.Tensor, targets: QualityTargets, beta: float = 2.0, reduction: str = "none", *,
     weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None, ignore_index: int = -100,
+    background_index: int = -1,
 ) -> torch.Tensor:
     r"""Quality focal loss ``-|y - sigma|^beta ((1 - y) log(1 - sigma) + y log(sigma))``, elementwise.
 
@@ -103,11 +104,12 @@ def quality_focal_loss(
         normalizer: optional number or one-element tensor (on any device) dividing the loss, e.g.
             the number of positives or the sum of their scores.
         ignore_index: class id of ignored rows (pair form only).
+        background_index: class id of background rows (pair form only), -1 by default.
 
     Returns:
         The loss: shape of ``inputs`` for ``"none"`` (0 in ignored rows), else a scalar.
     """
-    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
+    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index, background_index)
     sigma, one_minus_sigma, softplus_x, softplus_neg_x = logistic(inputs)
     distance = quality * one_minus_sigma - (1 - quality) * sigma  # y - sigma
     loss = power(distance.abs(), beta) * _bce(softplus_x, softplus_neg_x, quality)
@@ -115,8 +117,10 @@ def quality_focal_loss(
 
 
 def varifocal_loss(
-    inputs: torch.Tensor, targets: QualityTargets, alpha: float = 0.75, gamma: float = 2.0, reduction: str = "none", *,
+    inputs: torch.Tensor, targets: QualityTargets, alpha: float | torch.Tensor = 0.75, gamma: float = 2.0,
+    reduction: str = "none", *,
     weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None, ignore_index: int = -100,
+    background_index: int = -1,
 ) -> torch.Tensor:
     r"""Varifocal loss, elementwise: ``-q (q log(p) + (1 - q) log(1 - p))`` where ``q > 0``,
     ``-alpha p^gamma log(1 - p)`` where ``q = 0``.
@@ -130,19 +134,21 @@ def varifocal_loss(
         inputs: logits ``(..., C)``, class dimension last; any float dtype.
         targets: dense quality targets of the shape of ``inputs``, or the pair ``(ids, scores)``
             (see the module docstring).
-        alpha: weight of the negatives (``q = 0``); the paper uses 0.75. Positives are weighted by
-            ``q`` instead.
+        alpha: weight of the negatives (``q = 0``), or a ``(C,)`` tensor of one per class; the paper
+            uses 0.75. Positives are weighted by ``q`` instead.
         gamma: focusing exponent >= 0 of the negatives; the paper uses 2.
-        reduction, weight, normalizer, ignore_index: as for :func:`quality_focal_loss`.
+        reduction, weight, normalizer, ignore_index, background_index: as for :func:`quality_focal_loss`.
 
     Returns:
         The loss, as :func:`quality_focal_loss`'s.
     """
-    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index)
+    quality, keep, class_ids = quality_targets(inputs, targets, ignore_index, background_index)
     p, _, softplus_x, softplus_neg_x = logistic(inputs)
     positive = quality * _bce(softplus_x, softplus_neg_x, quality)
     # power(), not exp(gamma log p), whose rounded argument costs |gamma log p| ulps; its gradient
     # is 0, not NaN, where p underflows to 0, for any gamma
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.to(inputs.dtype)
     negative = alpha * power(p, gamma) * softplus_x
     loss = torch.where(quality > 0, positive, negative)
     return reduce_elements(loss, keep, class_ids, reduction, normalizer, weight)

@@ -33,9 +33,9 @@ __all__ = ["sigmoid_focal_loss", "sigmoid_focal_loss_grad", "expand_targets"]
 
 
 def sigmoid_focal_loss(
-    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | torch.Tensor | None = 0.25, gamma: float = 2.0,
     reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100, label_smoothing: float = 0.0,
+    ignore_index: int = -100, label_smoothing: float = 0.0, background_index: int = -1,
 ) -> torch.Tensor:
     """The focal loss of equation (5), ``FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t)``, elementwise.
 
@@ -45,7 +45,7 @@ def sigmoid_focal_loss(
     and is what ``torchvision.ops.sigmoid_focal_loss`` computes. Differentiable by autograd, to any
     order.
     """
-    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
+    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing, background_index)
     _, _, ce, q = _focal_parts(inputs, soft)
     loss = alpha_t(soft, alpha) * power(q, gamma) * ce
     return reduce_elements(loss, keep, is_class_ids(targets), reduction, normalizer, weight)
@@ -60,9 +60,9 @@ def _focal_parts(x: torch.Tensor, t: torch.Tensor):
 
 
 def sigmoid_focal_loss_grad(
-    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | None = 0.25, gamma: float = 2.0,
+    inputs: torch.Tensor, targets: torch.Tensor, alpha: float | torch.Tensor | None = 0.25, gamma: float = 2.0,
     reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100, label_smoothing: float = 0.0,
+    ignore_index: int = -100, label_smoothing: float = 0.0, background_index: int = -1,
 ) -> torch.Tensor:
     """d loss / d inputs, written out: the paper's Appendix B derivative, for any target in [0, 1].
 
@@ -73,7 +73,7 @@ def sigmoid_focal_loss_grad(
     *reduced* loss (``sum``, ``mean`` or with ``normalizer``), or of ``loss.sum()`` for
     ``reduction="none"``. Differentiable by autograd, which gives the second derivatives.
     """
-    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
+    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing, background_index)
     p, one_minus_p, ce, q = _focal_parts(inputs, soft)
     grad = p * (1 - soft) - one_minus_p * soft  # p - t: exactly p or -(1 - p) for a hard target
     if gamma != 0:

@@ -31,9 +31,10 @@ def _softplus_over(w: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def sigmoid_focal_loss_star(
-    inputs: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, beta: float = 1.0, alpha: float | None = None,
-    reduction: str = "none", *, weight: torch.Tensor | None = None, normalizer: float | torch.Tensor | None = None,
-    ignore_index: int = -100, label_smoothing: float = 0.0,
+    inputs: torch.Tensor, targets: torch.Tensor, gamma: float = 2.0, beta: float = 1.0,
+    alpha: float | torch.Tensor | None = None, reduction: str = "none", *, weight: torch.Tensor | None = None,
+    normalizer: float | torch.Tensor | None = None, ignore_index: int = -100, label_smoothing: float = 0.0,
+    background_index: int = -1,
 ) -> torch.Tensor:
     r"""FL* of Appendix A, ``-log(sigmoid(gamma x_t + beta)) / gamma``, elementwise.
 
@@ -53,13 +54,14 @@ def sigmoid_focal_loss_star(
         gamma: sharpness, > 0 (the loss divides by it). The paper: 2 (with ``beta = 1``) or 4 (with
             ``beta = 0``).
         beta: shift of the logit, any real number.
-        alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``); None or negative for no
-            weighting (the default: Appendix A uses none).
+        alpha: weight of the positives in [0, 1] (negatives get ``1 - alpha``), or a ``(C,)`` tensor of
+            one per class; None or negative for no weighting (the default: Appendix A uses none).
         reduction: ``"none"`` (shape of ``inputs``), ``"sum"`` or ``"mean"`` (over the elements that are
             not ignored; 0 when all are, with class ids).
         weight: optional weights broadcastable to ``inputs``, e.g. per class ``(C,)`` or per row ``(..., 1)``.
         normalizer: optional number or one-element tensor (on any device) dividing the loss.
         ignore_index: class id of ignored rows (class-id targets only).
+        background_index: class id of background rows (class-id targets only), -1 by default.
         label_smoothing: ``eps`` in [0, 1]: every binary target ``t`` becomes ``t (1 - eps) + eps / 2``.
 
     Returns:
@@ -67,7 +69,7 @@ def sigmoid_focal_loss_star(
     """
     if not gamma > 0:
         raise ValueError(f"FL* divides by gamma, which must be > 0, got {gamma}")
-    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing)
+    soft, keep = expand_targets(inputs, targets, ignore_index, label_smoothing, background_index)
     shift = beta / gamma
     positive = _softplus_over(-(inputs + shift), gamma)  # x_t = x:  -log sigmoid(gamma x + beta) / gamma
     negative = _softplus_over(inputs - shift, gamma)  # x_t = -x: -log sigmoid(-gamma x + beta) / gamma

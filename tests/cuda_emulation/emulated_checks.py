@@ -877,3 +877,44 @@ def test_softmax_reduced_loss_is_repeatable(layout):
     for _ in range(3):
         again, _ = _softmax_op(EMU, x, t, reduction="sum", smoothing=0.1)
         assert_bitwise_equal(again, first, "sum")
+
+
+# ---- The detection frameworks' label conventions -------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_background_index_and_class_alpha_match_the_cpu_op(dtype):
+    """Background marked C (mmdetection's and detectron2's labels) gives the bits of background
+    marked -1, in every reduction; -1 is then an invalid id, a NaN row. A per-class alpha (the
+    general kernel) gives the CPU op's results, for the focal loss and for VFL with scores."""
+    g = torch.Generator().manual_seed(19)
+    rows, cols = 300, 80
+    x = make_logits((rows, cols), dtype, g)
+    ids = _ids_with_every_case(rows, cols, g)
+    marked = torch.where(ids == -1, torch.full_like(ids, cols), ids)
+    alpha = torch.rand(cols, generator=g)
+    scores = torch.rand(rows, generator=g).to(dtype)
+
+    def fl(ops, targets, reduction, class_alpha=None, background_index=-1):
+        return ops.sigmoid_focal_loss(x, targets, None, None, None, 0.25, 2.0, 0.0, -100, reduction, 1.0, True,
+                                      class_alpha, background_index)
+
+    def vfl(ops, reduction):
+        return ops.varifocal_loss(x, marked, scores, None, None, None, -1.0, 2.0, -100, reduction, 1.0, True, alpha,
+                                  cols)
+
+    for reduction in REDUCTIONS:
+        minus_one, c = fl(EMU, ids, reduction), fl(EMU, marked, reduction, background_index=cols)
+        assert_bitwise_equal(c[0], minus_one[0], f"loss, {reduction}")
+        assert_bitwise_equal(c[1], minus_one[1], f"grad, {reduction}")
+        for call in (lambda ops: fl(ops, marked, reduction, alpha, cols), lambda ops: vfl(ops, reduction)):
+            (loss, grad), (cpu_loss, cpu_grad) = call(EMU), call(CPU)
+            if reduction == "none":
+                assert_close_ulps(loss, cpu_loss, dtype, LOSS_ULPS[dtype], f"loss vs CPU op, {reduction}")
+            else:
+                assert_reduced_close(loss, cpu_loss, dtype, x.numel(), f"loss vs CPU op, {reduction}",
+                                     torch.float32 if dtype != torch.float64 else None)
+            assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], f"grad vs CPU op, {reduction}", normwise=True)
+    total, grad = fl(EMU, ids, "sum", background_index=cols)  # -1 is no longer background
+    assert torch.isnan(total)
+    assert torch.isnan(grad[ids == -1]).all() and not torch.isnan(grad[ids != -1]).any()
