@@ -1,5 +1,6 @@
-"""Builds the emulated CUDA backend (build_emulation.py) and runs its checks (emulated_checks.py and
-oracle_checks.py) with the sanitizer runtime preloaded, in one process of its own.
+"""Builds the emulated CUDA backend (build_emulation.py) and the fault programs, and runs the
+backend's checks (emulated_checks.py and oracle_checks.py) with the sanitizer runtime preloaded, in
+one process of its own.
 
 tests/test_cuda_emulated.py starts it when the test session starts, so that it runs beside the rest
 of the suite (the suite's tests are mostly single-threaded; this keeps the other core busy).
@@ -9,6 +10,7 @@ pytest's, or BUILD_FAILED with the compiler's output when the build fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -29,6 +31,11 @@ def main(argv: list[str]) -> int:
     except build_emulation.BuildError as error:
         print(f"building the emulated CUDA backend failed:\n{str(error)[-6000:]}", flush=True)
         return BUILD_FAILED
+    # The fault programs of test_sanitizers_catch_a_broken_kernel as well, while the suite still
+    # runs; a failure to build one is left for that test to report.
+    for fault in build_emulation.FAULTS:
+        with contextlib.suppress(build_emulation.BuildError):
+            build_emulation.build_fault_program(fault)
     env = build_emulation.sanitizer_env()
     env["FOCAL_EMU_LIBRARY"] = str(library)
     env["OMP_NUM_THREADS"] = "1"
