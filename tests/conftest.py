@@ -1,4 +1,5 @@
-"""Shared pytest configuration: the device fixture and the hypothesis profile."""
+"""Shared pytest configuration: the device fixture, the hypothesis profile, the instantiation
+recorder and the order of the CUDA emulation's tests."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ def pytest_unconfigure(config):
     if recorded:
         recorder, path = recorded
         recorder.write(path)
+
+
+def _emulated(item) -> bool:
+    return getattr(getattr(item, "module", None), "__name__", None) == "test_cuda_emulated"
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The CUDA emulation's tests (tests/test_cuda_emulated.py) run last, and when its long test is
+    selected, its build and checks start now in a background process: the rest of the suite leaves
+    one of the two cores of a small machine mostly idle, and they take it. Runs after -k / -m
+    deselection, so that a deselected test starts nothing."""
+    emulated = [item for item in items if _emulated(item)]
+    if not emulated:
+        return
+    items[:] = [item for item in items if not _emulated(item)] + emulated
+    if not config.option.collectonly and any(
+            item.originalname == "test_cuda_kernels_under_emulation_and_sanitizers" for item in emulated):
+        emulated[0].module.start_checks()
