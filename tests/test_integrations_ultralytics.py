@@ -15,7 +15,7 @@ import pytest
 import torch
 
 os.environ.setdefault("YOLO_VERBOSE", "False")
-ultralytics = pytest.importorskip("ultralytics", reason="ultralytics is in requirements-dev.txt")
+import ultralytics  # noqa: E402  (installed by make: requirements-integrations.txt)
 from ultralytics.models.utils.loss import DETRLoss  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
