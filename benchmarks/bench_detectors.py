@@ -8,7 +8,8 @@ Three rows, side by side in one run, on the same model weights, images and targe
   the boolean-mask copies and FCOS's ``.item()`` remain);
 - ``fused``: ``focal.integrations.torchvision.use_fused_loss(model)``.
 
-Two parts, each timed with the rows interleaved round by round (medians and quartiles):
+Two parts, each timed with the rows interleaved round by round (medians and quartiles; in the loss
+part each timed call follows an untimed one of the same row, the steady state of a training loop):
 
 - ``loss``: the loss path alone, forward + backward from given head outputs (captured from one
   forward of the model): RetinaNet's ``RetinaNetClassificationHead.compute_loss``; for FCOS the whole
@@ -221,9 +222,11 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device):
     return (peak - before) * 1024
 
 
-def measure(steps, device, rounds: int, warmup: int = 1) -> Dict[str, dict]:
+def measure(steps, device, rounds: int, warmup: int = 1, settle: bool = False) -> Dict[str, dict]:
     """Times every row ``rounds`` times, interleaved (the order rotates each round), after ``warmup``
-    calls each; then each row's peak memory in a call of its own."""
+    calls each; then each row's peak memory in a call of its own. With ``settle`` each timed call
+    follows an untimed call of the same row, so that it finds what a training loop's previous step
+    leaves (focal's cached output buffers, warm caches) rather than what another row left."""
     timer = Timer(device)
     for _ in range(warmup):
         for step in steps.values():
@@ -232,6 +235,8 @@ def measure(steps, device, rounds: int, warmup: int = 1) -> Dict[str, dict]:
     order = list(steps)
     for r in range(rounds):
         for row in order[r % len(order):] + order[: r % len(order)]:
+            if settle:
+                steps[row]()
             times[row].append(timer(steps[row]))
     out = {}
     for row, values in times.items():
@@ -249,7 +254,7 @@ def run_case(name: str, size: int, batch: int, part: str, device, rounds: int) -
     steps = (loss_path_steps(name, models, images, targets) if part == "loss"
              else training_steps(models, images, targets))
     worst = check_rows(steps)
-    rows = measure(steps, device, rounds)
+    rows = measure(steps, device, rounds, settle=part == "loss")
     stock = rows["stock"]["median_ms"]
     for row in rows.values():
         row["speedup_vs_stock"] = stock / row["median_ms"]

@@ -1,22 +1,24 @@
 """focal.integrations.torchvision: RetinaNet and FCOS give stock torchvision's losses and gradients.
 
-The models are torchvision's own ``RetinaNet`` and ``FCOS`` classes with their stock heads, anchors,
-matchers and transforms; only the backbone is narrowed (ResNet-18 with a 32-channel FPN instead of
-ResNet-50 with 256 channels) so that a float64 training step takes a fraction of a second. The
-adapter sees only the head outputs, whose layout ``(N, HWA, C)`` the width does not change; the
-resnet50 builders are compared on real sizes by ``benchmarks/bench_detectors.py``.
+The models are torchvision's own ``RetinaNet`` and ``FCOS`` classes with their stock heads (at 32
+channels), FPN, anchors, matchers and transforms; only the ResNet-50 body is replaced by four strided
+convolutions with batch norm giving the same strides (8, 16, 32, then P6 and P7), so that a float64
+training step takes a fraction of a second. The adapter sees only the head outputs, whose layout
+``(N, HWA, C)`` neither the body nor the width changes; the resnet50 builders are compared at real
+sizes by ``benchmarks/bench_detectors.py``, which checks the three paths agree before timing them.
 """
 
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
-from torchvision.models import resnet18
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import Conv2dNormActivation
 
 import focal.integrations.torchvision as fused_torchvision
 
@@ -27,10 +29,16 @@ NUM_CLASSES = 91
 GRAD_RTOL = {torch.float32: 16 * 2**-23, torch.bfloat16: 2**-7}
 
 
+def _conv(cin, cout, stride):
+    return Conv2dNormActivation(cin, cout, stride=stride)
+
+
 def _build(kind):
     torch.manual_seed(0)
-    body = resnet18()
-    backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], 32,
+    body = torch.nn.Sequential(OrderedDict(
+        stem=torch.nn.Sequential(_conv(3, 8, 2), _conv(8, 16, 2)), c3=_conv(16, 16, 2), c4=_conv(16, 32, 2),
+        c5=_conv(32, 32, 2)))
+    backbone = BackboneWithFPN(body, {"c3": "0", "c4": "1", "c5": "2"}, [16, 32, 32], 32,
                                extra_blocks=LastLevelP6P7(32, 32))
     detector = RetinaNet if kind == "retinanet" else FCOS
     return detector(backbone, num_classes=NUM_CLASSES, min_size=128, max_size=160)
