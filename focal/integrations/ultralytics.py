@@ -26,8 +26,9 @@ ultralytics' conventions, reproduced here, and where they differ from the papers
   paper (and :func:`focal.varifocal_loss`) counts that class as a negative,
   ``-alpha p^gamma log(1 - p)``; ultralytics' weight is ``q = 0`` there, so the element adds
   nothing. The adapter reproduces that by giving such a query the score ``q`` = the smallest
-  normal number of its dtype (2^-126 in float32), whose term ``q bce(x, q)`` is below float32's
-  resolution of any loss (and 0 in its gradient after rounding).
+  normal number of its dtype (2^-126 in float32, 2^-1022 in float64): its term ``q bce(x, q)``
+  and its gradient ``q (p - q)`` are that small, lost in the rounding of any loss or gradient
+  they are added to.
 - Focal loss (Lin et al. 2017), used when the batch has no boxes: the paper's loss with
   ``alpha = 0.25`` and ``gamma = 1.5`` (the paper's default is 2); ``alpha`` is applied only when
   it is > 0.
