@@ -25,10 +25,11 @@ all: test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt | $(PY)
+$(DEPS_STAMP): requirements-dev.txt requirements-integrations.txt | $(PY)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps -r requirements-integrations.txt
 	touch $@
 
 # The trees benchmark's photographs and crown boxes ship in the deepforest wheel (MIT); its

@@ -1,0 +1,150 @@
+"""torchvision's RetinaNet and FCOS with their classification loss computed by one fused call.
+
+>>> import focal.integrations.torchvision
+>>> model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+>>> model = focal.integrations.torchvision.use_fused_loss(model)       # or an FCOS model
+
+Stock torchvision builds, per image, a float one-hot target the size of the logits, copies the
+logits and that target through a boolean mask of the anchors that are not ignored, and calls an
+unfused focal loss; FCOS then divides by a count read back with ``.item()``. Here the class ids of
+the whole batch are gathered straight from the matcher's ``matched_idxs`` (labels padded into an
+``(N, G)`` table): ``-1`` (below the low IoU threshold) is background and ``-2`` (between the
+thresholds) is passed as ``ignore_index``, so one call of :func:`focal.sigmoid_focal_loss` on the
+``(N, A, C)`` logits gives the loss and its gradient, with no one-hot, no mask copy and no host
+sync. The semantics are stock's:
+
+- RetinaNet: each image's sum divided by ``max(1, its positives)``, then the mean over images,
+  given to the op as a per-image row weight ``1 / (N max(1, num_fg_i))``. The weight is cast to the
+  logits' dtype, so under bfloat16 autocast it is rounded to bfloat16 (relative 2^-9).
+- FCOS: the batch's sum divided by ``max(1, positives in the batch)``, given as a tensor normaliser.
+  FCOS computes its box and centerness losses in the same ``compute_loss``; they are computed by
+  the same torchvision functions in the same order as stock (with the same boolean masks, since
+  their sizes depend on the data), divided by the same count kept on the device.
+
+``alpha = 0.25`` and ``gamma = 2``, torchvision's defaults. A model whose heads were adapted can
+no longer be compiled with ``torch.jit.script`` (``torch.compile`` is fine).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor
+from torchvision.models.detection.fcos import FCOS, FCOSHead
+from torchvision.models.detection.retinanet import RetinaNet, RetinaNetClassificationHead
+from torchvision.ops import generalized_box_iou_loss
+
+import focal
+
+__all__ = ["use_fused_loss"]
+
+ALPHA = 0.25
+GAMMA = 2.0
+
+
+def use_fused_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Compute the classification loss of a torchvision ``RetinaNet`` or ``FCOS`` with the fused op.
+
+    Replaces, on this model instance only, ``RetinaNetClassificationHead.compute_loss`` (RetinaNet)
+    or ``FCOSHead.compute_loss`` (FCOS); calling it again does nothing more. Returns ``model``.
+
+    Raises:
+        TypeError: ``model`` is neither a RetinaNet nor an FCOS with torchvision's own head.
+    """
+    if isinstance(model, RetinaNet) and isinstance(model.head.classification_head, RetinaNetClassificationHead):
+        head = model.head.classification_head
+        head.compute_loss = types.MethodType(_retinanet_classification_loss, head)
+    elif isinstance(model, FCOS) and isinstance(model.head, FCOSHead):
+        model.head.compute_loss = types.MethodType(_fcos_loss, model.head)
+    else:
+        raise TypeError(
+            "use_fused_loss expects a torchvision RetinaNet or FCOS with torchvision's own head, got "
+            f"{type(model).__name__}"
+        )
+    return model
+
+
+def _gather_targets(targets: List[Dict[str, Tensor]], matched_idxs: List[Tensor], key: str) -> Tensor:
+    """``targets[i][key][matched_idxs[i].clamp(min=0)]`` for the whole batch: ``(N, A, ...)``.
+
+    Each image's ``key`` tensor is padded with zeros into one ``(N, max(1, G), ...)`` table, so an
+    image without boxes gathers zeros, as stock torchvision fills it.
+    """
+    values = [t[key] for t in targets]
+    rows = max([1] + [len(v) for v in values])
+    table = values[0].new_zeros((len(values), rows) + values[0].shape[1:])
+    for i, v in enumerate(values):
+        table[i, : len(v)] = v
+    index = torch.stack(matched_idxs).clamp(min=0)
+    if table.dim() == 3:
+        return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
+    return table.gather(1, index)
+
+
+def _class_ids(targets: List[Dict[str, Tensor]], matched_idxs: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Class ids ``(N, A)`` with the matcher's negatives kept: ``-1`` background, ``-2`` between the
+    thresholds; and the stacked ``matched_idxs``."""
+    matched = torch.stack(matched_idxs)
+    ids = torch.where(matched >= 0, _gather_targets(targets, matched_idxs, "labels"), matched)
+    return ids, matched
+
+
+def _retinanet_classification_loss(
+    self: RetinaNetClassificationHead, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor],
+    matched_idxs: List[Tensor],
+) -> Tensor:
+    """Stock ``RetinaNetClassificationHead.compute_loss``, as one fused call over the batch."""
+    cls_logits = head_outputs["cls_logits"]  # (N, HWA, C)
+    ids, matched = _class_ids(targets, matched_idxs)
+    num_foreground = (matched >= 0).sum(dim=1).clamp(min=1)
+    math_dtype = torch.float64 if cls_logits.dtype == torch.float64 else torch.float32
+    per_image = 1.0 / (num_foreground.to(math_dtype) * len(targets))
+    return focal.sigmoid_focal_loss(
+        cls_logits, ids, alpha=ALPHA, gamma=GAMMA, reduction="sum", weight=per_image[:, None, None],
+        ignore_index=self.BETWEEN_THRESHOLDS,
+    )
+
+
+def _fcos_loss(
+    self: FCOSHead, targets: List[Dict[str, Tensor]], head_outputs: Dict[str, Tensor], anchors: List[Tensor],
+    matched_idxs: List[Tensor],
+) -> Dict[str, Tensor]:
+    """Stock ``FCOSHead.compute_loss`` with its classification term as one fused call."""
+    cls_logits = head_outputs["cls_logits"]  # (N, HWA, C)
+    bbox_regression = head_outputs["bbox_regression"]  # (N, HWA, 4)
+    bbox_ctrness = head_outputs["bbox_ctrness"]  # (N, HWA, 1)
+
+    gt_classes, _ = _class_ids(targets, matched_idxs)  # FCOS's matcher gives only -1 and >= 0
+    gt_boxes = _gather_targets(targets, matched_idxs, "boxes")
+    anchors = torch.stack(anchors)
+    foreground = gt_classes >= 0
+    num_foreground = foreground.sum().clamp(min=1)  # stays on the device: no .item()
+
+    loss_cls = focal.sigmoid_focal_loss(
+        cls_logits, gt_classes, alpha=ALPHA, gamma=GAMMA, reduction="sum", normalizer=num_foreground
+    )
+
+    # From here on, stock torchvision's box and centerness losses, step for step.
+    pred_boxes = self.box_coder.decode(bbox_regression, anchors)
+    loss_bbox_reg = generalized_box_iou_loss(pred_boxes[foreground], gt_boxes[foreground], reduction="sum")
+    bbox_reg_targets = self.box_coder.encode(anchors, gt_boxes)
+    if len(bbox_reg_targets) == 0:
+        gt_ctrness_targets = bbox_reg_targets.new_zeros(bbox_reg_targets.size()[:-1])
+    else:
+        left_right = bbox_reg_targets[:, :, [0, 2]]
+        top_bottom = bbox_reg_targets[:, :, [1, 3]]
+        gt_ctrness_targets = torch.sqrt(
+            (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
+            * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
+        )
+    pred_centerness = bbox_ctrness.squeeze(dim=2)
+    loss_bbox_ctrness = torch.nn.functional.binary_cross_entropy_with_logits(
+        pred_centerness[foreground], gt_ctrness_targets[foreground], reduction="sum"
+    )
+    return {
+        "classification": loss_cls,
+        "bbox_regression": loss_bbox_reg / num_foreground,
+        "bbox_ctrness": loss_bbox_ctrness / num_foreground,
+    }
