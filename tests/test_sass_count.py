@@ -429,32 +429,33 @@ KNOWN_MISSES = {
     ('focal_float_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 1,
     ('focal_float_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
     ('focal_float_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 8,
-    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 48,
-    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'hot_loop_spills'): 38,
-    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 37.06,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'hot_loop_spills'): 44,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 35.72,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 32,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'hot_loop_spills'): 54,
+    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 37.69,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'hot_loop_spills'): 61,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 36.03,
     ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'occupancy'): 0.5,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'bytes_in_flight'): 16,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 90,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 36.81,
-    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 48,
-    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'hot_loop_spills'): 38,
-    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 36.0,
-    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'hot_loop_spills'): 36,
-    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 34.69,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'bytes_in_flight'): 32,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 114,
+    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 37.94,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 32,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'hot_loop_spills'): 54,
+    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 36.75,
+    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'hot_loop_spills'): 61,
+    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 35.34,
     ('focal_ids_kernel', 'float16', 't256_f64_b4', 'occupancy'): 0.5,
-    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'bytes_in_flight'): 16,
-    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 90,
-    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 36.34,
-    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 48,
-    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 38,
-    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'instructions_per_element'): 57.38,
-    ('focal_ids_kernel', 'float32', 't256_f64_b4', 'hot_loop_spills'): 23,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'bytes_in_flight'): 8,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 116,
+    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 37.56,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 24,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 60,
+    ('focal_ids_kernel', 'float32', 't128_f32_b12', 'instructions_per_element'): 60.75,
+    ('focal_ids_kernel', 'float32', 't256_f64_b4', 'bytes_in_flight'): 16,
+    ('focal_ids_kernel', 'float32', 't256_f64_b4', 'hot_loop_spills'): 38,
     ('focal_ids_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
-    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'bytes_in_flight'): 24,
-    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 86,
-    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'instructions_per_element'): 56.56,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'bytes_in_flight'): 16,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 121,
+    ('focal_ids_kernel', 'float32', 't256_f64_b6', 'instructions_per_element'): 59.44,
 }
 
 
@@ -465,6 +466,48 @@ def _shape_name(shape):
 # The three loss kernels of the built extension, read by one run of the script: its listing of a
 # two-architecture build is some 400 MB, which takes cuobjdump and the parser most of a minute.
 BUILT_KERNELS = r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel)<"
+
+
+# The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
+# loss) -> (spill stores, spill loads); none did before element() (focal_kernels.cuh) applied a
+# per-class alpha tensor, under the 64 registers of 4 blocks of 256 threads per SM. Mostly 16-bit
+# float targets, a few instructions each, outside the roofline kernels (which take no tensor alpha).
+KNOWN_SPILLS = {
+    ('bfloat16', 'ClassId', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
+    ('bfloat16', 'ClassIdSmoothed', 'Zero', 'LossKind::Focal'): (1, 1),
+    ('bfloat16', 'Float', 'General', 'LossKind::Focal'): (8, 11),
+    ('bfloat16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
+    ('bfloat16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('bfloat16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
+    ('bfloat16', 'Float', 'One', 'LossKind::Focal'): (6, 8),
+    ('bfloat16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
+    ('bfloat16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
+    ('bfloat16', 'Float', 'Two', 'LossKind::Focal'): (6, 8),
+    ('bfloat16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
+    ('bfloat16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
+    ('bfloat16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('bfloat16', 'Float', 'Zero', 'LossKind::Quality'): (2, 2),
+    ('bfloat16', 'Float', 'Zero', 'LossKind::Varifocal'): (2, 2),
+    ('float16', 'ClassId', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('float16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
+    ('float16', 'ClassIdSmoothed', 'Zero', 'LossKind::Focal'): (1, 1),
+    ('float16', 'Float', 'General', 'LossKind::Focal'): (8, 11),
+    ('float16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
+    ('float16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('float16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
+    ('float16', 'Float', 'One', 'LossKind::Focal'): (6, 8),
+    ('float16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
+    ('float16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
+    ('float16', 'Float', 'Two', 'LossKind::Focal'): (6, 8),
+    ('float16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
+    ('float16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
+    ('float16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('float16', 'Float', 'Zero', 'LossKind::Quality'): (2, 2),
+    ('float16', 'Float', 'Zero', 'LossKind::Varifocal'): (2, 2),
+    ('float32', 'Float', 'Two', 'LossKind::Quality'): (1, 1),
+    ('float64', 'Float', 'General', 'LossKind::Varifocal'): (1, 1),
+}
 
 
 @pytest.fixture(scope="module")
@@ -526,8 +569,11 @@ def test_built_extension_general_kernel_has_a_hot_loop_per_instantiation(built):
             assert (dtype, target, "Two") in found
     for k in kernels:
         assert k["hot_loop"] is not None and k["hot_loop"]["global_stores"] >= 1, k["name"]
-        # No instantiation, the family's included, spills to local memory.
-        assert k["spill_stores"] == k["spill_loads"] == 0 and k["local_bytes"] == 0, k["name"]
+        # No instantiation, the family's included, spills to local memory, but those KNOWN_SPILLS
+        # records, by exactly that much.
+        key = (k["dtype"], k["target"], k["gamma"], k["other_template_args"][0])
+        assert (k["spill_stores"], k["spill_loads"]) == KNOWN_SPILLS.get(key, (0, 0)), (k["name"], key)
+        assert k["local_bytes"] == 0, k["name"]
     # The family's instantiations: FL* with the focal loss's target forms (one gamma kind), QFL and VFL
     # with float targets and class ids with scores, for every gamma kind.
     losses = {}

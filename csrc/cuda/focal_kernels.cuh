@@ -71,7 +71,9 @@ __device__ __forceinline__ LaunchLoss<scalar_t, G, L> launch_loss(const KernelAr
 }
 
 // Loss and gradient of element (row, col), alpha- and weight-scaled, not yet times the scale.
-template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L>
+// kClassAlpha: whether a tensor alpha may be set (the host never gives one to the roofline kernels,
+// whose slow path calls this without it).
+template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L, bool kClassAlpha = true>
 __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     const KernelArgs& a, const LaunchLoss<scalar_t, G, L>& loss, int64_t row, int64_t col,
     at::opmath_type<scalar_t> x, at::opmath_type<scalar_t> t) {
@@ -85,8 +87,8 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
-    // Background (outside [0, cols)) is a positive of no column.
-    if ((id < 0 || id >= a.cols) && id != a.background_index) {
+    // Background is -1 here: the host maps any other background_index to it (focal_cuda.cu).
+    if (id < -1 || id >= a.cols) {
       // An invalid class id cannot raise without a host sync: make it impossible to miss.
       const acc_t nan = static_cast<acc_t>(NAN);
       return {nan, nan};
@@ -116,7 +118,7 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
     w *= static_cast<acc_t>(
         static_cast<const scalar_t*>(a.elem_weight)[row * a.elem_weight_row_stride + col]);
   }
-  if (a.class_alpha != nullptr) {
+  if (kClassAlpha && a.class_alpha != nullptr) {
     // A tensor alpha (make_call made the launch's alpha weigh nothing): this class's weights of
     // t = 1 and t = 0, as the loss applies its alpha: VFL's by the target's sign, the others' linearly.
     const auto* table = static_cast<const acc_t*>(a.class_alpha);
@@ -235,21 +237,15 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
 // and the rows and columns a lane's first element moves by from one of its tiles to the next
 // (`step` elements: the grid's warps times a tile). Made by the host, so that the kernel reads all
 // of it from its parameters rather than holding it in registers.
-//
-// ids_from: the first of the cols + 1 class ids [ids_from, ids_from + cols] that the kernel's fast
-// path takes, the classes and background: -1 when background_index is -1, 0 when it is cols (the
-// host sends any other background_index to the general kernel).
 struct RowWalk {
   uint32_t magic = 1;
   uint32_t shift = 0;
   int32_t cols = 1;
   int32_t step_cols = 0;
   int64_t step_rows = 0;
-  int64_t ids_from = -1;
 
-  static RowWalk make(int64_t cols, int64_t step, int64_t background_index = -1) {
+  static RowWalk make(int64_t cols, int64_t step) {
     RowWalk w;
-    w.ids_from = background_index == cols ? 0 : -1;
     w.cols = static_cast<int32_t>(cols);
     while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
     w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
@@ -473,7 +469,7 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
   auto* grad_all = static_cast<scalar_t*>(a.grad);
   acc_t sum = 0;
   for (int j = 0; j < len; ++j) {
-    const auto r = element<scalar_t, TK, G, L>(a, loss, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
+    const auto r = element<scalar_t, TK, G, L, false>(a, loss, row, col, static_cast<acc_t>(x_all[e0 + j]), acc_t(0));
     sum += r.loss;
     if (loss_all) loss_all[e0 + j] = static_cast<scalar_t>(r.loss * scale);
     if (grad_all) grad_all[e0 + j] = static_cast<scalar_t>(r.grad * scale);
@@ -578,10 +574,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
           bool fast = false, ignored = false;
           if (offset + kVec <= left && col + kVec <= cols) {
-            // Within one row; ignored, or a class or background (walk's ids) outside [col, col + kVec).
+            // Within one row; ignored, or -1 <= label < cols with label outside [col, col + kVec).
             ignored = label[i] == a.ignore_index;
             const bool negative =
-                static_cast<uint64_t>(label[i] - walk.ids_from) <= static_cast<uint64_t>(cols) &&
+                static_cast<uint64_t>(label[i]) + 1 <= static_cast<uint64_t>(cols) &&
                 static_cast<uint64_t>(label[i] - col) >= static_cast<uint64_t>(kVec);
             fast = ignored || negative;
           }
