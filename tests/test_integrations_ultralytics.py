@@ -15,11 +15,18 @@ import pytest
 import torch
 
 os.environ.setdefault("YOLO_VERBOSE", "False")
+from PIL import Image  # noqa: E402
+
+_PIL_OPEN = Image.open
 import ultralytics  # noqa: E402  (installed by make: requirements-integrations.txt)
 from ultralytics.models.utils.loss import DETRLoss  # noqa: E402
 from ultralytics.nn.tasks import RTDETRDetectionModel  # noqa: E402
 
 import focal.integrations.ultralytics as fused_ultralytics  # noqa: E402
+
+# Importing ultralytics replaces PIL's Image.open with its own (which tries an optional HEIF plugin on
+# files PIL cannot read); the rest of the suite expects PIL's errors.
+Image.open = _PIL_OPEN
 
 NUM_CLASSES = 80
 # RT-DETR's layout at a small width: stride-8/16/32 features into the decoder (hidden 32, 30 queries,
