@@ -15,6 +15,8 @@
 #   family     benchmarks/bench.py --device cuda --losses star quality varifocal: headline shape, fp32/bf16
 #   softmax    benchmarks/bench.py --device cuda --losses softmax: the softmax focal loss, headline and voc
 #   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
+#   detectors  benchmarks/bench_detectors.py --device cuda: torchvision RetinaNet / FCOS loss path and
+#              training step (stock, one-line swap, fused), 512 px, batch 2 and 8
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
 #   ncu        Nsight Compute on one float32 launch of the class-id and the float-target loss kernels
@@ -205,7 +207,7 @@ fi
 # tests, bench, sanitizers
 
 if (( BUILD_RC != 0 )); then
-  for s in tests bench family softmax profile memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
+  for s in tests bench family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
 else
   # Test files that import torchvision cannot be collected without it; none of them is CUDA-specific
   # but for one device=cuda case, so they are left out (and said so) rather than failing the step.
@@ -217,7 +219,7 @@ else
   run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k "cuda and not emulated" -q -rs -p no:cacheprovider \
     --junitxml "$OUTDIR/tests.xml"
   if (( ! HAVE_GPU && NO_GPU_OK )); then
-    for s in bench family softmax profile memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
+    for s in bench family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
   else
     run_step bench 170 "$PY" benchmarks/bench.py --device cuda --shapes headline paper \
       --dtype float32 bfloat16 float16 --modes fwdbwd --impls fused_ids fused_float tv tv_compile \
@@ -228,6 +230,8 @@ else
     run_step softmax 60 "$PY" benchmarks/bench.py --device cuda --losses softmax --shapes headline voc \
       --dtype float32 bfloat16 --modes fwdbwd --budget 0.3 --json "$OUTDIR/softmax.json"
     run_step profile 60 "$PY" benchmarks/profile_kernels.py --device cuda --dtype float32 bfloat16 --steps 20
+    run_step detectors 120 "$PY" benchmarks/bench_detectors.py --device cuda --sizes 512 --batches 2 8 \
+      --parts loss step --json "$OUTDIR/detectors.json" --markdown "$OUTDIR/detectors.md"
     SANITIZER="$(find_sanitizer)"
     if [[ -z "$SANITIZER" ]]; then
       for s in memcheck racecheck; do
