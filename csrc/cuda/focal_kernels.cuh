@@ -494,12 +494,16 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
 // the data alone, and each lane keeps two sums in pack order (the fast packs' losses before
 // alpha's negative weight, and the others'), joined once per tile.
 //
+// The launch's arguments are a __grid_constant__: focal_pack_slow reads them where they are, in the
+// kernel's parameter space, rather than from a copy the kernel would otherwise make on its stack
+// (whose size, with every field KernelArgs has, moved the register allocation of the loop below).
+//
 // L is the focal loss, or QFL / VFL with class ids and scores: their negatives are focal_hard with
 // z = x too (with QFL's beta or VFL's gamma as the exponent and VFL's alpha as the negatives'
 // weight), and a positive's score is read by focal_pack_slow alone.
 template <typename scalar_t, GammaKind G, LossKind L, typename Shape = DefaultLaunchShape>
 __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
-    focal_ids_kernel(KernelArgs a, ScaleArgs s, RowWalk walk,
+    focal_ids_kernel(const __grid_constant__ KernelArgs a, ScaleArgs s, RowWalk walk,
                      at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using M = MathFor<scalar_t>;

@@ -33,6 +33,7 @@
 // ---- The language -------------------------------------------------------------------------------
 
 #define __global__
+#define __grid_constant__
 #define __device__
 #define __host__
 #define __forceinline__ inline
