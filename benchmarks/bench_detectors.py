@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import focal  # noqa: E402
 import focal.integrations.torchvision as fused_torchvision  # noqa: E402
-from bench_run import Timer, describe_machine, spread  # noqa: E402
+from bench_run import Timer, describe_machine, peak_memory, spread  # noqa: E402
 
 ROWS = ["stock", "swap", "fused"]
 BUILDERS = {"retinanet": retinanet_resnet50_fpn, "fcos": fcos_resnet50_fpn}
@@ -201,12 +201,7 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device):
     """Extra memory at the peak of one call of ``step`` (see the module docstring), or None where the
     CPU method is unavailable (no /proc/self/clear_refs)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+        return peak_memory(step, device)
     focal.empty_cache()
     if LIBC is not None:
         LIBC.malloc_trim(0)
