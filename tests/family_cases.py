@@ -34,9 +34,9 @@ def logits(device, shape=SHAPE, seed=0, scale=3.0):
     return (torch.randn(shape, generator=generator(seed), dtype=torch.float64) * scale).to(device)
 
 
-def class_ids(device, shape=SHAPE, ignore_index=-100):
-    """Ids covering every kind of row: each class, background (-1) and ignored, in turn."""
-    pattern = torch.tensor(list(range(shape[-1])) + [-1, ignore_index])
+def class_ids(device, shape=SHAPE, ignore_index=-100, background_index=-1):
+    """Ids covering every kind of row: each class, background and ignored, in turn."""
+    pattern = torch.tensor(list(range(shape[-1])) + [background_index, ignore_index])
     rows = math.prod(shape[:-1])
     return pattern.repeat(rows // len(pattern) + 1)[:rows].reshape(shape[:-1]).to(device)
 

@@ -11,7 +11,9 @@ import torch
 from torch.library import opcheck
 
 import focal
-from family_cases import FOCAL, LOSSES, QFL, SHAPE, STAR, VFL, assert_close, cast_targets, loss_and_grad, logits
+from family_cases import (
+    FOCAL, LOSSES, QFL, SHAPE, STAR, VFL, assert_close, cast_targets, class_ids, loss_and_grad, logits,
+)
 
 ALPHA_LOSSES = [FOCAL, STAR, VFL]  # QFL takes no alpha
 CLASSES = SHAPE[-1]
@@ -20,9 +22,7 @@ REDUCTIONS = ["none", "sum", "mean"]
 
 def ids_with_background(background_index: int, ignore_index: int = -100, shape=SHAPE):
     """Every kind of row: each class, background (marked ``background_index``) and ignored, in turn."""
-    pattern = torch.tensor(list(range(shape[-1])) + [background_index, ignore_index])
-    rows = torch.Size(shape[:-1]).numel()
-    return pattern.repeat(rows // len(pattern) + 1)[:rows].reshape(shape[:-1])
+    return class_ids("cpu", shape, ignore_index, background_index)
 
 
 def targets_of(loss, ids, seed=4):
