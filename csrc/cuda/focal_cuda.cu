@@ -7,7 +7,6 @@
 // emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 #include <cstdlib>
-#include <limits>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -86,26 +85,6 @@ int64_t max_blocks(int64_t blocks_per_sm) {
   return rt::multiprocessor_count() * blocks_per_sm;
 }
 
-// The targets and ignore_index the kernels read. They know background as -1 only: with another
-// background_index the class ids are mapped, in one pass over the ids (one per row, not per element),
-// background to -1, -1 (then not background) to an invalid id, and an ignore_index of -1 to one no
-// valid id takes.
-struct KernelIds {
-  at::Tensor targets;
-  int64_t ignore_index;
-};
-
-KernelIds kernel_ids(const FocalCall& call) {
-  const at::Tensor& ids = call.targets;
-  if (!call.class_ids() || call.background_index == -1) return {ids, call.ignore_index};
-  constexpr int64_t kLowest = std::numeric_limits<int64_t>::min();
-  constexpr int64_t kHighest = std::numeric_limits<int64_t>::max();  // >= cols: invalid
-  const int64_t ignore = call.ignore_index == -1 ? kLowest : call.ignore_index;
-  at::Tensor mapped = ids.masked_fill(ids.eq(-1), call.ignore_index == -1 ? ignore : kHighest);
-  mapped.masked_fill_(ids.eq(call.background_index), -1);
-  return {mapped, ignore};
-}
-
 // Loss and gradient of any elementwise loss of the family, from checked arguments.
 std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const at::Tensor& logits = call.logits;
@@ -136,21 +115,17 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   }
 
   const rt::Stream stream = rt::current_stream();
-  const KernelIds ids = kernel_ids(call);
   at::Tensor kept_rows;
   if (call.reduction == Reduction::kMean && call.class_ids()) {
     // The one launch beyond the loss kernels: the count is only known on the device.
     kept_rows = at::empty({}, options.dtype(at::kLong));
-    rt::launch(&count_kept_rows_kernel, 1, kThreads, stream, ids.targets.const_data_ptr<int64_t>(),
-               rows, ids.ignore_index, kept_rows.mutable_data_ptr<int64_t>());
+    rt::launch(&count_kept_rows_kernel, 1, kThreads, stream, call.targets.const_data_ptr<int64_t>(),
+               rows, call.ignore_index, kept_rows.mutable_data_ptr<int64_t>());
     s.kept_rows = kept_rows.const_data_ptr<int64_t>();
     s.cols = cols;
   }
 
-  KernelArgs args = call.kernel_args(reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
-  args.targets = ids.targets.const_data_ptr();
-  args.ignore_index = ids.ignore_index;
-  args.background_index = -1;
+  const KernelArgs args = call.kernel_args(reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
   const bool aligned = aligned16(args.logits) && aligned16(args.loss) && aligned16(args.grad) &&
                        (call.class_ids() || aligned16(args.targets));
   const int64_t multiprocessors = rt::multiprocessor_count();
@@ -162,9 +137,12 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const bool focal = call.loss_kind == LossKind::kFocal;
   const bool ids_targets = focal ? args.target_kind == TargetKind::kClassId
                                  : args.target_kind == TargetKind::kClassIdScore;
-  // A tensor alpha, like a per-element weight, takes the general kernel.
+  // A tensor alpha, like a per-element weight, takes the general kernel; so does a background_index
+  // other than -1 and cols (RowWalk::ids_from).
   const bool ids_kernel = ids_targets && reduce && aligned && args.elem_weight == nullptr &&
-                          args.class_alpha == nullptr && cols < (int64_t{1} << 30);  // 32-bit columns
+                          args.class_alpha == nullptr &&
+                          (args.background_index == -1 || args.background_index == cols) &&
+                          cols < (int64_t{1} << 30);  // 32-bit columns
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr &&
                             args.class_alpha == nullptr;
@@ -189,7 +167,8 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
         partials = sums_of(tile_count<scalar_t>(numel));
         const int blocks = tile_blocks<Shape>(partials, max_blocks(Shape::kBlocksPerSm));
         const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1,
-                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>);
+                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>,
+                                           args.background_index);
         if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
           if constexpr (std::is_same_v<Shape, DefaultLaunchShape> || std::is_same_v<Shape, Float64LaunchShape>) {
             launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,

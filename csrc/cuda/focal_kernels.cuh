@@ -87,8 +87,8 @@ __device__ __forceinline__ LossAndGrad<at::opmath_type<scalar_t>> element(
   } else {
     const int64_t id = static_cast<const int64_t*>(a.targets)[row];
     if (id == a.ignore_index) return {acc_t(0), acc_t(0)};
-    // Background is -1 here: the host maps any other background_index to it (focal_cuda.cu).
-    if (id < -1 || id >= a.cols) {
+    // Background (outside [0, cols)) is a positive of no column.
+    if ((id < 0 || id >= a.cols) && id != a.background_index) {
       // An invalid class id cannot raise without a host sync: make it impossible to miss.
       const acc_t nan = static_cast<acc_t>(NAN);
       return {nan, nan};
@@ -235,17 +235,21 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
 // How focal_ids_kernel follows rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 as a
 // multiply-high, an add and a shift (Granlund and Montgomery's method, as in ATen's IntDivider),
 // and the rows and columns a lane's first element moves by from one of its tiles to the next
-// (`step` elements: the grid's warps times a tile). Made by the host, so that the kernel reads all
-// of it from its parameters rather than holding it in registers.
+// (`step` elements: the grid's warps times a tile), and `ids_from`, the first of the cols + 1 class
+// ids the fast path takes for classes and background: -1, or 0 when background_index is cols (the
+// host sends any other background_index to the general kernel). Made by the host, so that the
+// kernel reads all of it from its parameters rather than holding it in registers.
 struct RowWalk {
   uint32_t magic = 1;
   uint32_t shift = 0;
   int32_t cols = 1;
   int32_t step_cols = 0;
   int64_t step_rows = 0;
+  uint64_t ids_from = ~uint64_t{0};  // -1 as unsigned: the id arithmetic wraps, never overflows
 
-  static RowWalk make(int64_t cols, int64_t step) {
+  static RowWalk make(int64_t cols, int64_t step, int64_t background_index = -1) {
     RowWalk w;
+    w.ids_from = background_index == cols ? 0 : ~uint64_t{0};
     w.cols = static_cast<int32_t>(cols);
     while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
     w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
@@ -578,10 +582,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
           bool fast = false, ignored = false;
           if (offset + kVec <= left && col + kVec <= cols) {
-            // Within one row; ignored, or -1 <= label < cols with label outside [col, col + kVec).
+            // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
             ignored = label[i] == a.ignore_index;
             const bool negative =
-                static_cast<uint64_t>(label[i]) + 1 <= static_cast<uint64_t>(cols) &&
+                static_cast<uint64_t>(label[i]) - walk.ids_from <= static_cast<uint64_t>(cols) &&
                 static_cast<uint64_t>(label[i] - col) >= static_cast<uint64_t>(kVec);
             fast = ignored || negative;
           }
