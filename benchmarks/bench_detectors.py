@@ -41,6 +41,7 @@ import ctypes
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -221,23 +222,32 @@ def measure(steps, device, rounds: int, warmup: int = 1, settle: bool = False) -
     """Times every row ``rounds`` times, interleaved (the order rotates each round), after ``warmup``
     calls each; then each row's peak memory in a call of its own. With ``settle`` each timed call
     follows an untimed call of the same row, so that it finds what a training loop's previous step
-    leaves (focal's cached output buffers, warm caches) rather than what another row left."""
+    leaves (focal's cached output buffers, warm caches) rather than what another row left.
+
+    On the CPU each call's process CPU time is recorded beside its wall time (``cpu_ms``): other
+    processes on a shared machine stretch the wall time of a call, but barely the CPU time it uses
+    (with one thread, the time it ran)."""
     timer = Timer(device)
     for _ in range(warmup):
         for step in steps.values():
             timer(step)
     times = {row: [] for row in steps}
+    cpu_times = {row: [] for row in steps}
     order = list(steps)
     for r in range(rounds):
         for row in order[r % len(order):] + order[: r % len(order)]:
             if settle:
                 steps[row]()
+            cpu_start = time.process_time()
             times[row].append(timer(steps[row]))
+            cpu_times[row].append(time.process_time() - cpu_start)
     out = {}
     for row, values in times.items():
         low, high = spread(values)
         out[row] = {"median_ms": 1e3 * statistics.median(values), "q1_ms": 1e3 * low, "q3_ms": 1e3 * high,
                     "rounds": len(values), "peak_extra_bytes": peak_extra_bytes(steps[row], device)}
+        if device.type == "cpu":
+            out[row]["cpu_ms"] = 1e3 * statistics.median(cpu_times[row])
     return out
 
 
@@ -250,10 +260,12 @@ def run_case(name: str, size: int, batch: int, part: str, device, rounds: int) -
              else training_steps(models, images, targets))
     worst = check_rows(steps)
     rows = measure(steps, device, rounds, settle=part == "loss")
-    stock = rows["stock"]["median_ms"]
-    for row in rows.values():
-        row["speedup_vs_stock"] = stock / row["median_ms"]
-    rows["fused"]["speedup_vs_swap"] = rows["swap"]["median_ms"] / rows["fused"]["median_ms"]
+    for clock, suffix in (("median_ms", ""), ("cpu_ms", "_cpu")):
+        if clock not in rows["stock"]:
+            continue
+        for row in rows.values():
+            row["speedup_vs_stock" + suffix] = rows["stock"][clock] / row[clock]
+        rows["fused"]["speedup_vs_swap" + suffix] = rows["swap"][clock] / rows["fused"][clock]
     return {"model": name, "size": size, "batch": batch, "part": part, "max_rel_diff": worst, "rows": rows}
 
 
@@ -265,32 +277,42 @@ def _mib(value) -> str:
     return "n/a" if value is None else f"{value / 2**20:.0f}"
 
 
+def _ratio(row: dict, key: str) -> str:
+    return f"{row[key]:.2f}" if key in row else ""
+
+
 def markdown(cases: List[dict], machine: dict) -> str:
     steps = {(c["model"], c["size"], c["batch"]): c for c in cases if c["part"] == "step"}
+    cpu = any("cpu_ms" in r for c in cases for r in c["rows"].values())
     lines = [
         f"Machine: {machine['cpu']} ({machine['threads']} threads), torch {machine['torch']}, torchvision "
         f"{machine['torchvision']}, device {machine['device']}{' ' + machine.get('gpu', '') if machine.get('gpu') else ''}; "
         f"commit {str(machine['git_describe'])[:12]}; load average at start {machine['load_average_at_start']}.",
         f"Command: `{machine['command']}`",
-        "",
-        "| model | px | batch | part | row | median ms (IQR) | x stock | x swap | peak extra MiB | loss / step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    if cpu:
+        lines.append("CPU ms: the process's CPU time per call (median), which other processes on the machine "
+                     "barely change; where it is well below the wall time, the machine was busy and its "
+                     "ratios are the ones to compare.")
+    header = ["model", "px", "batch", "part", "row", "median ms (IQR)", "x stock", "x swap"]
+    header += ["CPU ms", "x stock (CPU)", "x swap (CPU)"] if cpu else []
+    header += ["peak extra MiB", "loss / step"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for c in cases:
+        step = steps.get((c["model"], c["size"], c["batch"]))
         for row in ROWS:
             r = c["rows"][row]
+            cells = [c["model"], c["size"], c["batch"], c["part"], row,
+                     f"{r['median_ms']:.1f} ({r['q1_ms']:.1f}-{r['q3_ms']:.1f})",
+                     _ratio(r, "speedup_vs_stock"), _ratio(r, "speedup_vs_swap")]
+            if cpu:
+                cells += [f"{r['cpu_ms']:.1f}" if "cpu_ms" in r else "", _ratio(r, "speedup_vs_stock_cpu"),
+                          _ratio(r, "speedup_vs_swap_cpu")]
             fraction = ""
-            step = steps.get((c["model"], c["size"], c["batch"]))
             if c["part"] == "loss" and step is not None:
                 fraction = f"{r['median_ms'] / step['rows'][row]['median_ms']:.1%}"
-            lines.append(
-                f"| {c['model']} | {c['size']} | {c['batch']} | {c['part']} | {row} | {r['median_ms']:.1f} "
-                f"({r['q1_ms']:.1f}-{r['q3_ms']:.1f}) | {r['speedup_vs_stock']:.2f} | "
-                f"{r['speedup_vs_swap']:.2f} | " if row == "fused" else
-                f"| {c['model']} | {c['size']} | {c['batch']} | {c['part']} | {row} | {r['median_ms']:.1f} "
-                f"({r['q1_ms']:.1f}-{r['q3_ms']:.1f}) | {r['speedup_vs_stock']:.2f} | | "
-            )
-            lines[-1] += f"{_mib(r['peak_extra_bytes'])} | {fraction} |"
+            cells += [_mib(r["peak_extra_bytes"]), fraction]
+            lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -332,7 +354,10 @@ def main(argv=None) -> List[dict]:
                     print(f"{name} {size}px batch {batch} {part}: " + ", ".join(
                         f"{row} {r[row]['median_ms']:.1f} ms" for row in ROWS)
                         + f"; fused {r['fused']['speedup_vs_stock']:.1f}x stock, "
-                        f"{r['fused']['speedup_vs_swap']:.2f}x swap", flush=True)
+                        f"{r['fused']['speedup_vs_swap']:.2f}x swap"
+                        + (f" (CPU time: {r['fused']['speedup_vs_stock_cpu']:.1f}x, "
+                           f"{r['fused']['speedup_vs_swap_cpu']:.2f}x)" if "cpu_ms" in r["fused"] else ""),
+                        flush=True)
     table = markdown(cases, machine)
     print(table)
     if args.json:

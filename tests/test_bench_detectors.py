@@ -23,6 +23,10 @@ def test_quick_run_writes_three_checked_rows(tmp_path, capsys):
     assert report["machine"]["threads"] == torch.get_num_threads() and "command" in report["machine"]
     table = out_md.read_text()
     assert table.count("| retinanet | 128 | 1 | loss |") == 3 and "x swap" in table
+    # on the CPU, the CPU time of each call beside its wall time, and the ratios of both
+    assert all(row["cpu_ms"] > 0 for row in case["rows"].values()) and "x swap (CPU)" in table
+    assert case["rows"]["fused"]["speedup_vs_swap_cpu"] == pytest.approx(
+        case["rows"]["swap"]["cpu_ms"] / case["rows"]["fused"]["cpu_ms"])
 
 
 def test_a_row_that_disagrees_is_refused():
