@@ -29,7 +29,8 @@ from dataclasses import dataclass
 class RetinaNetConfig:
     num_classes: int = 80
     # "focal": this example's detector; "torchvision": stock torchvision RetinaNet on the same backbone,
-    # anchors and data, for comparison (torchvision_stock.py says which fields it uses).
+    # anchors and data, for comparison (torchvision_stock.py says which fields it uses);
+    # "torchvision_v2": the same with torchvision's v2 head (GroupNorm, GIoU box loss).
     detector: str = "focal"
     # Backbone: torchvision ResNet layout; ``backbone_width`` scales every stage's channels
     # (1.0 is torchvision's network, whose checkpoints ``weights`` can load).
@@ -169,7 +170,7 @@ PRESETS = {"fast": fast_config, "imbalance": imbalance_config, "paper": paper_co
 
 
 CHOICES = {
-    "detector": ("focal", "torchvision"),
+    "detector": ("focal", "torchvision", "torchvision_v2"),
     "head_norm": ("none", "gn"),
     "backbone_norm": ("bn", "gn"),
     "loss_impl": ("focal", "reference", "torchvision"),
@@ -220,7 +221,7 @@ def config_from_arguments(args: argparse.Namespace) -> RetinaNetConfig:
 
 def build_model(config: RetinaNetConfig):
     """The single place that turns a config into a :class:`~examples.retinanet.model.RetinaNet`."""
-    if config.detector == "torchvision":
+    if config.detector in ("torchvision", "torchvision_v2"):
         from .torchvision_stock import StockRetinaNet
 
         return StockRetinaNet(config)

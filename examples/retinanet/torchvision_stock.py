@@ -16,11 +16,16 @@ config, because it describes the data rather than the algorithm: the backbone (t
 and ratios (torchvision's defaults are sized for 800-px COCO images), the class count and the
 inference thresholds. Config fields of this example's own head and loss (``head_*``, ``prior_prob``,
 ``cls_loss``, ``loss_impl``, ``box_loss``, ...) do not apply.
+
+``--detector torchvision_v2`` is torchvision's own improved recipe, as ``retinanet_resnet50_fpn_v2``
+builds it: the head's convolutions followed by ``GroupNorm(32)`` and the box loss GIoU on decoded
+boxes instead of L1 on deltas; everything else as above.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 
 import torch
 from torch import nn
@@ -69,8 +74,15 @@ class StockRetinaNet(nn.Module):
             sizes=tuple(tuple(size * scale for scale in config.anchor_scales) for size in config.anchor_sizes),
             aspect_ratios=(tuple(config.anchor_ratios),) * len(config.anchor_sizes),
         )
+        head = None
+        if config.detector == "torchvision_v2":
+            from torchvision.models.detection.retinanet import RetinaNetHead
+
+            head = RetinaNetHead(config.fpn_channels, anchors.num_anchors_per_location()[0], config.num_classes,
+                                 norm_layer=partial(nn.GroupNorm, 32))
+            head.regression_head._loss_type = "giou"
         self.detector = RetinaNet(
-            _PyramidAsDict(fpn), config.num_classes, anchor_generator=anchors,
+            _PyramidAsDict(fpn), config.num_classes, anchor_generator=anchors, head=head,
             score_thresh=config.score_threshold, nms_thresh=config.nms_threshold,
             detections_per_img=config.detections_per_image, topk_candidates=config.topk_candidates,
             fg_iou_thresh=config.fg_iou_threshold, bg_iou_thresh=config.bg_iou_threshold,

@@ -32,6 +32,23 @@ def test_same_backbone_as_the_focal_detector():
         RetinaNetConfig(detector="detectron")
 
 
+def test_v2_is_torchvisions_v2_head_on_the_same_backbone():
+    """--detector torchvision_v2: the head retinanet_resnet50_fpn_v2 builds (GroupNorm after each conv,
+    GIoU box loss), the rest as --detector torchvision; it trains."""
+    torch.manual_seed(0)
+    v1, v2 = build_model(fast_config(detector="torchvision")), build_model(fast_config(detector="torchvision_v2"))
+    assert {k: v.shape for k, v in v1.backbone.state_dict().items()} == {
+        k: v.shape for k, v in v2.backbone.state_dict().items()}
+    norms = lambda m: [x for x in m.detector.head.modules() if isinstance(x, torch.nn.GroupNorm)]  # noqa: E731
+    assert norms(v1) == [] and len(norms(v2)) == 2 * 4 and all(n.num_groups == 32 for n in norms(v2))
+    assert (v1.detector.head.regression_head._loss_type, v2.detector.head.regression_head._loss_type) == ("l1", "giou")
+    v2.train()
+    losses = v2(torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8), _targets())
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in v2.detector.head.parameters())
+
+
 def test_images_are_not_resized_and_losses_are_torchvisions():
     torch.manual_seed(0)
     model = build_model(fast_config(detector="torchvision"))
