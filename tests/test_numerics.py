@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import focal
+import focal.reference
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -139,6 +140,31 @@ def test_reduced_half_loss_keeps_float32_precision():
     total = focal.sigmoid_focal_loss(x, torch.zeros_like(x), gamma=0.0, reduction="sum")
     expected = 128 * 128 * 0.75 * math.log1p(math.exp(2.0))
     assert total.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("form", ["float targets", "class ids", "row weights"])
+def test_float32_sum_keeps_small_terms_after_large_ones(form):
+    """A reduced float32 loss within 1e-5 of its exact value where a few large terms (wrong-side
+    negatives, FL = 75 each) come first and the rest are small (FL about 3e-6, below half an ulp of
+    75): a running float32 sum that already holds a large term drops every small one after it, which
+    over a work block of 16384 elements had cost 8e-5 of the sum."""
+    rows, cols = 2048, 91
+    x = torch.full((rows, cols), -4.14)
+    x[::512, :8] = 100.0  # the first vector of every 512th row: large
+    ids = torch.full((rows,), -1)
+    kwargs = {}
+    if form == "float targets":
+        targets = torch.zeros(rows, cols)
+    else:
+        targets = ids
+        if form == "row weights":
+            kwargs["weight"] = torch.ones(rows, 1)
+    total = focal.sigmoid_focal_loss(x, targets, reduction="sum", **kwargs)
+    exact = focal.reference.sigmoid_focal_loss(x.double(), torch.zeros(rows, cols, dtype=torch.float64),
+                                               reduction="sum")
+    small = exact - 32 * 0.75 * 100.0
+    assert small / exact > 1e-4  # dropping the small terms of one block in ten would break the contract
+    assert abs(total.double().item() - exact.item()) <= 1e-5 * exact.item()
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 2.5])
