@@ -75,7 +75,7 @@ bench: build $(BENCH_PEERS_STAMP)
 
 # The benchmark at the speed goals' shape, then 3 minutes of RetinaNet training on generated digits,
 # COCO evaluation, and detections drawn on two validation images. The digits are the scanned ones
-# without augmentation (`--digits scans --augment none`), which 3 minutes learn (AP about 0.5);
+# without augmentation (`--digits scans --augment none`), which 3 minutes learn (AP 0.4-0.5);
 # the default benchmark's varied styles and augmentation need the default command's 12 minutes.
 # Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels alone
 # (FOCAL_WITH_CUDA=0: no nvcc); with one, setup.py's default CUDA architectures.
