@@ -119,6 +119,7 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     const LossSpec& spec) {
   check_logits_dtype(logits);
   TORCH_CHECK_VALUE(logits.is_contiguous(), "logits must be contiguous");
+  const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
   if (targets.is_floating_point()) {
     check_dtype_and_layout(logits, targets, "float targets");
     TORCH_CHECK_VALUE(targets.sizes() == logits.sizes(), "float targets must have the logits' shape ",
@@ -132,7 +133,6 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                       ", got ", targets.sizes());
     TORCH_CHECK_VALUE(targets.is_contiguous(), "targets must be contiguous");
     // The kernels tell ignored rows, background rows and classes apart by these values alone.
-    const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
     const int64_t background = labels.background_index;
     TORCH_CHECK_VALUE(background < 0 || background >= classes, "background_index ", background,
                       " collides with a class id; classes are [0, ", classes, ")");
@@ -159,7 +159,6 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
                     "FL* divides by gamma, which must be a finite number > 0, got ", gamma);
   if (weight) {
     check_dtype_and_layout(logits, *weight, "weight");
-    const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
     const bool per_class = weight->dim() == 1 && weight->size(0) == classes;
     TORCH_CHECK_VALUE(per_class || weight->sizes() == logits.sizes(), "weight must have shape (",
                       classes, ",) or ", logits.sizes(), ", got ", weight->sizes());
@@ -174,7 +173,6 @@ FocalCall make_call(const at::Tensor& logits, const at::Tensor& targets,
   std::optional<at::Tensor> alpha_table;
   if (labels.class_alpha) {
     const at::Tensor& a = *labels.class_alpha;
-    const int64_t classes = logits.dim() == 0 ? 1 : logits.size(-1);
     TORCH_CHECK_VALUE(spec.kind != LossKind::kQuality, "QFL takes no alpha");
     check_same_device(logits, a, "class_alpha");
     TORCH_CHECK_TYPE(a.is_floating_point(), "class_alpha must be a floating point tensor, got ",

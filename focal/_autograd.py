@@ -284,8 +284,7 @@ def _autograd_kernel(op):
 
 def _fake(op):
     per_row = op.layout == "row"
-    names = [a.name for a in op.overload._schema.arguments]
-    reduction_slot, compute_grad_slot = names.index("reduction"), names.index("compute_grad")
+    reduction_slot, compute_grad_slot = op.slot("reduction"), op.slot("compute_grad")
 
     def fake(logits, targets, *rest):
         """Shapes and dtypes of (loss, grad), from the schema's reduction and compute_grad."""

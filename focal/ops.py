@@ -106,6 +106,10 @@ class LossOp:
     def overload(self):
         return getattr(torch.ops.focal, self.name).default
 
+    def slot(self, argument: str) -> int:
+        """The position of ``argument`` in the op's schema."""
+        return [a.name for a in self.overload._schema.arguments].index(argument)
+
     def with_compute_grad(self, args: tuple, compute_grad: bool) -> tuple:
         """The validator's arguments with ``compute_grad`` put in its place in the schema (not last:
         the arguments added since come after it, with defaults)."""
@@ -151,4 +155,4 @@ def call(op_name: str, inputs, targets, weight, **arguments) -> Tensor:
 if BUILD_ERROR is None:
     _autograd.register(LOSS_OPS.values())
     for _op in LOSS_OPS.values():
-        _COMPUTE_GRAD_SLOTS[_op.name] = [a.name for a in _op.overload._schema.arguments].index("compute_grad")
+        _COMPUTE_GRAD_SLOTS[_op.name] = _op.slot("compute_grad")

@@ -85,8 +85,8 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
       label = ids[r] == a.background_index ? -1 : ids[r];
     }
     // A row weight is folded into the alpha weights: one multiply per row instead of per vector.
-    const AlphaWeights<V> row_alpha =
-        row_w ? alpha.scaled(V(static_cast<acc_t>(row_w[r]))) : alpha;
+    const V row_factor(row_w ? static_cast<acc_t>(row_w[r]) : acc_t(1));
+    const AlphaWeights<V> row_alpha = row_w ? alpha.scaled(row_factor) : alpha;
     const Loss loss{base.p, row_alpha};
     // The positive's target with class ids and scores (only read for a positive row).
     V score(acc_t(1));
@@ -101,7 +101,6 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
     const V grad_w = scale;
     const V neg_loss_w = loss_w * row_alpha.neg;
     const V neg_grad_w = grad_w * row_alpha.neg;
-    const V row_factor(row_w ? static_cast<acc_t>(row_w[r]) : acc_t(1));
 
     // Weights, output and sum of the loss and gradient of elements [c, c + n), n <= kLanes.
     const auto finish = [&](int64_t c, int64_t n, LossAndGrad<V> out, const V& lw, const V& gw)
