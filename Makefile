@@ -11,9 +11,10 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 DEPS_STAMP := $(VENV)/.deps-installed
 # A build's stamp names the CUDA architectures it was made for (TORCH_CUDA_ARCH_LIST; none: setup.py's
-# default), or -cpu for a build without the CUDA kernels (FOCAL_WITH_CUDA=0), so that another build is redone.
+# default), -cpu for a build without the CUDA kernels (FOCAL_WITH_CUDA=0) and -isa_... for one whose CPU
+# kernels were compiled for some instruction sets only (FOCAL_CPU_ISAS), so that another build is redone.
 empty :=
-BUILD_STAMP = $(VENV)/.focal-built$(if $(filter 0 false no off,$(FOCAL_WITH_CUDA)),-cpu)$(subst $(empty) $(empty),_,$(subst ;,_,$(if $(TORCH_CUDA_ARCH_LIST),-$(TORCH_CUDA_ARCH_LIST))))
+BUILD_STAMP = $(VENV)/.focal-built$(if $(filter 0 false no off,$(FOCAL_WITH_CUDA)),-cpu)$(if $(FOCAL_CPU_ISAS),-isa_$(FOCAL_CPU_ISAS))$(subst $(empty) $(empty),_,$(subst ;,_,$(if $(TORCH_CUDA_ARCH_LIST),-$(TORCH_CUDA_ARCH_LIST))))
 BENCH_PEERS_STAMP := $(VENV)/.bench-peers-installed
 TREES_DATA_STAMP := $(VENV)/.deepforest-installed
 CSRC := $(shell find csrc -type f) setup.py pyproject.toml
@@ -73,18 +74,23 @@ test: $(DEPS_STAMP) $(TREES_DATA_STAMP)
 bench: build $(BENCH_PEERS_STAMP)
 	$(PY) benchmarks/bench.py --losses all
 
-# The benchmark at the speed goals' shape, then 3 minutes of RetinaNet training on generated digits,
-# COCO evaluation, and detections drawn on two validation images. The digits are the scanned ones
-# without augmentation (`--digits scans --augment none`), which 3 minutes learn (AP 0.4-0.5);
-# the default benchmark's varied styles and augmentation need the default command's 12 minutes.
-# Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels alone
-# (FOCAL_WITH_CUDA=0: no nvcc); with one, setup.py's default CUDA architectures.
-DEMO_BUILD = $(PY) -c "import os, torch; print('' if os.environ.get('FOCAL_WITH_CUDA') or torch.cuda.is_available() else 'FOCAL_WITH_CUDA=0')"
+# The benchmark at the speed goals' shape (float32, forward + backward, against what users would pick
+# instead: torchvision eager and compiled, fvcore, kornia), then DEMO_MINUTES of RetinaNet training on
+# generated digits, COCO evaluation, and detections drawn on two validation images. The digits are
+# the scanned ones without augmentation (`--digits scans --augment none`), which minutes learn (AP
+# about 0.4 after 3); the default benchmark's varied styles and augmentation need the default
+# command's 12 minutes. Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels
+# alone (FOCAL_WITH_CUDA=0: no nvcc), for this CPU (FOCAL_CPU_ISAS=native); with one, setup.py's
+# default CUDA architectures. `make bench` runs every loss, dtype and peer.
+DEMO_BUILD = $(PY) -c "import os, torch; print('' if os.environ.get('FOCAL_WITH_CUDA') or torch.cuda.is_available() else 'FOCAL_WITH_CUDA=0 FOCAL_CPU_ISAS=native')"
+DEMO_MINUTES ?= 2
+DEMO_BENCH_ROWS := floor floor_out fused_ids fused_float tv tv_compile fvcore kornia
 
 demo: $(DEPS_STAMP) $(BENCH_PEERS_STAMP)
 	flags=$$($(DEMO_BUILD)) && $(MAKE) build $$flags
-	$(PY) benchmarks/bench.py --shapes headline --modes fwdbwd --json outputs/bench.json --plot outputs/bench.png
-	$(PY) -m examples.retinanet.train --minutes 3 --digits scans --augment none --output runs/retinanet/demo
+	$(PY) benchmarks/bench.py --shapes headline --modes fwdbwd --dtype float32 --impls $(DEMO_BENCH_ROWS) \
+		--json outputs/bench.json --plot outputs/bench.png
+	$(PY) -m examples.retinanet.train --minutes $(DEMO_MINUTES) --digits scans --augment none --output runs/retinanet/demo
 	$(PY) -m examples.retinanet.infer data/digits-scans/val/000000.png data/digits-scans/val/000001.png \
 		--checkpoint runs/retinanet/demo/model_final.pth --output outputs/retinanet
 

@@ -12,10 +12,13 @@ Environment switches:
   FOCAL_WITH_CUDA=0|1   force the CUDA kernels off or on (default: on when a CUDA toolkit and a
                         CUDA build of torch are present, whether or not a GPU is visible)
   FOCAL_DEBUG=1         -O0 -g builds (a release build has no debug information: -O3 -g0)
+  FOCAL_CPU_ISAS=native compile the CPU kernels for this machine's instruction set (and the DEFAULT
+                        copy) rather than for every x86-64 one; or a list such as DEFAULT,AVX2
   TORCH_CUDA_ARCH_LIST  architectures to compile for (default without a visible GPU: "8.0;9.0+PTX")
   CUDA_HOME             toolkit root (default: /usr/local/cuda when it exists)
 """
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -64,6 +67,16 @@ if X86_64:
     # GCC 12 reports false "maybe uninitialized" warnings inside its own AVX-512 intrinsics.
     ISA_FLAGS["AVX512"] = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+ISA_REQUEST = os.environ.get("FOCAL_CPU_ISAS", "").strip().upper()
+if ISA_REQUEST:
+    # A build for one machine (make demo): the DEFAULT copy, which every CPU runs, and either the ones
+    # named or, for "native", the one torch picks on this CPU.
+    native = ISA_REQUEST == "NATIVE"
+    wanted = {torch.backends.cpu.get_cpu_capability()} if native else set(ISA_REQUEST.split(","))
+    unknown = set() if native else wanted - set(ISA_FLAGS)
+    if unknown:
+        sys.exit(f"FOCAL_CPU_ISAS names {sorted(unknown)}; this build knows {list(ISA_FLAGS)} and 'native'")
+    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa == "DEFAULT" or isa in wanted}
 ISA_SOURCES = [
     os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", "family_kernel.cpp", "softmax_kernel.cpp")
 ]
@@ -185,18 +198,44 @@ class BuildExtension(cpp_extension.BuildExtension):
                 file.write(info)
 
     def build_extension(self, ext):
+        # The instruction-set copies compile on a thread of their own while torch's build compiles the
+        # module's other sources (and the CUDA kernels), so that neither leaves a core idle waiting for
+        # its slowest file; the link waits for both. Without ninja, torch's compile swaps the
+        # compiler's command line in and out, so the copies go first, one after another.
+        folders = {isa: os.path.abspath(os.path.join(self.build_temp, f"isa_{isa.lower()}")) for isa in ISA_FLAGS}
+        for folder in folders.values():
+            ext.extra_objects.extend(o for o in self.compiler.object_filenames(ISA_SOURCES, output_dir=folder)
+                                     if o not in ext.extra_objects)
+        if not self.use_ninja:
+            self.compile_isa_copies(ext, folders)
+            return super().build_extension(ext)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            copies = pool.submit(self.compile_isa_copies, ext, folders)
+            link = self.compiler.link_shared_object
+
+            def link_after_copies(*args, **kwargs):
+                copies.result()
+                return link(*args, **kwargs)
+
+            self.compiler.link_shared_object = link_after_copies
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.link_shared_object = link
+        copies.result()
+
+    def compile_isa_copies(self, ext, folders):
+        """ISA_SOURCES compiled once per instruction set, into ``folders[isa]``."""
         base = ext.extra_compile_args["cxx"] if isinstance(ext.extra_compile_args, dict) else ext.extra_compile_args
         for isa, flags in ISA_FLAGS.items():
-            objects = self.compiler.compile(
+            self.compiler.compile(
                 ISA_SOURCES,
-                output_dir=os.path.join(self.build_temp, f"isa_{isa.lower()}"),
+                output_dir=folders[isa],
                 include_dirs=ext.include_dirs,
                 debug=DEBUG,
                 extra_postargs={"cxx": base + flags + [f"-DCPU_CAPABILITY={isa}", f"-DCPU_CAPABILITY_{isa}"]},
                 depends=ext.depends,
             )
-            ext.extra_objects.extend(o for o in objects if o not in ext.extra_objects)
-        super().build_extension(ext)
 
 
 setup(
