@@ -2,10 +2,10 @@
 
 ``--augment`` names a pipeline (``AUGMENT_CHOICES``, built by ``_pipeline``):
 
-* ``digits``: what a digit detector should not depend on: scale (0.8-1.25 about the centre, half the
-  images), colour (brightness, contrast, saturation, hue, inverted or grey), blur, pixel noise and
-  clutter (thin bars of random pixels). No flips or rotations: a mirrored or turned digit is another
-  symbol or none.
+* ``digits``: what a digit detector should not depend on: scale (0.7-1.4 about the centre, half the
+  images), colour (brightness, contrast, saturation, hue, channel order, inverted, solarised,
+  stretched or grey), sharpness, blur, pixel noise and clutter (thin bars of random pixels). No flips
+  or rotations: a mirrored or turned digit is another symbol or none.
 * ``aerial``: what changes between aerial photographs: orientation (left-right and up-down flips; a
   crown seen from above has no up), scale (0.8-1.25, crowns differ between sites), light and colour,
   and a slight blur (sensors and resampling).
@@ -38,10 +38,14 @@ def _pipeline(name: str) -> v2.Transform | None:
         return None
     if name == "digits":
         steps = [
-            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(0.8, 1.25))], p=0.5),
+            v2.RandomApply([v2.RandomAffine(degrees=0, scale=(0.7, 1.4))], p=0.5),
             v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.6)], p=0.8),
             v2.RandomApply([v2.ColorJitter(hue=0.1)], p=0.2),  # apart: the hue shift costs 3x the rest
+            v2.RandomApply([v2.RandomChannelPermutation()], p=0.5),
             v2.RandomInvert(p=0.2),
+            v2.RandomSolarize(threshold=0.5, p=0.15),
+            v2.RandomAutocontrast(p=0.2),
+            v2.RandomAdjustSharpness(sharpness_factor=3.0, p=0.2),
             v2.RandomGrayscale(p=0.1),
             v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 1.2))], p=0.3),
             v2.RandomApply([v2.GaussianNoise(sigma=0.05)], p=0.3),

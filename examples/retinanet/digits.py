@@ -6,8 +6,9 @@ canvas are drawn is the ``style`` (``STYLES``):
 
 * ``varied`` (the default benchmark): half the digits are 8x8 scans of ``sklearn.datasets.load_digits``
   (43 writers), half are glyphs of ``TRAIN_FONTS`` (matplotlib's DejaVu Sans, Sans Mono and Serif and
-  its Computer Modern faces) drawn with a stroke of 0-3 px at 48 px; one ink colour per digit; the
-  canvas is a colour gradient or smooth colour blotches, with pixel noise and clutter.
+  its Computer Modern faces) drawn with a stroke of 0-5 px at 48 px; half the digits in one ink colour,
+  half in a ramp from it to a second, fainter colour; the canvas is a colour gradient or colour
+  blotches (3-20 across), with pixel noise and clutter.
 * ``heldout``: what training never draws, to measure whether a model learned digits or the
   generator: glyphs of ``HELDOUT_FONTS`` (STIX, a Times-like family) only, each drawn in two colours
   (a fill inside an outline of another colour), on striped canvases. ``evaluate --held-out-style``
@@ -169,7 +170,7 @@ def _styled_background(rng: np.random.Generator, size: int, kind: str, clutter: 
         return _background(rng, size, clutter)
     base = rng.uniform(0.0, 1.0, size=3)
     if kind == "blotches":  # smooth colour variation: a coarse random grid upsampled
-        cells = int(rng.integers(3, 9))
+        cells = int(rng.integers(3, 21))
         coarse = rng.normal(0.0, 0.15, size=(cells, cells, 3))
         smooth = np.stack([np.asarray(Image.fromarray(coarse[..., c].astype(np.float32), mode="F")
                                       .resize((size, size), Image.BICUBIC)) for c in range(3)], axis=-1)
@@ -213,10 +214,22 @@ def _pick_glyph(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarray
     fonts = TRAIN_FONTS if style == "varied" else HELDOUT_FONTS
     font, digit = fonts[int(rng.integers(0, len(fonts)))], int(rng.integers(0, 10))
     if style == "varied":
-        outline = font_glyph(font, digit, int(rng.integers(0, 4)))[0]
+        outline = font_glyph(font, digit, int(rng.integers(0, 6)))[0]
         return outline, outline, digit
     outline, fill = font_glyph(font, digit, int(rng.integers(2, 5)))
     return outline, fill, digit
+
+
+def _ink_ramp(rng: np.random.Generator, colour: np.ndarray, base: np.ndarray, height: int, width: int):
+    """A (height, width, 3) ink that goes from ``colour`` to a second colour across the digit in a
+    random direction; the second colour may come as close to the canvas's ``base`` as 0.3 from the
+    far end, so that part of the digit is faint."""
+    second = np.where(base > 0.5, rng.uniform(0.0, 0.7, 3), rng.uniform(0.3, 1.0, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:height, 0:width]
+    ramp = (xs / max(width - 1, 1) - 0.5) * np.cos(angle) + (ys / max(height - 1, 1) - 0.5) * np.sin(angle)
+    ramp = (ramp - ramp.min()) / max(ramp.max() - ramp.min(), 1e-6)
+    return colour + ramp[..., None] * (second - colour)
 
 
 def _no_overlap(box, boxes, margin: int = 1) -> bool:
@@ -255,6 +268,8 @@ def render_image(rng: np.random.Generator, digits: np.ndarray, labels: np.ndarra
             continue
         # Ink colour far from the background's so the digit stays legible.
         colour = np.where(base > 0.5, rng.uniform(0.0, 0.3, 3), rng.uniform(0.7, 1.0, 3))
+        if params.style == "varied" and rng.uniform() < 0.5:
+            colour = _ink_ramp(rng, colour, base, height, width)
         region = canvas[y0: y0 + height, x0: x0 + width]
         layers = [(outline, colour)]
         if fill is not outline:  # two-colour ink: a fill of the background's side inside the outline
