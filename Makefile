@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+TORCH_STAMP := $(VENV)/.torch-installed
 DEPS_STAMP := $(VENV)/.deps-installed
 # A build's stamp names the CUDA architectures it was made for (TORCH_CUDA_ARCH_LIST; none: setup.py's
 # default), -cpu for a build without the CUDA kernels (FOCAL_WITH_CUDA=0) and -isa_... for one whose CPU
@@ -26,9 +27,14 @@ all: test
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements-dev.txt requirements-integrations.txt | $(PY)
+# torch and what the build needs first; the rest of the packages then install while the extension
+# compiles (`make -j2 build setup` below: the build needs only this stamp).
+$(TORCH_STAMP): requirements-build.txt | $(PY)
 	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.14.1 torchvision==0.29.1
+	$(PIP) install torch==2.14.1 torchvision==0.29.1 -r requirements-build.txt
+	touch $@
+
+$(DEPS_STAMP): $(TORCH_STAMP) requirements-dev.txt requirements-integrations.txt
 	$(PIP) install -r requirements-dev.txt
 	$(PIP) install --no-deps -r requirements-integrations.txt
 	touch $@
@@ -48,7 +54,7 @@ $(BENCH_PEERS_STAMP): $(DEPS_STAMP)
 	$(PIP) install --no-deps kornia==0.9.0 kornia-rs==0.2.0
 	touch $@
 
-$(BUILD_STAMP): $(DEPS_STAMP) $(CSRC)
+$(BUILD_STAMP): $(TORCH_STAMP) $(CSRC)
 	$(PIP) install --no-build-isolation --no-deps -e .
 	rm -f $(VENV)/.focal-built*
 	touch '$@'
@@ -68,8 +74,8 @@ build: $(BUILD_STAMP)
 # objects (run by hand without it, that test recompiles them for the default).
 TEST_ARCHS = $(PY) -c "import os, torch; print('' if os.environ.get('TORCH_CUDA_ARCH_LIST') or torch.cuda.is_available() else 'TORCH_CUDA_ARCH_LIST=9.0')"
 
-test: $(DEPS_STAMP) $(TREES_DATA_STAMP)
-	archs=$$($(TEST_ARCHS)) && $(MAKE) build $$archs && env $$archs OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
+test: $(TORCH_STAMP)
+	archs=$$($(TEST_ARCHS)) && $(MAKE) -j2 build setup $$archs && env $$archs OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
 
 bench: build $(BENCH_PEERS_STAMP)
 	$(PY) benchmarks/bench.py --losses all
@@ -83,11 +89,11 @@ bench: build $(BENCH_PEERS_STAMP)
 # alone (FOCAL_WITH_CUDA=0: no nvcc), for this CPU (FOCAL_CPU_ISAS=native); with one, setup.py's
 # default CUDA architectures. `make bench` runs every loss, dtype and peer.
 DEMO_BUILD = $(PY) -c "import os, torch; print('' if os.environ.get('FOCAL_WITH_CUDA') or torch.cuda.is_available() else 'FOCAL_WITH_CUDA=0 FOCAL_CPU_ISAS=native')"
-DEMO_MINUTES ?= 2
+DEMO_MINUTES ?= 3
 DEMO_BENCH_ROWS := floor floor_out fused_ids fused_float tv tv_compile fvcore kornia
 
-demo: $(DEPS_STAMP) $(BENCH_PEERS_STAMP)
-	flags=$$($(DEMO_BUILD)) && $(MAKE) build $$flags
+demo: $(TORCH_STAMP)
+	flags=$$($(DEMO_BUILD)) && $(MAKE) -j2 build $(DEPS_STAMP) $(BENCH_PEERS_STAMP) $$flags
 	$(PY) benchmarks/bench.py --shapes headline --modes fwdbwd --dtype float32 --impls $(DEMO_BENCH_ROWS) \
 		--json outputs/bench.json --plot outputs/bench.png
 	$(PY) -m examples.retinanet.train --minutes $(DEMO_MINUTES) --digits scans --augment none --output runs/retinanet/demo

@@ -33,6 +33,7 @@ sys.path.append(str(Path(__file__).resolve().parents[1]))  # an installed focal 
 from bench_report import GOALS_LEGEND, case_table, case_title, goals_table, markdown_report, plot_cases  # noqa: E402
 from bench_rows import DTYPES, LOSSES, ROWS, SHAPES, Unavailable, make_problem  # noqa: E402
 from bench_run import (  # noqa: E402,F401  (Timer and time_cuda: the timer other GPU scripts import from here)
+    OthersClock,
     Timer,
     describe_machine,
     evaluate_goals,
@@ -110,10 +111,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = describe_machine(device, torch.get_num_threads())
+    others = OthersClock()
     timer = Timer(device)
+    busy = machine["busy_cores_at_start"]
+    if busy is None:
+        busy = machine["load_average_at_start"]
     print(f"machine: {machine.get('gpu', machine['cpu'])}, {machine['threads']} threads, torch {machine['torch']}, "
-          f"commit {machine['git_describe']}, load average {machine['load_average_at_start']:.1f} "
-          f"on {machine['cpu_count']} cores")
+          f"commit {machine['git_describe']}, {busy:.1f} of {machine['cpu_count']} cores busy at the start")
     notes = []
     if device.type == "cpu":
         thp = machine["thp"]
@@ -121,7 +125,7 @@ def main(argv=None) -> int:
                      f"(THP_MEM_ALLOC_ENABLE={thp['THP_MEM_ALLOC_ENABLE']}, kernel THP '{thp['kernel']}')"
                      + ("" if thp["huge_pages_for_large_tensors"] else
                         ": every fresh large tensor pays 4 KiB page faults; THP_MEM_ALLOC_ENABLE=1 speeds up every row"))
-        if (machine["load_average_at_start"] or 0) > 0.75 * machine["cpu_count"]:
+        if (busy or 0) > 0.75 * machine["cpu_count"]:
             notes.append("the machine is busy: absolute times move with its load; ratios between rows of one case "
                          "hold better (rounds interleave), and goals the load could flip say UNSURE")
     availability, skipped = probe_rows(args, device)
@@ -139,6 +143,7 @@ def main(argv=None) -> int:
     def make_result(cases: list[dict], complete: bool) -> dict:
         """Everything measured so far: the JSON is rewritten after every case, so a run cut short still
         leaves its finished cases, marked ``complete: false``."""
+        machine["others_busy_cores"] = others.busy_cores()
         return {"schema": SCHEMA_VERSION, "complete": complete, "machine": machine,
                 "config": {k: v for k, v in vars(args).items() if k not in ("json", "plot", "markdown")},
                 "implementations": availability, "notes": notes + skipped, "cpu_facts": facts, "cases": cases,

@@ -84,8 +84,11 @@ GOALS_LEGEND = ("PASS / FAIL: a claim the README makes; MET / OPEN: a target sti
 def machine_line(m: dict) -> str:
     where = m.get("gpu") or f"{m['cpu']} ({m['cpu_capability']}), {m['threads']} threads"
     pages = "" if m.get("gpu") else f", huge pages {'on' if m['thp']['huge_pages_for_large_tensors'] else 'off'}"
-    start, end = m["load_average_at_start"] or 0, m.get("load_average_at_end") or 0
-    load = f"load average {start:.1f} -> {end:.1f} on {m['cpu_count']} cores"
+    if m.get("others_busy_cores") is not None:
+        load = f"other processes kept {m['others_busy_cores']:.1f} of {m['cpu_count']} cores busy"
+    else:
+        start, end = m["load_average_at_start"] or 0, m.get("load_average_at_end") or 0
+        load = f"load average {start:.1f} -> {end:.1f} on {m['cpu_count']} cores"
     return (f"{where}{pages}; torch {m['torch']}, torchvision {m['torchvision']}; commit `{m['git_describe']}`; "
             f"{m['date']}; {load}")
 

@@ -271,8 +271,12 @@ def evaluate_goal(goal: Goal, cases: list[dict]) -> dict:
 
 
 def others_load(machine: dict) -> float | None:
-    """How many runnable tasks of other processes the run shared the CPU with: the load average before
-    it started, or at its end less its own threads, whichever is larger."""
+    """How many cores other processes kept busy while the run ran: measured over the run where the
+    machine says (``others_busy_cores``, Linux); elsewhere the load average before it started, or at
+    its end less its own threads, whichever is larger (the load average lags by about a minute, so a
+    build just finished still counts there)."""
+    if machine.get("others_busy_cores") is not None:
+        return machine["others_busy_cores"]
     start, end = machine.get("load_average_at_start"), machine.get("load_average_at_end")
     if start is None:
         return None
@@ -347,6 +351,42 @@ def load_average() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU-seconds that every process together has used on this machine since it booted (the first
+    line of /proc/stat, time stolen by the hypervisor included); None where there is no /proc/stat."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersClock:
+    """Cores that other processes keep busy between ``start()`` and ``busy_cores()``: the machine's
+    busy CPU time less this process's (all its threads), over the wall time. Unlike the load average
+    it does not remember the minute before, such as a build that has just finished."""
+
+    def __init__(self):
+        self.start()
+
+    def start(self) -> None:
+        self.machine, self.own, self.wall = machine_busy_seconds(), time.process_time(), time.perf_counter()
+
+    def busy_cores(self) -> float | None:
+        machine, wall = machine_busy_seconds(), time.perf_counter() - self.wall
+        if machine is None or self.machine is None or wall <= 0:
+            return None
+        return max(0.0, (machine - self.machine) - (time.process_time() - self.own)) / wall
+
+
+def busy_cores_now(seconds: float = 0.5) -> float | None:
+    """Cores that other processes keep busy now, sampled over ``seconds`` while this one sleeps."""
+    clock = OthersClock()
+    time.sleep(seconds)
+    return clock.busy_cores()
+
+
 def describe_machine(device: torch.device, threads: int) -> dict:
     try:
         import torchvision
@@ -361,7 +401,7 @@ def describe_machine(device: torch.device, threads: int) -> dict:
         # GIT_COMMIT names the commit where the tree was copied without its history (a GPU host).
         "git_commit": os.environ.get("GIT_COMMIT") or _git("rev-parse", "HEAD"),
         "git_describe": os.environ.get("GIT_COMMIT") or _git("describe", "--always", "--dirty"),
-        "thp": _thp_mode(), "load_average_at_start": load_average(),
+        "thp": _thp_mode(), "load_average_at_start": load_average(), "busy_cores_at_start": busy_cores_now(),
         "command": "python " + " ".join([os.path.relpath(sys.argv[0], REPO_ROOT)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -121,6 +121,13 @@ def test_goal_table_names_real_rows_and_says_threads_and_load():
     assert quiet[name]["status"] == "PASS" and busy[name]["status"] == "UNSURE"
     assert "load 2.5 on 2 cores" in busy[name]["note"]
     assert all(g["status"] == "NOT RUN" for n, g in busy.items() if n != name)
+    # Measured over the run (Linux), other processes' busy cores replace the load averages, which
+    # remember the minute before the run (a build that has just finished).
+    after_build = {**_machine(start=3.5, end=4.0), "others_busy_cores": 0.2}
+    assert run.others_load(after_build) == 0.2
+    assert {g["name"]: g for g in run.evaluate_goals(passing, after_build)}[name]["status"] == "PASS"
+    shared = {**_machine(), "others_busy_cores": 2.0}
+    assert {g["name"]: g for g in run.evaluate_goals(passing, shared)}[name]["status"] == "UNSURE"
 
 
 def test_cli_refuses_bad_arguments(monkeypatch, capsys):
