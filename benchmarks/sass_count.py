@@ -50,6 +50,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -447,6 +448,20 @@ def run_cuobjdump(tool: str, flag: str, binary: Path) -> str:
     return proc.stdout
 
 
+def dump_sass(tool: str, binary: Path, arch: str) -> str:
+    """``cuobjdump -sass`` of ``binary``'s ``arch`` code: its cubins of that architecture (one per
+    CUDA source file) extracted, then disassembled side by side, one per core. A listing of the
+    whole built extension is some 200 MB and most of a minute of one core; every other
+    architecture's code and the fat binary's headers are skipped."""
+    with tempfile.TemporaryDirectory() as folder:
+        proc = subprocess.run([tool, "-xelf", "all", str(binary.resolve())], capture_output=True, text=True, cwd=folder)
+        cubins = sorted(Path(folder).glob(f"*.{arch}.cubin"), key=lambda p: -p.stat().st_size)
+        if proc.returncode != 0 or not cubins:  # a cubin itself, or no code of that architecture
+            return run_cuobjdump(tool, "-sass", binary)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            return "".join(pool.map(lambda cubin: run_cuobjdump(tool, "-sass", cubin), cubins))
+
+
 # --------------------------------------------------------------------------------------------------
 # Analysis
 
@@ -687,9 +702,7 @@ def main(argv=None) -> int:
     if args.roofline and args.kernel == DEFAULT_KERNEL_PATTERN:
         args.kernel = r"\b(?:focal_ids_kernel|focal_float_kernel)<"
     try:
-        # The two dumps side by side: each is seconds of cuobjdump on the built extension.
-        with ThreadPoolExecutor(2) as pool:
-            sass, usage = pool.map(lambda flag: run_cuobjdump(cuobjdump, flag, binary), ("-sass", "-res-usage"))
+        sass, usage = dump_sass(cuobjdump, binary, args.arch), run_cuobjdump(cuobjdump, "-res-usage", binary)
         records = analyse(
             sass, usage,
             args.arch, args.kernel, read_enums(args.source), demangler,
