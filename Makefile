@@ -74,13 +74,8 @@ build: $(BUILD_STAMP)
 # objects (run by hand without it, that test recompiles them for the default).
 TEST_ARCHS = $(PY) -c "import os, torch; print('' if os.environ.get('TORCH_CUDA_ARCH_LIST') or torch.cuda.is_available() else 'TORCH_CUDA_ARCH_LIST=9.0')"
 
-# The suite runs on one worker process per core (pytest-xdist), each test file on one worker, so
-# that a module's fixtures (the SASS listing, the distributed runs) are made once.
-TEST_WORKERS ?= auto
-
 test: $(TORCH_STAMP)
-	archs=$$($(TEST_ARCHS)) && $(MAKE) -j2 build setup $$archs && \
-		env $$archs OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	archs=$$($(TEST_ARCHS)) && $(MAKE) -j2 build setup $$archs && env $$archs OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
 
 bench: build $(BENCH_PEERS_STAMP)
 	$(PY) benchmarks/bench.py --losses all
