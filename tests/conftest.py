@@ -50,16 +50,26 @@ def pytest_unconfigure(config):
         recorder.write(path)
 
 
+def _module_name(item) -> str | None:
+    return getattr(getattr(item, "module", None), "__name__", None)
+
+
 def _emulated(item) -> bool:
-    return getattr(getattr(item, "module", None), "__name__", None) == "test_cuda_emulated"
+    return _module_name(item) == "test_cuda_emulated"
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
     """The CUDA emulation's tests (tests/test_cuda_emulated.py) run last, and when its long test is
     selected, its build and checks start now in a background process: the rest of the suite leaves
-    one of the two cores of a small machine mostly idle, and they take it. Runs after -k / -m
-    deselection, so that a deselected test starts nothing."""
+    one of the two cores of a small machine mostly idle, and they take it. So does the SASS listing
+    of the built extension that tests/test_sass_count.py reads. Runs after -k / -m deselection, so
+    that a deselected test starts nothing."""
+    if not config.option.collectonly:
+        listing = next((item for item in items if _module_name(item) == "test_sass_count"
+                        and item.module.uses_built_listing(item)), None)
+        if listing is not None:
+            listing.module.start_built_listing()
     emulated = [item for item in items if _emulated(item)]
     if not emulated:
         return
