@@ -85,9 +85,10 @@ bench: build $(BENCH_PEERS_STAMP)
 # generated digits, COCO evaluation, and detections drawn on two validation images. The digits are
 # the scanned ones without augmentation (`--digits scans --augment none`), which 3 minutes learn (AP
 # 0.41-0.45; 2 minutes reach 0.12); the default benchmark's varied styles and augmentation need the
-# default command's 12 minutes. From a fresh clone on 2 cores: about 8 minutes, 3.5 of them set-up. Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels
-# alone (FOCAL_WITH_CUDA=0: no nvcc), for this CPU (FOCAL_CPU_ISAS=native); with one, setup.py's
-# default CUDA architectures. `make bench` runs every loss, dtype and peer.
+# default command's 12 minutes. From a fresh clone on 2 cores: about 8 minutes, 3.5 of them set-up.
+# Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels alone
+# (FOCAL_WITH_CUDA=0: no nvcc), for this CPU (FOCAL_CPU_ISAS=native); with one, setup.py's default
+# CUDA architectures. `make bench` runs every loss, dtype and peer.
 DEMO_BUILD = $(PY) -c "import os, torch; print('' if os.environ.get('FOCAL_WITH_CUDA') or torch.cuda.is_available() else 'FOCAL_WITH_CUDA=0 FOCAL_CPU_ISAS=native')"
 DEMO_MINUTES ?= 3
 DEMO_BENCH_ROWS := floor floor_out fused_ids fused_float tv tv_compile fvcore kornia

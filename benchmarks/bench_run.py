@@ -363,14 +363,11 @@ def machine_busy_seconds() -> float | None:
 
 
 class OthersClock:
-    """Cores that other processes keep busy between ``start()`` and ``busy_cores()``: the machine's
+    """Cores that other processes keep busy between its creation and ``busy_cores()``: the machine's
     busy CPU time less this process's (all its threads), over the wall time. Unlike the load average
     it does not remember the minute before, such as a build that has just finished."""
 
     def __init__(self):
-        self.start()
-
-    def start(self) -> None:
         self.machine, self.own, self.wall = machine_busy_seconds(), time.process_time(), time.perf_counter()
 
     def busy_cores(self) -> float | None:

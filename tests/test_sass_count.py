@@ -517,12 +517,20 @@ def start_built_listing() -> None:
     global _listing
     if _listing is not None or not (NVCC and CUOBJDUMP and DEMANGLER) or BUILT is None:
         return
-    out = Path(tempfile.mkdtemp(prefix="focal-sass-")) / "built.json"
+    folder = tempfile.mkdtemp(prefix="focal-sass-")
+    out = Path(folder) / "built.json"
     process = subprocess.Popen(["nice", "-n", "10", sys.executable, str(SCRIPT), "--roofline", "--kernel",
                                 BUILT_KERNELS, "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     _listing = (process, out)
-    atexit.register(lambda: process.poll() is None and process.kill())
+
+    def stop():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
 
 
 def uses_built_listing(item) -> bool:
