@@ -12,8 +12,9 @@ Environment switches:
   FOCAL_WITH_CUDA=0|1   force the CUDA kernels off or on (default: on when a CUDA toolkit and a
                         CUDA build of torch are present, whether or not a GPU is visible)
   FOCAL_DEBUG=1         -O0 -g builds (a release build has no debug information: -O3 -g0)
-  FOCAL_CPU_ISAS=native compile the CPU kernels for this machine's instruction set (and the DEFAULT
-                        copy) rather than for every x86-64 one; or a list such as DEFAULT,AVX2
+  FOCAL_CPU_ISAS=native compile the CPU kernels for this machine's instruction set alone (a build
+                        for one machine: a CPU without that set is refused with the rebuild command),
+                        rather than for every x86-64 one; or a list, to which DEFAULT is added: AVX2
   TORCH_CUDA_ARCH_LIST  architectures to compile for (default without a visible GPU: "8.0;9.0+PTX")
   CUDA_HOME             toolkit root (default: /usr/local/cuda when it exists)
 """
@@ -60,7 +61,8 @@ X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 # The CPU kernel files are compiled once per instruction set; focal_cpu.cpp picks one at run time.
 # Their own code lives in namespaces named after the instruction set. DEFAULT comes first: inline
 # functions of other headers that a copy emits out of line (debug builds do) are merged by the
-# linker into the first copy it sees, which must be the one every CPU can run.
+# linker into the first copy it sees, which must be the one every CPU can run (a build for one
+# machine, without DEFAULT, runs only where its one copy runs).
 ISA_FLAGS = {"DEFAULT": []}
 if X86_64:
     ISA_FLAGS["AVX2"] = ["-mavx2", "-mfma", "-mbmi", "-mbmi2", "-mf16c"]
@@ -69,14 +71,15 @@ if X86_64:
                            "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
 ISA_REQUEST = os.environ.get("FOCAL_CPU_ISAS", "").strip().upper()
 if ISA_REQUEST:
-    # A build for one machine (make demo): the DEFAULT copy, which every CPU runs, and either the ones
-    # named or, for "native", the one torch picks on this CPU.
+    # "native": a build for this machine, with the one copy torch picks on this CPU (the DEFAULT copy,
+    # compiled without vector instructions, is the slowest file of the build). A list: the copies
+    # named, and the DEFAULT one, which every CPU runs.
     native = ISA_REQUEST == "NATIVE"
-    wanted = {torch.backends.cpu.get_cpu_capability()} if native else set(ISA_REQUEST.split(","))
+    wanted = {torch.backends.cpu.get_cpu_capability()} if native else set(ISA_REQUEST.split(",")) | {"DEFAULT"}
     unknown = set() if native else wanted - set(ISA_FLAGS)
     if unknown:
         sys.exit(f"FOCAL_CPU_ISAS names {sorted(unknown)}; this build knows {list(ISA_FLAGS)} and 'native'")
-    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa == "DEFAULT" or isa in wanted}
+    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa in wanted} or {"DEFAULT": []}
 ISA_SOURCES = [
     os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", "family_kernel.cpp", "softmax_kernel.cpp")
 ]
@@ -90,7 +93,7 @@ def cxx_flags() -> list[str]:
     # No floating-point contraction: the math spells out its fused multiply-adds, and every
     # instantiation of it must round alike (see csrc/focal_math.h).
     flags += ["-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi", "-ffp-contract=off"]
-    flags += [f"-DFOCAL_HAVE_{isa}" for isa in ISA_FLAGS if isa != "DEFAULT"]
+    flags += [f"-DFOCAL_HAVE_{isa}" for isa in ISA_FLAGS]
     return flags
 
 

@@ -150,6 +150,28 @@ def build_coverage() -> str:
     return ", and ".join(covered) or "no device"
 
 
+# CPU kernel copies from the least to the most demanding, as ATen names its CPU capabilities.
+CPU_ISA_RANK = ("DEFAULT", "AVX2", "AVX512")
+
+
+def cpu_kernel_error(info: dict | None, capability: str) -> str | None:
+    """The error for this CPU (ATen's ``capability``) when the build has no CPU kernel copy it runs:
+    only a build for one machine (FOCAL_CPU_ISAS=native) lacks the DEFAULT copy. None otherwise."""
+    if info is None or "DEFAULT" in info["cpu_isas"]:
+        return None
+    level = CPU_ISA_RANK.index(capability) if capability in CPU_ISA_RANK else 0
+    if any(isa in CPU_ISA_RANK[1: level + 1] for isa in info["cpu_isas"]):
+        return None
+    return (
+        f"focal has no CPU kernel for this CPU (ATen capability {capability}): this build compiled its "
+        f"CPU kernels for {', '.join(info['cpu_isas'])} only (FOCAL_CPU_ISAS=native, a build for one "
+        f"machine). Rebuild it for every CPU: {rebuild_command()}"
+    )
+
+
+CPU_KERNEL_ERROR = cpu_kernel_error(BUILD_INFO, torch.backends.cpu.get_cpu_capability())
+
+
 # Per CUDA device index: None when the build covers it, else the error to raise. Filled on first use.
 _CUDA_DEVICE_ERRORS: dict[int, str | None] = {}
 
@@ -178,7 +200,8 @@ def cuda_device_error(index: int | None) -> str | None:
 def require_kernels(device: torch.device) -> None:
     """Raise a RuntimeError that names ``device``, what the build covers and the fix, when focal has
     no kernel that runs there: the extension is not built, the device type has no kernel (MPS, XPU,
-    meta, or CUDA in a CPU-only build), or the CUDA GPU's architecture was not compiled for."""
+    meta, or CUDA in a CPU-only build), the CUDA GPU's architecture was not compiled for, or (a build
+    for one machine) the CPU cannot run the one CPU kernel copy compiled."""
     if BUILD_ERROR is not None:
         raise RuntimeError(
             f"focal's compiled extension focal._C could not be loaded ({BUILD_ERROR}). "
@@ -196,6 +219,8 @@ def require_kernels(device: torch.device) -> None:
                 "to one of those, or use focal.reference, plain PyTorch that runs on any device"
             )
         raise RuntimeError(f"focal has no kernel for {device.type} tensors: {hint}")
+    if device.type == "cpu" and CPU_KERNEL_ERROR is not None:
+        raise RuntimeError(CPU_KERNEL_ERROR)
     if device.type == "cuda":
         error = cuda_device_error(device.index)
         if error is not None:

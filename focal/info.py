@@ -61,6 +61,8 @@ def cpu_kernel() -> str:
     capability = torch.backends.cpu.get_cpu_capability()
     if _extension.BUILD_ERROR is not None:
         return f"none (extension not loaded); ATen capability {capability}"
+    if _extension.CPU_KERNEL_ERROR is not None:
+        return f"none: {_extension.CPU_KERNEL_ERROR}"
     return f"{torch.ops.focal.cpu_kernel_isa()} (ATen capability {capability})"
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -50,22 +51,38 @@ def test_setup_without_torch_stops_at_once_with_the_commands():
 
 
 def test_cpu_isas_switch_builds_this_machines_copies_and_refuses_unknown_names():
-    """FOCAL_CPU_ISAS=native (make demo's CPU build): the DEFAULT copy and the one torch runs here;
-    a name the build does not know stops it with the list of those it does."""
-    # Both in one process (one import of torch): setup.py read with each setting in turn.
+    """FOCAL_CPU_ISAS=native (make demo's CPU build): only the copy torch runs here; a list: the copies
+    named and the DEFAULT one; a name the build does not know stops it with the list of those it does."""
+    # All in one process (one import of torch): setup.py read with each setting in turn.
     show = textwrap.dedent("""
         import json, os, runpy, sys
         sys.argv = ["setup.py", "--version"]
-        os.environ["FOCAL_CPU_ISAS"] = "native"
-        print(json.dumps(list(runpy.run_path("setup.py")["ISA_FLAGS"])))
-        os.environ["FOCAL_CPU_ISAS"] = "avx2,sse9"
-        runpy.run_path("setup.py")
+        for request in ("native", "avx2", "avx2,sse9"):
+            os.environ["FOCAL_CPU_ISAS"] = request
+            print(json.dumps(list(runpy.run_path("setup.py")["ISA_FLAGS"])))
     """)
     result = subprocess.run([sys.executable, "-c", show], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     capability = torch.backends.cpu.get_cpu_capability()
-    expected = ["DEFAULT"] + ([capability] if capability in ("AVX2", "AVX512") else [])
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected, result.stdout + result.stderr
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    native = [capability] if x86 and capability in ("AVX2", "AVX512") else ["DEFAULT"]
+    printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    assert printed == ([native, ["DEFAULT", "AVX2"]] if x86 else [native]), result.stdout + result.stderr
     assert result.returncode == 1 and "FOCAL_CPU_ISAS names ['SSE9']" in result.stderr, result.stderr
+
+
+def test_a_build_for_one_machine_refuses_a_cpu_below_it_with_the_rebuild_command():
+    """A native build has one CPU copy and no DEFAULT one: a CPU that cannot run it gets an error that
+    names the build and the fix, never an illegal instruction."""
+    full = {"cpu_isas": ["DEFAULT", "AVX2", "AVX512"]}
+    assert all(_extension.cpu_kernel_error(full, cap) is None for cap in ("DEFAULT", "AVX2", "AVX512", "SVE256"))
+    avx2 = {"cpu_isas": ["AVX2"]}
+    assert _extension.cpu_kernel_error(avx2, "AVX2") is None and _extension.cpu_kernel_error(avx2, "AVX512") is None
+    for built, capability in ((avx2, "DEFAULT"), ({"cpu_isas": ["AVX512"]}, "AVX2")):
+        message = _extension.cpu_kernel_error(built, capability)
+        assert message.startswith(f"focal has no CPU kernel for this CPU (ATen capability {capability}): this "
+                                  f"build compiled its CPU kernels for {built['cpu_isas'][0]} only")
+        assert message.endswith(_extension.rebuild_command())
+    assert _extension.CPU_KERNEL_ERROR is None  # this suite's own build runs here
 
 
 def test_build_record_matches_the_running_torch_and_the_kernels():

@@ -34,7 +34,11 @@ const std::array<RowsFn, 2>& kernels_for_this_cpu() {
 #if defined(FOCAL_HAVE_AVX2)
       case Isa::kAvx2: return {&AVX2::focal_rows, &AVX2::family_rows};
 #endif
+#if defined(FOCAL_HAVE_DEFAULT)
       default: return {&DEFAULT::focal_rows, &DEFAULT::family_rows};
+#else
+      default: TORCH_INTERNAL_ASSERT(false, "isa_for_this_cpu() picked a copy that was not compiled");
+#endif
     }
   }();
   return kernels;

@@ -33,7 +33,11 @@ SoftmaxBlockFn select_kernel() {
 #if defined(FOCAL_HAVE_AVX2)
       case Isa::kAvx2: return &AVX2::softmax_block;
 #endif
+#if defined(FOCAL_HAVE_DEFAULT)
       default: return &DEFAULT::softmax_block;
+#else
+      default: TORCH_INTERNAL_ASSERT(false, "isa_for_this_cpu() picked a copy that was not compiled");
+#endif
     }
   }();
   return kernel;
