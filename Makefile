@@ -70,12 +70,17 @@ build: $(BUILD_STAMP)
 # (a third of nvcc's work) are neither compiled nor tested, so an error that only their compilation
 # would show passes here. The build this leaves behind cannot run on an A100 or on GPUs newer than
 # Hopper; `make build` (and so `make demo`, `make bench`, pip install) recompiles the CUDA kernels
-# with the default. The tests run with the same setting, so that the wheel test reuses this build's
-# objects (run by hand without it, that test recompiles them for the default).
-TEST_ARCHS = $(PY) -c "import os, torch; print('' if os.environ.get('TORCH_CUDA_ARCH_LIST') or torch.cuda.is_available() else 'TORCH_CUDA_ARCH_LIST=9.0')"
+# with the default. Likewise the CPU kernels are compiled only in the instruction-set copies this CPU
+# runs (FOCAL_CPU_ISAS: DEFAULT and AVX2, plus AVX512 where the CPU has it), since the tests run
+# each copy they can and no other: an AVX-512 CPU still compiles and tests all three. The tests run
+# with the same settings, so that the wheel test reuses this build's objects (run by hand without
+# them, that test recompiles for the defaults).
+TEST_BUILD = $(PY) -c "import os, torch; cpu = torch.backends.cpu.get_cpu_capability(); \
+	print('' if os.environ.get('TORCH_CUDA_ARCH_LIST') or torch.cuda.is_available() else 'TORCH_CUDA_ARCH_LIST=9.0', \
+	      {'AVX2': 'FOCAL_CPU_ISAS=AVX2', 'AVX512': 'FOCAL_CPU_ISAS=AVX2,AVX512'}.get(cpu, '') if 'FOCAL_CPU_ISAS' not in os.environ else '')"
 
 test: $(TORCH_STAMP)
-	archs=$$($(TEST_ARCHS)) && $(MAKE) -j2 build setup $$archs && env $$archs OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
+	flags=$$($(TEST_BUILD)) && $(MAKE) -j2 build setup $$flags && env $$flags OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
 
 bench: build $(BENCH_PEERS_STAMP)
 	$(PY) benchmarks/bench.py --losses all

@@ -136,7 +136,7 @@ class Loss:
     softmax: bool = False
 
 
-_FAMILY_ROWS = ("floor", "fused_ids", "fused_float", "reference", "reference_compile")
+_FAMILY_ROWS = ("floor", "floor_out", "fused_ids", "fused_float", "reference", "reference_compile")
 LOSSES = {
     loss.key: loss
     for loss in (

@@ -198,7 +198,8 @@ def run_case(loss_key, shape, dtype, mode, keys, device, timer, budget_s=3.0, mi
 @dataclasses.dataclass(frozen=True)
 class Goal:
     """``row`` of ``loss``, forward+backward at ``shape`` in ``dtype`` on ``device``: time / floor at most
-    ``threshold`` (``peer`` "floor"), or ``peer`` at least ``threshold`` times slower than it. A *claim*
+    ``threshold`` (``peer`` a floor: "floor" or "floor_out"), or ``peer`` at least ``threshold`` times
+    slower than it. A *claim*
     is what the README states and a release must meet; a *target* is open work, reported as MET or OPEN.
     CPU goals are stated for 2 threads. ``cpu_kernels``: the CPU kernel copies (ATen's capability) whose
     measurements back a claim; on any other the goal is judged as a target."""
@@ -214,22 +215,30 @@ class Goal:
     cpu_kernels: tuple[str, ...] = ()
 
     @property
+    def at_most(self) -> bool:
+        """Judged as a time over a floor's (at most the threshold) rather than a peer's speed-up."""
+        return self.peer in ("floor", "floor_out")
+
+    @property
     def name(self) -> str:
         targets = ROWS[self.row].name.removeprefix("focal (").removesuffix(")")
         what = f"{self.loss} ({targets}) {self.dtype} {self.shape}:"
-        if self.peer == "floor":
-            return f"{what} <= {self.threshold:g}x floor"
+        if self.at_most:
+            return f"{what} <= {self.threshold:g}x {'floor' if self.peer == 'floor' else ROWS[self.peer].name}"
         return f"{what} >= {self.threshold:g}x faster than {ROWS[self.peer].name}"
 
 
 GOALS = (
-    # CPU: about one torch.sigmoid (two in bfloat16, where the floor writes half the bytes but the op's
-    # math stays float32), and several times faster than the best-tuned peer, in both states of ATen's
-    # log1p (RESULTS.md): 7.5-10x torch.compile(torchvision) when it is fast, 25-50x when it is slow.
-    *(Goal("cpu", loss, "fused_ids", "float32", "floor", 1.5) for loss in ("focal", "star", "quality", "varifocal")),
-    # bfloat16 class ids: measured on AVX-512 kernels; the AVX2 copy took 2.8x the floor and 2.8x
-    # torch.compile's speed on a quiet AVX2 EPYC (Zen 3), which is open work.
-    *(Goal("cpu", loss, "fused_ids", "bfloat16", "floor", 2.0, cpu_kernels=("AVX512",))
+    # CPU: at most 2.5 passes of torch.sigmoid into an existing tensor, which moves the bytes the fused
+    # op moves (the logits in, one tensor out) and, like the op with its reused output buffers, pays no
+    # page faults. Not torch.sigmoid(x): its fresh 64 MB output page-faults in some runs and not in
+    # others on the same machine (8 or 34 ms on the AVX2 EPYC), which made a goal against it flip.
+    # Measured 1.6-2.0x on AVX2 (Zen 3) and 1.9-2.0x on AVX-512, in both dtypes. bfloat16 claims
+    # rest on the AVX-512 kernels; on other CPUs they are targets. And several times faster than the
+    # best-tuned peer, in both states of ATen's log1p (RESULTS.md): 7.5-10x torch.compile(torchvision)
+    # when it is fast, 25-50x when it is slow.
+    *(Goal("cpu", loss, "fused_ids", "float32", "floor_out", 2.5) for loss in ("focal", "star", "quality", "varifocal")),
+    *(Goal("cpu", loss, "fused_ids", "bfloat16", "floor_out", 2.5, cpu_kernels=("AVX512",))
       for loss in ("focal", "star", "quality", "varifocal")),
     Goal("cpu", "focal", "fused_ids", "float32", "tv_compile", 5.0),
     Goal("cpu", "focal", "fused_ids", "bfloat16", "tv_compile", 5.0, cpu_kernels=("AVX512",)),
@@ -259,9 +268,9 @@ def evaluate_goal(goal: Goal, cases: list[dict]) -> dict:
     if goal.row not in times or goal.peer not in times:
         result["note"] = "not in this run" if case is None else f"{goal.row} or {goal.peer} not timed"
         return result
-    ratios = [(r / p if goal.peer == "floor" else p / r) for r, p in zip(times[goal.row], times[goal.peer])]
+    ratios = [(r / p if goal.at_most else p / r) for r, p in zip(times[goal.row], times[goal.peer])]
     measured, (low, high) = statistics.median(ratios), spread(ratios)
-    meets = (lambda v: v <= goal.threshold) if goal.peer == "floor" else (lambda v: v >= goal.threshold)
+    meets = (lambda v: v <= goal.threshold) if goal.at_most else (lambda v: v >= goal.threshold)
     if meets(low) == meets(high):
         status = ("PASS" if goal.claim else "MET") if meets(measured) else ("FAIL" if goal.claim else "OPEN")
     else:

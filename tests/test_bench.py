@@ -113,11 +113,11 @@ def test_goal_table_names_real_rows_and_says_threads_and_load():
     assert goals and all(g["status"] == "NOT RUN" and "stated for 2 threads" in g["note"] for g in goals)
     assert {g["claim"] for g in run.evaluate_goals([], _machine("cuda", threads=16))} == {True, False}
     # The run's own 2 threads at its end are not other processes' load; 2.5 runnable tasks of others are.
-    passing = [_case("focal", "float32", {"fused_ids": [1.0] * 3, "floor": [1.0] * 3})]
+    passing = [_case("focal", "float32", {"fused_ids": [1.0] * 3, "floor_out": [1.0] * 3})]
     assert run.others_load(_machine(start=0.5, end=2.5)) == 0.5
     quiet = {g["name"]: g for g in run.evaluate_goals(passing, _machine())}
     busy = {g["name"]: g for g in run.evaluate_goals(passing, _machine(start=2.5, end=4.0))}
-    name = "focal (class ids) float32 headline: <= 1.5x floor"
+    name = "focal (class ids) float32 headline: <= 2.5x torch.sigmoid(x, out=y)"
     assert quiet[name]["status"] == "PASS" and busy[name]["status"] == "UNSURE"
     assert "load 2.5 on 2 cores" in busy[name]["note"]
     assert all(g["status"] == "NOT RUN" for n, g in busy.items() if n != name)
@@ -284,13 +284,13 @@ def test_sanitize_cases_pass_on_cuda():
 def test_a_claim_backed_on_some_cpu_kernels_is_a_target_on_the_others():
     """bfloat16 class ids are claimed where measured (AVX-512 kernels); on the AVX2 copy the same goal
     is open work, so a new user there reads OPEN, not FAIL."""
-    slow = [_case("focal", "bfloat16", {"fused_ids": [3.0] * 3, "floor": [1.0] * 3})]
-    name = "focal (class ids) bfloat16 headline: <= 2x floor"
+    slow = [_case("focal", "bfloat16", {"fused_ids": [3.0] * 3, "floor_out": [1.0] * 3})]
+    name = "focal (class ids) bfloat16 headline: <= 2.5x torch.sigmoid(x, out=y)"
     on_avx512 = {g["name"]: g for g in run.evaluate_goals(slow, _machine(kernel="AVX512"))}[name]
     on_avx2 = {g["name"]: g for g in run.evaluate_goals(slow, _machine(kernel="AVX2"))}[name]
     assert on_avx512["claim"] and on_avx512["status"] == "FAIL"
     assert not on_avx2["claim"] and on_avx2["status"] == "OPEN"
     assert "a claim on AVX512 kernels, a target on AVX2" in on_avx2["note"]
-    float32 = [_case("focal", "float32", {"fused_ids": [3.0] * 3, "floor": [1.0] * 3})]
+    float32 = [_case("focal", "float32", {"fused_ids": [3.0] * 3, "floor_out": [1.0] * 3})]
     plain = {g["name"]: g for g in run.evaluate_goals(float32, _machine(kernel="AVX2"))}
-    assert plain["focal (class ids) float32 headline: <= 1.5x floor"]["status"] == "FAIL"  # claimed everywhere
+    assert plain["focal (class ids) float32 headline: <= 2.5x torch.sigmoid(x, out=y)"]["status"] == "FAIL"  # everywhere
