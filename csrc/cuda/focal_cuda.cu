@@ -128,7 +128,6 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   const KernelArgs args = call.kernel_args(reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
   const bool aligned = aligned16(args.logits) && aligned16(args.loss) && aligned16(args.grad) &&
                        (call.class_ids() || aligned16(args.targets));
-  const int64_t multiprocessors = rt::multiprocessor_count();
 
   // The roofline kernel takes the loss of dense detection (focal_ids_kernel), a row-free one takes
   // unweighted float targets (focal_float_kernel); everything else the general one.
