@@ -71,13 +71,13 @@ build: $(BUILD_STAMP)
 # would show passes here. The build this leaves behind cannot run on an A100 or on GPUs newer than
 # Hopper; `make build` (and so `make demo`, `make bench`, pip install) recompiles the CUDA kernels
 # with the default. Likewise the CPU kernels are compiled only in the instruction-set copies this CPU
-# runs (FOCAL_CPU_ISAS: DEFAULT and AVX2, plus AVX512 where the CPU has it), since the tests run
-# each copy they can and no other: an AVX-512 CPU still compiles and tests all three. The tests run
+# runs (FOCAL_CPU_ISAS: DEFAULT, and AVX2 where the CPU has it), since the tests run each copy they
+# can and no other: an AVX-512 CPU keeps the default build, all three. The tests run
 # with the same settings, so that the wheel test reuses this build's objects (run by hand without
 # them, that test recompiles for the defaults).
 TEST_BUILD = $(PY) -c "import os, torch; cpu = torch.backends.cpu.get_cpu_capability(); \
 	print('' if os.environ.get('TORCH_CUDA_ARCH_LIST') or torch.cuda.is_available() else 'TORCH_CUDA_ARCH_LIST=9.0', \
-	      {'AVX2': 'FOCAL_CPU_ISAS=AVX2', 'AVX512': 'FOCAL_CPU_ISAS=AVX2,AVX512'}.get(cpu, '') if 'FOCAL_CPU_ISAS' not in os.environ else '')"
+	      {'DEFAULT': 'FOCAL_CPU_ISAS=DEFAULT', 'AVX2': 'FOCAL_CPU_ISAS=AVX2'}.get(cpu, '') if 'FOCAL_CPU_ISAS' not in os.environ else '')"
 
 test: $(TORCH_STAMP)
 	flags=$$($(TEST_BUILD)) && $(MAKE) -j2 build setup $$flags && env $$flags OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
@@ -88,7 +88,7 @@ bench: build $(BENCH_PEERS_STAMP)
 # The benchmark at the speed goals' shape (float32, forward + backward, against torchvision eager and
 # compiled, the path users take instead), then DEMO_MINUTES of RetinaNet training on generated digits,
 # COCO evaluation, and detections drawn on two validation images. The digits are the scanned ones
-# without augmentation (`--digits scans --augment none`): 2.5 minutes reach AP 0.33 and draw boxes,
+# without augmentation (`--digits scans --augment none`): 2.5 minutes reach AP 0.24-0.33 and draw boxes,
 # 3 minutes 0.45-0.52, 2 minutes 0.12 (no box drawn); the default benchmark's varied styles and
 # augmentation need the default command's 12 minutes. From a fresh clone on 2 cores: about 6 minutes,
 # 2.5 of them set-up and build. Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels

@@ -233,7 +233,8 @@ GOALS = (
     # op moves (the logits in, one tensor out) and, like the op with its reused output buffers, pays no
     # page faults. Not torch.sigmoid(x): its fresh 64 MB output page-faults in some runs and not in
     # others on the same machine (8 or 34 ms on the AVX2 EPYC), which made a goal against it flip.
-    # Measured 1.6-2.0x on AVX2 (Zen 3) and 1.9-2.0x on AVX-512, in both dtypes. bfloat16 claims
+    # Measured 1.5-1.85x on AVX2 (Zen 3) and 1.85-1.9x on AVX-512 (RESULTS.md), 1.96x at most in a
+    # fresh-clone demo. bfloat16 claims
     # rest on the AVX-512 kernels; on other CPUs they are targets. And several times faster than the
     # best-tuned peer, in both states of ATen's log1p (RESULTS.md): 7.5-10x torch.compile(torchvision)
     # when it is fast, 25-50x when it is slow.

@@ -165,7 +165,7 @@ def cpu_kernel_error(info: dict | None, capability: str) -> str | None:
     return (
         f"focal has no CPU kernel for this CPU (ATen capability {capability}): this build compiled its "
         f"CPU kernels for {', '.join(info['cpu_isas'])} only (FOCAL_CPU_ISAS=native, a build for one "
-        f"machine). Rebuild it for every CPU: {rebuild_command()}"
+        f"machine). Rebuild it for every CPU, with FOCAL_CPU_ISAS unset: {rebuild_command()}"
     )
 
 

@@ -3,6 +3,9 @@ recorder and the order of the CUDA emulation's tests."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
@@ -34,6 +37,12 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    # A build for one machine (FOCAL_CPU_ISAS=native, as `make demo` leaves it on a CPU) has one copy of
+    # the CPU kernels: the tests of the other copies, and of the wheel, cannot run on it.
+    record = Path(__file__).resolve().parents[1] / "focal" / "_build_info.json"
+    if record.is_file() and "DEFAULT" not in json.loads(record.read_text())["cpu_isas"]:
+        pytest.exit("focal is built for this machine only (FOCAL_CPU_ISAS=native, as `make demo` builds it): "
+                    "run `make test`, which rebuilds it for the tests", returncode=4)
     path = config.getoption("--instantiations", default=None)
     if path:
         from instantiations import Recorder

@@ -54,29 +54,44 @@ def test_cpu_isas_switch_builds_this_machines_copies_and_refuses_unknown_names()
     """FOCAL_CPU_ISAS=native (make demo's CPU build): only the copy torch runs here; a list: the copies
     named and the DEFAULT one; a name the build does not know stops it with the list of those it does."""
     # All in one process (one import of torch): setup.py read with each setting in turn.
-    show = textwrap.dedent("""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    requests = ("native", "avx2", "avx2,sse9") if x86 else ("native", "sse9")  # AVX2 is x86's alone
+    show = textwrap.dedent(f"""
         import json, os, runpy, sys
         sys.argv = ["setup.py", "--version"]
-        for request in ("native", "avx2", "avx2,sse9"):
+        for request in {requests!r}:
             os.environ["FOCAL_CPU_ISAS"] = request
             print(json.dumps(list(runpy.run_path("setup.py")["ISA_FLAGS"])))
     """)
     result = subprocess.run([sys.executable, "-c", show], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     capability = torch.backends.cpu.get_cpu_capability()
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
     native = [capability] if x86 and capability in ("AVX2", "AVX512") else ["DEFAULT"]
     printed = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
     assert printed == ([native, ["DEFAULT", "AVX2"]] if x86 else [native]), result.stdout + result.stderr
     assert result.returncode == 1 and "FOCAL_CPU_ISAS names ['SSE9']" in result.stderr, result.stderr
+    # A one-machine build says so to its own compiler: no DEFAULT copy, so no FOCAL_HAVE_DEFAULT, which
+    # is what makes the C++ dispatch refuse a CPU below it (csrc/cpu/isa.h).
+    flags = textwrap.dedent("""
+        import json, os, runpy, sys
+        sys.argv = ["setup.py", "--version"]
+        os.environ["FOCAL_CPU_ISAS"] = "native"
+        print(json.dumps(runpy.run_path("setup.py")["cxx_flags"]()))
+    """)
+    result = subprocess.run([sys.executable, "-c", flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    defined = [f for f in json.loads(result.stdout.splitlines()[-1]) if f.startswith("-DFOCAL_HAVE_")]
+    assert defined == [f"-DFOCAL_HAVE_{isa}" for isa in native], result.stdout + result.stderr
 
 
 def test_a_build_for_one_machine_refuses_a_cpu_below_it_with_the_rebuild_command():
     """A native build has one CPU copy and no DEFAULT one: a CPU that cannot run it gets an error that
     names the build and the fix, never an illegal instruction."""
-    full = {"cpu_isas": ["DEFAULT", "AVX2", "AVX512"]}
-    assert all(_extension.cpu_kernel_error(full, cap) is None for cap in ("DEFAULT", "AVX2", "AVX512", "SVE256"))
+    # isa.h's rule: a copy runs on its own capability and above; DEFAULT (or an unknown name) is the lowest.
+    rank = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+    for built in (["DEFAULT", "AVX2", "AVX512"], ["DEFAULT"], ["AVX2"], ["AVX512"]):
+        for capability in ("DEFAULT", "AVX2", "AVX512", "SVE256"):
+            runs = any(rank[isa] <= rank.get(capability, 0) for isa in built)
+            assert (_extension.cpu_kernel_error({"cpu_isas": built}, capability) is None) == runs, (built, capability)
     avx2 = {"cpu_isas": ["AVX2"]}
-    assert _extension.cpu_kernel_error(avx2, "AVX2") is None and _extension.cpu_kernel_error(avx2, "AVX512") is None
     for built, capability in ((avx2, "DEFAULT"), ({"cpu_isas": ["AVX512"]}, "AVX2")):
         message = _extension.cpu_kernel_error(built, capability)
         assert message.startswith(f"focal has no CPU kernel for this CPU (ATen capability {capability}): this "

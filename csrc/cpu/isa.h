@@ -17,7 +17,7 @@ inline const char* isa_name(Isa isa) {
 // ATen's CPU capability (so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects our copy too), capped
 // at the best copy compiled. A build for one machine (FOCAL_CPU_ISAS=native) may have no DEFAULT
 // copy; a CPU below its instruction set is refused here rather than run into an illegal instruction
-// (import focal says so first, with the rebuild command).
+// (focal's Python entry refuses it first, with the rebuild command: _extension.cpu_kernel_error).
 inline Isa isa_for_this_cpu() {
   const std::string capability = at::get_cpu_capability();
 #if defined(FOCAL_HAVE_AVX512)

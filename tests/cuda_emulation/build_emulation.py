@@ -33,10 +33,11 @@ CXX = os.environ.get("FOCAL_EMU_CXX", "g++")
 
 SANITIZERS = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 # No floating-point contraction, as in the CPU build (see csrc/focal_math.h): the emulated kernels
-# round like the GPU's, whose sums use explicit round-to-nearest additions. -O0: the sanitizers miss
-# nothing the optimiser would have removed, and the build takes 115 core-seconds where -O1 took 178
-# (focal_cuda.cu alone 34 s against 74), for checks that run 36 s instead of 30; the build and the
-# checks run beside the rest of the suite, on the core it leaves idle.
+# round like the GPU's, whose sums use explicit round-to-nearest additions. -O0: every access the
+# sanitizers check is still there (no optimisation folds any away), and the build takes 115
+# core-seconds where -O1 took 178 (focal_cuda.cu alone 34 s against 74), for checks that run 36 s
+# instead of 30, beside the rest of the suite. What -O0 gives up is GCC's flow-based warnings
+# (-Wmaybe-uninitialized), which need the optimiser.
 FLAGS = [
     "-std=c++20",
     "-O0",

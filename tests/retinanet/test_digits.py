@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import os
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.retinanet.digits import DigitsParams, ensure_digits_dataset, render_image
+from examples.retinanet.digits import DigitsParams, ensure_digits_dataset, generate_split, render_image, render_split
 
 SMALL = DigitsParams(seed=3, num_train=6, num_val=3, image_size=64, min_digit_height=10, max_digit_height=24)
 
@@ -34,6 +35,24 @@ def test_deterministic_by_seed(dataset, tmp_path):
     ensure_digits_dataset(str(tmp_path / "other"), other)
     with open(os.path.join(root, "train.json")) as a, open(tmp_path / "other" / "train.json") as b:
         assert json.load(a)["annotations"] != json.load(b)["annotations"]
+
+
+def test_written_files_are_the_rendered_images_in_order_and_a_failed_write_stops_the_run(tmp_path, monkeypatch):
+    """The PNGs are encoded on a writer thread while the next image is drawn: every file must be the
+    plain encoding of the image rendered for its name, past the writer's bounded queue (64), and a
+    write that fails must fail the generation rather than leave a hole."""
+    many = DigitsParams(**{**SMALL.__dict__, "num_train": 70, "image_size": 32, "max_digit_height": 14})
+    generate_split(str(tmp_path), "train", many)
+    for index, (image, _) in enumerate(render_split("train", many)):
+        expected = io.BytesIO()
+        Image.fromarray(image).save(expected, format="png")
+        assert (tmp_path / "train" / f"{index:06d}.png").read_bytes() == expected.getvalue(), index
+
+    def broken(self, path, *args, **kwargs):
+        raise OSError(f"disk full writing {path}")
+    monkeypatch.setattr(Image.Image, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate_split(str(tmp_path / "broken"), "val", many)
 
 
 def test_generated_on_first_use_only_and_regenerated_when_params_change(dataset, tmp_path):
