@@ -76,12 +76,15 @@ if ISA_REQUEST:
     # "native": a build for this machine, with the one copy torch picks on this CPU (the DEFAULT copy,
     # compiled without vector instructions, is the slowest file of the build). A list: the copies
     # named, and the DEFAULT one, which every CPU runs.
-    native = ISA_REQUEST == "NATIVE"
-    wanted = {torch.backends.cpu.get_cpu_capability()} if native else set(ISA_REQUEST.split(",")) | {"DEFAULT"}
-    unknown = set() if native else wanted - set(ISA_FLAGS)
+    if ISA_REQUEST == "NATIVE":  # a capability this build has no copy for (not x86-64): DEFAULT
+        capability = torch.backends.cpu.get_cpu_capability()
+        wanted = {capability if capability in ISA_FLAGS else "DEFAULT"}
+    else:
+        wanted = set(ISA_REQUEST.split(",")) | {"DEFAULT"}
+    unknown = wanted - set(ISA_FLAGS)
     if unknown:
         sys.exit(f"FOCAL_CPU_ISAS names {sorted(unknown)}; this build knows {list(ISA_FLAGS)} and 'native'")
-    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa in wanted} or {"DEFAULT": ISA_FLAGS["DEFAULT"]}
+    ISA_FLAGS = {isa: flags for isa, flags in ISA_FLAGS.items() if isa in wanted}
 ISA_SOURCES = [
     os.path.join(CSRC, "cpu", name) for name in ("focal_kernel.cpp", "family_kernel.cpp", "softmax_kernel.cpp")
 ]

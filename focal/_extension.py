@@ -157,10 +157,8 @@ CPU_ISA_RANK = ("DEFAULT", "AVX2", "AVX512")
 def cpu_kernel_error(info: dict | None, capability: str) -> str | None:
     """The error for this CPU (ATen's ``capability``) when the build has no CPU kernel copy it runs:
     only a build for one machine (FOCAL_CPU_ISAS=native) lacks the DEFAULT copy. None otherwise."""
-    if info is None or "DEFAULT" in info["cpu_isas"]:
-        return None
-    level = CPU_ISA_RANK.index(capability) if capability in CPU_ISA_RANK else 0
-    if any(isa in CPU_ISA_RANK[1: level + 1] for isa in info["cpu_isas"]):
+    runnable = CPU_ISA_RANK[: CPU_ISA_RANK.index(capability) + 1 if capability in CPU_ISA_RANK else 1]
+    if info is None or any(isa in runnable for isa in info["cpu_isas"]):
         return None
     return (
         f"focal has no CPU kernel for this CPU (ATen capability {capability}): this build compiled its "
