@@ -148,6 +148,7 @@ def extension():
         # SASS for Ampere and Hopper, plus Hopper's PTX, which newer GPUs compile when loading.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
     kwargs["sources"] += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    kwargs["sources"] += sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cpp")))
     kwargs["extra_compile_args"]["nvcc"] = nvcc_flags()
     kwargs["extra_compile_args"]["cxx"].append("-DFOCAL_WITH_CUDA")
     kwargs["include_dirs"] = cuda_library_include_dirs()

@@ -3,8 +3,8 @@
 // kernels in focal_kernels.cuh (FL*, QFL and VFL through family_cuda.cu). A reduced loss is summed
 // per block with CUB and the block sums are added in a fixed order by a second, one-block kernel
 // (no atomics: bitwise reproducible). The host never reads device memory, so nothing here waits for the GPU and the op
-// can be captured in a CUDA graph. Compiled by nvcc, and for tests as host C++ against the
-// emulation (host_runtime.cuh, README.md).
+// can be captured in a CUDA graph. Registered by register_cuda.cpp. Compiled by nvcc, and for tests
+// as host C++ against the emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
@@ -14,11 +14,9 @@
 #include <type_traits>
 
 #include <ATen/Dispatch.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "../focal_ops.h"
-#include "../loss_ops.h"
+#include "cuda_ops.h"
 #include "family_cuda.cuh"
 #include "focal_kernels.cuh"
 #include "host_runtime.cuh"
@@ -85,8 +83,9 @@ int64_t max_blocks(int64_t blocks_per_sm) {
   return rt::multiprocessor_count() * blocks_per_sm;
 }
 
-// Loss and gradient of any elementwise loss of the family, from checked arguments.
-std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
   const at::Tensor& logits = call.logits;
   const bool compute_grad = call.compute_grad;
   const rt::DeviceGuard device_guard(logits.device());
@@ -106,9 +105,9 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   if (call.reduction == Reduction::kMean && !call.class_ids()) s.count = static_cast<double>(numel);
 
   const at::Tensor grad =
-      compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
-  at::Tensor loss = reduce ? at::empty({}, options.dtype(call.reduced_dtype()))
-                           : at::empty(logits.sizes(), options);
+      compute_grad ? rt::empty(logits.sizes(), options) : rt::empty({0}, options);
+  at::Tensor loss = reduce ? rt::empty({}, options.dtype(call.reduced_dtype()))
+                           : rt::empty(logits.sizes(), options);
   if (numel == 0) {
     if (reduce) loss.fill_(call.reduction == Reduction::kMean ? call.empty_mean() : 0.0);
     return {loss, grad};
@@ -118,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   at::Tensor kept_rows;
   if (call.reduction == Reduction::kMean && call.class_ids()) {
     // The one launch beyond the loss kernels: the count is only known on the device.
-    kept_rows = at::empty({}, options.dtype(at::kLong));
+    kept_rows = rt::empty({}, options.dtype(at::kLong));
     rt::launch(&count_kept_rows_kernel, 1, kThreads, stream, call.targets.const_data_ptr<int64_t>(),
                rows, call.ignore_index, kept_rows.mutable_data_ptr<int64_t>());
     s.kept_rows = kept_rows.const_data_ptr<int64_t>();
@@ -154,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
     // The sums of a reduced loss, one per tile.
     const auto sums_of = [&](int64_t count) {
       if (reduce) {
-        partial_sums = at::empty({count}, options.dtype(call.reduced_dtype()));
+        partial_sums = rt::empty({count}, options.dtype(call.reduced_dtype()));
         sums = partial_sums.mutable_data_ptr<acc_t>();
       }
       return count;
@@ -216,9 +215,5 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
   });
   return {loss, grad};
 }
-
-}  // namespace
-
-FOCAL_CUDA_REGISTER_KERNELS(m) { LossOps<&run>::register_on(m); }
 
 }  // namespace focal::cuda

@@ -1,8 +1,8 @@
 // What the host code of the CUDA backend uses from the CUDA runtime and ATen's CUDA layer: device
-// guard, stream, device size, kernel launch, where a tensor lives, and the operator registration.
-// In the test-only emulated build (-DFOCAL_CUDA_EMULATION) the same names come from
-// tests/cuda_emulation/cuda_emulation.h and register under the namespace focal_emu on the CPU key
-// (README.md). Keep this file the only place that tells the two apart on the host side.
+// guard, stream, device size, output allocation, kernel launch and where a tensor lives. In the
+// test-only emulated build (-DFOCAL_CUDA_EMULATION) the same names come from
+// tests/cuda_emulation/cuda_emulation.h (README.md). Keep this file the only place in the .cu files'
+// host code that tells the two apart; register_cuda.cpp is the other, for the dispatch key.
 #pragma once
 
 #include <utility>
@@ -12,10 +12,16 @@
 
 #include "kernel_runtime.cuh"
 
+// The narrowest headers that declare what is used below: ATen/cuda/CUDAContext.h and at::empty's
+// header pull in ATen/Context.h, which costs each .cu file about 10 s more in nvcc's front ends.
 #if !defined(FOCAL_CUDA_EMULATION)
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAContextLight.h>
+#include <ATen/cuda/EmptyTensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#else
+#include <ATen/EmptyTensor.h>
 #endif
 
 namespace focal::cuda::rt {
@@ -25,7 +31,12 @@ namespace focal::cuda::rt {
 using DeviceGuard = c10::cuda::CUDAGuard;
 using Stream = cudaStream_t;
 
-inline Stream current_stream() { return at::cuda::getCurrentCUDAStream(); }
+inline Stream current_stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+// A new uninitialised tensor: ATen's CUDA allocation itself, which at::empty dispatches to.
+inline at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cuda(sizes, options));
+}
 
 inline int multiprocessor_count() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -47,9 +58,6 @@ void launch(void (*kernel)(Params...), int blocks, int threads, Stream stream, A
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Opens the block that registers this backend's kernels.
-#define FOCAL_CUDA_REGISTER_KERNELS(m) TORCH_LIBRARY_IMPL(focal, CUDA, m)
-
 #else  // the emulation
 
 struct DeviceGuard {
@@ -58,6 +66,9 @@ struct DeviceGuard {
 using Stream = std::nullptr_t;
 
 inline Stream current_stream() { return nullptr; }
+inline at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cpu(sizes, options));
+}
 inline int multiprocessor_count() { return focal_emu::kMultiprocessors; }
 inline std::pair<int, int> compute_capability() { return {9, 0}; }  // an H100's, for the table
 inline bool resides_on_host(const at::Tensor& t) {
@@ -68,9 +79,6 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int blocks, int threads, Stream, Args&&... args) {
   focal_emu::launch(kernel, dim3(blocks), dim3(threads), std::forward<Args>(args)...);
 }
-
-// The schemas of namespace focal_emu are defined by the emulated library itself.
-#define FOCAL_CUDA_REGISTER_KERNELS(m) TORCH_LIBRARY_IMPL(focal_emu, CPU, m)
 
 #endif
 

@@ -1,14 +1,14 @@
 // CUDA backend of scale_grad_: grad *= grad_output, in place. When grad_output is one value (the
 // gradient of a reduced loss, or of loss.sum()), a kernel reads it on the device and every thread
 // leaves at once when it is 1: loss.backward() then costs one tiny launch and no pass over grad,
-// and the host never waits for the GPU. Compiled by nvcc, and for tests as host C++ against the
+// and the host never waits for the GPU. Registered by register_cuda.cpp. Compiled by nvcc, and for tests as host C++ against the
 // emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include "../focal_ops.h"
+#include "cuda_ops.h"
 #include "focal_kernels.cuh"
 #include "host_runtime.cuh"
 
@@ -39,7 +39,9 @@ bool has_kernel(const at::Tensor& grad) {
          (t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16);
 }
 
-void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
+}  // namespace
+
+void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output) {
   const bool one_value = check_scale_grad(grad, grad_output);
   const rt::DeviceGuard device_guard(grad.device());
   if (!one_value || !has_kernel(grad)) {
@@ -63,9 +65,5 @@ void scale_grad_cuda(const at::Tensor& grad, const at::Tensor& grad_output) {
                grad.mutable_data_ptr<scalar_t>(), grad.numel(), factor);
   });
 }
-
-}  // namespace
-
-FOCAL_CUDA_REGISTER_KERNELS(m) { m.impl("scale_grad_", &scale_grad_cuda); }
 
 }  // namespace focal::cuda

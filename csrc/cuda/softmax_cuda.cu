@@ -10,8 +10,8 @@
 //   exp sum by cub::BlockReduce, each thread striding over the row's classes.
 // A reduced loss is summed per block and the block sums are added in a fixed order by a one-block
 // kernel: no atomics, bitwise reproducible. The "mean" denominator and a normaliser in device memory
-// are read by the kernels, so the host never waits for the GPU. Compiled by nvcc, and for tests as
-// host C++ against the emulation (kernel_runtime.cuh, README.md).
+// are read by the kernels, so the host never waits for the GPU. Registered by register_cuda.cpp.
+// Compiled by nvcc, and for tests as host C++ against the emulation (kernel_runtime.cuh, README.md).
 #include <cfloat>
 #include <cstdint>
 #include <limits>
@@ -22,11 +22,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
 
 #include "../softmax_math.h"
 #include "../softmax_ops.h"
+#include "cuda_ops.h"
 #include "host_runtime.cuh"
 #include "kernel_runtime.cuh"
 
@@ -297,7 +296,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(total) * resolve(s));
 }
 
-std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cuda(
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& alpha, const std::optional<at::Tensor>& normalizer,
     double alpha_value, double gamma, double label_smoothing, int64_t ignore_index,
@@ -319,8 +320,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cuda(
     s.factor = call.host_scale();  // reads and checks a CPU normaliser
   }
 
-  const at::Tensor grad = compute_grad ? at::empty(logits.sizes(), options) : at::empty({0}, options);
-  at::Tensor loss = reduce ? at::empty({}, options.dtype(call.math_dtype())) : at::empty(target.sizes(), options);
+  const at::Tensor grad = compute_grad ? rt::empty(logits.sizes(), options) : rt::empty({0}, options);
+  at::Tensor loss = reduce ? rt::empty({}, options.dtype(call.math_dtype())) : rt::empty(target.sizes(), options);
   if (elements == 0) {
     if (reduce) loss.fill_(0.0);
     return {loss, grad};
@@ -328,7 +329,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cuda(
   const rt::Stream stream = rt::current_stream();
   at::Tensor denominator;
   if (call.reduction == Reduction::kMean) {
-    denominator = at::empty({}, options.dtype(at::kDouble));
+    denominator = rt::empty({}, options.dtype(at::kDouble));
     const int64_t* ids = target.const_data_ptr<int64_t>();
     double* out = denominator.mutable_data_ptr<double>();
     if (call.weight) {
@@ -351,7 +352,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cuda(
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor block_sums = reduce ? at::empty({blocks}, options.dtype(call.math_dtype())) : at::Tensor();
+    const at::Tensor block_sums = reduce ? rt::empty({blocks}, options.dtype(call.math_dtype())) : at::Tensor();
     acc_t* sums = reduce ? block_sums.mutable_data_ptr<acc_t>() : nullptr;
     with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
       constexpr GammaKind G = decltype(gamma_kind)::value;
@@ -373,9 +374,5 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cuda(
   });
   return {loss, grad};
 }
-
-}  // namespace
-
-FOCAL_CUDA_REGISTER_KERNELS(m) { m.impl("softmax_focal_loss", &softmax_focal_loss_cuda); }
 
 }  // namespace focal::cuda

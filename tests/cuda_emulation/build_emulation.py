@@ -1,6 +1,6 @@
 """Builds the test-only emulated CUDA backend and the fault-injection program, with sanitizers.
 
-The CUDA sources (csrc/cuda/*.cu) are compiled unchanged as host C++ (``-x c++
+The CUDA sources (csrc/cuda/*.cu, *.cpp) are compiled unchanged as host C++ (``-x c++
 -DFOCAL_CUDA_EMULATION``) against ``cuda_emulation.h``, with AddressSanitizer and UBSan, and linked
 with csrc/focal_ops.cpp and emulated_library.cpp into a library that registers the ops under
 ``torch.ops.focal_emu`` on the CPU key. It is never part of the installed package.
@@ -56,7 +56,7 @@ TORCH_LIBS = [f"-L{p}" for p in cpp_extension.library_paths()] + [
     f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()
 ]
 
-LIBRARY_SOURCES = sorted((CSRC / "cuda").glob("*.cu")) + [
+LIBRARY_SOURCES = sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp")) + [
     CSRC / "focal_ops.cpp", CSRC / "softmax_ops.cpp", HERE / "emulated_library.cpp"
 ]
 FAULTS = {None: [], "tail": ["-DFOCAL_EMU_BREAK_TAIL"], "align": ["-DFOCAL_EMU_BREAK_ALIGN"]}

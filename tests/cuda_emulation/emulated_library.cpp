@@ -1,7 +1,7 @@
 // The operator library of the emulated CUDA backend (test-only): the schemas of namespace
-// focal_emu, the same as focal's (focal_ops.h), and the emulation's controls. The host code of
-// csrc/cuda/*.cu, compiled into the same library, registers its kernels for them on the CPU key
-// (FOCAL_CUDA_REGISTER_KERNELS in host_runtime.cuh).
+// focal_emu, the same as focal's (focal_ops.h), and the emulation's controls. The CUDA backend,
+// compiled into the same library, registers its operator functions for them on the CPU key
+// (csrc/cuda/register_cuda.cpp).
 #include <cstdint>
 #include <vector>
 
