@@ -53,7 +53,8 @@ def test_setup_without_torch_stops_at_once_with_the_commands():
 def test_cpu_isas_switch_builds_this_machines_copies_and_refuses_unknown_names():
     """FOCAL_CPU_ISAS=native (make demo's CPU build): only the copy torch runs here; a list: the copies
     named and the DEFAULT one; a name the build does not know stops it with the list of those it does."""
-    # All in one process (one import of torch): setup.py read with each setting in turn.
+    # All in one process (one import of torch): setup.py read with each setting in turn, the C++ flags of
+    # the native build too, and the unknown name last (it ends the process).
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     requests = ("native", "avx2", "avx2,sse9") if x86 else ("native", "sse9")  # AVX2 is x86's alone
     show = textwrap.dedent(f"""
@@ -61,7 +62,10 @@ def test_cpu_isas_switch_builds_this_machines_copies_and_refuses_unknown_names()
         sys.argv = ["setup.py", "--version"]
         for request in {requests!r}:
             os.environ["FOCAL_CPU_ISAS"] = request
-            print(json.dumps(list(runpy.run_path("setup.py")["ISA_FLAGS"])))
+            setup = runpy.run_path("setup.py")
+            print(json.dumps(list(setup["ISA_FLAGS"])))
+            if request == "native":
+                print("flags", json.dumps(setup["cxx_flags"]()))
     """)
     result = subprocess.run([sys.executable, "-c", show], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     capability = torch.backends.cpu.get_cpu_capability()
@@ -71,14 +75,8 @@ def test_cpu_isas_switch_builds_this_machines_copies_and_refuses_unknown_names()
     assert result.returncode == 1 and "FOCAL_CPU_ISAS names ['SSE9']" in result.stderr, result.stderr
     # A one-machine build says so to its own compiler: no DEFAULT copy, so no FOCAL_HAVE_DEFAULT, which
     # is what makes the C++ dispatch refuse a CPU below it (csrc/cpu/isa.h).
-    flags = textwrap.dedent("""
-        import json, os, runpy, sys
-        sys.argv = ["setup.py", "--version"]
-        os.environ["FOCAL_CPU_ISAS"] = "native"
-        print(json.dumps(runpy.run_path("setup.py")["cxx_flags"]()))
-    """)
-    result = subprocess.run([sys.executable, "-c", flags], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    defined = [f for f in json.loads(result.stdout.splitlines()[-1]) if f.startswith("-DFOCAL_HAVE_")]
+    (flags,) = [json.loads(line[len("flags "):]) for line in result.stdout.splitlines() if line.startswith("flags ")]
+    defined = [f for f in flags if f.startswith("-DFOCAL_HAVE_")]
     assert defined == [f"-DFOCAL_HAVE_{isa}" for isa in native], result.stdout + result.stderr
 
 

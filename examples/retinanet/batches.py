@@ -21,6 +21,8 @@ decision drawn per (epoch, image), likewise independent of the process count, an
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .augment import Augmentation
@@ -130,10 +132,15 @@ class InMemoryBatches(BatchOrder):
 
 class _IndexStream(torch.utils.data.Sampler):
     """The batch sampler of the streaming loader: the index lists of ``order`` from (epoch, position)
-    on, for ever (the loader's workers run ahead of the training loop)."""
+    on, for ever (the loader's workers run ahead of the training loop).
+
+    It holds ``order`` weakly. ``order`` owns the loader's iterator, which owns this sampler: a strong
+    reference would close a cycle that only the garbage collector frees, and then at a moment of its
+    choosing and in an order in which each DataLoader worker takes 5 s to stop. Without the cycle, the
+    workers stop as soon as the batches are dropped."""
 
     def __init__(self, order: BatchOrder, epoch: int, position: int):
-        self.order, self.epoch, self.position = order, epoch, position
+        self.order, self.epoch, self.position = weakref.proxy(order), epoch, position
 
     def __iter__(self):
         epoch, position = self.epoch, self.position

@@ -155,6 +155,32 @@ def test_streaming_batches_are_the_in_memory_batches_and_resume_alike(trained, w
     assert stream.state_dict() == memory.state_dict() == {"epoch": 1, "position": 2}
 
 
+def test_dropped_streaming_batches_stop_their_workers_at_once(trained):
+    """No reference cycle keeps the loader alive: its workers stop when the last reference goes, not at
+    a later garbage collection that would wait 5 s for each of them."""
+    import gc
+    import multiprocessing
+    import time
+
+    _, paths, _, _ = trained
+    dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
+    before = set(multiprocessing.active_children())
+    stream = StreamingBatches(dataset, batch_size=6, seed=2, workers=2)
+    stream.next_batch()
+    workers = set(multiprocessing.active_children()) - before
+    assert len(workers) == 2
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        del stream
+        for worker in workers:
+            worker.join(timeout=10)
+        assert not any(worker.is_alive() for worker in workers)
+        assert time.perf_counter() - start < 4.0
+    finally:
+        gc.enable()
+
+
 def test_build_batches_picks_memory_for_small_datasets(trained):
     _, paths, _, _ = trained
     dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
