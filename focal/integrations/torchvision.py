@@ -18,8 +18,9 @@ sync. The semantics are stock's:
   logits' dtype, so under bfloat16 autocast it is rounded to bfloat16 (relative 2^-9).
 - FCOS: the batch's sum divided by ``max(1, positives in the batch)``, given as a tensor normaliser.
   FCOS computes its box and centerness losses in the same ``compute_loss``; they are computed by
-  the same torchvision functions in the same order as stock (with the same boolean masks, since
-  their sizes depend on the data), divided by the same count kept on the device.
+  the same torchvision functions as stock, divided by the same count kept on the device, but on the
+  foreground locations only (selected once, which waits for the device as stock's boolean masks
+  do), where stock decodes and encodes every location and then keeps the foreground.
 
 ``alpha = 0.25`` and ``gamma = 2``, torchvision's defaults. A model whose heads were adapted can
 no longer be compiled with ``torch.jit.script`` (``torch.compile`` is fine).
@@ -66,29 +67,23 @@ def use_fused_loss(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _gather_targets(targets: List[Dict[str, Tensor]], matched_idxs: List[Tensor], key: str) -> Tensor:
-    """``targets[i][key][matched_idxs[i].clamp(min=0)]`` for the whole batch: ``(N, A, ...)``.
-
-    Each image's ``key`` tensor is padded with zeros into one ``(N, max(1, G), ...)`` table, so an
-    image without boxes gathers zeros, as stock torchvision fills it.
-    """
+def _padded(targets: List[Dict[str, Tensor]], key: str) -> Tensor:
+    """Every image's ``targets[i][key]``, padded with zeros into one ``(N, max(1, G), ...)`` table, so
+    that an image without boxes gathers zeros, as stock torchvision fills it."""
     values = [t[key] for t in targets]
     rows = max([1] + [len(v) for v in values])
     table = values[0].new_zeros((len(values), rows) + values[0].shape[1:])
     for i, v in enumerate(values):
         table[i, : len(v)] = v
-    index = torch.stack(matched_idxs).clamp(min=0)
-    if table.dim() == 3:
-        return table.gather(1, index[..., None].expand(-1, -1, table.shape[-1]))
-    return table.gather(1, index)
+    return table
 
 
 def _class_ids(targets: List[Dict[str, Tensor]], matched_idxs: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Class ids ``(N, A)`` with the matcher's negatives kept: ``-1`` background, ``-2`` between the
     thresholds; and the stacked ``matched_idxs``."""
     matched = torch.stack(matched_idxs)
-    ids = torch.where(matched >= 0, _gather_targets(targets, matched_idxs, "labels"), matched)
-    return ids, matched
+    labels = _padded(targets, "labels").gather(1, matched.clamp(min=0))
+    return torch.where(matched >= 0, labels, matched), matched
 
 
 def _retinanet_classification_loss(
@@ -116,9 +111,7 @@ def _fcos_loss(
     bbox_regression = head_outputs["bbox_regression"]  # (N, HWA, 4)
     bbox_ctrness = head_outputs["bbox_ctrness"]  # (N, HWA, 1)
 
-    gt_classes, _ = _class_ids(targets, matched_idxs)  # FCOS's matcher gives only -1 and >= 0
-    gt_boxes = _gather_targets(targets, matched_idxs, "boxes")
-    anchors = torch.stack(anchors)
+    gt_classes, matched = _class_ids(targets, matched_idxs)  # FCOS's matcher gives only -1 and >= 0
     foreground = gt_classes >= 0
     num_foreground = foreground.sum().clamp(min=1)  # stays on the device: no .item()
 
@@ -126,22 +119,24 @@ def _fcos_loss(
         cls_logits, gt_classes, alpha=ALPHA, gamma=GAMMA, reduction="sum", normalizer=num_foreground
     )
 
-    # From here on, stock torchvision's box and centerness losses, step for step.
-    pred_boxes = self.box_coder.decode(bbox_regression, anchors)
-    loss_bbox_reg = generalized_box_iou_loss(pred_boxes[foreground], gt_boxes[foreground], reduction="sum")
-    bbox_reg_targets = self.box_coder.encode(anchors, gt_boxes)
-    if len(bbox_reg_targets) == 0:
-        gt_ctrness_targets = bbox_reg_targets.new_zeros(bbox_reg_targets.size()[:-1])
-    else:
-        left_right = bbox_reg_targets[:, :, [0, 2]]
-        top_bottom = bbox_reg_targets[:, :, [1, 3]]
-        gt_ctrness_targets = torch.sqrt(
-            (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
-            * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
-        )
-    pred_centerness = bbox_ctrness.squeeze(dim=2)
+    # Stock torchvision's box and centerness losses, on the foreground locations only: stock decodes
+    # and encodes every location, then keeps the foreground through boolean masks. Each location's
+    # terms depend on that location alone, through exactly rounded arithmetic (+ - * / sqrt), so the
+    # values, their sums (in the same order) and the gradients are stock's.
+    where = foreground.nonzero(as_tuple=True)  # (image, location) of each positive, in stock's order
+    fg_anchors = torch.stack(anchors)[where]
+    fg_gt_boxes = _padded(targets, "boxes")[where[0], matched[where]]
+    pred_boxes = self.box_coder.decode(bbox_regression[where], fg_anchors)
+    loss_bbox_reg = generalized_box_iou_loss(pred_boxes, fg_gt_boxes, reduction="sum")
+    bbox_reg_targets = self.box_coder.encode(fg_anchors, fg_gt_boxes)
+    left_right = bbox_reg_targets[:, [0, 2]]
+    top_bottom = bbox_reg_targets[:, [1, 3]]
+    gt_ctrness_targets = torch.sqrt(
+        (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
+        * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
+    )
     loss_bbox_ctrness = torch.nn.functional.binary_cross_entropy_with_logits(
-        pred_centerness[foreground], gt_ctrness_targets[foreground], reduction="sum"
+        bbox_ctrness.squeeze(dim=2)[where], gt_ctrness_targets, reduction="sum"
     )
     return {
         "classification": loss_cls,
