@@ -60,6 +60,10 @@ class BatchOrder:
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
+    def close(self) -> None:
+        """Releases what serving the batches holds beyond the order (``StreamingBatches``: its worker
+        processes); the next batch, if any, starts afresh from the position."""
+
     def order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's indices for ``epoch`` (from the sampler) and flip decisions per dataset index (N,)."""
         if self._epoch_order is None or self._epoch_order[0] != epoch:
@@ -166,6 +170,9 @@ class StreamingBatches(BatchOrder):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self._batches = None  # the loader has run ahead from the old position
+
+    def close(self) -> None:
+        self._batches = None  # the loader's iterator, the last reference to it: its workers stop now
 
     def next_batch(self):
         """``(images (B, 3, S, S) uint8, [targets])`` of this process; B is ``batch_size``."""

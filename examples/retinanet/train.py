@@ -207,7 +207,8 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: BatchOrder | 
     paths, val_set = None, None
     if batches is None or options.evaluate:
         paths, digits_params, train_set, val_set = load_datasets(options)
-    if batches is None:
+    owns_batches = batches is None
+    if owns_batches:
         config = dataclasses.replace(config, num_classes=len(train_set.category_ids))
         batches = build_batches(train_set, options.batch_size // ctx.world_size, options.flip_prob, options.seed,
                                 options.loader, options.image_size, options.workers,
@@ -329,6 +330,11 @@ def train(config: RetinaNetConfig, options: TrainOptions, batches: BatchOrder | 
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
+    if owns_batches:
+        # Now, not when this frame is freed: plotting can leave it in a reference cycle (a caught
+        # exception's traceback), which would keep a streaming loader's workers until a garbage
+        # collection, and that collection would wait 5 s for each of them.
+        batches.close()
     rng_states = distributed.all_gather(rng_state())
     if ctx.is_main:
         log_file.close()

@@ -155,28 +155,33 @@ def test_streaming_batches_are_the_in_memory_batches_and_resume_alike(trained, w
     assert stream.state_dict() == memory.state_dict() == {"epoch": 1, "position": 2}
 
 
-def test_dropped_streaming_batches_stop_their_workers_at_once(trained):
-    """No reference cycle keeps the loader alive: its workers stop when the last reference goes, not at
-    a later garbage collection that would wait 5 s for each of them."""
+def test_streaming_workers_stop_when_their_batches_are_dropped_or_training_ends(trained):
+    """No reference cycle keeps a loader's workers: they stop when the last reference to its batches
+    goes, and when a training run that streams ends (even if plotting left its frame in a cycle),
+    not at a later garbage collection that would wait 5 s for each of them."""
     import gc
     import multiprocessing
     import time
 
-    _, paths, _, _ = trained
+    root, paths, options, _ = trained
     dataset = CocoDetection(*paths["train"], build_transform(48, train=False))
     before = set(multiprocessing.active_children())
-    stream = StreamingBatches(dataset, batch_size=6, seed=2, workers=2)
-    stream.next_batch()
-    workers = set(multiprocessing.active_children()) - before
-    assert len(workers) == 2
     gc.disable()
     try:
+        stream = StreamingBatches(dataset, batch_size=6, seed=2, workers=2)
+        stream.next_batch()
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2
         start = time.perf_counter()
         del stream
         for worker in workers:
             worker.join(timeout=10)
         assert not any(worker.is_alive() for worker in workers)
         assert time.perf_counter() - start < 4.0
+        streamed = dataclasses.replace(options, output=str(root / "streamed"), iters=2, warmup_iters=1, log_every=1,
+                                       loader="stream", evaluate=False)
+        train(fast_config(backbone_width=0.25, fpn_channels=16, head_width=16), streamed)
+        assert set(multiprocessing.active_children()) <= before
     finally:
         gc.enable()
 
