@@ -2,9 +2,9 @@
 // quality_focal_loss, varifocal_loss): outputs, the scale, grid sizing and the launches of the
 // kernels in focal_kernels.cuh (FL*, QFL and VFL through family_cuda.cu). A reduced loss is summed
 // per block with CUB and the block sums are added in a fixed order by a second, one-block kernel
-// (no atomics: bitwise reproducible). The host never reads device memory, so nothing here waits for the GPU and the op
-// can be captured in a CUDA graph. Registered by register_cuda.cpp. Compiled by nvcc, and for tests
-// as host C++ against the emulation (host_runtime.cuh, README.md).
+// (no atomics: bitwise reproducible). The host never reads device memory, so nothing here waits for
+// the GPU and the op can be captured in a CUDA graph. Registered by register_cuda.cpp. Compiled by
+// nvcc, and for tests as host C++ against the emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 #include <cstdlib>
 #include <optional>

@@ -1,8 +1,8 @@
 // CUDA backend of scale_grad_: grad *= grad_output, in place. When grad_output is one value (the
 // gradient of a reduced loss, or of loss.sum()), a kernel reads it on the device and every thread
 // leaves at once when it is 1: loss.backward() then costs one tiny launch and no pass over grad,
-// and the host never waits for the GPU. Registered by register_cuda.cpp. Compiled by nvcc, and for tests as host C++ against the
-// emulation (host_runtime.cuh, README.md).
+// and the host never waits for the GPU. Registered by register_cuda.cpp. Compiled by nvcc, and for
+// tests as host C++ against the emulation (host_runtime.cuh, README.md).
 #include <cstdint>
 
 #include <ATen/Dispatch.h>
