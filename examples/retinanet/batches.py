@@ -169,7 +169,7 @@ class StreamingBatches(BatchOrder):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._batches = None  # the loader has run ahead from the old position
+        self.close()  # the loader has run ahead from the old position
 
     def close(self) -> None:
         self._batches = None  # the loader's iterator, the last reference to it: its workers stop now
