@@ -559,10 +559,12 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         for (int i = 0; i < kInFlight; ++i) {
           const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
           const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
-          if (offset + kVec <= left) {
-            label[i] = row_ids[rows_on];
-            x[i] = x_lane[offset / kVec];
-          }
+          // A pack past the end takes zeros rather than no value: a register a load may leave
+          // unwritten keeps the round before's value, so nvcc would carry (and spill) every
+          // pack and id of a round from one round to the next.
+          const bool whole = offset + kVec <= left;
+          label[i] = whole ? row_ids[rows_on] : int64_t{0};
+          x[i] = whole ? x_lane[offset / kVec] : P{};
         }
         if (row_weight != nullptr) {  // after the others: the branch must not split them
 #pragma unroll
