@@ -101,9 +101,12 @@ ROOFLINE_BUDGETS = {
 ROOFLINE_LIMITS = {"min_occupancy": 0.75, "min_bytes_in_flight": 64}
 
 # The register file of one SM (sm_80 to sm_120): 65536 registers, allocated per warp in units of
-# 256; at most 64 resident warps (48 on sm_86/sm_89) and 32 blocks (16 on sm_86/sm_89).
-SM_LIMITS = {"registers": 65536, "register_unit": 256, "warps": 64, "blocks": 32}
-SM_LIMITS_BY_ARCH = {"sm_86": {"warps": 48, "blocks": 16}, "sm_89": {"warps": 48, "blocks": 24}}
+# 256; at most 64 resident warps (48 on sm_86/sm_89) and 32 blocks (16 on sm_86/sm_89). Shared
+# memory per SM, of which each block also takes 1 KiB for the system: 164 KiB on sm_80, 100 KiB on
+# sm_86/sm_89, 228 KiB on sm_90.
+SM_LIMITS = {"registers": 65536, "register_unit": 256, "warps": 64, "blocks": 32, "shared": 228 * 1024}
+SM_LIMITS_BY_ARCH = {"sm_80": {"shared": 164 * 1024}, "sm_86": {"warps": 48, "blocks": 16, "shared": 100 * 1024},
+                     "sm_89": {"warps": 48, "blocks": 24, "shared": 100 * 1024}}
 
 # One instruction line of `cuobjdump -sass`:  /*0350*/   @!P0 BRA 0x350 ;   /* 0x... */
 INSTRUCTION = re.compile(r"^\s*/\*(?P<addr>[0-9a-fA-F]{4,})\*/\s+(?P<text>[^;]*);")
@@ -262,15 +265,17 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
     return HotLoop(hot, unroll, candidates)
 
 
-def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH) -> float:
+def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH, shared_bytes: int = 0) -> float:
     """Resident warps per SM over the most an SM holds, for blocks of `threads` threads whose
-    threads use `registers` registers each (no shared memory: the loss kernels use none)."""
+    threads use `registers` registers each and which take `shared_bytes` of shared memory."""
     limits = {**SM_LIMITS, **SM_LIMITS_BY_ARCH.get(arch, {})}
     unit = limits["register_unit"]
     per_warp = -(-max(registers, 1) * 32 // unit) * unit
     warps_per_block = -(-threads // 32)
     blocks = min(limits["registers"] // per_warp // warps_per_block, limits["warps"] // warps_per_block,
                  limits["blocks"])
+    if shared_bytes:
+        blocks = min(blocks, limits["shared"] // (shared_bytes + 1024))
     return blocks * warps_per_block / limits["warps"]
 
 
@@ -290,10 +295,30 @@ def _registers(operand: str, width: int = 1) -> set[int]:
     return out
 
 
+ASYNC_COPY = re.compile(r"^LDGSTS(?:\.|$)")  # cp.async: global to shared memory, no register
+ASYNC_WAIT = re.compile(r"SB0\s*,\s*(0x[0-9a-fA-F]+|\d+)")  # DEPBAR.LE SB0, n: cp.async.wait_group n
+
+
+def _load_bytes(opcode: str) -> int:
+    return next((b for suffix, b in LOAD_BYTES.items() if f".{suffix}" in opcode), 4)
+
+
 def bytes_in_flight(loop: Loop) -> dict:
     """Bytes of global loads the hot loop issues, from its head, before the first instruction that
     reads a register one of them writes: the memory-level parallelism of one thread. Also how many
-    loads that is."""
+    loads that is.
+
+    A loop that loads through shared memory (cp.async: LDGSTS, holding no register) waits with
+    ``DEPBAR.LE SB0, n`` until at most n of its groups of copies are pending: at each wait n + 1
+    groups are in flight, so it counts (n + 1) times the bytes of one group (the loop's copied
+    bytes over its waits)."""
+    copies = [ins for ins in loop.instructions if ASYNC_COPY.match(ins.opcode)]
+    waits = [int(m[1], 0) for ins in loop.instructions
+             if ins.base_opcode == "DEPBAR" and (m := ASYNC_WAIT.search(ins.operands))]
+    if copies and waits:
+        group = sum(_load_bytes(ins.opcode) for ins in copies) / len(waits)
+        depth = min(waits) + 1
+        return {"bytes": int(group * depth), "loads": round(len(copies) / len(waits) * depth)}
     pending: set[int] = set()
     total = loads = 0
     for ins in loop.instructions:
@@ -306,7 +331,7 @@ def bytes_in_flight(loop: Loop) -> dict:
         if read & pending:
             break
         if is_load:
-            size = next((b for suffix, b in LOAD_BYTES.items() if f".{suffix}" in ins.opcode), 4)
+            size = _load_bytes(ins.opcode)
             pending |= _registers(operands[0], max(1, size // 4))
             total += size
             loads += 1
@@ -316,9 +341,10 @@ def bytes_in_flight(loop: Loop) -> dict:
 def parse_launch_shape(args: list[str]) -> dict | None:
     """threads, bytes in flight and blocks per SM of a ``LaunchShape<t, b, s>`` template argument."""
     for arg in args:
-        m = re.search(r"LaunchShape<\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*>", arg)
+        m = re.search(r"LaunchShape<\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*(?:,\s*(true|false|1|0)\s*)?>", arg)
         if m:
-            return {"threads": int(m[1]), "in_flight_bytes": int(m[2]), "blocks_per_sm": int(m[3])}
+            return {"threads": int(m[1]), "in_flight_bytes": int(m[2]), "blocks_per_sm": int(m[3]),
+                    "async_loads": m[4] in ("true", "1")}
     return None
 
 
@@ -517,7 +543,7 @@ def analyse(
             "hot_loop": None,
         }
         if record["registers"] is not None:
-            record["occupancy"] = occupancy(record["registers"], threads, arch)
+            record["occupancy"] = occupancy(record["registers"], threads, arch, record["shared_bytes"] or 0)
         hot = find_hot_loop(fn.instructions)
         if hot is not None:
             if elements_per_iteration is not None:

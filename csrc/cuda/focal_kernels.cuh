@@ -184,19 +184,22 @@ __host__ __device__ inline int64_t tile_count(int64_t numel) {
 // targets, of targets) each thread loads before it uses any, and the blocks per SM that
 // __launch_bounds__ makes fit in the register file (65536 registers per SM from sm_70 to sm_120:
 // at most 65536 / (Threads * BlocksPerSm) registers per thread, rounded down to a multiple of 8).
-template <int Threads, int InFlightBytes, int BlocksPerSm>
+template <int Threads, int InFlightBytes, int BlocksPerSm, bool AsyncLoads = false>
 struct LaunchShape {
   static constexpr int kThreads = Threads;
   static constexpr int kInFlightBytes = InFlightBytes;
   static constexpr int kBlocksPerSm = BlocksPerSm;
+  // focal_ids_kernel's loads go through a ring in shared memory (cp.async), which holds them in no
+  // register: what lets a thread keep its bytes in flight under a small register cap.
+  static constexpr bool kAsyncLoads = AsyncLoads;
 };
 
 // The launch shapes compiled, by index (the host's table per architecture and FOCAL_CUDA_VARIANT
 // name them so): 0, the default, 64 bytes in flight under a 64-register cap (4 blocks of 256, 50 %
 // occupancy: the cap the kernels had before they had shapes); 1, 32 bytes in flight under 40
 // registers in blocks of 128 (12 blocks, 75 %); 2, 64 bytes in flight under 40 registers (6 blocks
-// of 256, 75 %). README.md says what each
-// costs in registers and spills.
+// of 256, 75 %), the class-id kernel's through shared memory. README.md says what each costs in
+// registers and spills.
 inline constexpr int kLaunchShapeCount = 3;
 inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
                                                                      "t256_f64_b6"};
@@ -206,7 +209,7 @@ template <typename F>
 decltype(auto) with_launch_shape(int index, F&& f) {
   switch (index) {
     case 1: return f(LaunchShape<128, 32, 12>{});
-    case 2: return f(LaunchShape<256, 64, 6>{});
+    case 2: return f(LaunchShape<256, 64, 6, true>{});
     default: return f(LaunchShape<256, 64, 4>{});
   }
 }
@@ -537,6 +540,12 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   int32_t col0 = static_cast<int32_t>(e_lane - row0 * cols);
   const int64_t step = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp) * kTile;
   int64_t touched = 0;
+  // A lane's packs lie kWarp packs apart; its last one in a tile ends here, past its first element.
+  constexpr int32_t kLaneEnd = (kLanePacks - 1) * kWarp * kVec + kVec;
+  // The ring of the shapes that load through shared memory (only they use it): a slot per pack in
+  // flight and thread.
+  __shared__ P ring_packs[Shape::kAsyncLoads ? kInFlight : 1][Shape::kThreads];
+  __shared__ int64_t ring_ids[Shape::kAsyncLoads ? kInFlight : 1][Shape::kThreads];
 
   // The loop twice, with and without the gradient (a forward under no_grad), so that neither
   // tests for it per pack.
@@ -550,72 +559,130 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
       acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
       acc_t others = 0;     // the other packs' alpha-weighted losses
       uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
-#pragma unroll 1
-      for (int r = 0; r < kLanePacks; r += kInFlight) {
-        P x[kInFlight];
-        int64_t label[kInFlight];
-        scalar_t weight[kInFlight];
-#pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
-          const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
-          const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
-          // A pack past the end takes zeros rather than no value: a register a load may leave
-          // unwritten keeps the round before's value, so nvcc would carry (and spill) every
-          // pack and id of a round from one round to the next.
-          const bool whole = offset + kVec <= left;
-          label[i] = whole ? row_ids[rows_on] : int64_t{0};
-          x[i] = whole ? x_lane[offset / kVec] : P{};
+      // The lane's pack k (loaded: its logits, its row's class id and, with row weights, its row's
+      // weight; each 0 for a pack that is not whole), taken here or marked for after the loop.
+      // `whole_tile`: every pack of the lane's tile is known to be whole.
+      const auto take = [&](auto whole_tile, int k, const P& x, int64_t label, scalar_t weight) {
+        const int32_t offset = k * kWarp * kVec;  // elements past the lane's first
+        bool whole = true;
+        if constexpr (!decltype(whole_tile)::value) {
+          if (offset >= left) return;  // past the end
+          whole = offset + kVec <= left;
         }
-        if (row_weight != nullptr) {  // after the others: the branch must not split them
+        touched += whole ? kVec : left - offset;
+        const uint32_t at = static_cast<uint32_t>(col0 + offset);
+        const uint32_t rows_on = walk.rows_in(at);
+        const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
+        bool fast = false, ignored = false;
+        if (whole && col + kVec <= cols) {
+          // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
+          ignored = label == a.ignore_index;
+          const bool negative =
+              static_cast<uint64_t>(label) - walk.ids_from <= static_cast<uint64_t>(cols) &&
+              static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kVec);
+          fast = ignored || negative;
+        }
+        if (fast && ignored) {
+          // An ignored row (a few percent of anchors in detection) stays in this loop, with no
+          // loss and a zero gradient whatever its logits.
+          if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
+        } else if (fast) {
+          // A row weight scales the pack's gradient factor and its sum (exactly when there is
+          // none: a product by 1).
+          const acc_t w = row_weight != nullptr ? static_cast<acc_t>(weight) : acc_t(1);
+          const acc_t grad_w = negative_grad_w * w;
+          acc_t xf[kVec];
+          unpack(x, xf);
+          P grad;
+          acc_t pack_sum = 0;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            const LossAndGrad<acc_t> e = focal_hard<G, acc_t, M>(xf[j], gamma);
+            pack_sum += e.loss;
+            grad.v[j] = static_cast<scalar_t>(e.grad * grad_w);
+          }
+          negatives = add_rn(negatives, pack_sum * w);
+          if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = grad;
+        } else {
+          slow |= 1u << k;
+        }
+      };
+      // The row of the lane's pack k, relative to row0.
+      const auto row_of = [&](int k) {
+        return walk.rows_in(static_cast<uint32_t>(col0 + k * kWarp * kVec));
+      };
+      // The lane's packs in rounds of kInFlight, loaded into registers.
+      const auto rounds = [&]() {
+#pragma unroll 1
+        for (int r = 0; r < kLanePacks; r += kInFlight) {
+          P x[kInFlight];
+          int64_t label[kInFlight];
+          scalar_t weight[kInFlight] = {};
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            const int32_t offset = (r + i) * kWarp * kVec;
-            const uint32_t rows_on = walk.rows_in(static_cast<uint32_t>(col0 + offset));
-            if (offset + kVec <= left) weight[i] = row_weight[row0 + rows_on];
+            const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
+            // A pack past the end takes zeros rather than no value: a register a load may leave
+            // unwritten keeps the round before's value, so nvcc would carry (and spill) every
+            // pack and id of a round from one round to the next.
+            const bool whole = offset + kVec <= left;
+            label[i] = whole ? row_ids[row_of(r + i)] : int64_t{0};
+            x[i] = whole ? x_lane[offset / kVec] : P{};
           }
-        }
+          if (row_weight != nullptr) {  // after the others: the branch must not split them
 #pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
-          const int32_t offset = (r + i) * kWarp * kVec;
-          if (offset >= left) continue;  // past the end
-          touched += left - offset < kVec ? left - offset : kVec;
-          const uint32_t at = static_cast<uint32_t>(col0 + offset);
-          const uint32_t rows_on = walk.rows_in(at);
-          const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
-          bool fast = false, ignored = false;
-          if (offset + kVec <= left && col + kVec <= cols) {
-            // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
-            ignored = label[i] == a.ignore_index;
-            const bool negative =
-                static_cast<uint64_t>(label[i]) - walk.ids_from <= static_cast<uint64_t>(cols) &&
-                static_cast<uint64_t>(label[i] - col) >= static_cast<uint64_t>(kVec);
-            fast = ignored || negative;
-          }
-          if (fast && ignored) {
-            // An ignored row (a few percent of anchors in detection) stays in this loop, with no
-            // loss and a zero gradient whatever its logits.
-            if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
-          } else if (fast) {
-            // A row weight scales the pack's gradient factor and its sum (exactly when there is
-            // none: a product by 1).
-            const acc_t w = row_weight != nullptr ? static_cast<acc_t>(weight[i]) : acc_t(1);
-            const acc_t grad_w = negative_grad_w * w;
-            acc_t xf[kVec];
-            unpack(x[i], xf);
-            P grad;
-            acc_t pack_sum = 0;
-#pragma unroll
-            for (int j = 0; j < kVec; ++j) {
-              const LossAndGrad<acc_t> e = focal_hard<G, acc_t, M>(xf[j], gamma);
-              pack_sum += e.loss;
-              grad.v[j] = static_cast<scalar_t>(e.grad * grad_w);
+            for (int i = 0; i < kInFlight; ++i) {
+              const int32_t offset = (r + i) * kWarp * kVec;
+              weight[i] = offset + kVec <= left ? row_weight[row0 + row_of(r + i)] : scalar_t(0);
             }
-            negatives = add_rn(negatives, pack_sum * w);
-            if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = grad;
-          } else {
-            slow |= 1u << (r + i);
+          }
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            take(std::false_type{}, r + i, x[i], label[i], weight[i]);
           }
         }
+      };
+      if constexpr (Shape::kAsyncLoads) {
+        if (left >= kLaneEnd) {
+          // A ring of kInFlight slots in shared memory per thread, each holding a pack and its
+          // row's class id: pack k + kInFlight is requested as soon as pack k has left its slot,
+          // so kInFlight packs are always on their way, in no register.
+          const auto request = [&](int k, int slot) {
+            async_copy<16>(&ring_packs[slot][threadIdx.x], x_lane + k * kWarp);
+            async_copy<8>(&ring_ids[slot][threadIdx.x], ids + (row0 + row_of(k)));
+            async_commit();
+          };
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) request(i, i);
+#pragma unroll 1
+          for (int r = 0; r < kLanePacks; r += kInFlight) {
+#pragma unroll
+            for (int i = 0; i < kInFlight; ++i) {
+              async_wait<kInFlight - 1>();  // pack r + i has arrived: the oldest request
+              const P x = ring_packs[i][threadIdx.x];
+              const int64_t label = ring_ids[i][threadIdx.x];
+              if (r + kInFlight < kLanePacks) {  // every round but the last
+                request(r + i + kInFlight, i);
+              } else {
+                async_commit();  // an empty group, so that the wait above counts alike
+              }
+              take(std::true_type{}, r + i, x, label,
+                   row_weight != nullptr ? row_weight[row0 + row_of(r + i)] : scalar_t(0));
+            }
+          }
+        } else {
+          // The lane's last, partial tile, a pack at a time (the fast path's packs are still
+          // taken by it: which path a pack takes depends on the data alone, never on the shape).
+#pragma unroll 1
+          for (int k = 0; k < kLanePacks; ++k) {
+            const int32_t offset = k * kWarp * kVec;
+            const bool whole = offset + kVec <= left;
+            take(std::false_type{}, k, whole ? x_lane[offset / kVec] : P{},
+                 whole ? row_ids[row_of(k)] : int64_t{0},
+                 whole && row_weight != nullptr ? row_weight[row0 + row_of(k)] : scalar_t(0));
+          }
+        }
+      } else {
+        rounds();
       }
       // The other packs, in the lane's order, after the loop above: the call, and the registers
       // it needs saved, stay out of it.

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(FOCAL_CUDA_EMULATION)
 #include "cuda_emulation.h"
@@ -43,6 +44,39 @@ __device__ __forceinline__ float approx_exp2(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
+#endif
+}
+
+// Copies from global into shared memory that hold no register while in flight (cp.async, sm_80 and
+// newer; a plain copy on older GPUs and in the emulation). async_copy starts one of `Bytes` (both
+// addresses aligned to it), async_commit closes the group of those the thread started since its
+// last, and async_wait<N> returns once at most N of the thread's groups are still in flight: the
+// older groups' data is then in shared memory, for the calling thread.
+template <int Bytes>
+__device__ __forceinline__ void async_copy(void* shared_dst, const void* global_src) {
+  static_assert(Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(FOCAL_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
+  memcpy(shared_dst, global_src, Bytes);
+#else
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(global_src), "n"(Bytes) : "memory");
+  }
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 
