@@ -444,19 +444,17 @@ BUILT = sc.default_binary()
 SHAPE_NAMES = {(256, 64, 4): "t256_f64_b4", (128, 32, 12): "t128_f32_b12", (256, 64, 6): "t256_f64_b6"}
 KNOWN_MISSES = {
     ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 32,
-    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'hot_loop_spills'): 13,
-    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 66.12,
-    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 61.12,
+    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 57.88,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 54.69,
     ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'occupancy'): 0.5,
-    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 27,
-    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 64.81,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 4,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 57.0,
     ('focal_float_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 32,
-    ('focal_float_kernel', 'float16', 't128_f32_b12', 'hot_loop_spills'): 13,
-    ('focal_float_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 65.12,
-    ('focal_float_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 60.12,
+    ('focal_float_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 57.62,
+    ('focal_float_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 54.44,
     ('focal_float_kernel', 'float16', 't256_f64_b4', 'occupancy'): 0.5,
-    ('focal_float_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 43,
-    ('focal_float_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 64.81,
+    ('focal_float_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 20,
+    ('focal_float_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 57.5,
     ('focal_float_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 32,
     ('focal_float_kernel', 'float32', 't128_f32_b12', 'hot_loop_spills'): 1,
     ('focal_float_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
@@ -495,31 +493,36 @@ BUILT_KERNELS = r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel)<"
 # The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
 # loss) -> (spill stores, spill loads); none did before element() (focal_kernels.cuh) applied a
 # per-class alpha tensor, under the 64 registers of 4 blocks of 256 threads per SM. Mostly 16-bit
-# float targets, a few instructions each, outside the roofline kernels (which take no tensor alpha).
+# float targets and smoothed class ids, a few instructions each, outside the roofline kernels
+# (which take no tensor alpha).
 KNOWN_SPILLS = {
+    ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (6, 7),
     ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('bfloat16', 'Float', 'General', 'LossKind::Focal'): (8, 11),
+    ('bfloat16', 'ClassIdSmoothed', 'Two', 'LossKind::Focal'): (2, 2),
+    ('bfloat16', 'Float', 'General', 'LossKind::Focal'): (2, 2),
     ('bfloat16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('bfloat16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('bfloat16', 'Float', 'General', 'LossKind::Quality'): (2, 2),
     ('bfloat16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
-    ('bfloat16', 'Float', 'One', 'LossKind::Focal'): (6, 8),
-    ('bfloat16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
+    ('bfloat16', 'Float', 'One', 'LossKind::Focal'): (6, 7),
+    ('bfloat16', 'Float', 'One', 'LossKind::Quality'): (6, 7),
     ('bfloat16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
-    ('bfloat16', 'Float', 'Two', 'LossKind::Focal'): (6, 8),
+    ('bfloat16', 'Float', 'Two', 'LossKind::Focal'): (6, 7),
     ('bfloat16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
     ('bfloat16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
     ('bfloat16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
     ('bfloat16', 'Float', 'Zero', 'LossKind::Quality'): (2, 2),
     ('bfloat16', 'Float', 'Zero', 'LossKind::Varifocal'): (2, 2),
+    ('float16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (6, 7),
     ('float16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('float16', 'Float', 'General', 'LossKind::Focal'): (8, 11),
+    ('float16', 'ClassIdSmoothed', 'Two', 'LossKind::Focal'): (2, 2),
+    ('float16', 'Float', 'General', 'LossKind::Focal'): (2, 2),
     ('float16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('float16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('float16', 'Float', 'General', 'LossKind::Quality'): (2, 2),
     ('float16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
-    ('float16', 'Float', 'One', 'LossKind::Focal'): (6, 8),
-    ('float16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
+    ('float16', 'Float', 'One', 'LossKind::Focal'): (6, 7),
+    ('float16', 'Float', 'One', 'LossKind::Quality'): (6, 7),
     ('float16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
-    ('float16', 'Float', 'Two', 'LossKind::Focal'): (6, 8),
+    ('float16', 'Float', 'Two', 'LossKind::Focal'): (6, 7),
     ('float16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
     ('float16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
     ('float16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
@@ -583,7 +586,7 @@ def built():
 def test_built_extension_roofline_budgets(built):
     """The class-id and float-target kernels of the built extension in every launch shape and
     dtype: every instantiation has its hot loop, taking its shape's bytes per trip, with no call in
-    it (float64's libm calls and the float-target kernel's IEEE division apart); each roofline budget
+    it (float64's libm calls and the float32 float-target kernel's IEEE division apart); each roofline budget
     (occupancy >= 75 %, >= 64 bytes in flight, no spill in the hot loop, instructions per element)
     holds, or misses by exactly the number KNOWN_MISSES records."""
     size = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
@@ -597,7 +600,8 @@ def test_built_extension_roofline_budgets(built):
         assert hot is not None and hot["global_stores"] >= 1 and shape is not None, k["name"]
         trip = shape["in_flight_bytes"] if k["kernel"] == "focal_ids_kernel" else max(16, shape["in_flight_bytes"] // 2)
         assert hot["elements_per_iteration"] == trip // size[k["dtype"]], k["name"]
-        assert hot["calls"] == 0 or k["dtype"] == "float64" or k["kernel"] == "focal_float_kernel", k["name"]
+        float32_division = (k["kernel"], k["dtype"]) == ("focal_float_kernel", "float32")
+        assert hot["calls"] == 0 or k["dtype"] == "float64" or float32_division, k["name"]
     misses, unexpected = {}, []
     for r in built["roofline"]:
         key = (r["kernel"], r["dtype"], _shape_name(r["shape"]), r["check"])

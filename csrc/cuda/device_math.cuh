@@ -4,8 +4,8 @@
 // float32 data (AccurateFloatOps): CUDA's expf (within 2 ulp), log(1 + e) from a degree-8
 // polynomial (within 2 ulp), and the hardware's reciprocal for sigmoid's 1 / (1 + e) (within 1 ulp):
 // outputs within a few float32 ulp of the exact values.
-// bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2 and log(1 + e) from a
-// degree-5 polynomial, every intermediate within about 2^-16 of its exact value, far below the
+// bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2, log(1 + e) from a
+// degree-5 polynomial and quotients from its full-range division (2 ulp), every intermediate within about 2^-16 of its exact value, far below the
 // spacing of the stored results (2^-8 for bfloat16, 2^-11 for float16); reduced sums, kept in
 // float32, inherit that relative accuracy.
 // float64 data: the libm functions of Ops<double>, as on the CPU.
@@ -56,6 +56,9 @@ struct AccurateFloatOps : Ops<float> {
 };
 
 struct FastFloatOps : AccurateFloatOps {
+  // Quotients of any two numbers (the soft-target p (1 - p) / q, whose q can be subnormal) within
+  // 2 ulp: no IEEE division, whose exact rounding 16-bit results cannot show.
+  static __device__ __forceinline__ float div(float a, float b) { return approx_divide(a, b); }
   static __device__ __forceinline__ float exp_neg_abs(float z) {
     return approx_exp2(fabsf(z) * -1.4426950408889634f);
   }

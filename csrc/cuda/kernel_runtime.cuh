@@ -25,14 +25,27 @@ __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, 
 __device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 
 // The hardware's approximate reciprocal (within 1 ulp) and base-2 exponential (relative error about
-// 2^-22), both flushing subnormal results to zero; the emulation computes them exactly, which is
-// within those bounds. Used only by the precision tiers of device_math.cuh.
+// 2^-22), both flushing subnormal results to zero, and its full-range division; the emulation
+// computes them exactly, which is within those bounds. Used only by the precision tiers of
+// device_math.cuh.
 __device__ __forceinline__ float approx_reciprocal(float x) {
 #if defined(FOCAL_CUDA_EMULATION)
   return 1.0f / x;
 #else
   float r;
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
+// a / b within 2 ulp for every float a and b, subnormals included (div.full scales b into the
+// reciprocal's range first); the emulation divides exactly.
+__device__ __forceinline__ float approx_divide(float a, float b) {
+#if defined(FOCAL_CUDA_EMULATION)
+  return a / b;
+#else
+  float r;
+  asm("div.full.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
 #endif
 }
