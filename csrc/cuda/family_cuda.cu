@@ -77,19 +77,19 @@ void launch_family_ids_kernel(const KernelArgs& args, c10::ScalarType dtype, Gam
   TORCH_CHECK(args.loss_kind == LossKind::kQuality || args.loss_kind == LossKind::kVarifocal,
               "launch_family_ids_kernel: QFL or VFL only");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "focal_family_ids_cuda", [&] {
-    with_launch_shape_for<scalar_t>(0, [&](auto shape) {
-      using Shape = decltype(shape);
-      auto* sums = static_cast<at::opmath_type<scalar_t>*>(tile_sums);
-      with_gamma_kind(gamma_kind, [&](auto g) {
-        constexpr GammaKind G = decltype(g)::value;
-        if (args.loss_kind == LossKind::kQuality) {
-          rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kQuality, Shape>, blocks, Shape::kThreads,
-                     stream, args, s, walk, sums);
-        } else {
-          rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kVarifocal, Shape>, blocks, Shape::kThreads,
-                     stream, args, s, walk, sums);
-        }
-      });
+    // The default shape only: a type, not a switch over every shape, so that the other shapes'
+    // kernels, which QFL and VFL never take, are not compiled for them.
+    using Shape = DefaultLaunchShapeFor<scalar_t>;
+    auto* sums = static_cast<at::opmath_type<scalar_t>*>(tile_sums);
+    with_gamma_kind(gamma_kind, [&](auto g) {
+      constexpr GammaKind G = decltype(g)::value;
+      if (args.loss_kind == LossKind::kQuality) {
+        rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kQuality, Shape>, blocks, Shape::kThreads,
+                   stream, args, s, walk, sums);
+      } else {
+        rt::launch(&focal_ids_kernel<scalar_t, G, LossKind::kVarifocal, Shape>, blocks, Shape::kThreads,
+                   stream, args, s, walk, sums);
+      }
     });
   });
 }

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
                                            int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>,
                                            args.background_index);
         if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
-          if constexpr (std::is_same_v<Shape, DefaultLaunchShape> || std::is_same_v<Shape, Float64LaunchShape>) {
+          if constexpr (std::is_same_v<Shape, DefaultLaunchShapeFor<scalar_t>>) {
             launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,
                                      stream);
           }

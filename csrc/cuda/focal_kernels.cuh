@@ -217,6 +217,11 @@ using DefaultLaunchShape = LaunchShape<256, 64, 4>;
 // float64 needs up to about 80 registers: 3 blocks of 256 threads per SM (85), one shape only.
 using Float64LaunchShape = LaunchShape<256, 64, 3>;
 
+// The default shape of scalar_t data: DefaultLaunchShape, float64's own for float64.
+template <typename scalar_t>
+using DefaultLaunchShapeFor =
+    std::conditional_t<sizeof(scalar_t) == 8, Float64LaunchShape, DefaultLaunchShape>;
+
 // The shape a launch of scalar_t data takes: `index`'s for 16- and 32-bit data, float64's own.
 template <typename scalar_t, typename F>
 decltype(auto) with_launch_shape_for(int index, F&& f) {
