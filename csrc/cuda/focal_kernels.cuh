@@ -564,10 +564,12 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
       acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
       acc_t others = 0;     // the other packs' alpha-weighted losses
       uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
-      // The lane's pack k (loaded: its logits, its row's class id and, with row weights, its row's
-      // weight; each 0 for a pack that is not whole), taken here or marked for after the loop.
-      // `whole_tile`: every pack of the lane's tile is known to be whole.
-      const auto take = [&](auto whole_tile, int k, const P& x, int64_t label, scalar_t weight) {
+      // The lane's pack k, whose first element lies `rows_on` rows past row0 (loaded: its logits,
+      // its row's class id and, with row weights, its row's weight; each 0 for a pack that is not
+      // whole), taken here or marked for after the loop. `whole_tile`: every pack of the lane's
+      // tile is known to be whole.
+      const auto take = [&](auto whole_tile, int k, uint32_t rows_on, const P& x, int64_t label,
+                            scalar_t weight) {
         const int32_t offset = k * kWarp * kVec;  // elements past the lane's first
         bool whole = true;
         if constexpr (!decltype(whole_tile)::value) {
@@ -575,9 +577,8 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           whole = offset + kVec <= left;
         }
         touched += whole ? kVec : left - offset;
-        const uint32_t at = static_cast<uint32_t>(col0 + offset);
-        const uint32_t rows_on = walk.rows_in(at);
-        const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
+        const int32_t col = static_cast<int32_t>(static_cast<uint32_t>(col0 + offset) -
+                                                 rows_on * static_cast<uint32_t>(cols));
         bool fast = false, ignored = false;
         if (whole && col + kVec <= cols) {
           // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
@@ -623,6 +624,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           P x[kInFlight];
           int64_t label[kInFlight];
           scalar_t weight[kInFlight] = {};
+          uint32_t rows_on[kInFlight];  // of each pack's first element, past row0
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
             const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
@@ -630,19 +632,20 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
             // unwritten keeps the round before's value, so nvcc would carry (and spill) every
             // pack and id of a round from one round to the next.
             const bool whole = offset + kVec <= left;
-            label[i] = whole ? row_ids[row_of(r + i)] : int64_t{0};
+            rows_on[i] = row_of(r + i);
+            label[i] = whole ? row_ids[rows_on[i]] : int64_t{0};
             x[i] = whole ? x_lane[offset / kVec] : P{};
           }
           if (row_weight != nullptr) {  // after the others: the branch must not split them
 #pragma unroll
             for (int i = 0; i < kInFlight; ++i) {
               const int32_t offset = (r + i) * kWarp * kVec;
-              weight[i] = offset + kVec <= left ? row_weight[row0 + row_of(r + i)] : scalar_t(0);
+              weight[i] = offset + kVec <= left ? row_weight[row0 + rows_on[i]] : scalar_t(0);
             }
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            take(std::false_type{}, r + i, x[i], label[i], weight[i]);
+            take(std::false_type{}, r + i, rows_on[i], x[i], label[i], weight[i]);
           }
         }
       };
@@ -670,8 +673,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
               } else {
                 async_commit();  // an empty group, so that the wait above counts alike
               }
-              take(std::true_type{}, r + i, x, label,
-                   row_weight != nullptr ? row_weight[row0 + row_of(r + i)] : scalar_t(0));
+              const uint32_t rows_on = row_of(r + i);
+              take(std::true_type{}, r + i, rows_on, x, label,
+                   row_weight != nullptr ? row_weight[row0 + rows_on] : scalar_t(0));
             }
           }
         } else {
@@ -681,9 +685,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           for (int k = 0; k < kLanePacks; ++k) {
             const int32_t offset = k * kWarp * kVec;
             const bool whole = offset + kVec <= left;
-            take(std::false_type{}, k, whole ? x_lane[offset / kVec] : P{},
-                 whole ? row_ids[row_of(k)] : int64_t{0},
-                 whole && row_weight != nullptr ? row_weight[row0 + row_of(k)] : scalar_t(0));
+            const uint32_t rows_on = row_of(k);
+            take(std::false_type{}, k, rows_on, whole ? x_lane[offset / kVec] : P{},
+                 whole ? row_ids[rows_on] : int64_t{0},
+                 whole && row_weight != nullptr ? row_weight[row0 + rows_on] : scalar_t(0));
           }
         }
       } else {
