@@ -7,10 +7,12 @@ do not depend on the shape, only the time does. This script, in one run on a GPU
 
 1. builds focal for the visible GPU's architecture with the machine's own python
    (``python3 -m pip install --no-build-isolation --no-deps -e .``, as benchmarks/gpu_check.sh);
-2. times forward + backward of every hot path (class ids, float targets, and the row-weight path,
-   which runs the general kernel and has no shapes) in every shape, at 200000 x 80 and 960000 x 80,
-   in float32, bfloat16 and float16, with CUDA events after an L2 flush (benchmarks/bench.py's
-   timer), and the floor (``torch.sigmoid`` of the logits) in the same run;
+2. times forward + backward of every hot path (class ids, float targets, and class ids with a row
+   weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
+   CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
+   the logits) in the same run; and the softmax focal loss, which has no shapes, in both its layouts
+   (a block per row of the same 80 classes; a thread per pixel of 21-class segmentation logits of
+   as many elements) against its own floor (``torch.softmax`` and the write of a gradient);
 3. checks that every shape gives the same loss and gradient, bit for bit;
 4. writes JSON and a markdown table, and prints this GPU's line of ``kArchLaunchShapes``.
 
@@ -41,7 +43,11 @@ HOST = REPO_ROOT / "csrc" / "cuda" / "focal_cuda.cu"
 SHAPES = [(200_000, 80), (960_000, 80)]
 DTYPES = ["float32", "bfloat16", "float16"]
 # path -> whether the launch shape applies to it
-PATHS = {"ids": True, "float": True, "row_weight": False}
+PATHS = {"ids": True, "float": True, "row_weight": True, "softmax_rows": False, "softmax_pixels": False}
+# The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
+FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
+            "softmax_pixels": "softmax_floor_pixels"}
+SEGMENTATION_CLASSES, SEGMENTATION_SIDE = 21, 64  # the thread-per-pixel layout: (n, 21, 64, 64)
 REPEATS = 15
 POSITIVE_FRACTION, IGNORED_FRACTION = 0.005, 0.02  # as benchmarks/bench.py's anchors
 
@@ -91,11 +97,17 @@ def plan() -> list[dict]:
     cases = []
     for rows, cols in SHAPES:
         for dtype in DTYPES:
-            cases.append({"path": "floor", "rows": rows, "cols": cols, "dtype": dtype, "shape": None})
+            for floor in dict.fromkeys(FLOOR_OF.values()):
+                cases.append({"path": floor, "rows": rows, "cols": cols, "dtype": dtype, "shape": None})
             for path, shaped in PATHS.items():
                 for shape in names if shaped else [None]:
                     cases.append({"path": path, "rows": rows, "cols": cols, "dtype": dtype, "shape": shape})
     return cases
+
+
+def problem(path: str) -> str:
+    """The inputs a path (or floor) times: 'ids', 'float', 'row_weight', 'softmax_rows', 'softmax_pixels'."""
+    return {"floor": "ids", "softmax_floor_rows": "softmax_rows", "softmax_floor_pixels": "softmax_pixels"}.get(path, path)
 
 
 def table_entry(major: int, minor: int, shape: int, names: list[str], note: str) -> str:
@@ -121,10 +133,23 @@ def build_for_visible_gpu(python: str) -> None:
 
 def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
     """Logits, targets (class ids, or their one-hot floats for the float path) and a row weight
-    (row_weight path only), made on the device."""
+    (row_weight path only), made on the device. The softmax paths: (rows, cols) logits with a class
+    id per row, or (n, 21, 64, 64) segmentation logits of about rows x cols elements with a class id
+    per pixel; a few percent ignored (-100) in both."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
+    if path.startswith("softmax"):
+        if path == "softmax_pixels":
+            side, classes = SEGMENTATION_SIDE, SEGMENTATION_CLASSES
+            n = max(1, rows * cols // (classes * side * side))
+            x = (torch.randn(n, classes, side, side, generator=g, device=device) * 3).to(dtype)
+            ids = torch.randint(0, classes, (n, side, side), generator=g, device=device)
+        else:
+            x = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
+            ids = torch.randint(0, cols, (rows,), generator=g, device=device)
+        u = torch.rand(ids.shape, generator=g, device=device)
+        return x, torch.where(u < IGNORED_FRACTION, torch.full_like(ids, -100), ids), None
     x = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
     u = torch.rand(rows, generator=g, device=device)
     ids = torch.randint(0, cols, (rows,), generator=g, device=device)
@@ -139,12 +164,26 @@ def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
     return x, ids, row_weight
 
 
-def op_call(x, t, row_weight):
+def op_call(x, t, row_weight, softmax: bool = False):
     """Forward + backward of the fused op in one call (the loss and the gradient it returns)."""
     import torch
 
+    if softmax:
+        return torch.ops.focal.softmax_focal_loss.default(x, t, None, None, None, 0.25, 2.0, 0.0, -100, "sum",
+                                                          1.0 / 1000, True)
     return torch.ops.focal.sigmoid_focal_loss.default(x, t, None, row_weight, None, 0.25, 2.0, 0.0, -100, "sum",
                                                       1.0 / 1000, True)
+
+
+def floor_step(path: str, x):
+    """The floor's step: torch.sigmoid of the logits; for the softmax, torch.softmax over the class
+    dimension and the write of a gradient of the logits' size."""
+    import torch
+
+    if path == "floor":
+        return lambda: torch.sigmoid(x)
+    grad = torch.empty_like(x)
+    return lambda: (torch.softmax(x, dim=1), grad.zero_())
 
 
 def with_shape(shape: str | None):
@@ -152,6 +191,15 @@ def with_shape(shape: str | None):
         os.environ.pop("FOCAL_CUDA_VARIANT", None)
     else:
         os.environ["FOCAL_CUDA_VARIANT"] = shape
+
+
+def add_floor_ratios(results: list[dict]) -> None:
+    """Sets each timing's ``x_floor``: its median over its floor's (FLOOR_OF) at the same size and
+    dtype, or None where that floor was not timed; a floor's own is 1."""
+    floors = {(r["path"], r["rows"], r["dtype"]): r["median_s"] for r in results if r["path"] not in PATHS}
+    for r in results:
+        floor = floors.get((FLOOR_OF.get(r["path"], r["path"]), r["rows"], r["dtype"]))
+        r["x_floor"] = r["median_s"] / floor if floor else None
 
 
 def run(out: Path, budget_s: float) -> dict:
@@ -173,23 +221,24 @@ def run(out: Path, budget_s: float) -> dict:
             print(f"time budget of {budget_s:.0f} s spent: {len(results)} of {len(plan())} timings done")
             break
         dtype = getattr(torch, case["dtype"])
-        key = ("ids" if case["path"] == "floor" else case["path"], case["rows"], case["cols"], dtype)
+        key = (problem(case["path"]), case["rows"], case["cols"], dtype)
         if key not in inputs:
             inputs.clear()  # one problem on the device at a time
             inputs[key] = make_inputs(*key, device)
         x, t, row_weight = inputs[key]
         with_shape(case["shape"])
-        if case["path"] == "floor":
-            step = lambda: torch.sigmoid(x)  # noqa: E731
+        if case["path"] not in PATHS:
+            step = floor_step(case["path"], x)
         else:
-            step = lambda: op_call(x, t, row_weight)  # noqa: E731
+            softmax = case["path"].startswith("softmax")
+            step = lambda: op_call(x, t, row_weight, softmax)  # noqa: E731
         for _ in range(3):
             step()
         times = sorted(timer(step) for _ in range(REPEATS))
         results.append({**case, "median_s": times[len(times) // 2], "min_s": times[0]})
         with_shape(None)
     # The same bits in every shape, on this GPU's compiler output.
-    for path in ("ids", "float"):
+    for path in [p for p, shaped in PATHS.items() if shaped]:
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
             x, t, row_weight = make_inputs(path, 20_011, 80, dtype, device, seed=1)
@@ -201,9 +250,7 @@ def run(out: Path, budget_s: float) -> dict:
             bits = lambda v: v.reshape(-1).view(torch.uint8)  # noqa: E731
             equal = all(torch.equal(bits(a), bits(b)) for o in outs[1:] for a, b in zip(o, outs[0]))
             same_bits.append({"path": path, "dtype": dtype_name, "bitwise_equal": bool(equal)})
-    floors = {(r["rows"], r["dtype"]): r["median_s"] for r in results if r["path"] == "floor"}
-    for r in results:
-        r["x_floor"] = r["median_s"] / floors[(r["rows"], r["dtype"])] if (r["rows"], r["dtype"]) in floors else None
+    add_floor_ratios(results)
     score = {}
     for shape in names:
         ratios = [r["x_floor"] for r in results if r["shape"] == shape and r["x_floor"]]
@@ -234,7 +281,8 @@ def run(out: Path, budget_s: float) -> dict:
 
 def markdown(report: dict) -> str:
     lines = [f"{report['gpu']} (sm_{report['capability'].replace('.', '')}), commit {report['commit']}, "
-             f"{report['date']}: forward + backward, ms (x the torch.sigmoid floor)", "",
+             f"{report['date']}: forward + backward, ms (x the floor: torch.sigmoid, or torch.softmax and a "
+             "gradient's write for the softmax paths)", "",
              "| path | shape | size | dtype | ms | x floor |", "| --- | --- | --- | --- | ---: | ---: |"]
     for r in report["timings"]:
         x = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
@@ -265,7 +313,7 @@ def main(argv=None) -> int:
             print(f"launch shapes: {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
             print("kArchLaunchShapes: " + ", ".join(f"sm_{a}{b} -> {names[s]}" for (a, b), s in sorted(table.items()))
                   + f"; any other -> {names[0]}")
-            timed = [c for c in cases if c["path"] != "floor"]
+            timed = [c for c in cases if c["path"] in PATHS]
             print(f"plan: {len(cases)} timings ({len(timed)} of the op, {len(cases) - len(timed)} floors) x {REPEATS} "
                   f"repeats, sizes {', '.join(f'{r}x{c}' for r, c in SHAPES)}, dtypes {', '.join(DTYPES)}")
             for c in cases:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import benchmark_scripts
+import focal  # noqa: F401  (registers torch.ops.focal, which the script calls)
 
 tune = benchmark_scripts.load("gpu_tune")
 
@@ -20,7 +21,30 @@ def test_plan_covers_every_shape_of_every_shaped_path():
             mine = [c for c in cases if (c["rows"], c["cols"], c["dtype"]) == (rows, cols, dtype)]
             assert sorted(c["shape"] for c in mine if c["path"] == "ids") == sorted(names)
             assert sorted(c["shape"] for c in mine if c["path"] == "float") == sorted(names)
-            assert [c["shape"] for c in mine if c["path"] in ("row_weight", "floor")] == [None, None]
+            assert sorted(c["shape"] for c in mine if c["path"] == "row_weight") == sorted(names)
+            # The softmax focal loss has no shapes; each path has its floor at the same size and dtype.
+            assert [c["shape"] for c in mine if c["path"].startswith("softmax")] == [None] * 4
+            assert {c["path"] for c in mine if c["shape"] is None} >= set(tune.FLOOR_OF.values())
+
+
+def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_floor():
+    x, ids, weight = tune.make_inputs("softmax_pixels", 2000, 80, torch.float32, torch.device("cpu"))
+    side, classes = tune.SEGMENTATION_SIDE, tune.SEGMENTATION_CLASSES
+    assert x.shape == (1, classes, side, side) and ids.shape == (1, side, side) and weight is None
+    assert (ids == -100).any() and ids.max() < classes
+    loss, grad = tune.op_call(x, ids, weight, softmax=True)
+    assert loss.dim() == 0 and grad.shape == x.shape and torch.isfinite(grad).all()
+    x, ids, _ = tune.make_inputs("softmax_rows", 64, 80, torch.float32, torch.device("cpu"))
+    assert x.shape == (64, 80) and ids.shape == (64,)
+    probabilities, written = tune.floor_step("softmax_floor_rows", x)()
+    assert torch.allclose(probabilities.sum(1), torch.ones(64)) and written.shape == x.shape
+    results = [{"path": "floor", "rows": 8, "dtype": "float32", "median_s": 2.0},
+               {"path": "softmax_floor_rows", "rows": 8, "dtype": "float32", "median_s": 4.0},
+               {"path": "ids", "rows": 8, "dtype": "float32", "median_s": 3.0},
+               {"path": "softmax_rows", "rows": 8, "dtype": "float32", "median_s": 5.0},
+               {"path": "softmax_pixels", "rows": 8, "dtype": "float32", "median_s": 5.0}]
+    tune.add_floor_ratios(results)
+    assert [r["x_floor"] for r in results] == [1.0, 1.0, 1.5, 1.25, None]  # no pixel floor timed
 
 
 def test_arch_table_is_read_and_checked():
@@ -42,7 +66,7 @@ def test_arch_table_is_read_and_checked():
 def test_dry_run_and_the_error_without_a_gpu(capsys, tmp_path):
     assert tune.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 48 timings" in out and "sm_90 ->" in out
+    assert "plan: 84 timings" in out and "sm_90 ->" in out
     if torch.cuda.is_available():
         return  # the real run is `make gpu-tune`'s, not a test's
     assert tune.main(["--no-build", "--out", str(tmp_path)]) == 2
