@@ -496,14 +496,15 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
 // Class-id targets without label smoothing or per-element weights (a weight per row is taken), a
 // reduced loss, 16-byte aligned logits and gradient: the loss of dense detection, written for the
 // memory roofline (csrc/cuda/README.md). Tiles as above; each lane loads Shape::kInFlightBytes / 16
-// packs and their rows' class ids (and weights) before it uses any. It follows the row and column
-// of its first pack in a tile from tile to tile (a division only before the loop) and finds those
-// of its other packs with RowWalk. A pack within one row whose row has no positive in it (nearly
-// every pack: a row has at most one positive among its C classes, a background row none) runs
-// focal_hard with z = x on every element, alpha's negative weight, the row's weight and the scale
-// folded into one factor; a pack of an ignored row writes zeros; any other pack (a positive, an
-// invalid id, a row boundary, the tail) goes to focal_pack_slow. Which path a pack takes depends on
-// the data alone, and each lane keeps two sums in pack order (the fast packs' losses before
+// packs and their rows' class ids (and weights) before it uses any (a shape with AsyncLoads keeps
+// that many packs and ids on their way through a ring in shared memory). It follows the row and
+// column of its first pack in a tile from tile to tile (a division only before the loop) and finds
+// those of its other packs with RowWalk. A pack within one row whose row has no positive in it
+// (nearly every pack: a row has at most one positive among its C classes, a background row none)
+// runs focal_hard with z = x on every element, alpha's negative weight, the row's weight and the
+// scale folded into one factor; a pack of an ignored row writes zeros; any other pack (a positive,
+// an invalid id, a row boundary, the tail) goes to focal_pack_slow. Which path a pack takes depends
+// on the data alone, and each lane keeps two sums in pack order (the fast packs' losses before
 // alpha's negative weight, and the others'), joined once per tile.
 //
 // The launch's arguments are a __grid_constant__: focal_pack_slow reads them where they are, in the

@@ -67,7 +67,7 @@ __device__ __forceinline__ float approx_exp2(float x) {
 // older groups' data is then in shared memory, for the calling thread.
 template <int Bytes>
 __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_src) {
-  static_assert(Bytes == 8 || Bytes == 16, "cp.async copies 4, 8 or 16 bytes");
+  static_assert(Bytes == 8 || Bytes == 16, "async_copy takes 8 or 16 bytes");
 #if defined(FOCAL_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
   memcpy(shared_dst, global_src, Bytes);
 #else
@@ -75,7 +75,8 @@ __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_
   if constexpr (Bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(global_src), "n"(Bytes) : "memory");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(global_src), "n"(Bytes)
+                 : "memory");
   }
 #endif
 }
