@@ -298,6 +298,45 @@ def test_cuda_reduction_is_bitwise_reproducible(reduction, kind):
         assert torch.equal(torch.autograd.grad(again, x)[0], first_grad)
 
 
+def _launch_shape_names() -> list[str]:
+    import benchmark_scripts
+
+    return benchmark_scripts.load("gpu_tune").launch_shape_names()
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["ids", "row_weight", "soft"])
+def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeypatch):
+    """FOCAL_CUDA_VARIANT picks each launch shape of the roofline kernels (focal_kernels.cuh),
+    among them the class-id kernel's ring of cp.async copies, which only a GPU runs as written:
+    every shape gives the default shape's loss and gradient bit for bit, on rows that end inside
+    packs, a last partial tile, positives, background and ignored rows, with and without a weight
+    per row; and the default is within the precision contract of the float64 reference."""
+    g = torch.Generator().manual_seed(7)
+    x = make_logits((20011, 91), dtype, g)
+    t = make_targets("soft" if kind == "soft" else "ids", x, g)
+    weight = (torch.rand(20011, 1, generator=g) + 0.5).to(dtype) if kind == "row_weight" else None
+
+    def run():
+        xd = x.cuda().requires_grad_()
+        loss = focal.sigmoid_focal_loss(xd, t.cuda(), reduction="sum",
+                                        weight=None if weight is None else weight.cuda())
+        (grad,) = torch.autograd.grad(loss, xd)
+        return loss.detach(), grad
+
+    monkeypatch.delenv("FOCAL_CUDA_VARIANT", raising=False)
+    loss, grad = run()
+    for name in _launch_shape_names():
+        monkeypatch.setenv("FOCAL_CUDA_VARIANT", name)
+        other_loss, other_grad = run()
+        assert_bitwise_equal(other_loss, loss, f"loss, {name}")
+        assert_bitwise_equal(other_grad, grad, f"gradient, {name}")
+    exact_loss, exact_grad = _exact(x, t, reduction="sum", weight=weight)
+    _assert_within_contract(loss, exact_loss, dtype, reduced=True)
+    _assert_within_contract(grad, exact_grad, dtype, reduced=False, normwise=True)
+
+
 @cuda_kernels
 def test_cuda_device_mismatch():
     x = torch.randn(4, 3, device="cuda")
