@@ -88,7 +88,7 @@ bench: build $(BENCH_PEERS_STAMP)
 # The benchmark at the speed goals' shape (float32, forward + backward, against torchvision eager and
 # compiled, the path users take instead), then DEMO_MINUTES of RetinaNet training on generated digits,
 # COCO evaluation, and detections drawn on two validation images. The digits are the scanned ones
-# without augmentation (`--digits scans --augment none`): 2.5 minutes reach AP 0.22-0.40 and draw boxes,
+# without augmentation (`--digits scans --augment none`): 2.5 minutes reach AP 0.22-0.42 and draw boxes,
 # 3 minutes 0.45-0.52, 2 minutes 0.12 (no box drawn); the default benchmark's varied styles and
 # augmentation need the default command's 12 minutes. From a fresh clone on 2 cores: about 6 minutes,
 # 2.5 of them set-up and build. Without a visible GPU the demo runs on the CPU, so it builds the CPU kernels
