@@ -69,6 +69,9 @@ KERNEL_FACTS = {
                          "shape_bytes": lambda in_flight: max(16, in_flight)},
     "focal_float_kernel": {"target": "Float", "bytes_per_iteration": 16,
                            "shape_bytes": lambda in_flight: max(16, in_flight // 2)},
+    # The softmax focal loss's kernels (softmax_cuda.cu): blocks of 128 threads, no launch shapes.
+    "softmax_elements_kernel": {"target": "ClassId", "threads": 128},
+    "softmax_rows_kernel": {"target": "ClassId", "threads": 128},
 }
 DEFAULT_ARCH = "sm_90"
 
@@ -523,7 +526,7 @@ def analyse(
         facts = KERNEL_FACTS.get(kernel, {})
         info["target"] = info["target"] or facts.get("target")
         res = usage.get((arch, fn.mangled)) or usage.get(("unknown", fn.mangled), {})
-        threads = shape["threads"] if shape else 256
+        threads = shape["threads"] if shape else facts.get("threads", 256)
         record = {
             "name": demangled,
             "kernel": kernel or pattern.pattern,

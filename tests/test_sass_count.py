@@ -484,9 +484,11 @@ def _shape_name(shape):
     return SHAPE_NAMES.get((shape["threads"], shape["in_flight_bytes"], shape["blocks_per_sm"]))
 
 
-# The three loss kernels of the built extension, read by one run of the script: its listing of a
+# The loss kernels of the built extension (the sigmoid family's three, the softmax's two), read by
+# one run of the script: its listing of a
 # two-architecture build is some 400 MB, which takes cuobjdump and the parser most of a minute.
-BUILT_KERNELS = r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel)<"
+BUILT_KERNELS = (r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel|softmax_elements_kernel"
+                 r"|softmax_rows_kernel)<")
 
 
 # The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
@@ -614,6 +616,23 @@ def test_built_extension_roofline_budgets(built):
         elif measured != pytest.approx(KNOWN_MISSES[key], abs=0.05):
             unexpected.append(f"{key} moved: {measured}, KNOWN_MISSES has {KNOWN_MISSES[key]}")
     assert not unexpected, "\n".join(unexpected)
+
+
+def test_built_extension_softmax_kernels_never_spill_and_hold_75_percent_occupancy_at_gamma_2(built):
+    """The softmax focal loss's two kernels (blocks of 128 threads, no launch shapes) in every dtype,
+    gamma kind and smoothing: no local memory; and at gamma 2 without label smoothing, the common
+    case, at most 40 registers in 16- and 32-bit data: 75 % occupancy (csrc/cuda/README.md). Their
+    bytes in flight and instructions per element are not budgeted yet."""
+    kernels = [k for k in built["kernels"] if k["kernel"] in ("softmax_elements_kernel", "softmax_rows_kernel")]
+    found = {(k["kernel"], k["dtype"], k["gamma"], k["other_template_args"][0]) for k in kernels}
+    assert found == {(kernel, d, g, smooth) for kernel in ("softmax_elements_kernel", "softmax_rows_kernel")
+                     for d in ("float32", "bfloat16", "float16", "float64")
+                     for g in ("Zero", "One", "Two", "General") for smooth in ("false", "true")}
+    for k in kernels:
+        if k["dtype"] != "float64":  # float64 is not budgeted: its exp and log are libm calls
+            assert k["spill_stores"] == k["spill_loads"] == k["local_bytes"] == 0, k["name"]
+        if k["gamma"] == "Two" and k["other_template_args"][0] == "false" and k["dtype"] != "float64":
+            assert k["registers"] <= 40 and k["occupancy"] >= 0.75, (k["name"], k["registers"], k["occupancy"])
 
 
 def test_built_extension_general_kernel_has_a_hot_loop_per_instantiation(built):
