@@ -106,8 +106,8 @@ def plan() -> list[dict]:
 
 
 def problem(path: str) -> str:
-    """The inputs a path (or floor) times: 'ids', 'float', 'row_weight', 'softmax_rows', 'softmax_pixels'."""
-    return {"floor": "ids", "softmax_floor_rows": "softmax_rows", "softmax_floor_pixels": "softmax_pixels"}.get(path, path)
+    """The inputs a path times: its own, or for a floor those of the first path it is the floor of."""
+    return next((p for p, floor in FLOOR_OF.items() if floor == path), path)
 
 
 def table_entry(major: int, minor: int, shape: int, names: list[str], note: str) -> str:

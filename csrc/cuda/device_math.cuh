@@ -5,9 +5,9 @@
 // polynomial (within 2 ulp), and the hardware's reciprocal for sigmoid's 1 / (1 + e) (within 1 ulp):
 // outputs within a few float32 ulp of the exact values.
 // bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2, log(1 + e) from a
-// degree-5 polynomial and quotients from its full-range division (2 ulp), every intermediate within about 2^-16 of its exact value, far below the
-// spacing of the stored results (2^-8 for bfloat16, 2^-11 for float16); reduced sums, kept in
-// float32, inherit that relative accuracy.
+// degree-5 polynomial and quotients from its full-range division (2 ulp), every intermediate within
+// about 2^-16 of its exact value, far below the spacing of the stored results (2^-8 for bfloat16,
+// 2^-11 for float16); reduced sums, kept in float32, inherit that relative accuracy.
 // float64 data: the libm functions of Ops<double>, as on the CPU.
 #pragma once
 

@@ -565,6 +565,14 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
       acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
       acc_t others = 0;     // the other packs' alpha-weighted losses
       uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
+      // The row of the lane's pack k, relative to row0, and its column there.
+      const auto row_of = [&](int k) {
+        return walk.rows_in(static_cast<uint32_t>(col0 + k * kWarp * kVec));
+      };
+      const auto col_of = [&](int k, uint32_t rows_on) {
+        return static_cast<int32_t>(static_cast<uint32_t>(col0 + k * kWarp * kVec) -
+                                    rows_on * static_cast<uint32_t>(cols));
+      };
       // The lane's pack k, whose first element lies `rows_on` rows past row0 (loaded: its logits,
       // its row's class id and, with row weights, its row's weight; each 0 for a pack that is not
       // whole), taken here or marked for after the loop. `whole_tile`: every pack of the lane's
@@ -578,8 +586,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           whole = offset + kVec <= left;
         }
         touched += whole ? kVec : left - offset;
-        const int32_t col = static_cast<int32_t>(static_cast<uint32_t>(col0 + offset) -
-                                                 rows_on * static_cast<uint32_t>(cols));
+        const int32_t col = col_of(k, rows_on);
         bool fast = false, ignored = false;
         if (whole && col + kVec <= cols) {
           // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
@@ -613,10 +620,6 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         } else {
           slow |= 1u << k;
         }
-      };
-      // The row of the lane's pack k, relative to row0.
-      const auto row_of = [&](int k) {
-        return walk.rows_in(static_cast<uint32_t>(col0 + k * kWarp * kVec));
       };
       // The lane's packs in rounds of kInFlight, loaded into registers.
       const auto rounds = [&]() {
@@ -657,7 +660,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           // so kInFlight packs are always on their way, in no register.
           const auto request = [&](int k, int slot) {
             async_copy<16>(&ring_packs[slot][threadIdx.x], x_lane + k * kWarp);
-            async_copy<8>(&ring_ids[slot][threadIdx.x], ids + (row0 + row_of(k)));
+            async_copy<8>(&ring_ids[slot][threadIdx.x], row_ids + row_of(k));
             async_commit();
           };
 #pragma unroll
@@ -701,12 +704,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         const int k = __ffs(slow) - 1;
         slow &= slow - 1;
         const int32_t offset = k * kWarp * kVec;
-        const uint32_t at = static_cast<uint32_t>(col0 + offset);
-        const uint32_t rows_on = walk.rows_in(at);
-        const int32_t col = static_cast<int32_t>(at - rows_on * static_cast<uint32_t>(cols));
+        const uint32_t rows_on = row_of(k);
         const int len = left - offset < kVec ? left - offset : kVec;
         others = add_rn(others, focal_pack_slow<scalar_t, G, L>(a, scale, e_lane + offset, len,
-                                                                row0 + rows_on, col));
+                                                                row0 + rows_on, col_of(k, rows_on)));
       }
       // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0
       // is NaN).

@@ -65,12 +65,16 @@ __device__ __forceinline__ float approx_exp2(float x) {
 // addresses aligned to it), async_commit closes the group of those the thread started since its
 // last, and async_wait<N> returns once at most N of the thread's groups are still in flight: the
 // older groups' data is then in shared memory, for the calling thread.
+#if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#define FOCAL_CP_ASYNC 1
+#else
+#define FOCAL_CP_ASYNC 0
+#endif
+
 template <int Bytes>
 __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_src) {
   static_assert(Bytes == 8 || Bytes == 16, "async_copy takes 8 or 16 bytes");
-#if defined(FOCAL_CUDA_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800)
-  memcpy(shared_dst, global_src, Bytes);
-#else
+#if FOCAL_CP_ASYNC
   const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
   if constexpr (Bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
@@ -78,18 +82,20 @@ __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(dst), "l"(global_src), "n"(Bytes)
                  : "memory");
   }
+#else
+  memcpy(shared_dst, global_src, Bytes);
 #endif
 }
 
 __device__ __forceinline__ void async_commit() {
-#if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#if FOCAL_CP_ASYNC
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void async_wait() {
-#if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
+#if FOCAL_CP_ASYNC
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
