@@ -174,7 +174,6 @@ CPU_KERNEL_ERROR = cpu_kernel_error(BUILD_INFO, torch.backends.cpu.get_cpu_capab
 _CUDA_DEVICE_ERRORS: dict[int, str | None] = {}
 
 
-@torch.compiler.assume_constant_result  # evaluated once while tracing, so it adds nothing to a graph
 def cuda_device_error(index: int | None) -> str | None:
     """The error for CUDA device ``index`` (None: the current one) when the build has no code that
     runs on its compute capability, else None. Asked of the driver once per device, then cached."""
@@ -193,6 +192,13 @@ def cuda_device_error(index: int | None) -> str | None:
                     f"{rebuild_command()}"
                 )
     return _CUDA_DEVICE_ERRORS[index]
+
+
+# Evaluated once while tracing under torch.compile, so the check adds nothing to a graph: the mark
+# that torch.compiler.assume_constant_result sets, set directly because the decorator imports
+# torch._dynamo, which would add 1.5 s to every `import focal` (tests/test_api.py checks that the two
+# marks are the same).
+cuda_device_error._dynamo_marked_constant = True
 
 
 def require_kernels(device: torch.device) -> None:

@@ -1,5 +1,5 @@
 """Shared pytest configuration: the device fixture, the hypothesis profile, the instantiation
-recorder and the order of the CUDA emulation's tests."""
+recorder, and the background jobs with the order of the tests that wait on them."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+import background
 
 # Small, fast, reproducible property runs by default; `--hypothesis-profile=thorough` for more.
 settings.register_profile(
@@ -37,6 +39,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "background(job): the test waits on a tests/background.py Job, started "
+                            "at collection")
     # A build for one machine (FOCAL_CPU_ISAS=native, as `make demo` leaves it on a CPU) has one copy of
     # the CPU kernels: the tests of the other copies, and of the wheel, cannot run on it.
     record = Path(__file__).resolve().parents[1] / "focal" / "_build_info.json"
@@ -59,30 +63,25 @@ def pytest_unconfigure(config):
         recorder.write(path)
 
 
-def _module_name(item) -> str | None:
-    return getattr(getattr(item, "module", None), "__name__", None)
-
-
 def _emulated(item) -> bool:
-    return _module_name(item) == "test_cuda_emulated"
+    return getattr(getattr(item, "module", None), "__name__", None) == "test_cuda_emulated"
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items):
-    """The CUDA emulation's tests (tests/test_cuda_emulated.py) run last, and when its long test is
-    selected, its build and checks start now in a background process: the rest of the suite leaves
-    one of the two cores of a small machine mostly idle, and they take it. So does the SASS listing
-    of the built extension that tests/test_sass_count.py reads. Runs after -k / -m deselection, so
-    that a deselected test starts nothing."""
+    """The tests that wait on a background job (tests/background.py) run last, the CUDA emulation's
+    (tests/test_cuda_emulated.py, the longest job) at the very end, and their jobs start now: the rest
+    of the suite leaves one of the two cores of a small machine mostly idle, and they take it. Runs
+    after -k / -m deselection, so that a deselected test starts nothing."""
+    items.sort(key=lambda item: (bool(background.jobs_of(item)) or _emulated(item), _emulated(item)))  # stable
     if not config.option.collectonly:
-        listing = next((item for item in items if _module_name(item) == "test_sass_count"
-                        and item.module.uses_built_listing(item)), None)
-        if listing is not None:
-            listing.module.start_built_listing()
-    emulated = [item for item in items if _emulated(item)]
-    if not emulated:
-        return
-    items[:] = [item for item in items if not _emulated(item)] + emulated
-    if not config.option.collectonly and any(
-            item.originalname == "test_cuda_kernels_under_emulation_and_sanitizers" for item in emulated):
-        emulated[0].module.start_checks()
+        for item in items:
+            if not _skipped(item):
+                for job in background.jobs_of(item):
+                    job.start()  # once per job
+
+
+def _skipped(item) -> bool:
+    """The test is marked skip, or skipif with a condition that holds."""
+    return any(mark.name == "skip" or (mark.name == "skipif" and any(
+        not isinstance(condition, str) and bool(condition) for condition in mark.args)) for mark in item.iter_markers())

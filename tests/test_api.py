@@ -143,6 +143,16 @@ def test_gpu_check_traces_under_compile(monkeypatch):
     assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0)) and asked == [0]
 
 
+def test_gpu_check_carries_the_mark_of_assume_constant_result():
+    """focal/_extension.py marks the check by hand, to keep torch._dynamo out of `import focal`: the
+    mark must be the one the public decorator sets in this torch."""
+    def probe(index):
+        return None
+
+    marked = vars(torch.compiler.assume_constant_result(probe))
+    assert marked and marked.items() <= vars(focal._extension.cuda_device_error).items()
+
+
 def test_unloadable_extension_error_says_how_to_build(monkeypatch):
     monkeypatch.setattr(focal._extension, "BUILD_ERROR", "No module named 'focal._C'")
     message = r"focal\._C could not be loaded \(No module named 'focal._C'\)\. Build it with: pip install"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import background
 import benchmark_scripts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -200,12 +201,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_unbuilt_checkout_skips_fused_rows_with_a_note(tmp_path):
-    json_path = tmp_path / "unbuilt.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", WITHOUT_EXTENSION, str(BENCH), "--shapes", "small", "--dtype", "float32", "--modes",
-         "fwdbwd", "--impls", "fused_ids", "fused_float", "reference", "--rounds", "1", "--budget", "0", "--require-fused",
-         "--json", str(json_path)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+UNBUILT = background.Job(lambda folder: [
+    sys.executable, "-c", WITHOUT_EXTENSION, BENCH, "--shapes", "small", "--dtype", "float32", "--modes", "fwdbwd",
+    "--impls", "fused_ids", "fused_float", "reference", "--rounds", "1", "--budget", "0", "--require-fused",
+    "--json", folder / "unbuilt.json"])
+
+
+@pytest.mark.background(UNBUILT)
+def test_unbuilt_checkout_skips_fused_rows_with_a_note():
+    proc = UNBUILT.result(timeout=300)
+    json_path = proc.folder / "unbuilt.json"
     assert proc.returncode == 1 and "--require-fused, but fused_ids, fused_float could not run" in proc.stderr, proc.stderr
     result = json.loads(json_path.read_text())
     for key in ("fused_ids", "fused_float"):

@@ -11,11 +11,12 @@ kernel (every loss of the sigmoid family, and every 16-bit logit in test_reduced
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+
+import background
 
 CAPABILITIES = ["default", "avx2", "avx512"]
 RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
@@ -27,19 +28,34 @@ KERNEL_TESTS = [
 ]
 
 
-@pytest.mark.parametrize("capability", CAPABILITIES)
-def test_kernel_copy_passes_the_kernel_tests(capability):
-    available = torch.backends.cpu.get_cpu_capability()
-    if RANK[capability.upper()] > RANK.get(available, 0):
-        pytest.skip(f"this CPU supports up to {available}, not {capability.upper()}")
-    if capability.upper() == available:
-        pytest.skip(f"{available} is the copy the rest of the suite runs")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
-    # One interpreter: it prints the capability ATen took from the override, then runs the tests.
+def _kernel_tests(capability: str) -> background.Job:
+    """pytest on the kernel tests in one fresh interpreter with ATen's capability overridden: it prints
+    the capability ATen took from the override, then runs the tests."""
     tests = [os.path.join(HERE, test) for test in KERNEL_TESTS]
     run = ("import sys, torch, focal, pytest\nprint('capability', torch.backends.cpu.get_cpu_capability(), flush=True)\n"
            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', *{tests!r}]))")
-    result = subprocess.run([sys.executable, "-c", run], env=env, capture_output=True, text=True, timeout=400)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS="1")
+    return background.Job(lambda folder: [sys.executable, "-c", run], env=env)
+
+
+def _copy(capability: str):
+    """The copy's test, waiting on its job (tests/background.py) if this CPU runs the copy and the rest
+    of the suite does not, else skipped with the reason."""
+    available = torch.backends.cpu.get_cpu_capability()
+    if RANK[capability.upper()] > RANK.get(available, 0):
+        return pytest.param(capability, None, marks=pytest.mark.skip(
+            reason=f"this CPU supports up to {available}, not {capability.upper()}"))
+    if capability.upper() == available:
+        return pytest.param(capability, None, marks=pytest.mark.skip(
+            reason=f"{available} is the copy the rest of the suite runs"))
+    job = _kernel_tests(capability)
+    return pytest.param(capability, job, marks=pytest.mark.background(job))
+
+
+@pytest.mark.parametrize(("capability", "job"), [_copy(capability) for capability in CAPABILITIES],
+                         ids=CAPABILITIES)
+def test_kernel_copy_passes_the_kernel_tests(capability, job):
+    result = job.result(timeout=400)
     assert f"capability {capability.upper()}\n" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "failed" not in result.stdout

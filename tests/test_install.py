@@ -154,6 +154,7 @@ ROUND_TRIP = textwrap.dedent("""
         "focal": focal.__file__, "extension": _extension._C.__file__, "record": _extension.BUILD_INFO,
         "loss_ok": torch.allclose(loss, focal.reference.sigmoid_focal_loss(x, labels, reduction="sum")),
         "grad_ok": torch.allclose(x.grad, expected), "torch": torch.__file__, "info": dict(info.report()[0]),
+        "compiler_loaded": "torch._dynamo" in sys.modules,
     }))
 """)
 
@@ -198,6 +199,7 @@ def test_wheel_installs_and_runs_in_a_second_environment(tmp_path):
     assert Path(result["torch"]) == Path(torch.__file__)
     assert result["record"]["torch"] == str(torch.__version__)
     assert result["loss_ok"] and result["grad_ok"]
+    assert not result["compiler_loaded"]  # torch.compile's 1.5 s of imports are paid only by who compiles
     assert result["info"]["CPU kernel"] == "DEFAULT (ATen capability DEFAULT)"
     assert result["info"]["self-test cpu"].startswith("ok, ")
     assert focal.__file__ != result["focal"]

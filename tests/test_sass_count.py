@@ -4,18 +4,17 @@ GPU needed to compile), and on the built extension when it holds sm_90 code."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 
+import background
 import benchmark_scripts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -534,34 +533,12 @@ KNOWN_SPILLS = {
 }
 
 
-_listing: tuple[subprocess.Popen, Path] | None = None  # the running script on the built extension, its JSON
-
-
-def start_built_listing() -> None:
-    """Starts the script on the built extension in the background, at nice 10, once per session: its
-    listing is most of half a minute of cuobjdump and parsing, which the rest of the suite leaves a
-    core for (conftest.py starts it at collection when a test of ``built`` is selected)."""
-    global _listing
-    if _listing is not None or not (NVCC and CUOBJDUMP and DEMANGLER) or BUILT is None:
-        return
-    folder = tempfile.mkdtemp(prefix="focal-sass-")
-    out = Path(folder) / "built.json"
-    process = subprocess.Popen(["nice", "-n", "10", sys.executable, str(SCRIPT), "--roofline", "--kernel",
-                                BUILT_KERNELS, "--json", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    _listing = (process, out)
-
-    def stop():
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        shutil.rmtree(folder, ignore_errors=True)
-
-    atexit.register(stop)
-
-
-def uses_built_listing(item) -> bool:
-    return "built" in getattr(item, "fixturenames", ())
+# The script on the built extension, beside the rest of the suite (tests/background.py): its listing
+# is most of half a minute of cuobjdump and parsing.
+LISTING = background.Job(lambda folder: [sys.executable, SCRIPT, "--roofline", "--kernel", BUILT_KERNELS,
+                                         "--json", folder / "built.json"])
+# Only a build with CUDA code and the toolkit's tools have a listing to wait for.
+uses_listing = pytest.mark.background(LISTING) if NVCC and CUOBJDUMP and DEMANGLER and BUILT else needs_toolkit
 
 
 @pytest.fixture(scope="module")
@@ -572,18 +549,16 @@ def built():
         pytest.skip(f"needs nvcc ({NVCC}), cuobjdump ({CUOBJDUMP}) and c++filt/cu++filt ({DEMANGLER})")
     if BUILT is None:
         pytest.skip("focal/_C*.so is not built")
-    start_built_listing()  # no-op when the session started it
-    process, out = _listing
-    stdout, stderr = process.communicate(timeout=300)
-    proc = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    proc = LISTING.result(timeout=300)
     if proc.returncode == 2 and ("no sm_90 code" in proc.stderr or "does not contain device code" in proc.stderr):
         pytest.skip(f"{BUILT} holds no sm_90 code (CPU-only build, or built for other arches)")
     # 1: a roofline budget is missed (KNOWN_MISSES says which).
     assert proc.returncode in (0, 1), proc.stdout + proc.stderr
     assert "roofline budgets" in proc.stdout
-    return json.loads(out.read_text())
+    return json.loads((proc.folder / "built.json").read_text())
 
 
+@uses_listing
 def test_built_extension_roofline_budgets(built):
     """The class-id and float-target kernels of the built extension in every launch shape and
     dtype: every instantiation has its hot loop, taking its shape's bytes per trip, with no call in
@@ -618,6 +593,7 @@ def test_built_extension_roofline_budgets(built):
     assert not unexpected, "\n".join(unexpected)
 
 
+@uses_listing
 def test_built_extension_softmax_kernels_never_spill_and_hold_75_percent_occupancy_at_gamma_2(built):
     """The softmax focal loss's two kernels (blocks of 128 threads, no launch shapes) in every dtype,
     gamma kind and smoothing: no local memory; and at gamma 2 without label smoothing, the common
@@ -635,6 +611,7 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_75_percent_occupan
             assert k["registers"] <= 40 and k["occupancy"] >= 0.75, (k["name"], k["registers"], k["occupancy"])
 
 
+@uses_listing
 def test_built_extension_general_kernel_has_a_hot_loop_per_instantiation(built):
     kernels = [k for k in built["kernels"] if re.search(r"\bfocal_kernel<", k["name"])]
     found = {(k["dtype"], k["target"], k["gamma"]) for k in kernels}

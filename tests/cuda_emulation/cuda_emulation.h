@@ -12,9 +12,13 @@
 // on one stream, and complete before launch() returns.
 #pragma once
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
-#include <barrier>
 #include <condition_variable>
+#include <climits>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -23,7 +27,6 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <semaphore>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -91,13 +94,60 @@ inline void trace_elements(int64_t n) { counters.elements.fetch_add(n, std::memo
 inline std::atomic<bool> scalars_on_device_flag{false};
 inline bool scalars_on_device() { return scalars_on_device_flag.load(); }
 
-inline thread_local std::barrier<>* block_barrier = nullptr;
+// Waiting without spinning. A block's 32 to 1024 threads share the machine's few cores, where the
+// spin-then-yield waits of std::barrier and std::binary_semaphore cost more than the kernels did:
+// in a profile of the checks, sched_yield took about 16 % of the CPU time and the emulated kernels
+// 12 %; with these futex waits the whole checks run took 55 core-seconds instead of 66. A waiting
+// thread sleeps in the kernel at once, and only while the word still holds the value it saw, so a
+// wake-up between its load and its sleep is not lost.
+inline void sleep_while(const std::atomic<uint32_t>& word, uint32_t seen) {
+  while (word.load(std::memory_order_acquire) == seen) {
+    syscall(SYS_futex, &word, FUTEX_WAIT_PRIVATE, seen, nullptr, nullptr, 0);
+  }
+}
+
+inline void wake_all(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, &word, FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
+}
+
+// std::barrier's arrive_and_wait and arrive_and_drop: the last thread to arrive opens the next
+// phase; a thread that drops counts as arrived in this phase and is not waited for in later ones.
+// The arrivals are read-modify-writes of one counter, so the last one sees every thread's writes
+// before its arrival, and each waiter sees them through the phase it waits on.
+class Barrier {
+ public:
+  explicit Barrier(std::ptrdiff_t count) : count_(count), waiting_(count) {}
+
+  void arrive_and_wait() {
+    const uint32_t phase = phase_.load(std::memory_order_acquire);
+    if (!arrive()) sleep_while(phase_, phase);
+  }
+
+  void arrive_and_drop() {
+    count_.fetch_sub(1, std::memory_order_relaxed);
+    arrive();
+  }
+
+ private:
+  bool arrive() {
+    if (waiting_.fetch_sub(1, std::memory_order_acq_rel) != 1) return false;
+    waiting_.store(count_.load(std::memory_order_relaxed), std::memory_order_relaxed);
+    phase_.fetch_add(1, std::memory_order_release);
+    wake_all(phase_);
+    return true;
+  }
+
+  std::atomic<std::ptrdiff_t> count_, waiting_;
+  std::atomic<uint32_t> phase_{0};
+};
+
+inline thread_local Barrier* block_barrier = nullptr;
 
 // The calling thread's warp: a barrier of its 32 lanes and one exchange slot per lane, for the
 // warp shuffles below.
 struct Warp {
   explicit Warp(std::ptrdiff_t lanes) : barrier(lanes) {}
-  std::barrier<> barrier;
+  Barrier barrier;
   uint64_t slots[kWarpThreads] = {};
 };
 inline thread_local Warp* warp = nullptr;
@@ -140,7 +190,7 @@ class Device {
 
  private:
   struct Worker {
-    std::binary_semaphore start{0};
+    std::atomic<uint32_t> starts{0};  // blocks handed to this thread so far
     std::thread thread;
   };
 
@@ -165,14 +215,17 @@ class Device {
       const std::lock_guard<std::mutex> lock(done_mutex_);
       running_ = threads;
     }
-    for (unsigned t = 0; t < threads; ++t) workers_[t]->start.release();
+    for (unsigned t = 0; t < threads; ++t) {
+      workers_[t]->starts.fetch_add(1, std::memory_order_release);
+      wake_all(workers_[t]->starts);
+    }
     std::unique_lock<std::mutex> lock(done_mutex_);
     done_.wait(lock, [this] { return running_ == 0; });
   }
 
   void work(unsigned id, Worker* w) {
-    for (;;) {
-      w->start.acquire();
+    for (uint32_t started = 0;; ++started) {
+      sleep_while(w->starts, started);
       threadIdx = uint3{id % block_.x, (id / block_.x) % block_.y, id / (block_.x * block_.y)};
       blockIdx = block_idx_;
       blockDim = block_;
@@ -196,7 +249,7 @@ class Device {
   const std::function<void()>* kernel_ = nullptr;
   dim3 grid_, block_;
   uint3 block_idx_;
-  std::optional<std::barrier<>> barrier_;
+  std::optional<Barrier> barrier_;
   std::vector<std::unique_ptr<Warp>> warps_;
   std::mutex done_mutex_;
   std::condition_variable done_;

@@ -92,7 +92,7 @@ def test_ablate_runs_every_arm_for_every_seed(tmp_path):
     ablate.main(["--image-root", paths["train"][0], "--train-json", paths["train"][1], "--val-json",
                  paths["val"][1], "--image-size", "48", "--batch-size", "4", "--iters", "2", "--warmup-iters", "1",
                  "--backbone-width", "0.25", "--fpn-channels", "16", "--head-width", "16", "--no-progress",
-                 "--arms", "fl", "ce_no_prior", "--seeds", "0", "1", "--output", str(out)])
+                 "--threads", "1", "--arms", "fl", "ce_no_prior", "--seeds", "0", "1", "--output", str(out)])
     with open(out / "ablation.json") as f:
         data = json.load(f)
     assert [(r["arm"], r["seed"], r["iterations"]) for r in data["rows"]] == [

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+import background
+
 from examples.retinanet import evaluate, infer, train
 from examples.retinanet.config import build_model, fast_config
 from examples.retinanet.data import CocoDetection
 from examples.retinanet.model import RetinaNet
 
-from .conftest import REPO_ROOT
 from .tiny_coco import TINY_MODEL_FLAGS, write_coco
 
 
@@ -231,20 +231,25 @@ def test_clip_grad_bounds_the_gradient_norm():
     assert train.options_from_arguments(_parse(["--clip-grad", "2.5"])).clip_grad == 2.5
 
 
+# One interpreter (one import of torch): every module imported, then an entry point run as a command.
+IMPORT_EVERYTHING = ("import json, os, runpy, sys\nbefore = dict(os.environ)\n"
+                     "import examples.retinanet, examples.retinanet.train, examples.retinanet.evaluate, "
+                     "examples.retinanet.infer, examples.retinanet.ablate, examples.retinanet.loss_cdf, "
+                     "examples.retinanet.step_time, examples.retinanet.imbalance_stats\n"
+                     "changed = {k: v for k, v in os.environ.items() if before.get(k) != v}\n"
+                     "sys.argv = ['x', '--help']\ntry:\n"
+                     "    runpy.run_module('examples.retinanet.evaluate', run_name='__main__')\n"
+                     "except SystemExit as done:\n"
+                     "    print(json.dumps([changed, done.code, os.environ.get('OMP_WAIT_POLICY')]))")
+IMPORTS = background.Job(lambda folder: [sys.executable, "-c", IMPORT_EVERYTHING],
+                         env={k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"})
+
+
+@pytest.mark.background(IMPORTS)
 def test_importing_the_example_leaves_the_environment_alone():
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    # One interpreter (one import of torch): every module imported, then an entry point run as a command.
-    code = ("import json, os, runpy, sys\nbefore = dict(os.environ)\n"
-            "import examples.retinanet, examples.retinanet.train, examples.retinanet.evaluate, "
-            "examples.retinanet.infer, examples.retinanet.ablate, examples.retinanet.loss_cdf, "
-            "examples.retinanet.step_time, examples.retinanet.imbalance_stats\n"
-            "changed = {k: v for k, v in os.environ.items() if before.get(k) != v}\n"
-            "sys.argv = ['x', '--help']\ntry:\n"
-            "    runpy.run_module('examples.retinanet.evaluate', run_name='__main__')\n"
-            "except SystemExit as done:\n    print(json.dumps([changed, done.code, os.environ.get('OMP_WAIT_POLICY')]))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                         check=True).stdout
-    changed, exit_code, policy = json.loads(out.strip().splitlines()[-1])
+    done = IMPORTS.result(timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    changed, exit_code, policy = json.loads(done.stdout.strip().splitlines()[-1])
     assert changed == {}
     # The entry point itself still sets it (under `python -m`, before torch loads).
     assert (exit_code, policy) == (0, "PASSIVE")

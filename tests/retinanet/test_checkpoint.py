@@ -161,27 +161,31 @@ def test_a_killed_process_resumes_bitwise(tmp_path):
              "--warmup-iters", "2", "--log-every", "2", "--checkpoint-every", "1", "--flip-prob", "0.5",
              "--threads", "1", "--no-evaluate", "--no-progress", "--no-tensorboard", *TINY_MODEL_FLAGS]
     killed = str(tmp_path / "killed")
-    # The child sleeps in every batch so that the kill lands mid-run; the training code is untouched.
+    # The child sleeps in every batch so that the kill lands mid-run, and waits at its eighth batch
+    # until killed, so that it cannot end first; the training code is untouched.
     child = ("import sys, time\nfrom examples.retinanet import train\nfrom examples.retinanet.batches import "
-             "InMemoryBatches\nnext_batch = InMemoryBatches.next_batch\n"
-             "InMemoryBatches.next_batch = lambda self: (time.sleep(0.3), next_batch(self))[1]\n"
-             "train.main(sys.argv[1:])")
+             "InMemoryBatches\nnext_batch, calls = InMemoryBatches.next_batch, []\n"
+             "def slow(self):\n    calls.append(1)\n    time.sleep(0.3 if len(calls) < 8 else 3600)\n"
+             "    return next_batch(self)\n"
+             "InMemoryBatches.next_batch = slow\ntrain.main(sys.argv[1:])")
     process = subprocess.Popen([sys.executable, "-c", child, *flags, "--output", killed], cwd=REPO_ROOT)
-    latest = os.path.join(killed, ckpt.LATEST)
-    deadline = time.time() + 120
-    while time.time() < deadline and process.poll() is None:
-        if os.path.exists(latest) and torch.load(latest, weights_only=True)["iteration"] >= 3:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        train.main(flags + ["--output", str(tmp_path / "whole")])  # while the child starts
+        latest = os.path.join(killed, ckpt.LATEST)
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if os.path.exists(latest) and torch.load(latest, weights_only=True)["iteration"] >= 3:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     stopped_at = torch.load(latest, weights_only=True)["iteration"]  # the last complete write loads
     assert 3 <= stopped_at < 10
     assert not os.path.exists(os.path.join(killed, ckpt.FINAL))
 
     train.main(flags + ["--output", killed, "--resume", "auto"])
-    train.main(flags + ["--output", str(tmp_path / "whole")])
     resumed = torch.load(os.path.join(killed, ckpt.FINAL), weights_only=True)
     whole = torch.load(os.path.join(tmp_path, "whole", ckpt.FINAL), weights_only=True)
     assert resumed["iteration"] == whole["iteration"] == 10

@@ -9,13 +9,13 @@ import datetime
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import background
 from examples.retinanet import checkpoint as ckpt
 from examples.retinanet.batches import InMemoryBatches
 from examples.retinanet import distributed, train
@@ -23,7 +23,6 @@ from examples.retinanet.config import fast_config
 from examples.retinanet.errors import InputError
 from examples.retinanet.evaluate import evaluate_model
 
-from .conftest import REPO_ROOT
 from .tiny_coco import TINY_MODEL_FLAGS, write_coco
 
 # GroupNorm in the backbone: BatchNorm statistics would depend on how the batch is split.
@@ -88,11 +87,11 @@ def test_ranks_stay_identical_and_match_one_process_on_the_global_batch(runs):
     _, ranks, single = runs
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), name
-    reference = single["model"].state_dict()
+    reference, initial = single["model"].state_dict(), build_initial_state()
     changed = 0
     for name, value in ranks[0]["state"].items():
         torch.testing.assert_close(value, reference[name], rtol=1e-4, atol=1e-5, msg=name)
-        changed += not torch.equal(value, build_initial_state()[name])
+        changed += not torch.equal(value, initial[name])
     assert changed > 10  # the comparison is of trained weights, not of the initialisation
 
 
@@ -147,17 +146,24 @@ def test_evaluation_is_gathered_to_rank_0_and_only_rank_0_writes(runs):
     assert files == {"log.jsonl", "metrics.json", "model_final.pth", "summary.md", "training_curves.png"}
 
 
-def test_torchrun_command_line(tmp_path):
-    write_coco(tmp_path / "d", "train", sizes=((40, 40),) * 4)
-    write_coco(tmp_path / "d", "val", sizes=((40, 40),) * 2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "examples.retinanet.train", "--data", str(tmp_path / "d"),
-               "--device", "cpu", "--threads", "1", "--image-size", "32", "--batch-size", "4", "--iters", "2",
-               "--warmup-iters", "0", "--backbone-norm", "gn", "--output", str(tmp_path / "run"), "--no-progress",
-               *TINY_MODEL_FLAGS]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+def _torchrun(folder):
+    """The README's torchrun command on two processes, over a tiny dataset written into ``folder``."""
+    write_coco(folder / "d", "train", sizes=((40, 40),) * 4)
+    write_coco(folder / "d", "val", sizes=((40, 40),) * 2)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+            "-m", "examples.retinanet.train", "--data", str(folder / "d"), "--device", "cpu", "--threads", "1",
+            "--image-size", "32", "--batch-size", "4", "--iters", "2", "--warmup-iters", "0", "--backbone-norm", "gn",
+            "--output", str(folder / "run"), "--no-progress", *TINY_MODEL_FLAGS]
+
+
+TORCHRUN = background.Job(_torchrun)
+
+
+@pytest.mark.background(TORCHRUN)
+def test_torchrun_command_line():
+    done = TORCHRUN.result(timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    metrics = json.load(open(done.folder / "run" / "metrics.json"))
     assert metrics["world_size"] == 2 and metrics["summary"]["iterations"] == 2
     assert done.stdout.count('"iterations": 2') == 1  # the summary is printed by rank 0 only
 
