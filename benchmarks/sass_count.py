@@ -29,6 +29,10 @@ How the hot loop is found (see also benchmarks/README.md):
    trip. For a loop body without branches it is the executed count; ``branches`` and ``calls`` in the
    table say when it is not (a ``CALL`` runs code outside the range, not counted).
 
+5. A kernel that makes several passes over each row (the softmax focal loss's: maximum, sum of
+   exponentials, gradient) is also read pass by pass (``passes`` in the JSON): its innermost loops
+   that load from global memory, each with its bytes in flight and instructions per load.
+
 Spills: ``cuobjdump -res-usage`` gives registers and the stack frame; spill traffic is counted as the
 local-memory instructions in the code (``STL`` stores, ``LDL`` loads), the only local accesses of a
 kernel without local arrays.
@@ -69,9 +73,10 @@ KERNEL_FACTS = {
                          "shape_bytes": lambda in_flight: max(16, in_flight)},
     "focal_float_kernel": {"target": "Float", "bytes_per_iteration": 16,
                            "shape_bytes": lambda in_flight: max(16, in_flight // 2)},
-    # The softmax focal loss's kernels (softmax_cuda.cu): blocks of 128 threads, no launch shapes.
-    "softmax_elements_kernel": {"target": "ClassId", "threads": 128},
-    "softmax_rows_kernel": {"target": "ClassId", "threads": 128},
+    # The softmax focal loss's kernels (softmax_cuda.cu): blocks of 128 threads, no launch shapes;
+    # several passes over each row, read one by one (passes()).
+    "softmax_elements_kernel": {"target": "ClassId", "threads": 128, "passes": True},
+    "softmax_rows_kernel": {"target": "ClassId", "threads": 128, "passes": True},
 }
 DEFAULT_ARCH = "sm_90"
 
@@ -266,6 +271,23 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
     loads = hot.count(GLOBAL_LOAD)
     unroll = loads // fewest if fewest and loads % fewest == 0 else 1
     return HotLoop(hot, unroll, candidates)
+
+
+def passes(instructions: list[Instruction]) -> list[dict]:
+    """The passes over a row's elements of a kernel that makes several (the softmax focal loss's:
+    maximum, sum of exponentials, gradient): its innermost loops that load from global memory, in
+    address order, each with its loads, stores, bytes in flight and instructions per load. Where
+    each load is one element (a thread's classes `inner` apart), instructions per load are
+    instructions per element. The compiler's unrolled copy of a pass and its remainder are two
+    entries; the unrolled one has the most loads."""
+    out = []
+    for lp in innermost(find_loops(instructions)):
+        loads = lp.count(GLOBAL_LOAD)
+        if loads:
+            out.append({"start": hex(lp.start), "instructions": len(lp.instructions), "loads": loads,
+                        "stores": lp.count(GLOBAL_STORE), "instructions_per_load": len(lp.instructions) / loads,
+                        "bytes_in_flight": bytes_in_flight(lp)["bytes"]})
+    return out
 
 
 def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH, shared_bytes: int = 0) -> float:
@@ -543,6 +565,7 @@ def analyse(
             "spill_loads": sum(1 for i in fn.instructions if i.base_opcode == "LDL"),
             "function_instructions": len(fn.instructions),
             "loops": [lp.summary() for lp in find_loops(fn.instructions)],
+            "passes": passes(fn.instructions) if facts.get("passes") else None,
             "hot_loop": None,
         }
         if record["registers"] is not None:
