@@ -4,8 +4,9 @@ A test whose work is one long subprocess (a build, a training run under torchrun
 interpreter) leaves the suite waiting on it. Such a test names its :class:`Job` with
 ``@pytest.mark.background(job)``; when the test is selected, conftest.py starts the job at
 collection, at nice 19 (so it takes only what the suite leaves of the machine's cores), and runs the
-test near the end of the session, where :meth:`Job.result` waits for the job's exit. Run alone, the
-test starts its job itself, and waits for it then.
+test near the end of the session, where :meth:`Job.result` waits for the job's exit, and lets the
+job's processes run on every core from then on. Run alone, the test starts its job itself, and waits
+for it then.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ class Job:
         atexit.register(self._stop)
 
     def result(self, timeout: float) -> Finished:
-        """Waits for the command (started now if it was not), at most ``timeout`` seconds more."""
+        """Waits for the command (started now if it was not), at most ``timeout`` seconds more. The
+        suite now waits on it, so its processes may take every core from here on (see _unpin)."""
         self.start()
         process, folder, stdout, stderr = self._running
+        _unpin(process.pid)
         try:
             returncode = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -84,6 +87,23 @@ class Job:
     def _stop(self) -> None:
         self._kill()
         shutil.rmtree(self._running[1], ignore_errors=True)
+
+
+def _unpin(group: int) -> None:
+    """Every thread of the processes of process group ``group`` may run on every core this process
+    may. A job that keeps to one core beside the suite (the emulated CUDA checks: run_checks.py)
+    would otherwise leave the others idle once the suite waits on it."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cores = os.sched_getaffinity(0)
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit() or os.getpgid(int(entry.name)) != group:
+                continue
+            for task in (entry / "task").iterdir():
+                os.sched_setaffinity(int(task.name), cores)
+        except OSError:  # the process or thread ended meanwhile
+            continue
 
 
 def jobs_of(item) -> list[Job]:

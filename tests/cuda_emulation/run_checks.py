@@ -47,7 +47,8 @@ def main(argv: list[str]) -> int:
     # On one core: the emulated threads of a block wake each other at every barrier, which on one
     # core is a context switch and across cores an inter-processor wake-up (the checks took 45
     # core-seconds on one core of the 2-core machine, 55 on both); and the suite beside them keeps
-    # the other cores to itself, rather than sharing them with hundreds of briefly runnable threads.
+    # the other cores to itself, rather than sharing them with hundreds of briefly runnable threads
+    # (once the suite waits on the checks, tests/background.py lets them take every core).
     os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     sys.stdout.flush()
     os.execve(sys.executable, cmd, env)  # the checks replace this process: its exit status is theirs
