@@ -276,18 +276,13 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
 def passes(instructions: list[Instruction]) -> list[dict]:
     """The passes over a row's elements of a kernel that makes several (the softmax focal loss's:
     maximum, sum of exponentials, gradient): its innermost loops that load from global memory, in
-    address order, each with its loads, stores, bytes in flight and instructions per load. Where
+    address order, each its loop summary with bytes in flight and instructions per load. Where
     each load is one element (a thread's classes `inner` apart), instructions per load are
     instructions per element. The compiler's unrolled copy of a pass and its remainder are two
     entries; the unrolled one has the most loads."""
-    out = []
-    for lp in innermost(find_loops(instructions)):
-        loads = lp.count(GLOBAL_LOAD)
-        if loads:
-            out.append({"start": hex(lp.start), "instructions": len(lp.instructions), "loads": loads,
-                        "stores": lp.count(GLOBAL_STORE), "instructions_per_load": len(lp.instructions) / loads,
-                        "bytes_in_flight": bytes_in_flight(lp)["bytes"]})
-    return out
+    loading = [lp for lp in innermost(find_loops(instructions)) if lp.count(GLOBAL_LOAD)]
+    return [{**lp.summary(), "instructions_per_load": len(lp.instructions) / lp.count(GLOBAL_LOAD),
+             "bytes_in_flight": bytes_in_flight(lp)["bytes"]} for lp in loading]
 
 
 def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH, shared_bytes: int = 0) -> float:

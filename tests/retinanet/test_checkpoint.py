@@ -168,10 +168,10 @@ def test_a_killed_process_resumes_bitwise(tmp_path):
              "def slow(self):\n    calls.append(1)\n    time.sleep(0.3 if len(calls) < 8 else 3600)\n"
              "    return next_batch(self)\n"
              "InMemoryBatches.next_batch = slow\ntrain.main(sys.argv[1:])")
+    latest = os.path.join(killed, ckpt.LATEST)
     process = subprocess.Popen([sys.executable, "-c", child, *flags, "--output", killed], cwd=REPO_ROOT)
     try:
         train.main(flags + ["--output", str(tmp_path / "whole")])  # while the child starts
-        latest = os.path.join(killed, ckpt.LATEST)
         deadline = time.time() + 120
         while time.time() < deadline and process.poll() is None:
             if os.path.exists(latest) and torch.load(latest, weights_only=True)["iteration"] >= 3:
