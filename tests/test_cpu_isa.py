@@ -4,8 +4,9 @@ The extension compiles its kernels once per ISA and picks the copy that matches 
 which ATEN_CPU_CAPABILITY overrides at start-up. The rest of the suite runs the copy this CPU picks;
 each copy below it runs here, in a fresh interpreter, through the tests shaped like the kernels:
 every instantiation of every loss against the float64 reference (test_instantiations.py, on rows
-with full vectors, pairs of them and tails), and the 16-bit results bit for bit against the float32
-kernel (every loss of the sigmoid family, and every 16-bit logit in test_reduced_precision.py).
+with full vectors, pairs of them and tails; test_cpu_id_runs.py, on runs of class-id rows), and the
+16-bit results bit for bit against the float32 kernel (every loss of the sigmoid family, and every
+16-bit logit in test_reduced_precision.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ KERNEL_TESTS = [
     "test_instantiations.py",
     "test_family.py::test_half_precision_is_the_float32_result_rounded_once",
     "test_reduced_precision.py",
+    "test_cpu_id_runs.py",
 ]
 
 

@@ -12,6 +12,7 @@
 #include "../family_math.h"
 #include "../kernel_args.h"
 #include "focal_kernel.h"
+#include "id_runs.h"
 #include "vec/simd.h"
 
 #ifndef CPU_CAPABILITY
@@ -34,6 +35,12 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
   constexpr int64_t kLanes = S::kLanes;
 
   const int64_t C = a.cols;
+  if constexpr (TK == TargetKind::kClassId) {
+    // Plain class ids in rows of at least a vector: runs of rows (id_runs.h).
+    if (a.elem_weight == nullptr && a.class_alpha == nullptr && C >= kLanes) {
+      return id_runs_impl<scalar_t, G, L>(a, scale_d, r0, r1);
+    }
+  }
   const V scale(static_cast<acc_t>(scale_d));
   using Loss = ElementLoss<L, G, V>;
   const Loss base = make_loss<L, G, V, acc_t>(a.alpha, a.gamma, a.beta);
