@@ -192,3 +192,35 @@ def test_float32_kernel_matches_float64_kernel_on_a_dense_sweep(target, gamma):
         bound = 4e-6 * exact.abs() + 2 * tiny + atol
         worst = int((err - bound).argmax())
         assert (err <= bound).all(), (name, x32[worst].item(), got[worst].item(), exact[worst].item())
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 0.5])
+@pytest.mark.parametrize("target", ["ids", 0.0, 1.0, 0.3, 1e-37])
+def test_float32_outputs_where_exp_leaves_the_normal_range(target, gamma):
+    """Logits of magnitude 80 to 110, where exp(-|x|) becomes subnormal and then 0: every output,
+    subnormal ones included, within a few float32 ulps (the subnormal spacing below the normal range)
+    of the float64 value rounded. The AVX2 kernel computes exp(-|x|) with a single power-of-two
+    factor, flushed to 0 from |x| = 87.7 on, only for gamma 1 and 2, whose outputs all carry another
+    such factor; gamma 0 and 0.5 keep subnormal outputs that need the exact exp."""
+    magnitudes = torch.linspace(80.0, 110.0, 6000, dtype=torch.float64)
+    x64 = torch.cat([-magnitudes, magnitudes]).float().double()
+    if target == "ids":
+        x64 = x64.reshape(-1, 10)
+        targets = torch.arange(x64.shape[0]) % 11 - 1  # background and each class in turn
+    else:
+        targets = torch.full_like(x64, target).float()
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        x = x64.to(dtype).requires_grad_()
+        t = targets if target == "ids" else targets.to(dtype)
+        loss = focal.sigmoid_focal_loss(x, t, 0.25, gamma)
+        loss.sum().backward()
+        results[dtype] = (loss.detach().double(), x.grad.double())
+    smallest = 2.0 ** -149
+    for name, got, exact in zip(("loss", "grad"), results[torch.float32], results[torch.float64]):
+        exact = exact.float().double()  # the float32 value the op should give, within a few ulps
+        bound = 4e-6 * exact.abs() + 4 * smallest
+        err = (got - exact).abs()
+        worst = int((err - bound).argmax())
+        assert (err <= bound).all(), (name, x64.reshape(-1)[worst].item(), got.reshape(-1)[worst].item(),
+                                      exact.reshape(-1)[worst].item())

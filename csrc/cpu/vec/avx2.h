@@ -62,10 +62,22 @@ struct Ops<simd::F32x8> {
     return _mm256_mul_ps(_mm256_mul_ps(p, exp2_int(n1)), exp2_int(_mm256_sub_ps(n, n1)));
   }
 
+  // p * 2^n with 2^n a normal float for integer-valued n in [-126, 127], 0 below -126 (also for
+  // NaN n, leaving p * 0: NaN for a NaN p).
+  static inline V scale_by_normal_pow2(V p, V n) {
+    const __m256i biased = _mm256_cvtps_epi32(_mm256_add_ps(n, _mm256_set1_ps(127.f)));
+    const __m256i bits = _mm256_slli_epi32(_mm256_max_epi32(biased, _mm256_setzero_si256()), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  }
+
   // The members focal_math.h uses.
   static inline V exp(V x) { return vec_math::exp(x); }
   static inline V exp_neg_abs(V z) {  // -|z|: the sign bit set
     return vec_math::exp_nonpositive(V(_mm256_or_ps(_mm256_set1_ps(-0.f), z)));
+  }
+  // exp(-|z|) with one factor of two (focal_math.h's HasFlushedExp): 11 instructions less.
+  static inline V exp_neg_abs_flushed(V z) {
+    return vec_math::exp_nonpositive_flushed(V(_mm256_or_ps(_mm256_set1_ps(-0.f), z)));
   }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
   static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }

@@ -1,8 +1,9 @@
 // Vectorised float exp and log1p, written once for every CPU vector type.
 //
 // Each vector type V supplies, as static members of Ops<V>: fmadd(a, b, c), round_nearest(x),
-// max_keep_nan(bound, x) / min_keep_nan(bound, x) (NaN in x passes through) and scale_by_pow2(p, n)
-// (p * 2^n for integer-valued n, rounded once). Sleef's exp and log1p (what Vectorized<float>::exp /
+// max_keep_nan(bound, x) / min_keep_nan(bound, x) (NaN in x passes through), scale_by_pow2(p, n)
+// (p * 2^n for integer-valued n, rounded once) and, for exp_nonpositive_flushed,
+// scale_by_normal_pow2(p, n) (the same for n >= -126, 0 below). Sleef's exp and log1p (what Vectorized<float>::exp /
 // log1p call) are slower at this accuracy.
 #pragma once
 
@@ -11,13 +12,11 @@
 namespace focal::vec_math {
 inline namespace CPU_CAPABILITY {
 
-// exp(x) for x in [-104, 88.8] (or NaN) within about 1.5 ulp, subnormal results included.
-// x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, ln2 split in two), exp(r) = 1 + r Q(r) with Q a
-// degree-5 minimax fit (six multiply-adds in all), and 2^n applied by scale_by_pow2.
+// exp(x) = 2^n exp(r): n = round(x / ln2), and exp(r) for x = n ln2 + r with |r| <= ln2 / 2
+// (Cody-Waite, ln2 split in two) as 1 + r Q(r), Q a degree-5 minimax fit (six multiply-adds in all).
 template <typename V>
-inline V exp_in_range(V x) {
+inline V exp_reduced(V x, V n) {
   using O = Ops<V>;
-  const V n = O::round_nearest(x * V(1.44269504088896341f));
   V r = O::fmadd(n, V(-0.693359375f), x);
   r = O::fmadd(n, V(2.12194440e-4f), r);
   V q(1.3843611814081669e-3f);
@@ -26,7 +25,29 @@ inline V exp_in_range(V x) {
   q = O::fmadd(q, r, V(1.6666430234909058e-1f));
   q = O::fmadd(q, r, V(4.999999403953552e-1f));
   q = O::fmadd(q, r, V(1.f));
-  return O::scale_by_pow2(O::fmadd(q, r, V(1.f)), n);
+  return O::fmadd(q, r, V(1.f));
+}
+
+template <typename V>
+inline V exp_exponent(V x) {
+  return Ops<V>::round_nearest(x * V(1.44269504088896341f));
+}
+
+// exp(x) for x in [-104, 88.8] (or NaN) within about 1.5 ulp, subnormal results included: 2^n
+// applied by scale_by_pow2.
+template <typename V>
+inline V exp_in_range(V x) {
+  const V n = exp_exponent(x);
+  return Ops<V>::scale_by_pow2(exp_reduced(x, n), n);
+}
+
+// exp(x) for x <= 0 (or NaN) with one power-of-two factor (Ops::scale_by_normal_pow2): as
+// exp_in_range while n >= -126 (x >= -87.68; subnormal results from -87.34 on), 0 below.
+template <typename V>
+inline V exp_nonpositive_flushed(V x) {
+  x = Ops<V>::max_keep_nan(V(-104.f), x);  // keeps r small
+  const V n = exp_exponent(x);
+  return Ops<V>::scale_by_normal_pow2(exp_reduced(x, n), n);
 }
 
 // exp(x) for every float x: below -104 the result is 0, above 88.8 infinity.

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <type_traits>
+#include <utility>
 
 #include "../../focal_math.h"
 #include "aten.h"
@@ -104,6 +105,11 @@ struct Ops<simd::Pair<V>> {
   }
   static inline P exp(const P& x) { return {O::exp(x.lo), O::exp(x.hi)}; }
   static inline P exp_neg_abs(const P& z) { return {O::exp_neg_abs(z.lo), O::exp_neg_abs(z.hi)}; }
+  // Only where V has it (focal_math.h's HasFlushedExp asks).
+  template <typename W = V, typename = decltype(Ops<W>::exp_neg_abs_flushed(std::declval<W>()))>
+  static inline P exp_neg_abs_flushed(const P& z) {
+    return {O::exp_neg_abs_flushed(z.lo), O::exp_neg_abs_flushed(z.hi)};
+  }
   static inline P log(const P& x) { return {O::log(x.lo), O::log(x.hi)}; }
   static inline P log1p_unit(const P& e, const P& d, const P& inv) {
     return {O::log1p_unit(e.lo, d.lo, inv.lo), O::log1p_unit(e.hi, d.hi, inv.hi)};
