@@ -186,3 +186,49 @@ def test_only_the_training_loss_is_replaced(models, kind):
 def test_rejects_other_models():
     with pytest.raises(TypeError, match="RetinaNet or FCOS"):
         fused_torchvision.use_fused_loss(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_fcos_box_terms_on_coordinate_pairs_are_torchvisions_values(dtype):
+    """The box coder, centerness and GIoU loss of the FCOS adapter (focal/integrations/_fcos_boxes.py)
+    against torchvision's own functions: the same values bit for bit, the same GIoU gradient, on
+    boxes that overlap, touch, nest or lie apart."""
+    from torchvision.models.detection._utils import BoxLinearCoder
+    from torchvision.ops import generalized_box_iou_loss
+
+    from focal.integrations import _fcos_boxes as boxes
+
+    g = torch.Generator().manual_seed(5)
+
+    def same(got, want):  # bit for bit, NaN included (a centre outside its box has no centerness)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+    def random_boxes(k):
+        low = torch.rand(k, 2, generator=g, dtype=torch.float64) * 100
+        return torch.cat([low, low + 1 + torch.rand(k, 2, generator=g, dtype=torch.float64) * 60], 1)
+
+    anchors, gt = random_boxes(300), random_boxes(300)
+    gt[:20] = anchors[:20]  # identical
+    gt[20:40, :2] = anchors[20:40, 2:]  # touching at a corner: no intersection
+    gt[20:40, 2:] = gt[20:40, :2] + 5
+    codes = torch.randn(300, 4, generator=g, dtype=torch.float64).to(dtype)
+    anchors, gt = anchors.to(dtype), gt.to(dtype)
+    for normalize in (True, False):
+        coder = BoxLinearCoder(normalize_by_size=normalize)
+        same(boxes.linear_decode(codes, anchors, normalize), coder.decode(codes, anchors))
+        encoded = coder.encode(anchors, gt)
+        same(boxes.linear_encode(anchors, gt, normalize), encoded)
+        lr, tb = encoded[:, [0, 2]], encoded[:, [1, 3]]
+        want = torch.sqrt((lr.min(dim=-1)[0] / lr.max(dim=-1)[0]) * (tb.min(dim=-1)[0] / tb.max(dim=-1)[0]))
+        same(boxes.centerness(encoded), want)
+    pred = boxes.linear_decode(codes, anchors, True)
+    ours = pred.detach().requires_grad_()
+    theirs = pred.detach().requires_grad_()
+    loss = boxes.generalized_box_iou_loss_sum(ours, gt)
+    want = generalized_box_iou_loss(theirs, gt, reduction="sum")
+    same(loss, want)
+    loss.backward()
+    want.backward()
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(ours.grad, theirs.grad, rtol=rtol, atol=rtol * float(theirs.grad.abs().max()))

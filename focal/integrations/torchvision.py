@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetClassificationHead
-from torchvision.ops import generalized_box_iou_loss
 
 import focal
+
+from . import _fcos_boxes as boxes
 
 __all__ = ["use_fused_loss"]
 
@@ -122,19 +123,16 @@ def _fcos_loss(
     # Stock torchvision's box and centerness losses, on the foreground locations only: stock decodes
     # and encodes every location, then keeps the foreground through boolean masks. Each location's
     # terms depend on that location alone, through exactly rounded arithmetic (+ - * / sqrt), so the
-    # values, their sums (in the same order) and the gradients are stock's.
+    # values, their sums (in the same order) and the gradients are stock's; _fcos_boxes computes
+    # them on coordinate pairs, in half the operations.
     where = foreground.nonzero(as_tuple=True)  # (image, location) of each positive, in stock's order
+    normalize = self.box_coder.normalize_by_size
     fg_anchors = torch.stack(anchors)[where]
     fg_gt_boxes = _padded(targets, "boxes")[where[0], matched[where]]
-    pred_boxes = self.box_coder.decode(bbox_regression[where], fg_anchors)
-    loss_bbox_reg = generalized_box_iou_loss(pred_boxes, fg_gt_boxes, reduction="sum")
-    bbox_reg_targets = self.box_coder.encode(fg_anchors, fg_gt_boxes)
-    left_right = bbox_reg_targets[:, [0, 2]]
-    top_bottom = bbox_reg_targets[:, [1, 3]]
-    gt_ctrness_targets = torch.sqrt(
-        (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0])
-        * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
-    )
+    pred_boxes = boxes.linear_decode(bbox_regression[where], fg_anchors, normalize)
+    loss_bbox_reg = boxes.generalized_box_iou_loss_sum(pred_boxes, fg_gt_boxes)
+    with torch.no_grad():
+        gt_ctrness_targets = boxes.centerness(boxes.linear_encode(fg_anchors, fg_gt_boxes, normalize))
     loss_bbox_ctrness = torch.nn.functional.binary_cross_entropy_with_logits(
         bbox_ctrness.squeeze(dim=2)[where], gt_ctrness_targets, reduction="sum"
     )
