@@ -33,6 +33,7 @@ from typing import Dict, List, Tuple
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetClassificationHead
 
@@ -68,23 +69,26 @@ def use_fused_loss(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _padded(targets: List[Dict[str, Tensor]], key: str) -> Tensor:
-    """Every image's ``targets[i][key]``, padded with zeros into one ``(N, max(1, G), ...)`` table, so
-    that an image without boxes gathers zeros, as stock torchvision fills it."""
+def _padded(targets: List[Dict[str, Tensor]], key: str, first: int = 0) -> Tensor:
+    """Every image's ``targets[i][key]``, padded with zeros into one ``(N, first + max(1, G), ...)``
+    table from column ``first`` on, so that an image without boxes gathers zeros, as stock
+    torchvision fills it."""
     values = [t[key] for t in targets]
     rows = max([1] + [len(v) for v in values])
-    table = values[0].new_zeros((len(values), rows) + values[0].shape[1:])
+    table = values[0].new_zeros((len(values), first + rows) + values[0].shape[1:])
     for i, v in enumerate(values):
-        table[i, : len(v)] = v
+        table[i, first : first + len(v)] = v
     return table
 
 
 def _class_ids(targets: List[Dict[str, Tensor]], matched_idxs: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Class ids ``(N, A)`` with the matcher's negatives kept: ``-1`` background, ``-2`` between the
-    thresholds; and the stacked ``matched_idxs``."""
+    thresholds; and the stacked ``matched_idxs``. One gather, at ``matched + 2``, from a table of
+    each image's labels after two columns that hold -2 and -1."""
     matched = torch.stack(matched_idxs)
-    labels = _padded(targets, "labels").gather(1, matched.clamp(min=0))
-    return torch.where(matched >= 0, labels, matched), matched
+    table = _padded(targets, "labels", first=2)
+    table[:, 0], table[:, 1] = Matcher.BETWEEN_THRESHOLDS, Matcher.BELOW_LOW_THRESHOLD
+    return table.gather(1, matched + 2), matched
 
 
 def _retinanet_classification_loss(
