@@ -17,10 +17,11 @@ sync. The semantics are stock's:
   given to the op as a per-image row weight ``1 / (N max(1, num_fg_i))``. The weight is cast to the
   logits' dtype, so under bfloat16 autocast it is rounded to bfloat16 (relative 2^-9).
 - FCOS: the batch's sum divided by ``max(1, positives in the batch)``, given as a tensor normaliser.
-  FCOS computes its box and centerness losses in the same ``compute_loss``; they are computed by
-  the same torchvision functions as stock, divided by the same count kept on the device, but on the
-  foreground locations only (selected once, which waits for the device as stock's boolean masks
-  do), where stock decodes and encodes every location and then keeps the foreground.
+  FCOS computes its box and centerness losses in the same ``compute_loss``; they are stock's
+  arithmetic bit for bit (``_fcos_boxes``: on coordinate pairs, in half the tensor operations),
+  divided by the same count kept on the device, but on the foreground locations only (selected
+  once, which waits for the device as stock's boolean masks do), where stock decodes and encodes
+  every location and then keeps the foreground.
 
 ``alpha = 0.25`` and ``gamma = 2``, torchvision's defaults. A model whose heads were adapted can
 no longer be compiled with ``torch.jit.script`` (``torch.compile`` is fine).
