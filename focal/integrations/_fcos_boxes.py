@@ -27,7 +27,8 @@ def linear_decode(rel_codes: Tensor, boxes: Tensor, normalize_by_size: bool) -> 
     low, high = _corners(boxes)
     centre = 0.5 * (low + high)
     if normalize_by_size:
-        rel_codes = rel_codes * (high - low).repeat(1, 2)
+        size = high - low
+        rel_codes = rel_codes * torch.cat((size, size), dim=1)
     return torch.cat((centre - rel_codes[:, :2], centre + rel_codes[:, 2:]), dim=1)
 
 
@@ -39,7 +40,8 @@ def linear_encode(reference_boxes: Tensor, proposals: Tensor, normalize_by_size:
     low_p, high_p = _corners(proposals)
     targets = torch.cat((centre - low_p, high_p - centre), dim=1)
     if normalize_by_size:
-        targets = targets / (high - low).repeat(1, 2)
+        size = high - low
+        targets = targets / torch.cat((size, size), dim=1)
     return targets
 
 
