@@ -37,6 +37,10 @@ namespace focal {
 // gamma is dispatched once per launch: the common integer values avoid a pow (exp + log).
 enum class GammaKind { kZero, kOne, kTwo, kGeneral };
 
+// The gammas whose outputs all carry q^gamma with gamma >= 1: sigmoid_parts' kTinyExpUnseen holds.
+template <GammaKind G>
+inline constexpr bool kTinyExpUnseenFor = G == GammaKind::kOne || G == GammaKind::kTwo;
+
 // Calls f(std::integral_constant<GammaKind, G>{}) with the compile-time G of a launch's gamma kind
 // and returns its result: how the host code of both backends turns gamma into a template argument.
 template <typename F>
@@ -212,7 +216,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, const SigmoidParts<V>& s, V gam
 
 template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
-  return focal_hard<G, V, O>(z, sigmoid_parts<V, O, G == GammaKind::kOne || G == GammaKind::kTwo>(z), gamma);
+  return focal_hard<G, V, O>(z, sigmoid_parts<V, O, kTinyExpUnseenFor<G>>(z), gamma);
 }
 
 // Soft target t in [0, 1] (torchvision's definition, exact for t in {0, 1} too):
@@ -222,7 +226,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
 template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   const V one(1);
-  const SigmoidParts<V> s = sigmoid_parts<V, O, G == GammaKind::kOne || G == GammaKind::kTwo>(x);
+  const SigmoidParts<V> s = sigmoid_parts<V, O, kTinyExpUnseenFor<G>>(x);
   const V u = one - t;
   const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
   const V sig_neg_t = s.sig_neg * t;

@@ -10,6 +10,11 @@
 
 namespace focal::cpu {
 
+// Elements of a flat span (float targets without row structure, runs of class-id rows): a multiple
+// of every instruction set's pair of vectors, and the most elements whose terms the lanes of a
+// float sum add up before it is flushed into a double.
+constexpr int64_t kFlatSpan = 512;
+
 // Processes rows [row_begin, row_end) of `args`: writes the loss (reduction "none") and the gradient
 // when their pointers are set, both multiplied by `scale`, and returns the unscaled sum of the
 // weighted losses of those rows (0 when the loss is written out), accumulated in lanes of the

@@ -17,13 +17,10 @@
 
 #include "../family_math.h"
 #include "../kernel_args.h"
+#include "focal_kernel.h"
 #include "vec/simd.h"
 
 namespace focal::cpu::CPU_CAPABILITY {
-
-// Elements of the flat stretches between two flushes of the vector sum into a double (as the
-// float targets' flat spans).
-constexpr int64_t kIdRunFlush = 512;
 
 // Rows [r0, r1) of `a` (class ids) for the loss L and gamma G: as rows_impl, whose preconditions
 // rows.h checks before calling it.
@@ -52,7 +49,7 @@ double id_runs_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1)
   V acc(acc_t(0));
   int64_t unflushed = 0;  // elements added to acc since its last flush
   const auto flush_if_due = [&]() FOCAL_ALWAYS_INLINE {
-    if (unflushed >= kIdRunFlush && !loss_all) {
+    if (unflushed >= kFlatSpan && !loss_all) {
       total += static_cast<double>(S::sum(acc));
       acc = V(acc_t(0));
       unflushed = 0;
@@ -88,10 +85,7 @@ double id_runs_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1)
     const V row_factor(row_w ? static_cast<acc_t>(row_w[first]) : acc_t(1));
     const AlphaWeights<V> alpha = row_w ? base.alpha.scaled(row_factor) : base.alpha;
     const Loss loss{base.p, alpha};
-    const ElementLoss<L, G, P> pair_loss{
-        {P{loss.p.gamma, loss.p.gamma}, P{loss.p.beta, loss.p.beta}, P{loss.p.inv_gamma, loss.p.inv_gamma},
-         P{loss.p.shift, loss.p.shift}},
-        {{alpha.pos, alpha.pos}, {alpha.neg, alpha.neg}}};
+    const ElementLoss<L, G, P> pair_loss = simd::paired(loss);
     // Negatives carry alpha's negative weight in these factors, not in their math.
     const V neg_loss_w = loss_w * alpha.neg;
     const V neg_grad_w = grad_w * alpha.neg;

@@ -21,10 +21,6 @@
 
 namespace focal::cpu::CPU_CAPABILITY {
 
-// Elements of a flat span (float targets without row structure): a multiple of every instruction
-// set's pair of vectors, and the most terms a lane of the float sum adds before it is flushed.
-constexpr int64_t kFlatSpan = 512;
-
 // Rows [r0, r1) of `a` for the loss L, targets TK and gamma G: see RowsFn (focal_kernel.h).
 template <typename scalar_t, TargetKind TK, GammaKind G, LossKind L>
 double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
@@ -172,10 +168,7 @@ double rows_impl(const KernelArgs& a, double scale_d, int64_t r0, int64_t r1) {
       finish(c, kLanes, {out.loss.lo, out.grad.lo}, lw, gw);
       finish(c + kLanes, kLanes, {out.loss.hi, out.grad.hi}, lw, gw);
     };
-    const ElementLoss<L, G, P> pair_loss{
-        {P{loss.p.gamma, loss.p.gamma}, P{loss.p.beta, loss.p.beta}, P{loss.p.inv_gamma, loss.p.inv_gamma},
-         P{loss.p.shift, loss.p.shift}},
-        {{row_alpha.pos, row_alpha.pos}, {row_alpha.neg, row_alpha.neg}}};
+    const ElementLoss<L, G, P> pair_loss = simd::paired(loss);
     // (With a tensor alpha, every vector has weights of its own: one at a time.)
     int64_t c = 0;
     const int64_t pair_len = class_alpha == nullptr ? span_len : 0;

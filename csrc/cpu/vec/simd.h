@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../../family_math.h"
 #include "../../focal_math.h"
 #include "aten.h"
 
@@ -86,6 +87,15 @@ template <typename V>
 inline Pair<V> operator*(const Pair<V>& a, const Pair<V>& b) { return {a.lo * b.lo, a.hi * b.hi}; }
 template <typename V>
 inline Pair<V> operator/(const Pair<V>& a, const Pair<V>& b) { return {a.lo / b.lo, a.hi / b.hi}; }
+
+// `loss` on pairs of vectors: each of its hyper-parameters and alpha weights twice.
+template <LossKind L, GammaKind G, typename V>
+inline ElementLoss<L, G, Pair<V>> paired(const ElementLoss<L, G, V>& loss) {
+  using P = Pair<V>;
+  return {{P{loss.p.gamma, loss.p.gamma}, P{loss.p.beta, loss.p.beta}, P{loss.p.inv_gamma, loss.p.inv_gamma},
+           P{loss.p.shift, loss.p.shift}},
+          {{loss.alpha.pos, loss.alpha.pos}, {loss.alpha.neg, loss.alpha.neg}}};
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace focal::simd
