@@ -222,7 +222,9 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
 // Soft target t in [0, 1] (torchvision's definition, exact for t in {0, 1} too):
 //   dFL/dx = q^gamma * ((p - t) + gamma * (1 - 2t) * CE * p (1 - p) / q)
 // where p (1 - p) / q lies in [0, 2] for every t, so the quotient is well conditioned; at q = 0 it
-// is multiplied by q^gamma = 0 and is set to 0. alpha_t is applied by the caller.
+// is multiplied by q^gamma = 0 and is set to 0. For gamma 1 and 2 the q cancels and there is no
+// quotient at all: dFL/dx = q^(gamma - 1) * (gamma (1 - 2t) CE p (1 - p) + q (p - t)), with
+// p (1 - p) = 0 wherever q = 0. alpha_t is applied by the caller.
 template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   const V one(1);
@@ -245,9 +247,13 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   r.loss = ce * w;
   if constexpr (G == GammaKind::kZero) {
     r.grad = p_minus_t;
-  } else {
+  } else if constexpr (G == GammaKind::kGeneral) {
     const V ratio = O::select(q_positive, divide<O>(s.sig * s.sig_neg, q), V(0));
     r.grad = w * O::fmadd(gamma * (u - t), ce * ratio, p_minus_t);  // ce * ratio first, as above
+  } else {
+    // ce * p (1 - p) is bounded (p (1 - p) falls as exp(-|x|) where CE grows as |x|).
+    const V inner = O::fmadd(gamma * (u - t), ce * (s.sig * s.sig_neg), q * p_minus_t);
+    r.grad = G == GammaKind::kOne ? inner : q * inner;
   }
   return r;
 }
