@@ -1,20 +1,23 @@
-"""Which launch shape of the roofline kernels is fastest on this GPU (``make gpu-tune``).
+"""Which variant of the CUDA kernels is fastest on this GPU (``make gpu-tune``).
 
 The class-id and float-target kernels (csrc/cuda/focal_kernels.cuh) are compiled in a few launch
-shapes (threads per block, bytes in flight per thread, register cap), and the host code picks one
-per GPU architecture from one table (``kArchLaunchShapes`` in csrc/cuda/focal_cuda.cu). Results
-do not depend on the shape, only the time does. This script, in one run on a GPU machine:
+shapes (threads per block, bytes in flight per thread, register cap), the softmax focal loss's
+thread-per-element kernel (csrc/cuda/softmax_kernels.cuh) in a few numbers of classes per load,
+and the host code picks one of each per GPU architecture from one table (``kArchVariants`` in
+csrc/cuda/variants.cu). Results do not depend on the variant, only the time does. This script, in
+one run on a GPU machine:
 
 1. builds focal for the visible GPU's architecture with the machine's own python
    (``python3 -m pip install --no-build-isolation --no-deps -e .``, as benchmarks/gpu_check.sh);
 2. times forward + backward of every hot path (class ids, float targets, and class ids with a row
    weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
    CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
-   the logits) in the same run; and the softmax focal loss, which has no shapes, in both its layouts
-   (a block per row of the same 80 classes; a thread per pixel of 21-class segmentation logits of
-   as many elements) against its own floor (``torch.softmax`` and the write of a gradient);
-3. checks that every shape gives the same loss and gradient, bit for bit;
-4. writes JSON and a markdown table, and prints this GPU's line of ``kArchLaunchShapes``.
+   the logits) in the same run; and the softmax focal loss in both its layouts (a block per row of
+   the same 80 classes, one variant; a thread per pixel of 21-class segmentation logits of as many
+   elements, in every variant) against its own floor (``torch.softmax`` and the write of a
+   gradient);
+3. checks that every variant gives the same loss and gradient, bit for bit;
+4. writes JSON and a markdown table, and prints this GPU's line of ``kArchVariants``.
 
     python benchmarks/gpu_tune.py [--out DIR] [--no-build]    (make gpu-tune)
     python benchmarks/gpu_tune.py --dry-run                    # the plan and the table, no GPU needed
@@ -38,12 +41,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(REPO_ROOT))  # an installed focal wins; the checkout (built in place) is the fallback
 KERNELS = REPO_ROOT / "csrc" / "cuda" / "focal_kernels.cuh"
-HOST = REPO_ROOT / "csrc" / "cuda" / "focal_cuda.cu"
+SOFTMAX_KERNELS = REPO_ROOT / "csrc" / "cuda" / "softmax_kernels.cuh"
+TABLE = REPO_ROOT / "csrc" / "cuda" / "variants.cu"
 
 SHAPES = [(200_000, 80), (960_000, 80)]
 DTYPES = ["float32", "bfloat16", "float16"]
-# path -> whether the launch shape applies to it
-PATHS = {"ids": True, "float": True, "row_weight": True, "softmax_rows": False, "softmax_pixels": False}
+# Variant families: the names' array in the sources, the environment variable that picks one, and
+# the column of kArchVariants.
+FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
+            "softmax": ("kSoftmaxVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_VARIANT")}
+# path -> the variant family that applies to it (None: one variant)
+PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": None, "softmax_pixels": "softmax"}
 # The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
 FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
             "softmax_pixels": "softmax_floor_pixels"}
@@ -60,48 +68,56 @@ class TuneError(Exception):
 # The table in the sources
 
 
-def launch_shape_names(text: str | None = None) -> list[str]:
-    """kLaunchShapeNames of focal_kernels.cuh, by index."""
-    text = KERNELS.read_text() if text is None else text
-    m = re.search(r"kLaunchShapeNames\[[^\]]*\]\s*=\s*\{([^}]*)\}", text)
+def variant_names(family: str = "shape", text: str | None = None) -> list[str]:
+    """The names of a variant family (FAMILIES) by index, from its array in the sources."""
+    array, source, _ = FAMILIES[family]
+    text = source.read_text() if text is None else text
+    m = re.search(array + r"\[[^\]]*\]\s*=\s*\{([^}]*)\}", text)
     if not m:
-        raise TuneError(f"no kLaunchShapeNames in {KERNELS}")
+        raise TuneError(f"no {array} in {source}")
     names = re.findall(r'"([^"]+)"', m[1])
     if not names or len(set(names)) != len(names):
-        raise TuneError(f"kLaunchShapeNames must list distinct names, got {names}")
+        raise TuneError(f"{array} must list distinct names, got {names}")
     return names
 
 
-def arch_table(text: str | None = None, names: list[str] | None = None) -> dict[tuple[int, int], int]:
-    """kArchLaunchShapes of focal_cuda.cu: (major, minor) -> shape index, checked against `names`."""
-    text = HOST.read_text() if text is None else text
-    names = launch_shape_names() if names is None else names
-    m = re.search(r"kArchLaunchShapes\[\]\s*=\s*\{(.*?)\n\};", text, re.S)
+def arch_table(text: str | None = None, names: dict[str, list[str]] | None = None
+               ) -> dict[tuple[int, int], dict[str, int]]:
+    """kArchVariants of variants.cu: (major, minor) -> {family: variant index}, checked against
+    `names` (family -> names)."""
+    text = TABLE.read_text() if text is None else text
+    names = {f: variant_names(f) for f in FAMILIES} if names is None else names
+    m = re.search(r"kArchVariants\[\]\s*=\s*\{(.*?)\n\};", text, re.S)
     if not m:
-        raise TuneError(f"no kArchLaunchShapes table in {HOST}")
-    table: dict[tuple[int, int], int] = {}
-    for major, minor, shape in re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\}", m[1]):
-        key = (int(major), int(minor))
+        raise TuneError(f"no kArchVariants table in {TABLE}")
+    table: dict[tuple[int, int], dict[str, int]] = {}
+    for row in re.findall(r"\{\s*(\d+(?:\s*,\s*\d+)*)\s*\}", m[1]):
+        values = [int(v) for v in row.split(",")]
+        if len(values) != 2 + len(FAMILIES):
+            raise TuneError(f"kArchVariants: {{{row}}} is not {{major, minor, {', '.join(FAMILIES)}}}")
+        key = (values[0], values[1])
         if key in table:
-            raise TuneError(f"kArchLaunchShapes lists sm_{major}{minor} twice")
-        if not 0 <= int(shape) < len(names):
-            raise TuneError(f"kArchLaunchShapes: sm_{major}{minor} takes shape {shape}, which does not exist "
-                            f"({len(names)} shapes: {', '.join(names)})")
-        table[key] = int(shape)
+            raise TuneError(f"kArchVariants lists sm_{key[0]}{key[1]} twice")
+        table[key] = {}
+        for family, index in zip(FAMILIES, values[2:]):
+            if not 0 <= index < len(names[family]):
+                raise TuneError(f"kArchVariants: sm_{key[0]}{key[1]} takes {family} {index}, which does not exist "
+                                f"({len(names[family])}: {', '.join(names[family])})")
+            table[key][family] = index
     return table
 
 
 def plan() -> list[dict]:
-    """Every timing of a run: path x size x dtype x shape (one shape for paths without shapes)."""
-    names = launch_shape_names()
+    """Every timing of a run: path x size x dtype x variant (None for a path of one variant)."""
+    names = {f: variant_names(f) for f in FAMILIES}
     cases = []
     for rows, cols in SHAPES:
         for dtype in DTYPES:
             for floor in dict.fromkeys(FLOOR_OF.values()):
-                cases.append({"path": floor, "rows": rows, "cols": cols, "dtype": dtype, "shape": None})
-            for path, shaped in PATHS.items():
-                for shape in names if shaped else [None]:
-                    cases.append({"path": path, "rows": rows, "cols": cols, "dtype": dtype, "shape": shape})
+                cases.append({"path": floor, "rows": rows, "cols": cols, "dtype": dtype, "variant": None})
+            for path, family in PATHS.items():
+                for variant in names[family] if family else [None]:
+                    cases.append({"path": path, "rows": rows, "cols": cols, "dtype": dtype, "variant": variant})
     return cases
 
 
@@ -110,9 +126,10 @@ def problem(path: str) -> str:
     return next((p for p, floor in FLOOR_OF.items() if floor == path), path)
 
 
-def table_entry(major: int, minor: int, shape: int, names: list[str], note: str) -> str:
-    """A line of kArchLaunchShapes."""
-    return f"    {{{major}, {minor}, {shape}}},  // {note}: {names[shape]}"
+def table_entry(major: int, minor: int, best: dict[str, int], names: dict[str, list[str]], note: str) -> str:
+    """A line of kArchVariants: the best variant of each family, by index."""
+    picked = ", ".join(names[f][best[f]] for f in FAMILIES)
+    return f"    {{{major}, {minor}, {', '.join(str(best[f]) for f in FAMILIES)}}},  // {note}: {picked}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,11 +203,13 @@ def floor_step(path: str, x):
     return lambda: (torch.softmax(x, dim=1), grad.zero_())
 
 
-def with_shape(shape: str | None):
-    if shape is None:
-        os.environ.pop("FOCAL_CUDA_VARIANT", None)
-    else:
-        os.environ["FOCAL_CUDA_VARIANT"] = shape
+def with_variant(path: str, variant: str | None) -> None:
+    """Sets the environment variable of the path's variant family to `variant`; None clears them all."""
+    for family, (_, _, env) in FAMILIES.items():
+        if variant is not None and PATHS.get(path) == family:
+            os.environ[env] = variant
+        else:
+            os.environ.pop(env, None)
 
 
 def add_floor_ratios(results: list[dict]) -> None:
@@ -202,6 +221,23 @@ def add_floor_ratios(results: list[dict]) -> None:
         r["x_floor"] = r["median_s"] / floor if floor else None
 
 
+def pick_best(results: list[dict], names: dict[str, list[str]]) -> tuple[dict, dict]:
+    """Per variant family: the geometric mean of x_floor of each variant over the family's paths,
+    and the index of the variant with the smallest (the first, where none was timed)."""
+    scores: dict[str, dict[str, float]] = {}
+    best: dict[str, int] = {}
+    for family, family_names in names.items():
+        scores[family] = {}
+        for variant in family_names:
+            ratios = [r["x_floor"] for r in results
+                      if PATHS.get(r["path"]) == family and r["variant"] == variant and r["x_floor"]]
+            if ratios:
+                scores[family][variant] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        fastest = min(scores[family], key=scores[family].get) if scores[family] else family_names[0]
+        best[family] = family_names.index(fastest)
+    return scores, best
+
+
 def run(out: Path, budget_s: float) -> dict:
     import torch
 
@@ -211,7 +247,7 @@ def run(out: Path, budget_s: float) -> dict:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     timer = Timer(device)
-    names = launch_shape_names()
+    names = {f: variant_names(f) for f in FAMILIES}
     start = time.monotonic()
     results = []
     same_bits = []
@@ -226,7 +262,7 @@ def run(out: Path, budget_s: float) -> dict:
             inputs.clear()  # one problem on the device at a time
             inputs[key] = make_inputs(*key, device)
         x, t, row_weight = inputs[key]
-        with_shape(case["shape"])
+        with_variant(case["path"], case["variant"])
         if case["path"] not in PATHS:
             step = floor_step(case["path"], x)
         else:
@@ -236,46 +272,43 @@ def run(out: Path, budget_s: float) -> dict:
             step()
         times = sorted(timer(step) for _ in range(REPEATS))
         results.append({**case, "median_s": times[len(times) // 2], "min_s": times[0]})
-        with_shape(None)
-    # The same bits in every shape, on this GPU's compiler output.
-    for path in [p for p, shaped in PATHS.items() if shaped]:
+        with_variant(case["path"], None)
+    # The same bits in every variant, on this GPU's compiler output.
+    for path, family in PATHS.items():
+        if family is None:
+            continue
         for dtype_name in DTYPES:
             dtype = getattr(torch, dtype_name)
             x, t, row_weight = make_inputs(path, 20_011, 80, dtype, device, seed=1)
             outs = []
-            for shape in names:
-                with_shape(shape)
-                outs.append([o.clone() for o in op_call(x, t, row_weight)])
-            with_shape(None)
+            for variant in names[family]:
+                with_variant(path, variant)
+                outs.append([o.clone() for o in op_call(x, t, row_weight, path.startswith("softmax"))])
+            with_variant(path, None)
             bits = lambda v: v.reshape(-1).view(torch.uint8)  # noqa: E731
             equal = all(torch.equal(bits(a), bits(b)) for o in outs[1:] for a, b in zip(o, outs[0]))
             same_bits.append({"path": path, "dtype": dtype_name, "bitwise_equal": bool(equal)})
     add_floor_ratios(results)
-    score = {}
-    for shape in names:
-        ratios = [r["x_floor"] for r in results if r["shape"] == shape and r["x_floor"]]
-        if ratios:
-            score[shape] = math.exp(sum(map(math.log, ratios)) / len(ratios))
-    best = min(score, key=score.get) if score else names[0]
+    scores, best = pick_best(results, names)
     major, minor = props.major, props.minor
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                             text=True).stdout.strip() or os.environ.get("GIT_COMMIT", "?")
+    summary = ", ".join(f"{names[f][best[f]]} {scores[f].get(names[f][best[f]], float('nan')):.2f}x" for f in FAMILIES)
     report = {
         "gpu": props.name, "capability": f"{major}.{minor}", "commit": commit,
         "date": datetime.date.today().isoformat(), "torch": torch.__version__,
         "timings": results, "same_bits": same_bits,
-        "geomean_x_floor": score, "best": best,
-        "entry": table_entry(major, minor, names.index(best), names,
-                             f"{props.name}, {score.get(best, float('nan')):.2f}x the floor ({commit})"),
+        "geomean_x_floor": scores, "best": {f: names[f][best[f]] for f in FAMILIES},
+        "entry": table_entry(major, minor, best, names, f"{props.name}, {summary} the floor ({commit})"),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_tune.json").write_text(json.dumps(report, indent=1))
     (out / "gpu_tune.md").write_text(markdown(report))
     print(markdown(report))
-    print("\nkArchLaunchShapes entry for this GPU (csrc/cuda/focal_cuda.cu):")
+    print("\nkArchVariants entry for this GPU (csrc/cuda/variants.cu):")
     print(report["entry"])
     if not all(s["bitwise_equal"] for s in same_bits):
-        raise TuneError("launch shapes gave different bits (see same_bits in gpu_tune.json)")
+        raise TuneError("variants gave different bits (see same_bits in gpu_tune.json)")
     return report
 
 
@@ -283,14 +316,15 @@ def markdown(report: dict) -> str:
     lines = [f"{report['gpu']} (sm_{report['capability'].replace('.', '')}), commit {report['commit']}, "
              f"{report['date']}: forward + backward, ms (x the floor: torch.sigmoid, or torch.softmax and a "
              "gradient's write for the softmax paths)", "",
-             "| path | shape | size | dtype | ms | x floor |", "| --- | --- | --- | --- | ---: | ---: |"]
+             "| path | variant | size | dtype | ms | x floor |", "| --- | --- | --- | --- | ---: | ---: |"]
     for r in report["timings"]:
         x = f"{r['x_floor']:.2f}" if r.get("x_floor") else "-"
-        lines.append(f"| {r['path']} | {r['shape'] or '-'} | {r['rows']}x{r['cols']} | {r['dtype']} | "
+        lines.append(f"| {r['path']} | {r['variant'] or '-'} | {r['rows']}x{r['cols']} | {r['dtype']} | "
                      f"{r['median_s'] * 1e3:.3f} | {x} |")
-    lines += ["", "geometric mean over the shaped paths, x floor: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in report["geomean_x_floor"].items())
-              + f"; best: **{report['best']}**"]
+    for family, scores in report["geomean_x_floor"].items():
+        lines += ["", f"geometric mean of the {family} variants' paths, x floor: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+                  + f"; best: **{report['best'][family]}**"]
     return "\n".join(lines)
 
 
@@ -306,18 +340,20 @@ def main(argv=None) -> int:
     parser.add_argument("--python", default=sys.executable, help="the python that builds focal (default: this one)")
     args = parser.parse_args(argv)
     try:
-        names = launch_shape_names()
+        names = {f: variant_names(f) for f in FAMILIES}
         table = arch_table(names=names)
         cases = plan()
         if args.dry_run:
-            print(f"launch shapes: {', '.join(f'{i}: {n}' for i, n in enumerate(names))}")
-            print("kArchLaunchShapes: " + ", ".join(f"sm_{a}{b} -> {names[s]}" for (a, b), s in sorted(table.items()))
-                  + f"; any other -> {names[0]}")
+            for family, family_names in names.items():
+                print(f"{family} variants: {', '.join(f'{i}: {n}' for i, n in enumerate(family_names))}")
+            print("kArchVariants: " + ", ".join(
+                f"sm_{a}{b} -> {' + '.join(names[f][i] for f, i in row.items())}" for (a, b), row in sorted(table.items()))
+                + f"; any other -> {' + '.join(n[0] for n in names.values())}")
             timed = [c for c in cases if c["path"] in PATHS]
             print(f"plan: {len(cases)} timings ({len(timed)} of the op, {len(cases) - len(timed)} floors) x {REPEATS} "
                   f"repeats, sizes {', '.join(f'{r}x{c}' for r, c in SHAPES)}, dtypes {', '.join(DTYPES)}")
             for c in cases:
-                print(f"  {c['path']:10s} {c['rows']}x{c['cols']} {c['dtype']:8s} {c['shape'] or '-'}")
+                print(f"  {c['path']:20s} {c['rows']}x{c['cols']} {c['dtype']:8s} {c['variant'] or '-'}")
             return 0
         import torch
 

@@ -1,7 +1,8 @@
 """Inputs, tolerances and the summation order of the CUDA backend, shared by the tests that run its
 kernels: tests/test_cuda.py on a GPU, tests/cuda_emulation/emulated_checks.py on the CPU emulation.
 
-The launch constants mirror csrc/cuda/focal_kernels.cuh: change both together.
+The launch constants mirror csrc/cuda/focal_kernels.cuh, tile_sums.cuh and softmax_kernels.cuh:
+change both together.
 """
 
 from __future__ import annotations
@@ -146,6 +147,47 @@ def cuda_reduced_sum(losses: torch.Tensor, dtype: torch.dtype, blocks: int | Non
         lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset : 2 * offset]
         offset //= 2
     return _block_reduce(_thread_sums(lanes[:, 0], THREADS, 1).view(1, THREADS))[0]
+
+
+SOFTMAX_MAX_TILES_EMULATED = 4  # kSoftmaxMaxTiles of csrc/cuda/softmax_kernels.cuh in the emulation
+
+
+def softmax_tiles(items: int, per_unit: int, max_tiles: int = SOFTMAX_MAX_TILES_EMULATED) -> tuple[int, int]:
+    """SoftmaxTiles::make: (per_tile, count) for `items` elements in units of a warp's 32
+    (softmax_elements_kernel) or rows in units of 1 (softmax_rows_kernel)."""
+    units = -(-items // per_unit)
+    per_tile = -(-units // max_tiles) if units > max_tiles else 1
+    return per_tile, -(-items // (per_unit * per_tile))
+
+
+def softmax_reduced_sum(losses: torch.Tensor, per_thread: bool) -> torch.Tensor:
+    """The unscaled sum that the softmax kernels and sum_blocks_kernel compute, in their order, of
+    `losses` (each element's or row's unscaled loss, 0 where ignored, in the accumulation dtype, in
+    memory order), as the emulation tiles them: per_thread, a tile is a warp's 32 x per_tile
+    elements, lane l adding its elements l, l + 32, ... in turn, the lanes' sums in store_tile_sum's
+    tree; else a tile is per_tile rows added in order. Then the tiles' sums as sum_blocks_kernel adds
+    them, on any grid and in any variant."""
+    values = losses.reshape(-1)
+    per_tile, count = softmax_tiles(values.numel(), WARP if per_thread else 1)
+    span = (WARP if per_thread else 1) * per_tile
+    padded = torch.zeros(count * span, dtype=values.dtype)  # + 0.0 changes no sum
+    padded[: values.numel()] = values
+    if per_thread:
+        steps = padded.view(count, per_tile, WARP)  # element lane + 32 k of a tile at [k, lane]
+        lanes = steps[:, 0].clone()
+        for k in range(1, per_tile):
+            lanes = lanes + steps[:, k]
+        offset = WARP // 2
+        while offset:
+            lanes[:, :offset] = lanes[:, :offset] + lanes[:, offset : 2 * offset]
+            offset //= 2
+        tile_sums = lanes[:, 0]
+    else:
+        rows = padded.view(count, per_tile)
+        tile_sums = rows[:, 0].clone()
+        for k in range(1, per_tile):
+            tile_sums = tile_sums + rows[:, k]
+    return _block_reduce(_thread_sums(tile_sums, THREADS, 1).view(1, THREADS))[0]
 
 
 def summation_error_bound(numel: int, dtype: torch.dtype, blocks: int) -> float:

@@ -3,6 +3,7 @@ this file holds what only a GPU can show: no host syncs, CPU/GPU agreement, and 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -298,10 +299,10 @@ def test_cuda_reduction_is_bitwise_reproducible(reduction, kind):
         assert torch.equal(torch.autograd.grad(again, x)[0], first_grad)
 
 
-def _launch_shape_names() -> list[str]:
+def _variant_names(family: str) -> list[str]:
     import benchmark_scripts
 
-    return benchmark_scripts.load("gpu_tune").launch_shape_names()
+    return benchmark_scripts.load("gpu_tune").variant_names(family)
 
 
 @cuda_kernels
@@ -327,7 +328,7 @@ def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeyp
 
     monkeypatch.delenv("FOCAL_CUDA_VARIANT", raising=False)
     loss, grad = run()
-    for name in _launch_shape_names():
+    for name in _variant_names("shape"):
         monkeypatch.setenv("FOCAL_CUDA_VARIANT", name)
         other_loss, other_grad = run()
         assert_bitwise_equal(other_loss, loss, f"loss, {name}")
@@ -335,6 +336,39 @@ def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeyp
     exact_loss, exact_grad = _exact(x, t, reduction="sum", weight=weight)
     _assert_within_contract(loss, exact_loss, dtype, reduced=True)
     _assert_within_contract(grad, exact_grad, dtype, reduced=False, normwise=True)
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["rows", "pixels"])
+def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, layout, monkeypatch):
+    """FOCAL_CUDA_SOFTMAX_VARIANT picks the classes per load of the softmax's thread-per-element
+    kernel, FOCAL_CUDA_GRID the grid: every variant on one block, 7 or a wave of them gives the
+    default's loss and gradient bit for bit, for rows of 21 classes and 21-class pixels."""
+    g = torch.Generator().manual_seed(8)
+    shape = (30011, 21) if layout == "rows" else (5, 21, 61, 67)
+    x = make_logits(shape, dtype, g)
+    ids = torch.randint(0, 21, (shape[0],) + shape[2:], generator=g)
+    ids.view(-1)[::13] = -100
+
+    def run():
+        xd = x.cuda().requires_grad_()
+        loss = focal.softmax_focal_loss(xd, ids.cuda(), gamma=2.0, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xd)
+        return loss.detach(), grad
+
+    for name in ("FOCAL_CUDA_SOFTMAX_VARIANT", "FOCAL_CUDA_GRID"):
+        monkeypatch.delenv(name, raising=False)
+    loss, grad = run()
+    for name, grid in itertools.product(_variant_names("softmax"), [None, "1", "7"]):
+        monkeypatch.setenv("FOCAL_CUDA_SOFTMAX_VARIANT", name)
+        if grid is None:
+            monkeypatch.delenv("FOCAL_CUDA_GRID", raising=False)
+        else:
+            monkeypatch.setenv("FOCAL_CUDA_GRID", grid)
+        other_loss, other_grad = run()
+        assert_bitwise_equal(other_loss, loss, f"loss, {name} on {grid or 'a wave of'} blocks")
+        assert_bitwise_equal(other_grad, grad, f"gradient, {name} on {grid or 'a wave of'} blocks")
 
 
 @cuda_kernels

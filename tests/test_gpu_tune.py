@@ -12,19 +12,35 @@ import focal  # noqa: F401  (registers torch.ops.focal, which the script calls)
 tune = benchmark_scripts.load("gpu_tune")
 
 
-def test_plan_covers_every_shape_of_every_shaped_path():
-    names = tune.launch_shape_names()
-    assert len(names) >= 2 and "t256_f64_b4" in names
+def test_plan_covers_every_variant_of_every_path():
+    shapes, softmax = tune.variant_names("shape"), tune.variant_names("softmax")
+    assert len(shapes) >= 2 and "t256_f64_b4" in shapes and softmax[:2] == ["c1", "c16"]
     cases = tune.plan()
     for rows, cols in tune.SHAPES:
         for dtype in ("float32", "bfloat16", "float16"):
             mine = [c for c in cases if (c["rows"], c["cols"], c["dtype"]) == (rows, cols, dtype)]
-            assert sorted(c["shape"] for c in mine if c["path"] == "ids") == sorted(names)
-            assert sorted(c["shape"] for c in mine if c["path"] == "float") == sorted(names)
-            assert sorted(c["shape"] for c in mine if c["path"] == "row_weight") == sorted(names)
-            # The softmax focal loss has no shapes; each path has its floor at the same size and dtype.
-            assert [c["shape"] for c in mine if c["path"].startswith("softmax")] == [None] * 4
-            assert {c["path"] for c in mine if c["shape"] is None} >= set(tune.FLOOR_OF.values())
+            for path in ("ids", "float", "row_weight"):
+                assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(shapes)
+            # The softmax's thread-per-pixel kernel in each of its variants, the block-per-row one alone.
+            assert sorted(c["variant"] for c in mine if c["path"] == "softmax_pixels") == sorted(softmax)
+            assert [c["variant"] for c in mine if c["path"] == "softmax_rows"] == [None]
+            # Each path has its floor at the same size and dtype.
+            assert {c["path"] for c in mine if c["variant"] is None} >= set(tune.FLOOR_OF.values())
+
+
+def test_best_variant_of_each_family_by_its_paths_geometric_mean():
+    names = {"shape": ["a", "b"], "softmax": ["c1", "c16"]}
+    results = [{"path": "ids", "variant": "a", "x_floor": 2.0}, {"path": "float", "variant": "a", "x_floor": 2.0},
+               {"path": "ids", "variant": "b", "x_floor": 1.0}, {"path": "float", "variant": "b", "x_floor": 3.0},
+               {"path": "softmax_pixels", "variant": "c1", "x_floor": 1.5},
+               {"path": "softmax_pixels", "variant": "c16", "x_floor": 1.2},
+               {"path": "softmax_rows", "variant": None, "x_floor": 0.5}]
+    scores, best = tune.pick_best(results, names)
+    assert scores["shape"] == pytest.approx({"a": 2.0, "b": 3 ** 0.5}) and best == {"shape": 1, "softmax": 1}
+    assert scores["softmax"] == pytest.approx({"c1": 1.5, "c16": 1.2})
+    entry = tune.table_entry(9, 0, best, names, "NVIDIA H200")
+    assert entry == "    {9, 0, 1, 1},  // NVIDIA H200: b, c16"
+    assert tune.pick_best([], names) == ({"shape": {}, "softmax": {}}, {"shape": 0, "softmax": 0})
 
 
 def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_floor():
@@ -48,25 +64,30 @@ def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_f
 
 
 def test_arch_table_is_read_and_checked():
-    names = tune.launch_shape_names()
-    table = tune.arch_table(names=names)
-    assert (9, 0) in table and all(0 <= s < len(names) for s in table.values())
-    good = "constexpr ArchLaunchShapes kArchLaunchShapes[] = {\n    {9, 0, 1},  // x\n    {8, 0, 0},\n};"
-    assert tune.arch_table(good, names=["a", "b"]) == {(9, 0): 1, (8, 0): 0}
+    table = tune.arch_table()
+    names = {f: tune.variant_names(f) for f in tune.FAMILIES}
+    assert (9, 0) in table and all(0 <= row[f] < len(names[f]) for row in table.values() for f in names)
+    names = {"shape": ["a", "b"], "softmax": ["c1", "c16"]}
+    good = "constexpr ArchEntry kArchVariants[] = {\n    {9, 0, 1, 0},  // x\n    {8, 0, 0, 1},\n};"
+    assert tune.arch_table(good, names=names) == {(9, 0): {"shape": 1, "softmax": 0}, (8, 0): {"shape": 0, "softmax": 1}}
     with pytest.raises(tune.TuneError, match="sm_90 takes shape 5, which does not exist"):
-        tune.arch_table(good.replace("{9, 0, 1}", "{9, 0, 5}"), names=["a", "b"])
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, 5, 0}"), names=names)
+    with pytest.raises(tune.TuneError, match="sm_90 takes softmax 2, which does not exist"):
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, 1, 2}"), names=names)
     with pytest.raises(tune.TuneError, match="sm_80 twice"):
-        tune.arch_table(good.replace("{9, 0, 1}", "{8, 0, 1}"), names=["a", "b"])
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{8, 0, 1, 0}"), names=names)
+    with pytest.raises(tune.TuneError, match=r"\{9, 0, 1\} is not \{major, minor, shape, softmax\}"):
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, 1}"), names=names)
     with pytest.raises(tune.TuneError, match="distinct"):
-        tune.launch_shape_names('kLaunchShapeNames[2] = {"a", "a"};')
-    entry = tune.table_entry(9, 0, 1, ["a", "b"], "NVIDIA H200, 1.10x the floor")
-    assert tune.arch_table("kArchLaunchShapes[] = {\n" + entry + "\n};", names=["a", "b"]) == {(9, 0): 1}
+        tune.variant_names("shape", 'kLaunchShapeNames[2] = {"a", "a"};')
+    entry = tune.table_entry(9, 0, {"shape": 1, "softmax": 0}, names, "NVIDIA H200, 1.10x the floor")
+    assert tune.arch_table("kArchVariants[] = {\n" + entry + "\n};", names=names) == {(9, 0): {"shape": 1, "softmax": 0}}
 
 
 def test_dry_run_and_the_error_without_a_gpu(capsys, tmp_path):
     assert tune.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 84 timings" in out and "sm_90 ->" in out
+    assert "plan: 90 timings" in out and "sm_90 -> t256_f64_b4 + c1" in out
     if torch.cuda.is_available():
         return  # the real run is `make gpu-tune`'s, not a test's
     assert tune.main(["--no-build", "--out", str(tmp_path)]) == 2

@@ -1,15 +1,12 @@
 // CUDA backend of the elementwise losses (sigmoid_focal_loss, sigmoid_focal_loss_star,
 // quality_focal_loss, varifocal_loss): outputs, the scale, grid sizing and the launches of the
 // kernels in focal_kernels.cuh (FL*, QFL and VFL through family_cuda.cu). A reduced loss is summed
-// per block with CUB and the block sums are added in a fixed order by a second, one-block kernel
-// (no atomics: bitwise reproducible). The host never reads device memory, so nothing here waits for
+// per tile of the data and the tiles' sums are added in a fixed order by a second, one-block kernel
+// (tile_sums.cuh; no atomics: bitwise reproducible, whatever the launch shape and grid). The host never reads device memory, so nothing here waits for
 // the GPU and the op can be captured in a CUDA graph. Registered by register_cuda.cpp. Compiled by
 // nvcc, and for tests as host C++ against the emulation (host_runtime.cuh, README.md).
 #include <cstdint>
-#include <cstdlib>
 #include <optional>
-#include <string>
-#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -20,6 +17,7 @@
 #include "family_cuda.cuh"
 #include "focal_kernels.cuh"
 #include "host_runtime.cuh"
+#include "variants.h"
 
 namespace focal::cuda {
 namespace {
@@ -37,51 +35,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// The launch shape (focal_kernels.cuh, kLaunchShapeNames) of the roofline kernels per GPU
-// architecture, as `make gpu-tune` (benchmarks/gpu_tune.py) measures it; any architecture not
-// listed takes shape 0. Results do not depend on the choice, only the time does.
-struct ArchLaunchShape {
-  int major, minor;
-  int shape;
-};
-constexpr ArchLaunchShape kArchLaunchShapes[] = {
-    {8, 0, 0},  // A100: not yet measured
-    {8, 9, 0},  // L4, RTX 40: not yet measured
-    {9, 0, 0},  // H100, H200: not yet measured
-};
-
-// FOCAL_CUDA_VARIANT (a name of kLaunchShapeNames) overrides the table, and FOCAL_CUDA_GRID (a
-// number of blocks >= 1) the grid's size: for benchmarks/gpu_tune.py and the tests, which compare
-// every shape and grid size; both are read at every call.
-int launch_shape_index() {
-  if (const char* name = std::getenv("FOCAL_CUDA_VARIANT"); name != nullptr && *name != '\0') {
-    for (int i = 0; i < kLaunchShapeCount; ++i) {
-      if (std::string_view(name) == kLaunchShapeNames[i]) return i;
-    }
-    std::string known;
-    for (const char* n : kLaunchShapeNames) known += std::string(known.empty() ? "" : ", ") + n;
-    TORCH_CHECK(false, "FOCAL_CUDA_VARIANT=", name, " is not a launch shape of focal's CUDA kernels (",
-                known, ")");
-  }
-  const auto [major, minor] = rt::compute_capability();
-  for (const ArchLaunchShape& a : kArchLaunchShapes) {
-    if (a.major == major && a.minor == minor) return a.shape;
-  }
-  return 0;
-}
-
-// The most blocks a launch may take: FOCAL_CUDA_GRID if set, else one wave of `blocks_per_sm`.
-int64_t max_blocks(int64_t blocks_per_sm) {
-  if (const char* grid = std::getenv("FOCAL_CUDA_GRID"); grid != nullptr && *grid != '\0') {
-    char* end = nullptr;
-    const long long v = std::strtoll(grid, &end, 10);
-    TORCH_CHECK(*end == '\0' && v >= 1 && v <= (1 << 30), "FOCAL_CUDA_GRID=", grid,
-                " is not a number of blocks >= 1");
-    return v;
-  }
-  return rt::multiprocessor_count() * blocks_per_sm;
-}
 
 }  // namespace
 
@@ -145,7 +98,8 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
                             args.row_weight == nullptr && args.elem_weight == nullptr &&
                             args.class_alpha == nullptr;
 
-  const int shape_index = launch_shape_index();
+  const int shape_index =
+      variant_index({"FOCAL_CUDA_VARIANT", kLaunchShapeNames, kLaunchShapeCount}, arch_variants().shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* sums = nullptr;
@@ -209,8 +163,8 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
       }
     }
     if (reduce) {
-      rt::launch(&sum_blocks_kernel<acc_t>, 1, kThreads, stream, sums, static_cast<int>(partials), s,
-                 loss.mutable_data_ptr<acc_t>());
+      rt::launch(&sum_blocks_kernel<acc_t, ScaleArgs>, 1, kSumThreads, stream, sums, static_cast<int>(partials),
+                 s, loss.mutable_data_ptr<acc_t>());
     }
   });
   return {loss, grad};

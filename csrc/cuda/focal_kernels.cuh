@@ -1,6 +1,6 @@
 // The loss kernels of the CUDA backend (focal_ids_kernel: class ids, the roofline case;
-// focal_float_kernel: unweighted float targets; focal_kernel: everything else) and the kernel that
-// adds up their per-block totals. Compiled by nvcc, and for tests as host C++ against the emulation
+// focal_float_kernel: unweighted float targets; focal_kernel: everything else); their tiles' sums
+// are added by tile_sums.cuh. Compiled by nvcc, and for tests as host C++ against the emulation
 // (kernel_runtime.cuh, README.md).
 #pragma once
 
@@ -17,6 +17,7 @@
 #include "../kernel_args.h"
 #include "device_math.cuh"
 #include "kernel_runtime.cuh"
+#include "tile_sums.cuh"
 
 namespace focal::cuda {
 
@@ -166,7 +167,6 @@ __device__ __forceinline__ void unpack(const Pack<scalar_t, kVec>& p, at::opmath
 // register cap and the grid size change which thread does what and when, never what is added to
 // what: every launch shape and grid size gives the same bits (tests/cuda_emulation checks it).
 
-constexpr int kWarp = 32;
 constexpr int kLanePacks = 16;                     // packs of one lane in one tile
 constexpr int kTilePacks = kWarp * kLanePacks;     // 512 packs, 8 KiB of logits
 
@@ -267,18 +267,6 @@ struct RowWalk {
   }
   __device__ __forceinline__ uint32_t rows_in(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
 };
-
-// tile_sums[tile] = the 32 lanes' values added in a fixed tree: lane l adds lane l + 16's, then
-// l + 8's, ..., l + 1's, so lane 0 ends with ((v0 + v16) + (v8 + v24)) + ... Every lane of the warp
-// must call it.
-template <typename acc_t>
-__device__ __forceinline__ void store_tile_sum(acc_t v, int64_t tile, acc_t* __restrict__ tile_sums) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
-  }
-  if (threadIdx.x % kWarp == 0) tile_sums[tile] = v;
-}
 
 // Loss (reduction "none") and gradient of every element, times the scale; with `tile_sums`, also
 // each tile's sum of the unscaled losses, in the tiles' order (above), so that its sums are bitwise
@@ -727,35 +715,6 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
     run(std::false_type{});
   }
   trace_elements(touched);
-}
-
-// *out = scale * (sum of block_sums), the sum in an order fixed by `blocks`: thread i adds
-// block_sums[i], [i + kThreads], ... in turn, then cub::BlockReduce adds the threads' sums. The
-// roofline kernels leave one sum per tile (tens of thousands for a large input): each thread
-// loads kSumsInFlight of its values before adding them, so that the loads overlap.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    sum_blocks_kernel(const acc_t* __restrict__ block_sums, int blocks, ScaleArgs s,
-                      acc_t* __restrict__ out) {
-  constexpr int kSumsInFlight = 16;
-  acc_t sum = 0;
-  for (int base = threadIdx.x; base < blocks; base += kThreads * kSumsInFlight) {
-    acc_t v[kSumsInFlight];
-#pragma unroll
-    for (int k = 0; k < kSumsInFlight; ++k) {
-      const int i = base + k * kThreads;
-      v[k] = i < blocks ? block_sums[i] : acc_t(0);
-    }
-#pragma unroll
-    for (int k = 0; k < kSumsInFlight; ++k) {
-      if (base + k * kThreads < blocks) sum = add_rn(sum, v[k]);
-    }
-  }
-  using BlockReduce = cub::BlockReduce<acc_t, kThreads>;
-  __shared__ typename BlockReduce::TempStorage storage;
-  const acc_t total = BlockReduce(storage).Sum(sum);
-  // In double, as the CPU backend scales its sum.
-  if (threadIdx.x == 0) *out = static_cast<acc_t>(static_cast<double>(total) * resolve_scale(s));
 }
 
 }  // namespace focal::cuda

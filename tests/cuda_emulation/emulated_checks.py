@@ -32,6 +32,7 @@ from cuda_cases import (
     grid_blocks,
     make_logits,
     make_targets,
+    softmax_reduced_sum,
     summation_error_bound,
     vector_width,
 )
@@ -453,15 +454,15 @@ GRIDS = [None, 1]  # FOCAL_CUDA_GRID: one wave (8, 12 or 24 blocks on the 2 emul
 
 
 @contextlib.contextmanager
-def launch_shape(name, grid):
-    """The roofline kernels in launch shape `name` on a grid of `grid` blocks (None: as chosen)."""
-    old = {k: os.environ.get(k) for k in ("FOCAL_CUDA_VARIANT", "FOCAL_CUDA_GRID")}
-    os.environ["FOCAL_CUDA_VARIANT"] = name
-    if grid is None:
-        os.environ.pop("FOCAL_CUDA_GRID", None)
-    else:
-        os.environ["FOCAL_CUDA_GRID"] = str(grid)
+def environment(**values):
+    """The environment variables named, set for the block (None: unset), then as they were."""
+    old = {k: os.environ.get(k) for k in values}
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
         yield
     finally:
         for k, v in old.items():
@@ -469,6 +470,11 @@ def launch_shape(name, grid):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def launch_shape(name, grid):
+    """The roofline kernels in launch shape `name` on a grid of `grid` blocks (None: as chosen)."""
+    return environment(FOCAL_CUDA_VARIANT=name, FOCAL_CUDA_GRID=grid)
 
 
 def _every_launch(dtype, call):
@@ -547,7 +553,7 @@ def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape
 def test_launch_shape_override_is_checked():
     x = make_logits((4, 80), torch.float32, torch.Generator().manual_seed(1))
     ids = torch.zeros(4, dtype=torch.long)
-    with launch_shape("t999", None), pytest.raises(RuntimeError, match="FOCAL_CUDA_VARIANT=t999 is not a launch shape"):
+    with launch_shape("t999", None), pytest.raises(RuntimeError, match="FOCAL_CUDA_VARIANT=t999 is not a variant"):
         loss_op(EMU, x, ids, reduction="sum")
     with launch_shape("t256_f64_b4", 0), pytest.raises(RuntimeError, match="FOCAL_CUDA_GRID=0 is not a number"):
         loss_op(EMU, x, ids, reduction="sum")
@@ -870,13 +876,49 @@ def test_softmax_empty_and_all_ignored():
     assert loss.item() == 0 and torch.equal(grad, torch.zeros(6, 40))
 
 
-@pytest.mark.parametrize("layout", ["rows-thread", "rows-block", "segmentation"])
-def test_softmax_reduced_loss_is_repeatable(layout):
-    x, t = _softmax_problem(SOFTMAX_SHAPES[layout], torch.float32, 3)
-    first, _ = _softmax_op(EMU, x, t, reduction="sum", smoothing=0.1)
-    for _ in range(3):
-        again, _ = _softmax_op(EMU, x, t, reduction="sum", smoothing=0.1)
-        assert_bitwise_equal(again, first, "sum")
+SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
+# Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
+SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-block": (13, 40), "segmentation": (3, 7, 5, 11)}
+
+
+def softmax_variant(name, grid):
+    """softmax_elements_kernel in variant `name`, the softmax kernels on a grid of `grid` blocks
+    (None: as chosen)."""
+    return environment(FOCAL_CUDA_SOFTMAX_VARIANT=name, FOCAL_CUDA_GRID=grid)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("layout", list(SOFTMAX_TILED))
+def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(layout, dtype):
+    """Both kernels, every reduction, with and without smoothing and the gradient: the same bits
+    in every variant (classes per load) and on one block, three or a wave of them, and the sum
+    bitwise the model of its order in tests/cuda_cases.py (float32 and float64, where the
+    unreduced losses are the unscaled ones)."""
+    shape = SOFTMAX_TILED[layout]
+    x, t = _softmax_problem(shape, dtype, 31)
+    per_thread = layout != "rows-block"
+    for reduction, smoothing, compute_grad in (("sum", 0.0, True), ("sum", 0.1, False), ("mean", 0.1, True),
+                                               ("none", 0.0, True)):
+        first = None
+        for name, grid in itertools.product(SOFTMAX_VARIANTS, [None, 1, 3]):
+            with softmax_variant(name, grid):
+                got = _softmax_op(EMU, x, t, reduction=reduction, smoothing=smoothing, gamma=1.5,
+                                  compute_grad=compute_grad)
+            if first is None:
+                first = got
+                continue
+            for a, b, what in zip(got, first, ("loss", "grad")):
+                assert_bitwise_equal(a, b, f"{layout} {reduction} {what}: {name} on {grid or 'a wave of'} blocks")
+        if dtype != torch.bfloat16 and reduction == "sum":
+            unscaled, _ = _softmax_op(EMU, x, t, smoothing=smoothing, gamma=1.5, compute_grad=False)
+            assert_bitwise_equal(first[0], softmax_reduced_sum(unscaled, per_thread), f"{layout} sum vs its order")
+
+
+def test_softmax_variant_override_is_checked():
+    x, t = _softmax_problem(SOFTMAX_SHAPES["rows-thread"], torch.float32, 1)
+    with softmax_variant("c99", None), pytest.raises(
+            RuntimeError, match=r"FOCAL_CUDA_SOFTMAX_VARIANT=c99 is not a variant of focal's CUDA kernels \(c1, c16\)"):
+        _softmax_op(EMU, x, t, reduction="sum")
 
 
 # ---- The detection frameworks' label conventions -------------------------------------------------

@@ -1,0 +1,369 @@
+// The kernels of the softmax focal loss (softmax_cuda.cu launches them). The math is
+// csrc/softmax_math.h with scalar float (float64 for float64 data) and libm's primitives.
+//
+// Two kernels, by layout:
+// - softmax_elements_kernel: one thread per element (n, position), its classes `inner` apart, so
+//   neighbouring threads read neighbouring addresses in every pass: segmentation logits
+//   (N, C, H, W), and rows of at most kThreadRowClasses classes, where a row is short enough for
+//   one thread (the three passes then hit L1). Compiled in variants (kSoftmaxVariantNames) that
+//   load 1 or 16 classes before they use any;
+// - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
+//   cub::BlockReduce, each thread striding over the row's classes.
+// A reduced loss is summed in tiles fixed by the data (a warp's elements, a run of rows), whose
+// sums are added in a fixed order by sum_blocks_kernel (tile_sums.cuh): no atomics, and the same
+// bits for every variant and grid size. Compiled by nvcc, and for tests as host C++ against the
+// emulation (kernel_runtime.cuh, README.md).
+#pragma once
+
+#include <cfloat>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include <ATen/OpMathType.h>
+
+#include "../softmax_args.h"
+#include "../softmax_math.h"
+#include "device_math.cuh"
+#include "kernel_runtime.cuh"
+#include "tile_sums.cuh"
+
+namespace focal::cuda {
+
+constexpr int kSoftmaxThreads = 128;
+constexpr int kSoftmaxBlocksPerSm = 8;
+// Rows up to this many classes take one thread each.
+constexpr int64_t kThreadRowClasses = 32;
+// At most about this many tiles: their sums are added by one block. The emulation takes 4, so that
+// the tests' small inputs have lanes of several elements and tiles of several rows.
+#if !defined(FOCAL_CUDA_EMULATION)
+constexpr int64_t kSoftmaxMaxTiles = 8192;
+#else
+constexpr int64_t kSoftmaxMaxTiles = 4;
+#endif
+
+// The variants of softmax_elements_kernel, by index: the classes each thread loads before it uses
+// any of them, in each pass over its element's classes. c1 uses each class's logit as it comes (40
+// registers: 75 % occupancy at gamma 2); c16 has 64 bytes of float32 logits in flight in each
+// pass's whole chunks, under 56 registers (README.md). float64 and label smoothing take c1 in
+// every variant.
+inline constexpr int kSoftmaxVariantCount = 2;
+inline constexpr const char* kSoftmaxVariantNames[kSoftmaxVariantCount] = {"c1", "c16"};
+
+// f(std::integral_constant<int, classes per load>) for the variant of that index (0 for any other).
+template <typename F>
+decltype(auto) with_softmax_chunk(int index, F&& f) {
+  switch (index) {
+    case 1: return f(std::integral_constant<int, 16>{});
+    default: return f(std::integral_constant<int, 1>{});
+  }
+}
+
+// The factor of every loss and gradient element, in double: factor / normaliser / denominator,
+// where the last two may live in device memory.
+struct SoftmaxScale {
+  double factor = 1.0;                 // scale * alpha, divided by a normaliser the host read
+  ScalarRef normalizer;                // a normaliser in device memory, or absent
+  const double* denominator = nullptr;  // the "mean" denominator in device memory, or absent
+};
+
+__device__ __forceinline__ double resolve_scale(const SoftmaxScale& s) {
+  double f = s.factor;
+  if (s.normalizer.ptr != nullptr) {
+    const double v = load(s.normalizer);
+    // The host cannot check a value it never reads: an invalid normaliser poisons the result.
+    f = v > 0.0 && v <= DBL_MAX ? f / v : static_cast<double>(NAN);
+  }
+  if (s.denominator != nullptr) f /= *s.denominator;
+  return f;
+}
+
+// How a reduced loss is cut into tiles, from the data's size alone: `per_tile` elements per lane
+// (softmax_elements_kernel: a tile is a warp's 32 x per_tile elements) or rows per tile
+// (softmax_rows_kernel), so that there are at most about kSoftmaxMaxTiles of them.
+struct SoftmaxTiles {
+  int64_t per_tile = 1;
+  int64_t count = 0;
+
+  static SoftmaxTiles make(int64_t items, int64_t item_per_unit) {
+    SoftmaxTiles t;
+    const int64_t units = (items + item_per_unit - 1) / item_per_unit;
+    t.per_tile = units > kSoftmaxMaxTiles ? (units + kSoftmaxMaxTiles - 1) / kSoftmaxMaxTiles : 1;
+    const int64_t span = item_per_unit * t.per_tile;
+    t.count = (items + span - 1) / span;
+    return t;
+  }
+};
+
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(T a, T b) const {
+    return softmax_max<T, Ops<T>>(a, b);
+  }
+};
+
+// *out = the sum of weight[id] over the elements whose id is not ignore_index (their number
+// without a weight), or 1 when there is none. An out-of-range id has no weight: NaN.
+template <typename weight_t>
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    softmax_denominator_kernel(const int64_t* __restrict__ ids, int64_t count, int64_t classes,
+                               int64_t ignore_index, const weight_t* __restrict__ weight,
+                               double* __restrict__ out) {
+  double total = 0;
+  double kept = 0;
+  for (int64_t i = threadIdx.x; i < count; i += kSoftmaxThreads) {
+    const int64_t id = ids[i];
+    if (id == ignore_index) continue;
+    kept += 1;
+    if (id < 0 || id >= classes) {
+      total += static_cast<double>(NAN);
+    } else {
+      total += weight ? static_cast<double>(weight[id]) : 1.0;
+    }
+  }
+  using BlockReduce = cub::BlockReduce<double, kSoftmaxThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  const double sum = BlockReduce(storage).Sum(total);
+  __syncthreads();
+  const double kept_sum = BlockReduce(storage).Sum(kept);
+  if (threadIdx.x == 0) *out = kept_sum > 0 ? sum : 1.0;
+}
+
+// q_c a_c for class c of an element of class `id`.
+template <typename acc_t>
+__device__ __forceinline__ acc_t class_weight(const SoftmaxArgs& a, int64_t c, int64_t id, acc_t q_target,
+                                             acc_t q_other) {
+  const acc_t q = c == id ? q_target : q_other;
+  const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  return factor ? q * factor[c] : q;
+}
+
+// f(c, logit of class c) for c = 0, 1, ..., C - 1 in turn, the logits `inner` apart from x. With
+// kChunk > 1 whole chunks of kChunk classes are read, all of them before any is used, so that
+// kChunk loads are in flight; the classes after the last whole chunk are read one by one. f sees
+// the same values in the same order either way.
+template <int kChunk, typename acc_t, typename scalar_t, typename F>
+__device__ __forceinline__ void for_classes(const scalar_t* x, int64_t C, int64_t inner, F&& f) {
+  int64_t c = 0;
+  if constexpr (kChunk > 1) {
+    for (; c + kChunk <= C; c += kChunk) {
+      scalar_t v[kChunk];
+      const scalar_t* p = x + c * inner;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i, p += inner) v[i] = *p;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) f(c + i, static_cast<acc_t>(v[i]));
+    }
+  }
+  for (; c < C; ++c) f(c, static_cast<acc_t>(x[c * inner]));
+}
+
+// One thread per element. Warp w of the grid takes tiles w, w + (the grid's warps), ...; lane l of
+// a tile takes its elements l, l + 32, ..., l + 32 (tiles.per_tile - 1), adds their losses in that
+// order, and the tile's 32 lane sums go to tile_sums in a fixed tree.
+template <typename scalar_t, GammaKind G, bool kSmooth, int kChunk>
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    softmax_elements_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
+                            at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using O = Ops<acc_t>;
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const int64_t C = a.classes, inner = a.inner, elements = a.outer * a.inner;
+  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
+  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  const auto* x_all = static_cast<const scalar_t*>(a.logits);
+  auto* grad_all = static_cast<scalar_t*>(a.grad);
+  auto* loss_all = static_cast<scalar_t*>(a.loss);
+
+  // Element e's loss (unscaled; 0 if ignored), with its gradient and, for reduction "none", its
+  // scaled loss written.
+  const auto element = [&](int64_t e) -> acc_t {
+    const int64_t n = e / inner, pos = e - n * inner;
+    const scalar_t* x = x_all + n * C * inner + pos;
+    scalar_t* grad = grad_all ? grad_all + n * C * inner + pos : nullptr;
+    const int64_t id = a.target[e];
+    if (id == a.ignore_index) {
+      if (loss_all) loss_all[e] = scalar_t(0);
+      if (grad) {
+        for (int64_t c = 0; c < C; ++c) grad[c * inner] = scalar_t(0);
+      }
+      return acc_t(0);
+    }
+    const bool valid = id >= 0 && id < C;  // else NaN: checking would need a host sync
+    acc_t m = static_cast<acc_t>(x[0]);  // softmax_max(x0, x0) is x0: class 0 may come again
+    for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t, acc_t xc) { m = softmax_max<acc_t, O>(m, xc); });
+    SoftmaxSums<acc_t> sums;
+    for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t, acc_t xc) { softmax_accumulate<acc_t, O>(sums, xc - m); });
+    if (!valid) sums.below = static_cast<acc_t>(NAN);
+    const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, sums.below, sums.ties);
+
+    acc_t loss = 0;
+    if constexpr (!kSmooth) {
+      const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id * inner]) : m);
+      const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
+      const acc_t fy = factor && valid ? factor[id] : acc_t(1);
+      loss = fy * term.value;
+      if (grad) {
+        const acc_t t_y = fy * term.slope;
+        const acc_t k = -t_y * row.inv_total * scale;
+        for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
+          const acc_t g = c == id ? t_y * py.one_minus_p * scale : O::exp(xc - m) * k;
+          grad[c * inner] = static_cast<scalar_t>(g);
+        });
+      }
+    } else {
+      acc_t sum_t = 0;
+      for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
+        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
+        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
+        loss = O::fmadd(qa, term.value, loss);
+        sum_t = O::fmadd(qa, term.slope, sum_t);
+      });
+      if (grad) {
+        for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
+          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
+          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
+          grad[c * inner] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
+        });
+      }
+    }
+    if (loss_all) loss_all[e] = static_cast<scalar_t>(loss * scale);
+    return loss;
+  };
+
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kSoftmaxThreads / kWarp);
+  const int64_t span = int64_t{kWarp} * tiles.per_tile;  // elements per tile
+  int64_t touched = 0;
+  for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * kSoftmaxThreads + threadIdx.x) / kWarp;
+       tile < tiles.count; tile += warps) {
+    acc_t lane_sum = 0;
+    for (int64_t k = 0; k < tiles.per_tile; ++k) {
+      const int64_t e = tile * span + k * kWarp + lane;
+      if (e >= elements) break;
+      touched += C;
+      const acc_t loss = element(e);
+      lane_sum = k == 0 ? loss : add_rn(lane_sum, loss);
+    }
+    if (tile_sums != nullptr) store_tile_sum(lane_sum, tile, tile_sums);
+  }
+  trace_elements(touched);
+}
+
+// One block per row. Block b takes tiles of tiles.per_tile rows, b, b + (the grid's blocks), ...;
+// thread 0 adds the losses of a tile's rows in their order and writes the tile's sum.
+template <typename scalar_t, GammaKind G, bool kSmooth>
+__global__ void __launch_bounds__(kSoftmaxThreads)
+    softmax_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
+                        at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using O = Ops<acc_t>;
+  using BlockReduce = cub::BlockReduce<acc_t, kSoftmaxThreads>;
+  __shared__ typename BlockReduce::TempStorage storage;
+  __shared__ acc_t broadcast[2];
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const int64_t C = a.classes;
+  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
+  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  const int tid = threadIdx.x;
+
+  // Every thread of the block reduces `value`; all of them get the result.
+  const auto block_sum = [&](acc_t value) {
+    const acc_t total = BlockReduce(storage).Sum(value);
+    if (tid == 0) broadcast[0] = total;
+    __syncthreads();
+    const acc_t result = broadcast[0];
+    __syncthreads();
+    return result;
+  };
+
+  // Row r's loss (unscaled; 0 if ignored, valid in thread 0), with its gradient and, for
+  // reduction "none", its scaled loss written.
+  const auto one_row = [&](int64_t r) -> acc_t {
+    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + r * C;
+    scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + r * C : nullptr;
+    const int64_t id = a.target[r];
+    if (id == a.ignore_index) {  // the same branch for the whole block
+      if (a.loss && tid == 0) static_cast<scalar_t*>(a.loss)[r] = scalar_t(0);
+      if (grad) {
+        for (int64_t c = tid; c < C; c += kSoftmaxThreads) grad[c] = scalar_t(0);
+      }
+      return acc_t(0);
+    }
+    const bool valid = id >= 0 && id < C;
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t c = tid; c < C; c += kSoftmaxThreads) m = softmax_max<acc_t, O>(m, static_cast<acc_t>(x[c]));
+    m = BlockReduce(storage).Reduce(m, MaxOp{});
+    if (tid == 0) broadcast[1] = m;
+    __syncthreads();
+    m = broadcast[1];
+    __syncthreads();
+    SoftmaxSums<acc_t> sums;
+    for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
+      softmax_accumulate<acc_t, O>(sums, static_cast<acc_t>(x[c]) - m);
+    }
+    const acc_t below = block_sum(sums.below);
+    const acc_t ties = block_sum(sums.ties);
+    const SoftmaxRow<acc_t> row =
+        softmax_row<acc_t, O>(m, valid ? below : static_cast<acc_t>(NAN), ties);
+
+    acc_t loss;
+    if constexpr (!kSmooth) {
+      const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id]) : m);
+      const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
+      const acc_t fy = factor && valid ? factor[id] : acc_t(1);
+      loss = fy * term.value;
+      if (grad) {
+        const acc_t t_y = fy * term.slope;
+        const acc_t k = -t_y * row.inv_total * scale;
+        for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
+          const acc_t g = c == id ? t_y * py.one_minus_p * scale : O::exp(static_cast<acc_t>(x[c]) - m) * k;
+          grad[c] = static_cast<scalar_t>(g);
+        }
+      }
+    } else {
+      acc_t part_loss = 0, part_t = 0;
+      for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
+        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, static_cast<acc_t>(x[c]));
+        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
+        part_loss = O::fmadd(qa, term.value, part_loss);
+        part_t = O::fmadd(qa, term.slope, part_t);
+      }
+      loss = block_sum(part_loss);
+      const acc_t sum_t = block_sum(part_t);
+      if (grad) {
+        for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
+          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, static_cast<acc_t>(x[c]));
+          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
+          grad[c] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
+        }
+      }
+    }
+    if (a.loss && tid == 0) static_cast<scalar_t*>(a.loss)[r] = static_cast<scalar_t>(loss * scale);
+    return loss;
+  };
+
+  int64_t touched = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
+    const int64_t first = tile * tiles.per_tile;
+    const int64_t end = first + tiles.per_tile < a.outer ? first + tiles.per_tile : a.outer;
+    acc_t sum = 0;  // thread 0's
+    for (int64_t r = first; r < end; ++r) {
+      if (tid < C) touched += (C - 1 - tid) / kSoftmaxThreads + 1;
+      const acc_t loss = one_row(r);
+      sum = r == first ? loss : add_rn(sum, loss);
+    }
+    if (tile_sums != nullptr && tid == 0) tile_sums[tile] = sum;
+  }
+  trace_elements(touched);
+}
+
+}  // namespace focal::cuda
