@@ -128,7 +128,7 @@ struct ElementLoss<LossKind::kQuality, G, V, O> {
   FOCAL_HOST_DEVICE LossAndGrad<V> soft(V x, V t) const {
     const SigmoidParts<V> s = sigmoid_parts<V, O>(x);
     const V u = V(1) - t;
-    const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
+    const V ce = soft_cross_entropy<V, O>(x, t, u, s);
     const V d = O::fmadd(s.sig, u, V(0) - s.sig_neg * t);
     const V a = magnitude<V, O>(d);
     V log_a(0);
@@ -170,7 +170,7 @@ struct ElementLoss<LossKind::kVarifocal, G, V, O> {
     const SigmoidParts<V> s = sigmoid_parts<V, O>(x);
     const LossAndGrad<V> neg = focal_hard<G, V, O>(x, s, p.gamma);
     const V u = V(1) - t;
-    const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
+    const V ce = soft_cross_entropy<V, O>(x, t, u, s);
     const V d = O::fmadd(s.sig, u, V(0) - s.sig_neg * t);
     const auto positive = O::positive(t);
     LossAndGrad<V> r;

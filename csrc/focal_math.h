@@ -168,6 +168,15 @@ FOCAL_HOST_DEVICE SigmoidParts<V> sigmoid_parts(V z) {
   return s;
 }
 
+// The binary cross-entropy of logit x and target t in [0, 1] (u = 1 - t) from x's sigmoid parts:
+// u relu(x) + t relu(-x) + log(1 + exp(-|x|)), with relu(-x) formed as relu(x) - x, which is exact
+// (one of x's two halves is 0) and takes one operation where 0 - x and its relu take two.
+template <typename V, typename O = Ops<V>>
+FOCAL_HOST_DEVICE V soft_cross_entropy(V x, V t, V u, const SigmoidParts<V>& s) {
+  const V r = O::relu(x);
+  return O::fmadd(u, r, O::fmadd(t, r - x, s.log1p_e));
+}
+
 // q^gamma from q and log q (log q only evaluated for the general case).
 template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE V modulating_factor(V q, V log_q, V gamma) {
@@ -230,7 +239,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   const V one(1);
   const SigmoidParts<V> s = sigmoid_parts<V, O, kTinyExpUnseenFor<G>>(x);
   const V u = one - t;
-  const V ce = O::fmadd(u, O::relu(x), O::fmadd(t, O::relu(V(0) - x), s.log1p_e));
+  const V ce = soft_cross_entropy<V, O>(x, t, u, s);
   const V sig_neg_t = s.sig_neg * t;
   const V q = O::fmadd(s.sig, u, sig_neg_t);
   const auto q_positive = O::positive(q);
