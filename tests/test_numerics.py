@@ -72,6 +72,26 @@ def test_nan_logits_give_nan(dtype, kind, gamma):
         assert math.isnan(x.grad[1, 2].item())
 
 
+# --- infinite logits ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 1.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_infinite_logits_on_the_wrong_side_give_an_infinite_loss(dtype, gamma):
+    """x = +inf with a target below 1, or -inf with one above 0, is infinitely wrong: the loss is
+    +inf with float targets (as torchvision's is for +inf; its -inf gives NaN) and with class ids,
+    where a logit on its target's side gives 0."""
+    x = torch.tensor([[math.inf, math.inf, -math.inf, -math.inf]], dtype=dtype)
+    t = torch.tensor([[0.0, 0.3, 1.0, 0.7]], dtype=dtype)
+    loss = focal.sigmoid_focal_loss(x, t, 0.25, gamma)
+    assert torch.equal(loss, torch.full((1, 4), math.inf, dtype=dtype)), loss
+    x_ids = torch.tensor([[math.inf, -math.inf], [-math.inf, math.inf]], dtype=dtype)
+    loss = focal.sigmoid_focal_loss(x_ids, torch.tensor([0, 1]), 0.25, gamma)  # positives at (0,0) and (1,1)
+    assert torch.equal(loss, torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=dtype)), loss
+    loss = focal.sigmoid_focal_loss(x_ids, torch.tensor([1, 0]), 0.25, gamma)
+    assert torch.equal(loss, torch.full((2, 2), math.inf, dtype=dtype)), loss
+
+
 @pytest.mark.parametrize("where", ["targets", "weight"])
 def test_nan_targets_or_weights_give_nan(where):
     x = torch.randn(2, 3, requires_grad=True)

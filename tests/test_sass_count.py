@@ -471,17 +471,17 @@ BUILT = sc.default_binary()
 SHAPE_NAMES = {(256, 64, 4): "t256_f64_b4", (128, 32, 12): "t128_f32_b12", (256, 64, 6): "t256_f64_b6"}
 KNOWN_MISSES = {
     ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'bytes_in_flight'): 32,
-    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 46.88,
-    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 44.56,
+    ('focal_float_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 45.0,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 42.69,
     ('focal_float_kernel', 'bfloat16', 't256_f64_b4', 'occupancy'): 0.5,
     ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'hot_loop_spills'): 4,
-    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 47.0,
+    ('focal_float_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 45.25,
     ('focal_float_kernel', 'float16', 't128_f32_b12', 'bytes_in_flight'): 32,
-    ('focal_float_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 46.62,
-    ('focal_float_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 44.44,
+    ('focal_float_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 44.62,
+    ('focal_float_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 42.44,
     ('focal_float_kernel', 'float16', 't256_f64_b4', 'occupancy'): 0.5,
     ('focal_float_kernel', 'float16', 't256_f64_b6', 'hot_loop_spills'): 20,
-    ('focal_float_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 47.5,
+    ('focal_float_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 45.5,
     ('focal_float_kernel', 'float32', 't128_f32_b12', 'bytes_in_flight'): 32,
     ('focal_float_kernel', 'float32', 't256_f64_b4', 'occupancy'): 0.5,
     ('focal_float_kernel', 'float32', 't256_f64_b6', 'hot_loop_spills'): 9,
@@ -523,34 +523,34 @@ BUILT_KERNELS = (r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel|softmax
 # float targets and smoothed class ids, a few instructions each, outside the roofline kernels
 # (which take no tensor alpha).
 KNOWN_SPILLS = {
-    ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (6, 7),
+    ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (8, 9),
     ('bfloat16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
     ('bfloat16', 'Float', 'General', 'LossKind::Focal'): (2, 2),
     ('bfloat16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('bfloat16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('bfloat16', 'Float', 'General', 'LossKind::Quality'): (2, 2),
     ('bfloat16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
     ('bfloat16', 'Float', 'One', 'LossKind::Focal'): (2, 2),
-    ('bfloat16', 'Float', 'One', 'LossKind::Quality'): (2, 2),
+    ('bfloat16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
     ('bfloat16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
     ('bfloat16', 'Float', 'Two', 'LossKind::Focal'): (2, 2),
     ('bfloat16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
-    ('bfloat16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
-    ('bfloat16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('bfloat16', 'Float', 'Two', 'LossKind::Varifocal'): (2, 2),
+    ('bfloat16', 'Float', 'Zero', 'LossKind::Focal'): (4, 5),
     ('bfloat16', 'Float', 'Zero', 'LossKind::Quality'): (2, 2),
     ('bfloat16', 'Float', 'Zero', 'LossKind::Varifocal'): (2, 2),
-    ('float16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (6, 7),
+    ('float16', 'ClassIdSmoothed', 'General', 'LossKind::Focal'): (8, 9),
     ('float16', 'ClassIdSmoothed', 'General', 'LossKind::FocalStar'): (2, 2),
     ('float16', 'Float', 'General', 'LossKind::Focal'): (2, 2),
     ('float16', 'Float', 'General', 'LossKind::FocalStar'): (2, 2),
-    ('float16', 'Float', 'General', 'LossKind::Quality'): (4, 5),
+    ('float16', 'Float', 'General', 'LossKind::Quality'): (2, 2),
     ('float16', 'Float', 'General', 'LossKind::Varifocal'): (2, 2),
     ('float16', 'Float', 'One', 'LossKind::Focal'): (2, 2),
-    ('float16', 'Float', 'One', 'LossKind::Quality'): (2, 2),
+    ('float16', 'Float', 'One', 'LossKind::Quality'): (4, 5),
     ('float16', 'Float', 'One', 'LossKind::Varifocal'): (2, 2),
     ('float16', 'Float', 'Two', 'LossKind::Focal'): (2, 2),
     ('float16', 'Float', 'Two', 'LossKind::Quality'): (2, 2),
-    ('float16', 'Float', 'Two', 'LossKind::Varifocal'): (7, 7),
-    ('float16', 'Float', 'Zero', 'LossKind::Focal'): (2, 2),
+    ('float16', 'Float', 'Two', 'LossKind::Varifocal'): (2, 2),
+    ('float16', 'Float', 'Zero', 'LossKind::Focal'): (4, 5),
     ('float16', 'Float', 'Zero', 'LossKind::Quality'): (2, 2),
     ('float16', 'Float', 'Zero', 'LossKind::Varifocal'): (2, 2),
     ('float32', 'Float', 'Two', 'LossKind::Quality'): (1, 1),
@@ -628,8 +628,8 @@ def _softmax_variant(k) -> str:
 @uses_listing
 def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at_gamma_2(built):
     """The softmax focal loss's two kernels (blocks of 128 threads) in every dtype, gamma kind and
-    smoothing, the thread-per-element one in both variants (c16 without smoothing and float64
-    only): no local memory in any pass over the classes, and none at all at gamma 0, 1 and 2 (at a
+    smoothing, the thread-per-element one in both variants (c16 only without smoothing and not in
+    float64): no local memory in any pass over the classes, and none at all at gamma 0, 1 and 2 (at a
     general gamma nvcc keeps a value or three of the thread-per-element kernel in local memory
     across its tiles, loaded once per tile); and at gamma 2 without label smoothing, the common case, in 16- and
     32-bit data: c1 and the block-per-row kernel at most 40 registers (75 % occupancy); c16, which

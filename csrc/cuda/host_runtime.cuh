@@ -51,6 +51,15 @@ inline std::pair<int, int> compute_capability() {
 // True when the host may read the tensor without waiting for the GPU.
 inline bool resides_on_host(const at::Tensor& t) { return t.device().is_cpu(); }
 
+// Blocks of `threads` threads of `kernel` that one SM of the current device holds at once (at
+// least 1): what its registers and shared memory allow.
+template <typename... Params>
+int resident_blocks(void (*kernel)(Params...), int threads) {
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0));
+  return blocks > 0 ? blocks : 1;
+}
+
 // kernel<<<blocks, threads, 0, stream>>>(args...), with the launch checked.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int blocks, int threads, Stream stream, Args&&... args) {
@@ -71,6 +80,10 @@ inline at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 inline int multiprocessor_count() { return focal_emu::kMultiprocessors; }
 inline std::pair<int, int> compute_capability() { return {9, 0}; }  // an H100's, for the table
+template <typename... Params>
+int resident_blocks(void (*)(Params...), int) {
+  return focal_emu::kResidentBlocks;
+}
 inline bool resides_on_host(const at::Tensor& t) {
   return t.device().is_cpu() && !focal_emu::scalars_on_device();
 }

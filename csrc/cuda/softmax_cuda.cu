@@ -33,6 +33,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const auto options = logits.options();
   const bool reduce = call.reduction != Reduction::kNone;
   const int64_t elements = call.outer() * call.inner();
+  const int variant = variant_index({"FOCAL_CUDA_SOFTMAX_VARIANT", kSoftmaxVariantNames, kSoftmaxVariantCount},
+                                    arch_variants().softmax);
 
   SoftmaxScale s;
   at::Tensor normalizer_converted;
@@ -69,19 +71,21 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const SoftmaxArgs args = call.kernel_args(factor, reduce ? at::Tensor() : loss,
                                             compute_grad ? grad : at::Tensor());
   const bool per_thread = call.inner() > 1 || call.classes() <= kThreadRowClasses;
-  // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave.
+  // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave of as many
+  // as the kernel's registers let an SM hold.
   const SoftmaxTiles tiles = per_thread ? SoftmaxTiles::make(elements, kWarp) : SoftmaxTiles::make(call.outer(), 1);
   const int64_t tiles_per_block = per_thread ? kSoftmaxThreads / kWarp : 1;
   const int64_t wanted = (tiles.count + tiles_per_block - 1) / tiles_per_block;
-  const int64_t most = max_blocks(kSoftmaxBlocksPerSm);
-  const int blocks = static_cast<int>(wanted < most ? wanted : most);
-  const int variant = variant_index({"FOCAL_CUDA_SOFTMAX_VARIANT", kSoftmaxVariantNames, kSoftmaxVariantCount},
-                                    arch_variants().softmax);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor tile_sums = reduce ? rt::empty({tiles.count}, options.dtype(call.math_dtype())) : at::Tensor();
     acc_t* sums = reduce ? tile_sums.mutable_data_ptr<acc_t>() : nullptr;
+    const auto run_kernel = [&](auto kernel) {
+      const int64_t most = max_blocks(rt::resident_blocks(kernel, kSoftmaxThreads));
+      const int blocks = static_cast<int>(wanted < most ? wanted : most);
+      rt::launch(kernel, blocks, kSoftmaxThreads, stream, args, s, tiles, sums);
+    };
     with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
       constexpr GammaKind G = decltype(gamma_kind)::value;
       const auto run = [&](auto smooth) {
@@ -92,12 +96,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
           constexpr bool kOneByOne = sizeof(scalar_t) == 8 || kSmooth;
           with_softmax_chunk(kOneByOne ? 0 : variant, [&](auto chunk) {
             constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
-            rt::launch(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>, blocks, kSoftmaxThreads, stream,
-                       args, s, tiles, sums);
+            run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
           });
         } else {
-          rt::launch(&softmax_rows_kernel<scalar_t, G, kSmooth>, blocks, kSoftmaxThreads, stream, args, s, tiles,
-                     sums);
+          run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth>);
         }
       };
       if (label_smoothing > 0) run(std::true_type{});

@@ -31,7 +31,6 @@
 namespace focal::cuda {
 
 constexpr int kSoftmaxThreads = 128;
-constexpr int kSoftmaxBlocksPerSm = 8;
 // Rows up to this many classes take one thread each.
 constexpr int64_t kThreadRowClasses = 32;
 // At most about this many tiles: their sums are added by one block. The emulation takes 4, so that

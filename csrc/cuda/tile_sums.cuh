@@ -1,7 +1,7 @@
 // The fixed-order sums of the loss kernels: each kernel adds its elements in tiles fixed by the
 // data (never by the launch), a warp's lanes' values in a fixed tree (store_tile_sum), and
 // sum_blocks_kernel adds the tiles' sums in an order fixed by their number. Every launch shape,
-// variant and grid size, on every GPU, gives the same bits.
+// variant and grid size gives the same bits (README.md says what else may move them).
 #pragma once
 
 #include <cstdint>

@@ -76,6 +76,8 @@ namespace focal_emu {
 
 // The emulated device: its size (what the grid sizing of csrc/cuda sees), and what tests observe.
 inline constexpr int kMultiprocessors = 2;
+// Blocks an emulated SM holds at once, whatever the kernel (host_runtime.cuh's resident_blocks).
+inline constexpr int kResidentBlocks = 8;
 inline constexpr unsigned kMaxThreadsPerBlock = 1024;
 inline constexpr int kWarpThreads = 32;
 

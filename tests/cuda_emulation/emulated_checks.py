@@ -878,7 +878,7 @@ def test_softmax_empty_and_all_ignored():
 
 SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
 # Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
-SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-block": (13, 40), "segmentation": (3, 7, 5, 11)}
+SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-block": (13, 40), "segmentation": (3, 18, 5, 11)}
 
 
 def softmax_variant(name, grid):

@@ -56,6 +56,7 @@ struct Ops<at::vec::Vectorized<T>> {
     if constexpr (kFloat) return vec_math::log1p_unit(e);
     else return d.log() + (e - (d - V(T(1)))) * inv;
   }
+  static inline V abs(const V& x) { return x.abs(); }
   static inline V relu(const V& x) { return at::vec::maximum(x, V(T(0))); }
   static inline V min0(const V& x) { return at::vec::minimum(x, V(T(0))); }
   static inline Mask nonneg(const V& x) { return x >= V(T(0)); }

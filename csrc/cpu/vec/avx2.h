@@ -81,6 +81,7 @@ struct Ops<simd::F32x8> {
   }
   static inline V log(V x) { return V(at::vec::Vectorized<float>(x.v).log()); }  // any x (Sleef)
   static inline V log1p_unit(V e, V /*d*/, V /*inv*/) { return vec_math::log1p_unit(e); }
+  static inline V abs(V x) { return V(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x)); }  // the sign bit cleared
   static inline V relu(V x) { return max_keep_nan(_mm256_setzero_ps(), x); }
   static inline V min0(V x) { return min_keep_nan(_mm256_setzero_ps(), x); }
   static inline Mask nonneg(V x) { return _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ); }

@@ -124,6 +124,7 @@ struct Ops<simd::Pair<V>> {
   static inline P log1p_unit(const P& e, const P& d, const P& inv) {
     return {O::log1p_unit(e.lo, d.lo, inv.lo), O::log1p_unit(e.hi, d.hi, inv.hi)};
   }
+  static inline P abs(const P& x) { return {O::abs(x.lo), O::abs(x.hi)}; }
   static inline P relu(const P& x) { return {O::relu(x.lo), O::relu(x.hi)}; }
   static inline P min0(const P& x) { return {O::min0(x.lo), O::min0(x.hi)}; }
   static inline Mask nonneg(const P& x) { return {O::nonneg(x.lo), O::nonneg(x.hi)}; }
