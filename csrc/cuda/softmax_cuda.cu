@@ -68,8 +68,15 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
     s.denominator = denominator.const_data_ptr<double>();
   }
   const at::Tensor factor = call.class_factor();
-  const SoftmaxArgs args = call.kernel_args(factor, reduce ? at::Tensor() : loss,
-                                            compute_grad ? grad : at::Tensor());
+  SoftmaxArgs args = call.kernel_args(factor, reduce ? at::Tensor() : loss, compute_grad ? grad : at::Tensor());
+  at::Tensor no_classes;
+  if (call.classes() == 0) {
+    // Every id not ignored is out of range, which gives NaN without reading a logit but the first
+    // class's, which the thread-per-element kernel reads before it knows: zeros to read there.
+    no_classes = rt::empty({call.inner()}, options);
+    no_classes.fill_(0.0);
+    args.logits = no_classes.const_data_ptr();
+  }
   const bool per_thread = call.inner() > 1 || call.classes() <= kThreadRowClasses;
   // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave of as many
   // as the kernel's registers let an SM hold.

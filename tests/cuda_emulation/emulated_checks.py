@@ -914,6 +914,17 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
             assert_bitwise_equal(first[0], softmax_reduced_sum(unscaled, per_thread), f"{layout} sum vs its order")
 
 
+def test_softmax_over_no_classes_reads_no_logit():
+    """Logits with 0 classes: every class id not ignored is out of range, which CUDA cannot raise
+    without a host sync, so its loss is NaN; an ignored one's is 0. Nothing outside memory is read
+    (the sanitizers stop a read through the empty logits' null pointer)."""
+    for shape, t in (((6, 0), torch.tensor([0, -100, 3, 0, -100, 1])),
+                     ((2, 0, 3), torch.tensor([[0, -100, 0], [-100, 0, 0]]))):
+        loss, grad = _softmax_op(EMU, torch.empty(shape), t)
+        assert grad.shape == shape
+        assert torch.equal(torch.isnan(loss), t != -100) and (loss[t == -100] == 0).all()
+
+
 def test_softmax_variant_override_is_checked():
     x, t = _softmax_problem(SOFTMAX_SHAPES["rows-thread"], torch.float32, 1)
     with softmax_variant("c99", None), pytest.raises(
