@@ -13,9 +13,10 @@ one run on a GPU machine:
    weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
    CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
    the logits) in the same run; and the softmax focal loss in both its layouts (a block per row of
-   the same 80 classes, one variant; a thread per pixel of 21-class segmentation logits of as many
-   elements, in every variant) against its own floor (``torch.softmax`` and the write of a
-   gradient);
+   the same 80 classes, one variant; and, in every variant of the thread-per-element kernel, the
+   two layouts it takes: a thread per pixel of 21-class segmentation logits, and a thread per row
+   of 20 classes, each of as many elements) against its own floor (``torch.softmax`` and the write
+   of a gradient);
 3. checks that every variant gives the same loss and gradient, bit for bit;
 4. writes JSON and a markdown table, and prints this GPU's line of ``kArchVariants``.
 
@@ -51,11 +52,13 @@ DTYPES = ["float32", "bfloat16", "float16"]
 FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
             "softmax": ("kSoftmaxVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_VARIANT")}
 # path -> the variant family that applies to it (None: one variant)
-PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": None, "softmax_pixels": "softmax"}
+PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": None, "softmax_pixels": "softmax",
+         "softmax_short_rows": "softmax"}
 # The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
 FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
-            "softmax_pixels": "softmax_floor_pixels"}
+            "softmax_pixels": "softmax_floor_pixels", "softmax_short_rows": "softmax_floor_short_rows"}
 SEGMENTATION_CLASSES, SEGMENTATION_SIDE = 21, 64  # the thread-per-pixel layout: (n, 21, 64, 64)
+SHORT_ROW_CLASSES = 20  # rows short enough for a thread each (kThreadRowClasses in softmax_kernels.cuh)
 REPEATS = 15
 POSITIVE_FRACTION, IGNORED_FRACTION = 0.005, 0.02  # as benchmarks/bench.py's anchors
 
@@ -91,8 +94,13 @@ def arch_table(text: str | None = None, names: dict[str, list[str]] | None = Non
     if not m:
         raise TuneError(f"no kArchVariants table in {TABLE}")
     table: dict[tuple[int, int], dict[str, int]] = {}
-    for row in re.findall(r"\{\s*(\d+(?:\s*,\s*\d+)*)\s*\}", m[1]):
-        values = [int(v) for v in row.split(",")]
+    body = re.sub(r"//[^\n]*", "", m[1])  # the rows' comments
+    for row in re.findall(r"\{([^{}]*)\}", body):
+        row = row.strip()
+        fields = [v.strip() for v in row.split(",")]
+        if not all(re.fullmatch(r"\d+", v) for v in fields):
+            raise TuneError(f"kArchVariants: {{{row}}} is not a row of numbers {{major, minor, {', '.join(FAMILIES)}}}")
+        values = [int(v) for v in fields]
         if len(values) != 2 + len(FAMILIES):
             raise TuneError(f"kArchVariants: {{{row}}} is not {{major, minor, {', '.join(FAMILIES)}}}")
         key = (values[0], values[1])
@@ -151,8 +159,8 @@ def build_for_visible_gpu(python: str) -> None:
 def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
     """Logits, targets (class ids, or their one-hot floats for the float path) and a row weight
     (row_weight path only), made on the device. The softmax paths: (rows, cols) logits with a class
-    id per row, or (n, 21, 64, 64) segmentation logits of about rows x cols elements with a class id
-    per pixel; a few percent ignored (-100) in both."""
+    id per row; (n, 21, 64, 64) segmentation logits of about rows x cols elements with a class id
+    per pixel; or rows of 20 classes, as many elements; a few percent ignored (-100) in each."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -162,6 +170,10 @@ def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
             n = max(1, rows * cols // (classes * side * side))
             x = (torch.randn(n, classes, side, side, generator=g, device=device) * 3).to(dtype)
             ids = torch.randint(0, classes, (n, side, side), generator=g, device=device)
+        elif path == "softmax_short_rows":
+            n = max(1, rows * cols // SHORT_ROW_CLASSES)
+            x = (torch.randn(n, SHORT_ROW_CLASSES, generator=g, device=device) * 3).to(dtype)
+            ids = torch.randint(0, SHORT_ROW_CLASSES, (n,), generator=g, device=device)
         else:
             x = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
             ids = torch.randint(0, cols, (rows,), generator=g, device=device)

@@ -21,8 +21,10 @@ def test_plan_covers_every_variant_of_every_path():
             mine = [c for c in cases if (c["rows"], c["cols"], c["dtype"]) == (rows, cols, dtype)]
             for path in ("ids", "float", "row_weight"):
                 assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(shapes)
-            # The softmax's thread-per-pixel kernel in each of its variants, the block-per-row one alone.
-            assert sorted(c["variant"] for c in mine if c["path"] == "softmax_pixels") == sorted(softmax)
+            # The softmax's thread-per-element kernel in each of its variants and both its layouts,
+            # the block-per-row one alone.
+            for path in ("softmax_pixels", "softmax_short_rows"):
+                assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(softmax)
             assert [c["variant"] for c in mine if c["path"] == "softmax_rows"] == [None]
             # Each path has its floor at the same size and dtype.
             assert {c["path"] for c in mine if c["variant"] is None} >= set(tune.FLOOR_OF.values())
@@ -34,12 +36,15 @@ def test_best_variant_of_each_family_by_its_paths_geometric_mean():
                {"path": "ids", "variant": "b", "x_floor": 1.0}, {"path": "float", "variant": "b", "x_floor": 3.0},
                {"path": "softmax_pixels", "variant": "c1", "x_floor": 1.5},
                {"path": "softmax_pixels", "variant": "c16", "x_floor": 1.2},
+               {"path": "softmax_short_rows", "variant": "c1", "x_floor": 1.2},
+               {"path": "softmax_short_rows", "variant": "c16", "x_floor": 1.6},
                {"path": "softmax_rows", "variant": None, "x_floor": 0.5}]
     scores, best = tune.pick_best(results, names)
-    assert scores["shape"] == pytest.approx({"a": 2.0, "b": 3 ** 0.5}) and best == {"shape": 1, "softmax": 1}
-    assert scores["softmax"] == pytest.approx({"c1": 1.5, "c16": 1.2})
+    # c16 is faster on pixels, c1 on short rows, by more: c1 wins both layouts together.
+    assert scores["shape"] == pytest.approx({"a": 2.0, "b": 3 ** 0.5}) and best == {"shape": 1, "softmax": 0}
+    assert scores["softmax"] == pytest.approx({"c1": 1.8 ** 0.5, "c16": 1.92 ** 0.5})
     entry = tune.table_entry(9, 0, best, names, "NVIDIA H200")
-    assert entry == "    {9, 0, 1, 1},  // NVIDIA H200: b, c16"
+    assert entry == "    {9, 0, 1, 0},  // NVIDIA H200: b, c1"
     assert tune.pick_best([], names) == ({"shape": {}, "softmax": {}}, {"shape": 0, "softmax": 0})
 
 
@@ -50,6 +55,9 @@ def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_f
     assert (ids == -100).any() and ids.max() < classes
     loss, grad = tune.op_call(x, ids, weight, softmax=True)
     assert loss.dim() == 0 and grad.shape == x.shape and torch.isfinite(grad).all()
+    x, ids, _ = tune.make_inputs("softmax_short_rows", 2000, 80, torch.float32, torch.device("cpu"))
+    assert x.shape == (8000, tune.SHORT_ROW_CLASSES) and ids.shape == (8000,) and (ids == -100).any()
+    assert torch.isfinite(tune.op_call(x, ids, None, softmax=True)[1]).all()
     x, ids, _ = tune.make_inputs("softmax_rows", 64, 80, torch.float32, torch.device("cpu"))
     assert x.shape == (64, 80) and ids.shape == (64,)
     probabilities, written = tune.floor_step("softmax_floor_rows", x)()
@@ -78,6 +86,10 @@ def test_arch_table_is_read_and_checked():
         tune.arch_table(good.replace("{9, 0, 1, 0}", "{8, 0, 1, 0}"), names=names)
     with pytest.raises(tune.TuneError, match=r"\{9, 0, 1\} is not \{major, minor, shape, softmax\}"):
         tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, 1}"), names=names)
+    with pytest.raises(tune.TuneError, match=r"\{9, 0, kT256, 0\} is not a row of numbers"):
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, kT256, 0}"), names=names)
+    with pytest.raises(tune.TuneError, match=r"\{9, 0, -1, 0\} is not a row of numbers"):
+        tune.arch_table(good.replace("{9, 0, 1, 0}", "{9, 0, -1, 0}"), names=names)
     with pytest.raises(tune.TuneError, match="distinct"):
         tune.variant_names("shape", 'kLaunchShapeNames[2] = {"a", "a"};')
     entry = tune.table_entry(9, 0, {"shape": 1, "softmax": 0}, names, "NVIDIA H200, 1.10x the floor")
@@ -87,7 +99,7 @@ def test_arch_table_is_read_and_checked():
 def test_dry_run_and_the_error_without_a_gpu(capsys, tmp_path):
     assert tune.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 90 timings" in out and "sm_90 -> t256_f64_b4 + c1" in out
+    assert "plan: 108 timings" in out and "sm_90 -> t256_f64_b4 + c1" in out
     if torch.cuda.is_available():
         return  # the real run is `make gpu-tune`'s, not a test's
     assert tune.main(["--no-build", "--out", str(tmp_path)]) == 2
