@@ -14,6 +14,7 @@
 // also for gamma in (0, 1) at saturation.
 //
 // Each vector or scalar type V supplies its primitives in Ops<V>: fmadd (a * b + c, rounded once),
+// fmsub (a * b - c, rounded as fmadd(a, b, -c)),
 // exp, exp_neg_abs (exp(-|z|)), log, log1p_unit (log(1 + e) for e in [0, 1]), abs, relu, min0,
 // comparisons and select; optionally recip(x) and div(a, b) (else 1 / x and a / b). Every function
 // below also takes the primitives as a template parameter O (default Ops<V>), so that a backend can
@@ -63,6 +64,7 @@ struct Ops<float> {
   static FOCAL_HOST_DEVICE float exp(float x) { return ::expf(x); }
   static FOCAL_HOST_DEVICE float log(float x) { return ::logf(x); }
   static FOCAL_HOST_DEVICE float fmadd(float a, float b, float c) { return ::fmaf(a, b, c); }
+  static FOCAL_HOST_DEVICE float fmsub(float a, float b, float c) { return ::fmaf(a, b, -c); }
   static FOCAL_HOST_DEVICE float exp_neg_abs(float z) { return ::expf(-::fabsf(z)); }
   // log(1 + e) for e in [0, 1], given d = 1 + e (rounded) and inv = 1 / d: d - 1 is exact, so the
   // first-order term restores the bits of e lost when rounding 1 + e (and gives exactly e once
@@ -84,6 +86,7 @@ struct Ops<double> {
   static FOCAL_HOST_DEVICE double exp(double x) { return ::exp(x); }
   static FOCAL_HOST_DEVICE double log(double x) { return ::log(x); }
   static FOCAL_HOST_DEVICE double fmadd(double a, double b, double c) { return ::fma(a, b, c); }
+  static FOCAL_HOST_DEVICE double fmsub(double a, double b, double c) { return ::fma(a, b, -c); }
   static FOCAL_HOST_DEVICE double exp_neg_abs(double z) { return ::exp(-::fabs(z)); }
   static FOCAL_HOST_DEVICE double log1p_unit(double e, double d, double inv) {  // as for float
     return ::log(d) + (e - (d - 1.)) * inv;
@@ -253,7 +256,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
   if constexpr (G == GammaKind::kGeneral) {
     w = O::select(q_positive, w, V(0));  // 0^gamma with gamma > 0 (gamma == 0 is kZero)
   }
-  const V p_minus_t = O::fmadd(s.sig, u, V(0) - sig_neg_t);
+  const V p_minus_t = O::fmsub(s.sig, u, sig_neg_t);
   LossAndGrad<V> r;
   r.loss = ce * w;
   if constexpr (G == GammaKind::kZero) {

@@ -96,7 +96,8 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
                           cols < (int64_t{1} << 30);  // 32-bit columns
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr &&
-                            args.class_alpha == nullptr;
+                            args.class_alpha == nullptr && args.label_smoothing == 0.0 &&
+                            numel / (16 / logits.element_size()) < (int64_t{1} << 31);  // 32-bit packs
 
   const int shape_index =
       variant_index({"FOCAL_CUDA_VARIANT", kLaunchShapeNames, kLaunchShapeCount}, arch_variants().shape);

@@ -349,9 +349,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
   trace_elements(touched);
 }
 
-// Float targets (torchvision's form) without weights, 16-byte aligned logits, targets and outputs:
-// no rows at all. Each lane loads Shape::kInFlightBytes / 32 packs of logits and as many of targets
-// (at least one of each) before computing any; a pack's losses are added left to right, each with
+// Float targets (torchvision's form) without weights or label smoothing, fewer than 2^31 16-byte
+// packs of them, 16-byte aligned logits, targets and outputs: no rows at all. Each lane loads
+// Shape::kInFlightBytes / 32 packs of logits and as many of targets (at least one of each) before
+// computing any; a pack's losses are added left to right, each with
 // a round-to-nearest addition that nvcc never fuses, so the GPU's sums are bitwise those of the
 // emulation and of the model in tests/cuda_cases.py. The partial last pack, if any, is its lane's
 // last, taken element by element after the others.
@@ -365,36 +366,39 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   static_assert(kLanePacks % kInFlight == 0, "a lane's packs come in equal rounds");
   using P = Pack<scalar_t, kVec>;
   const int64_t n = a.rows * a.cols;
-  const int64_t full_packs = n / kVec;
-  const int64_t tiles = tile_count<scalar_t>(n);
+  // Pack and tile indices in 32 bits: the host gives this kernel fewer than 2^31 packs.
+  const uint32_t full_packs = static_cast<uint32_t>(n / kVec);
+  const uint32_t tiles = static_cast<uint32_t>(tile_count<scalar_t>(n));
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const AlphaWeights<acc_t> alpha = make_alpha<acc_t, acc_t>(a.alpha);
   const acc_t gamma = static_cast<acc_t>(a.gamma);
-  const acc_t eps = static_cast<acc_t>(a.label_smoothing);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   const auto* t_all = static_cast<const scalar_t*>(a.targets);
   auto* loss_all = static_cast<scalar_t*>(a.loss);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
 
   const auto one = [&](acc_t x, acc_t t) {
-    return focal_target<G, acc_t, M>(x, t * (acc_t(1) - eps) + eps / 2, gamma, alpha);
+    // No label smoothing here (the host sends it to focal_kernel): t (1 - 0) + 0 / 2 is t + 0, whose
+    // rounding turns a target of -0 into +0, as the other kernels' smoothing does.
+    return focal_target<G, acc_t, M>(x, t + acc_t(0), gamma, alpha);
   };
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp);
+  const uint32_t warps = gridDim.x * (Shape::kThreads / kWarp);
   int64_t touched = 0;
   // The loop once per output written (the loss of reduction "none", the gradient), so that no
   // pack tests for them.
   const auto run = [&](auto writes_loss, auto writes_grad) {
-    for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
-         tile < tiles; tile += warps) {
-      const int64_t first = tile * kTilePacks + lane;  // the lane's packs: first + 32 k
+    for (uint32_t tile = (blockIdx.x * Shape::kThreads + threadIdx.x) / kWarp; tile < tiles; tile += warps) {
       acc_t lane_sum = 0;
+      // The lane's packs are tile * kTilePacks + lane + 32 k, k < kLanePacks, taken in rounds of
+      // kInFlight; the round's first pack is the one loop variable (its place in the tile tells
+      // when the tile is done), which keeps the loop within 40 registers in shape 2.
 #pragma unroll 1
-      for (int r = 0; r < kLanePacks; r += kInFlight) {
+      for (uint32_t first = tile * kTilePacks + lane;;) {
         P x[kInFlight], t[kInFlight];
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
-          const int64_t p = first + int64_t{kWarp} * (r + i);
+          const uint32_t p = first + kWarp * i;
           if (p < full_packs) {
             x[i] = reinterpret_cast<const P*>(x_all)[p];
             t[i] = reinterpret_cast<const P*>(t_all)[p];
@@ -402,7 +406,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         }
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
-          const int64_t p = first + int64_t{kWarp} * (r + i);
+          const uint32_t p = first + kWarp * i;
           if (p >= full_packs) continue;
           acc_t xf[kVec], tf[kVec];
           unpack(x[i], xf);
@@ -421,10 +425,12 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           if constexpr (decltype(writes_grad)::value) reinterpret_cast<P*>(grad_all)[p] = grad;
           touched += kVec;
         }
+        first += kWarp * kInFlight;
+        if (first % kTilePacks < kWarp) break;  // past the lane's last pack in the tile
       }
-      const int64_t tail = full_packs * kVec;  // the partial last pack's first element
-      if (tail < n && full_packs - first >= 0 && (full_packs - first) % kWarp == 0 &&
-          full_packs - first < int64_t{kTilePacks}) {
+      const int64_t tail = int64_t{full_packs} * kVec;  // the partial last pack's first element
+      const int64_t ahead = int64_t{full_packs} - (int64_t{tile} * kTilePacks + lane);
+      if (tail < n && ahead >= 0 && ahead % kWarp == 0 && ahead < int64_t{kTilePacks}) {
         acc_t pack_sum = 0;
         for (int64_t e = tail; e < n; ++e) {
           const LossAndGrad<acc_t> r = one(static_cast<acc_t>(x_all[e]), static_cast<acc_t>(t_all[e]));

@@ -26,6 +26,7 @@ struct Ops<at::vec::Vectorized<T>> {
   // Not fused, whatever ATen's backend for V (its generic one has no FMA, others do): every
   // backend rounds alike.
   static inline V fmadd(const V& a, const V& b, const V& c) { return a * b + c; }
+  static inline V fmsub(const V& a, const V& b, const V& c) { return a * b - c; }
   // For |x| < 2^22, by adding and removing 1.5 * 2^23: plain arithmetic, which the generic
   // (DEFAULT) Vectorized runs as SIMD, where its round() calls nearbyint once per lane.
   static inline V round_nearest(const V& x) {

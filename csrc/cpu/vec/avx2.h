@@ -49,6 +49,7 @@ struct Ops<simd::F32x8> {
 
   // Primitives of exp_log1p.h.
   static inline V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
   static inline V round_nearest(V x) {
     return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }

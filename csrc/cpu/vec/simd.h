@@ -113,6 +113,9 @@ struct Ops<simd::Pair<V>> {
   static inline P fmadd(const P& a, const P& b, const P& c) {
     return {O::fmadd(a.lo, b.lo, c.lo), O::fmadd(a.hi, b.hi, c.hi)};
   }
+  static inline P fmsub(const P& a, const P& b, const P& c) {
+    return {O::fmsub(a.lo, b.lo, c.lo), O::fmsub(a.hi, b.hi, c.hi)};
+  }
   static inline P exp(const P& x) { return {O::exp(x.lo), O::exp(x.hi)}; }
   static inline P exp_neg_abs(const P& z) { return {O::exp_neg_abs(z.lo), O::exp_neg_abs(z.hi)}; }
   // Only where V has it (focal_math.h's HasFlushedExp asks).
