@@ -378,9 +378,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   auto* grad_all = static_cast<scalar_t*>(a.grad);
 
   const auto one = [&](acc_t x, acc_t t) {
-    // No label smoothing here (the host sends it to focal_kernel): t (1 - 0) + 0 / 2 is t + 0, whose
-    // rounding turns a target of -0 into +0, as the other kernels' smoothing does.
-    return focal_target<G, acc_t, M>(x, t + acc_t(0), gamma, alpha);
+    // No label smoothing here (the host sends it to focal_kernel, whose t (1 - 0) + 0 / 2 is t + 0:
+    // a target of -0 made +0; focal_target gives -0 the same loss and gradient bits as +0).
+    return focal_target<G, acc_t, M>(x, t, gamma, alpha);
   };
   const int lane = threadIdx.x % kWarp;
   const uint32_t warps = gridDim.x * (Shape::kThreads / kWarp);

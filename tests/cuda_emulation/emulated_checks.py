@@ -554,6 +554,27 @@ def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape
             assert_bitwise_equal(total, cuda_reduced_sum(unscaled, dtype), "sum vs model of its order")
 
 
+@pytest.mark.parametrize("gamma", GAMMAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_float_targets_of_negative_zero_give_the_bits_of_positive_zero(dtype, gamma):
+    """focal_float_kernel passes a target as it is (no smoothing's t (1 - 0) + 0 / 2 there): -0 must
+    give what +0 gives, bit for bit, at every logit (0, -0, tiny, large, infinite, NaN) and every
+    alpha (none, 1, 0.25), loss elements and gradient."""
+    specials = [0.0, -0.0, 1e-30, -1e-30, 3.0, -3.0, 20.0, -20.0, 100.0, -100.0, 1e30, -1e30,
+                float("inf"), float("-inf"), float("nan")]
+    x = torch.tensor(specials * 8, dtype=torch.float64).reshape(-1, 8).to(dtype)
+    t = torch.zeros_like(x)
+    for alpha in (-1.0, 1.0, 0.25):
+        for reduction in ("none", "sum"):
+            with launch_shape("t128_f32_b12", None):  # the float kernel's own shape: 128 threads
+                EMU.reset_emulation_counters()
+                positive = loss_op(EMU, x, t, alpha=alpha, gamma=gamma, reduction=reduction)
+                assert EMU.emulated_launch_shapes()[1] == (256 if dtype == torch.float64 else 128)
+                negative = loss_op(EMU, x, -t, alpha=alpha, gamma=gamma, reduction=reduction)
+            for a, b, what in zip(negative, positive, ("loss", "grad")):
+                assert_bitwise_equal(a, b, f"{what} of -0 targets, alpha {alpha}, {reduction}")
+
+
 def test_launch_shape_override_is_checked():
     x = make_logits((4, 80), torch.float32, torch.Generator().manual_seed(1))
     ids = torch.zeros(4, dtype=torch.long)
