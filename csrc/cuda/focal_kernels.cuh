@@ -189,8 +189,9 @@ struct LaunchShape {
   static constexpr int kThreads = Threads;
   static constexpr int kInFlightBytes = InFlightBytes;
   static constexpr int kBlocksPerSm = BlocksPerSm;
-  // focal_ids_kernel's loads go through a ring in shared memory (cp.async), which holds them in no
-  // register: what lets a thread keep its bytes in flight under a small register cap.
+  // The roofline kernels' loads of whole tiles go through a ring in shared memory (cp.async),
+  // which holds them in no register: what lets a thread keep its bytes in flight under a small
+  // register cap.
   static constexpr bool kAsyncLoads = AsyncLoads;
 };
 
@@ -198,8 +199,7 @@ struct LaunchShape {
 // name them so): 0, the default, 64 bytes in flight under a 64-register cap (4 blocks of 256, 50 %
 // occupancy: the cap the kernels had before they had shapes); 1, 32 bytes in flight under 40
 // registers in blocks of 128 (12 blocks, 75 %); 2, 64 bytes in flight under 40 registers (6 blocks
-// of 256, 75 %), the class-id kernel's through shared memory. README.md says what each costs in
-// registers and spills.
+// of 256, 75 %), through shared memory. README.md says what each costs in registers and spills.
 inline constexpr int kLaunchShapeCount = 3;
 inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
                                                                      "t256_f64_b6"};
@@ -352,10 +352,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<scalar_t>)
 // Float targets (torchvision's form) without weights or label smoothing, fewer than 2^31 16-byte
 // packs of them, 16-byte aligned logits, targets and outputs: no rows at all. Each lane loads
 // Shape::kInFlightBytes / 32 packs of logits and as many of targets (at least one of each) before
-// computing any; a pack's losses are added left to right, each with
-// a round-to-nearest addition that nvcc never fuses, so the GPU's sums are bitwise those of the
-// emulation and of the model in tests/cuda_cases.py. The partial last pack, if any, is its lane's
-// last, taken element by element after the others.
+// computing any (a shape with AsyncLoads keeps them in flight through a ring in shared memory); a
+// pack's losses are added left to right, each with a round-to-nearest addition that nvcc never
+// fuses, so the GPU's sums are bitwise those of the emulation and of the model in
+// tests/cuda_cases.py. The partial last pack, if any, is its lane's last, taken element by element
+// after the others.
 template <typename scalar_t, GammaKind G, typename Shape = DefaultLaunchShape>
 __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
     focal_float_kernel(KernelArgs a, ScaleArgs s, at::opmath_type<scalar_t>* __restrict__ tile_sums) {
@@ -385,48 +386,99 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   const int lane = threadIdx.x % kWarp;
   const uint32_t warps = gridDim.x * (Shape::kThreads / kWarp);
   int64_t touched = 0;
+  // The ring of the shapes that load through shared memory (only they use it): a slot per pack of
+  // logits and of targets in flight, per thread.
+  __shared__ P ring_x[Shape::kAsyncLoads ? kInFlight : 1][Shape::kThreads];
+  __shared__ P ring_t[Shape::kAsyncLoads ? kInFlight : 1][Shape::kThreads];
   // The loop once per output written (the loss of reduction "none", the gradient), so that no
   // pack tests for them.
   const auto run = [&](auto writes_loss, auto writes_grad) {
     for (uint32_t tile = (blockIdx.x * Shape::kThreads + threadIdx.x) / kWarp; tile < tiles; tile += warps) {
       acc_t lane_sum = 0;
-      // The lane's packs are tile * kTilePacks + lane + 32 k, k < kLanePacks, taken in rounds of
-      // kInFlight; the round's first pack is the one loop variable (its place in the tile tells
-      // when the tile is done), which keeps the loop within 40 registers in shape 2.
+      // Whole pack p, loaded: its losses added to the lane's sum, its outputs written.
+      const auto take = [&](uint32_t p, const P& x, const P& t) {
+        acc_t xf[kVec], tf[kVec];
+        unpack(x, xf);
+        unpack(t, tf);
+        P loss, grad;
+        acc_t pack_sum = 0;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const LossAndGrad<acc_t> e = one(xf[j], tf[j]);
+          pack_sum = j == 0 ? e.loss : add_rn(pack_sum, e.loss);
+          loss.v[j] = static_cast<scalar_t>(e.loss * scale);
+          grad.v[j] = static_cast<scalar_t>(e.grad * scale);
+        }
+        lane_sum = add_rn(lane_sum, pack_sum);
+        if constexpr (decltype(writes_loss)::value) reinterpret_cast<P*>(loss_all)[p] = loss;
+        if constexpr (decltype(writes_grad)::value) reinterpret_cast<P*>(grad_all)[p] = grad;
+        touched += kVec;
+      };
+      if constexpr (Shape::kAsyncLoads) {
+        if (tile * kTilePacks + kTilePacks <= full_packs) {
+          // A tile of whole packs through a ring of kInFlight slots per thread in shared memory, as
+          // focal_ids_kernel's: pack k + kInFlight is requested as soon as pack k has left its slot.
+          const P* x_packs = reinterpret_cast<const P*>(x_all);
+          const P* t_packs = reinterpret_cast<const P*>(t_all);
+          uint32_t p = tile * kTilePacks + lane;  // the lane's next pack to take
+          // Pack p + ahead, into slot i.
+          const auto request = [&](int i, uint32_t ahead) {
+            async_copy<16>(&ring_x[i][threadIdx.x], x_packs + (p + ahead));
+            async_copy<16>(&ring_t[i][threadIdx.x], t_packs + (p + ahead));
+            async_commit();
+          };
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) request(i, kWarp * i);
+          // Every round but the last refills each slot as soon as its pack has left it.
 #pragma unroll 1
-      for (uint32_t first = tile * kTilePacks + lane;;) {
-        P x[kInFlight], t[kInFlight];
+          for (int r = 0; r < kLanePacks - kInFlight; r += kInFlight) {
 #pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
-          const uint32_t p = first + kWarp * i;
-          if (p < full_packs) {
-            x[i] = reinterpret_cast<const P*>(x_all)[p];
-            t[i] = reinterpret_cast<const P*>(t_all)[p];
+            for (int i = 0; i < kInFlight; ++i) {
+              async_wait<kInFlight - 1>();  // pack p has arrived: the oldest request
+              const P x = ring_x[i][threadIdx.x];
+              const P t = ring_t[i][threadIdx.x];
+              request(i, kWarp * kInFlight);
+              take(p, x, t);
+              p += kWarp;
+            }
+          }
+          async_wait<0>();  // the last round's packs
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            take(p, ring_x[i][threadIdx.x], ring_t[i][threadIdx.x]);
+            p += kWarp;
+          }
+        } else {
+          // The lane's last, partial tile, a pack at a time.
+#pragma unroll 1
+          for (uint32_t p = tile * kTilePacks + lane; p < full_packs; p += kWarp) {
+            take(p, reinterpret_cast<const P*>(x_all)[p], reinterpret_cast<const P*>(t_all)[p]);
           }
         }
+      } else {
+        // The lane's packs tile * kTilePacks + lane + 32 k, k < kLanePacks, in rounds of kInFlight
+        // loaded into registers; the round's first pack is the one loop variable (its place in the
+        // tile tells when the tile is done). The loads' tests keep them in a block of their own,
+        // which ptxas issues before the math.
+#pragma unroll 1
+        for (uint32_t first = tile * kTilePacks + lane;;) {
+          P x[kInFlight], t[kInFlight];
 #pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
-          const uint32_t p = first + kWarp * i;
-          if (p >= full_packs) continue;
-          acc_t xf[kVec], tf[kVec];
-          unpack(x[i], xf);
-          unpack(t[i], tf);
-          P loss, grad;
-          acc_t pack_sum = 0;
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) {
-            const LossAndGrad<acc_t> e = one(xf[j], tf[j]);
-            pack_sum = j == 0 ? e.loss : add_rn(pack_sum, e.loss);
-            loss.v[j] = static_cast<scalar_t>(e.loss * scale);
-            grad.v[j] = static_cast<scalar_t>(e.grad * scale);
+          for (int i = 0; i < kInFlight; ++i) {
+            const uint32_t p = first + kWarp * i;
+            if (p < full_packs) {
+              x[i] = reinterpret_cast<const P*>(x_all)[p];
+              t[i] = reinterpret_cast<const P*>(t_all)[p];
+            }
           }
-          lane_sum = add_rn(lane_sum, pack_sum);
-          if constexpr (decltype(writes_loss)::value) reinterpret_cast<P*>(loss_all)[p] = loss;
-          if constexpr (decltype(writes_grad)::value) reinterpret_cast<P*>(grad_all)[p] = grad;
-          touched += kVec;
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            const uint32_t p = first + kWarp * i;
+            if (p < full_packs) take(p, x[i], t[i]);
+          }
+          first += kWarp * kInFlight;
+          if (first % kTilePacks < kWarp) break;  // past the lane's last pack in the tile
         }
-        first += kWarp * kInFlight;
-        if (first % kTilePacks < kWarp) break;  // past the lane's last pack in the tile
       }
       const int64_t tail = int64_t{full_packs} * kVec;  // the partial last pack's first element
       const int64_t ahead = int64_t{full_packs} - (int64_t{tile} * kTilePacks + lane);
