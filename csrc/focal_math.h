@@ -265,8 +265,11 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_soft(V x, V t, V gamma) {
     const V ratio = O::select(q_positive, divide<O>(s.sig * s.sig_neg, q), V(0));
     r.grad = w * O::fmadd(gamma * (u - t), ce * ratio, p_minus_t);  // ce * ratio first, as above
   } else {
-    // ce * p (1 - p) is bounded (p (1 - p) falls as exp(-|x|) where CE grows as |x|).
-    const V inner = O::fmadd(gamma * (u - t), ce * (s.sig * s.sig_neg), q * p_minus_t);
+    // ce * p (1 - p) is bounded (p (1 - p) falls as exp(-|x|) where CE grows as |x|). gamma is 1
+    // or 2 here: gamma (1 - 2t) = gamma - 2 gamma t, rounded once.
+    constexpr float kGamma = G == GammaKind::kOne ? 1.f : 2.f;
+    const V gamma_1_2t = O::fmadd(t, V(-2 * kGamma), V(kGamma));
+    const V inner = O::fmadd(gamma_1_2t, ce * (s.sig * s.sig_neg), q * p_minus_t);
     r.grad = G == GammaKind::kOne ? inner : q * inner;
   }
   return r;
