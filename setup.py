@@ -134,6 +134,8 @@ def extension():
         os.path.join(CSRC, "cpu", "hugepage_alloc.cpp"),
         os.path.join(CSRC, "softmax_ops.cpp"),
         os.path.join(CSRC, "cpu", "softmax_cpu.cpp"),
+        os.path.join(CSRC, "box_ops.cpp"),
+        os.path.join(CSRC, "cpu", "box_cpu.cpp"),
     ]
     kwargs = dict(
         name="focal._C",

@@ -6,6 +6,7 @@
 
 #include <torch/library.h>
 
+#include "box_ops.h"
 #include "cpu/isa.h"
 #include "focal_ops.h"
 #include "softmax_ops.h"
@@ -30,5 +31,6 @@ std::string cpu_kernel_isa() { return focal::cpu::isa_name(focal::cpu::isa_for_t
 TORCH_LIBRARY(focal, m) {
   for (const char* schema : focal::kSchemas) m.def(schema);
   m.def(focal::kSoftmaxFocalLossSchema);
+  m.def(focal::kFcosBoxLossesSchema);
   m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);
 }

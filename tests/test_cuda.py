@@ -456,3 +456,24 @@ def test_cuda_device_normalizer_of_any_real_dtype(norm_dtype):
                  reduction, 1.0, True)
         assert_bitwise_equal(got[0].cpu(), want[0].cpu(), f"{reduction} loss")
         assert_bitwise_equal(got[1].cpu(), want[1].cpu(), f"{reduction} grad")
+
+
+@cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_fcos_box_losses_on_cuda_agree_with_the_cpu(dtype):
+    """The fused FCOS box terms: gradients as the CPU's (the same float64 math, which nvcc may contract
+    into multiply-adds), sums to float64 rounding, a normaliser read on the device; an out-of-range
+    match gives NaN, not an error."""
+    from fcos_box_cases import problem
+
+    codes, ctrness, anchors, gt_boxes, matched = problem(n=4, locations=3000, boxes=6, dtype=dtype)
+    args = (codes, ctrness, anchors, gt_boxes, matched)
+    want = torch.ops.focal.fcos_box_losses(*args, torch.tensor(17), True)
+    got = torch.ops.focal.fcos_box_losses(*(t.cuda() for t in args), torch.tensor(17, device="cuda"), True)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-6  # every output is in the math dtype
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.device.type == "cuda"
+        torch.testing.assert_close(g.cpu(), w, rtol=tolerance, atol=tolerance * w.abs().max())
+    matched[0, 0] = 6
+    giou, centerness, _, _ = torch.ops.focal.fcos_box_losses(*(t.cuda() for t in args), None, True)
+    assert giou.isnan() and centerness.isnan()

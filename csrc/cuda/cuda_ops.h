@@ -23,6 +23,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
     double alpha_value, double gamma, double label_smoothing, int64_t ignore_index,
     c10::string_view reduction, double scale, bool compute_grad);
 
+// The fcos_box_losses op (box_cuda.cu); arguments as its schema, box_ops.h.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fcos_box_losses(
+    const at::Tensor& codes, const at::Tensor& ctrness, const at::Tensor& anchors,
+    const at::Tensor& gt_boxes, const at::Tensor& matched, const std::optional<at::Tensor>& normalizer,
+    bool normalize_by_size);
+
 // The scale_grad_ op (scale_grad_cuda.cu): grad *= grad_output.
 void scale_grad(const at::Tensor& grad, const at::Tensor& grad_output);
 

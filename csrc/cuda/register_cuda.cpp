@@ -15,4 +15,5 @@ TORCH_LIBRARY_IMPL(focal, CUDA, m) {
   focal::LossOps<&focal::cuda::run_elementwise_loss>::register_on(m);
   m.impl("softmax_focal_loss", &focal::cuda::softmax_focal_loss);
   m.impl("scale_grad_", &focal::cuda::scale_grad);
+  m.impl("fcos_box_losses", &focal::cuda::fcos_box_losses);
 }

@@ -17,11 +17,11 @@ sync. The semantics are stock's:
   given to the op as a per-image row weight ``1 / (N max(1, num_fg_i))``. The weight is cast to the
   logits' dtype, so under bfloat16 autocast it is rounded to bfloat16 (relative 2^-9).
 - FCOS: the batch's sum divided by ``max(1, positives in the batch)``, given as a tensor normaliser.
-  FCOS computes its box and centerness losses in the same ``compute_loss``; they are stock's
-  arithmetic bit for bit (``_fcos_boxes``: on coordinate pairs, in half the tensor operations),
-  divided by the same count kept on the device, but on the foreground locations only (selected
-  once, which waits for the device as stock's boolean masks do), where stock decodes and encodes
-  every location and then keeps the foreground.
+  FCOS computes its box and centerness losses in the same ``compute_loss``: here they are one more
+  fused call (``_fcos_boxes``: the GIoU and centerness losses of every foreground location, picked
+  by the matcher's index inside the kernel, in float64), divided by the same count kept on the
+  device. Stock decodes and encodes every location, then keeps the foreground through boolean
+  masks that wait for the device.
 
 ``alpha = 0.25`` and ``gamma = 2``, torchvision's defaults. A model whose heads were adapted can
 no longer be compiled with ``torch.jit.script`` (``torch.compile`` is fine).
@@ -118,31 +118,14 @@ def _fcos_loss(
     bbox_ctrness = head_outputs["bbox_ctrness"]  # (N, HWA, 1)
 
     gt_classes, matched = _class_ids(targets, matched_idxs)  # FCOS's matcher gives only -1 and >= 0
-    foreground = gt_classes >= 0
-    num_foreground = foreground.sum().clamp(min=1)  # stays on the device: no .item()
+    num_foreground = (gt_classes >= 0).sum().clamp(min=1)  # stays on the device: no .item()
 
     loss_cls = focal.sigmoid_focal_loss(
         cls_logits, gt_classes, alpha=ALPHA, gamma=GAMMA, reduction="sum", normalizer=num_foreground
     )
-
-    # Stock torchvision's box and centerness losses, on the foreground locations only: stock decodes
-    # and encodes every location, then keeps the foreground through boolean masks. Each location's
-    # terms depend on that location alone, through exactly rounded arithmetic (+ - * / sqrt), so the
-    # values, their sums (in the same order) and the gradients are stock's; _fcos_boxes computes
-    # them on coordinate pairs, in half the operations.
-    where = foreground.nonzero(as_tuple=True)  # (image, location) of each positive, in stock's order
-    normalize = self.box_coder.normalize_by_size
-    fg_anchors = torch.stack(anchors)[where]
-    fg_gt_boxes = _padded(targets, "boxes")[where[0], matched[where]]
-    pred_boxes = boxes.linear_decode(bbox_regression[where], fg_anchors, normalize)
-    loss_bbox_reg = boxes.generalized_box_iou_loss_sum(pred_boxes, fg_gt_boxes)
-    with torch.no_grad():
-        gt_ctrness_targets = boxes.centerness(boxes.linear_encode(fg_anchors, fg_gt_boxes, normalize))
-    loss_bbox_ctrness = torch.nn.functional.binary_cross_entropy_with_logits(
-        bbox_ctrness.squeeze(dim=2)[where], gt_ctrness_targets, reduction="sum"
+    # The box and centerness terms of every foreground location (matched >= 0) in one fused call.
+    loss_bbox_reg, loss_bbox_ctrness = boxes.fcos_box_losses(
+        bbox_regression, bbox_ctrness, torch.stack(anchors), _padded(targets, "boxes"), matched,
+        num_foreground, self.box_coder.normalize_by_size,
     )
-    return {
-        "classification": loss_cls,
-        "bbox_regression": loss_bbox_reg / num_foreground,
-        "bbox_ctrness": loss_bbox_ctrness / num_foreground,
-    }
+    return {"classification": loss_cls, "bbox_regression": loss_bbox_reg, "bbox_ctrness": loss_bbox_ctrness}

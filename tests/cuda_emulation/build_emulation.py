@@ -57,7 +57,7 @@ TORCH_LIBS = [f"-L{p}" for p in cpp_extension.library_paths()] + [
 ]
 
 LIBRARY_SOURCES = sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp")) + [
-    CSRC / "focal_ops.cpp", CSRC / "softmax_ops.cpp", HERE / "emulated_library.cpp"
+    CSRC / "focal_ops.cpp", CSRC / "softmax_ops.cpp", CSRC / "box_ops.cpp", HERE / "emulated_library.cpp"
 ]
 FAULTS = {None: [], "tail": ["-DFOCAL_EMU_BREAK_TAIL"], "align": ["-DFOCAL_EMU_BREAK_ALIGN"]}
 

@@ -996,3 +996,62 @@ def test_background_index_and_class_alpha_match_the_cpu_op(dtype):
     total, grad = fl(EMU, ids, "sum", background_index=cols)  # -1 is no longer background
     assert torch.isnan(total)
     assert torch.isnan(grad[ids == -1]).all() and not torch.isnan(grad[ids != -1]).any()
+
+
+# ---- FCOS box losses ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("box_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fcos_box_losses_equal_the_cpu_op(dtype, box_dtype):
+    """One launch over every location; the gradients are the CPU op's bit for bit (the same float64
+    math), the sums agree to float64 rounding (ATen's sum on the device, an ordered loop on the CPU)."""
+    from fcos_box_cases import problem
+
+    codes, ctrness, anchors, gt_boxes, matched = problem(n=3, locations=700, boxes=4, dtype=dtype)
+    args = (codes, ctrness, anchors.to(box_dtype), gt_boxes.to(box_dtype), matched)
+    for normalize, normalizer in ((True, None), (False, torch.tensor(9)), (True, torch.tensor(2.5))):
+        (*losses, grad_codes, grad_ctrness), launches, touched = counted(
+            lambda: EMU.fcos_box_losses(*args, normalizer, normalize))
+        *want, want_codes, want_ctrness = CPU.fcos_box_losses(*args, normalizer, normalize)
+        assert launches == 1 and touched == matched.numel()
+        for got, expected in zip(losses, want):
+            assert got.dtype == expected.dtype and got.shape == ()
+            torch.testing.assert_close(got, expected, rtol=1e-6 if dtype != torch.float64 else 1e-13, atol=0)
+        assert_bitwise_equal(grad_codes, want_codes, "grad_codes")
+        assert_bitwise_equal(grad_ctrness, want_ctrness, "grad_ctrness")
+        if normalizer is not None:  # the same, read by the kernel from device memory
+            with scalars_on_device():
+                on_device = EMU.fcos_box_losses(*args, normalizer, normalize)
+            for got, expected, what in zip(on_device, (*losses, grad_codes, grad_ctrness),
+                                           ("giou", "centerness", "grad_codes", "grad_ctrness")):
+                assert_bitwise_equal(got, expected, what)
+
+
+def test_fcos_box_losses_out_of_range_match_gives_nan_not_an_error():
+    """Checking the matcher's indices on the GPU would need a host sync: a bad one poisons the sums."""
+    from fcos_box_cases import problem
+
+    codes, ctrness, anchors, gt_boxes, matched = problem(n=2, locations=50, boxes=3)
+    matched[0, 7] = 3
+    giou, centerness, grad_codes, _ = EMU.fcos_box_losses(codes, ctrness, anchors, gt_boxes, matched, None, True)
+    assert giou.isnan() and centerness.isnan() and grad_codes[0, 7].eq(0).all()
+
+
+@pytest.mark.parametrize("value", [0.0, -3.0, math.nan, math.inf])
+def test_fcos_box_losses_invalid_normalizer_on_device_poisons_the_result(value):
+    from fcos_box_cases import problem
+
+    codes, ctrness, anchors, gt_boxes, matched = problem(n=2, locations=50, boxes=3)
+    with scalars_on_device():
+        giou, centerness, grad_codes, _ = EMU.fcos_box_losses(
+            codes, ctrness, anchors, gt_boxes, matched, torch.tensor(value), True)
+    assert giou.isnan() and centerness.isnan() and grad_codes[matched >= 0].isnan().all()
+
+
+def test_fcos_box_losses_of_no_location_launch_nothing():
+    from fcos_box_cases import problem
+
+    codes, ctrness, anchors, gt_boxes, matched = problem(n=2, locations=5, boxes=3)
+    (giou, centerness, grad_codes, _), launches, _ = counted(lambda: EMU.fcos_box_losses(
+        codes[:, :0], ctrness[:, :0], anchors[:, :0], gt_boxes, matched[:, :0], None, True))
+    assert launches == 0 and giou.item() == 0 and centerness.item() == 0 and grad_codes.shape == (2, 0, 4)

@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include "box_ops.h"
 #include "cuda_emulation.h"
 #include "focal_ops.h"
 #include "softmax_ops.h"
@@ -37,6 +38,7 @@ bool set_scalars_on_device(bool on) { return focal_emu::scalars_on_device_flag.e
 TORCH_LIBRARY(focal_emu, m) {
   for (const char* schema : focal::kSchemas) m.def(schema);
   m.def(focal::kSoftmaxFocalLossSchema);
+  m.def(focal::kFcosBoxLossesSchema);
   m.def("emulation_counters() -> int[]", &emulation_counters);
   m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
   m.def("emulated_launch_shapes() -> int[]", &emulated_launch_shapes);
