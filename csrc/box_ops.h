@@ -2,7 +2,6 @@
 #pragma once
 
 #include <cstdint>
-
 #include <limits>
 #include <optional>
 #include <type_traits>
@@ -41,9 +40,10 @@ struct BoxCall {
   at::ScalarType math_dtype() const { return codes.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 };
 
-// Checks what the kernels rely on for memory safety (dims, sizes, dtypes, devices); the values of
-// matched are checked by the CPU kernel (the CUDA kernel gives NaN sums for an index out of range),
-// a normaliser on the host here (one on the device gives NaN sums unless finite and > 0).
+// Checks what the kernels rely on for memory safety (dims, sizes, dtypes, devices). The values are
+// checked later: matched by the CPU kernel (the CUDA kernel gives NaN sums for an index out of
+// range), a normaliser when the host reads it (one the CUDA kernel reads gives NaN sums unless
+// finite and > 0).
 BoxCall make_box_call(const at::Tensor& codes, const at::Tensor& ctrness, const at::Tensor& anchors,
                       const at::Tensor& gt_boxes, const at::Tensor& matched,
                       const std::optional<at::Tensor>& normalizer, bool normalize_by_size);
