@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/stack.h>
 
@@ -46,6 +47,16 @@ double divide_by_host_normalizer(double factor, const std::optional<at::Tensor>&
   TORCH_CHECK_VALUE(value > 0 && std::isfinite(value), "normalizer must be a finite number > 0, got ",
                     value);
   return factor / value;
+}
+
+at::Tensor reduced_loss_tensor(double value, const at::TensorOptions& options) {
+  at::Tensor loss = at::empty({}, options);
+  if (loss.scalar_type() == at::kDouble) {
+    *loss.mutable_data_ptr<double>() = value;
+  } else {
+    *loss.mutable_data_ptr<float>() = static_cast<float>(value);
+  }
+  return loss;
 }
 
 namespace {

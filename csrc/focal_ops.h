@@ -150,6 +150,10 @@ void check_logits_dtype(const at::Tensor& logits);
 void check_normalizer(const at::Tensor& logits, const at::Tensor& normalizer);
 double divide_by_host_normalizer(double factor, const std::optional<at::Tensor>& normalizer);
 
+// A reduced loss as the CPU backends return it: a 0-dim tensor of `options` (float32 or float64)
+// holding `value`, rounded once.
+at::Tensor reduced_loss_tensor(double value, const at::TensorOptions& options);
+
 // For scale_grad_: true when grad_output is one value broadcast over grad (one element, or every
 // stride 0); checks that it broadcasts to grad and lives on grad's device (or is a CPU scalar).
 bool check_scale_grad(const at::Tensor& grad, const at::Tensor& grad_output);

@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "../box_ops.h"
-#include "../focal_ops.h"  // divide_by_host_normalizer
+#include "../focal_ops.h"  // divide_by_host_normalizer, reduced_loss_tensor
 
 namespace focal::cpu {
 namespace {
@@ -40,16 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fcos_box_losses_cpu(
       }
     });
   });
-  const auto scalar = [&](double value) {
-    at::Tensor t = at::empty({}, math);
-    if (t.scalar_type() == at::kDouble) {
-      *t.mutable_data_ptr<double>() = value;
-    } else {
-      *t.mutable_data_ptr<float>() = static_cast<float>(value);
-    }
-    return t;
-  };
-  return {scalar(giou), scalar(centerness), grad_codes, grad_ctrness};
+  return {reduced_loss_tensor(giou, math), reduced_loss_tensor(centerness, math), grad_codes, grad_ctrness};
 }
 
 }  // namespace

@@ -101,12 +101,7 @@ std::tuple<at::Tensor, at::Tensor> run(const FocalCall& call) {
     for (const double p : partial) sum += p;
     const double value =
         call.reduction == Reduction::kMean && rows * cols == 0 ? call.empty_mean() : sum * total_scale;
-    loss = at::empty({}, options.dtype(call.reduced_dtype()));
-    if (loss.scalar_type() == at::kDouble) {
-      *loss.mutable_data_ptr<double>() = value;
-    } else {
-      *loss.mutable_data_ptr<float>() = static_cast<float>(value);
-    }
+    loss = reduced_loss_tensor(value, options.dtype(call.reduced_dtype()));
   }
   return {loss, grad};
 }

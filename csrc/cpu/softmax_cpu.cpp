@@ -125,12 +125,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss_cpu(
   } else {
     double sum = 0;
     for (const double p : partial) sum += p;
-    loss = at::empty({}, options.dtype(call.math_dtype()));
-    if (loss.scalar_type() == at::kDouble) {
-      *loss.mutable_data_ptr<double>() = sum * total_scale;
-    } else {
-      *loss.mutable_data_ptr<float>() = static_cast<float>(sum * total_scale);
-    }
+    loss = reduced_loss_tensor(sum * total_scale, options.dtype(call.math_dtype()));
   }
   return {loss, grad};
 }

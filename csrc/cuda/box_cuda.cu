@@ -49,12 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fcos_box_losses(
   if (count > 0) {
     const BoxArgs args = box_args(call, grad_codes, grad_ctrness);
     at::Tensor converted;
-    ScaleArgs scale;
-    if (call.normalizer && !rt::resides_on_host(*call.normalizer)) {
-      scale.normalizer = rt::scalar_ref(*call.normalizer, converted);
-    } else {
-      scale.factor = divide_by_host_normalizer(1.0, call.normalizer);
-    }
+    const ScaleArgs scale = rt::scale_by_normalizer<ScaleArgs>(1.0, call.normalizer, converted);
     const int blocks = grid_blocks(count, int64_t{rt::multiprocessor_count()} * 4);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, call.codes.scalar_type(), "fcos_box_losses", [&] {
       using code_t = scalar_t;

@@ -47,14 +47,8 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
   const bool reduce = call.reduction != Reduction::kNone;
 
   // The scale is passed by value; only what lives on the device is read there, by the kernels.
-  ScaleArgs s;
   at::Tensor normalizer_converted;
-  if (call.normalizer && !rt::resides_on_host(*call.normalizer)) {
-    s.factor = call.scale;
-    s.normalizer = rt::scalar_ref(*call.normalizer, normalizer_converted);
-  } else {
-    s.factor = call.host_scale();  // reads and checks a CPU normaliser
-  }
+  ScaleArgs s = rt::scale_by_normalizer<ScaleArgs>(call.scale, call.normalizer, normalizer_converted);
   if (call.reduction == Reduction::kMean && !call.class_ids()) s.count = static_cast<double>(numel);
 
   const at::Tensor grad =

@@ -5,11 +5,13 @@
 // host code that tells the two apart; register_cuda.cpp is the other, for the dispatch key.
 #pragma once
 
+#include <optional>
 #include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 
+#include "../focal_ops.h"  // divide_by_host_normalizer
 #include "kernel_runtime.cuh"
 
 // The narrowest headers that declare what is used below: ATen/cuda/CUDAContext.h and at::empty's
@@ -116,6 +118,21 @@ inline ScalarRef scalar_ref(const at::Tensor& one_value, at::Tensor& converted) 
       tag = ScalarTag::kDouble;
   }
   return {t->const_data_ptr(), tag};
+}
+
+// The scale a kernel takes (ScaleArgs, SoftmaxScale): `factor` divided by `normalizer` when that
+// lives on the host (read and checked here), else `factor` and the normaliser left in device memory
+// for the kernels to read, converted into `converted` (which must outlive the launch) if need be.
+template <typename Scale>
+Scale scale_by_normalizer(double factor, const std::optional<at::Tensor>& normalizer, at::Tensor& converted) {
+  Scale s;
+  if (normalizer && !resides_on_host(*normalizer)) {
+    s.factor = factor;
+    s.normalizer = scalar_ref(*normalizer, converted);
+  } else {
+    s.factor = divide_by_host_normalizer(factor, normalizer);
+  }
+  return s;
 }
 
 }  // namespace focal::cuda::rt

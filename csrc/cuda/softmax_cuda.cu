@@ -36,14 +36,9 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const int variant = variant_index({"FOCAL_CUDA_SOFTMAX_VARIANT", kSoftmaxVariantNames, kSoftmaxVariantCount},
                                     arch_variants().softmax);
 
-  SoftmaxScale s;
   at::Tensor normalizer_converted;
-  if (call.normalizer && !rt::resides_on_host(*call.normalizer)) {
-    s.factor = call.scale * call.alpha_value;
-    s.normalizer = rt::scalar_ref(*call.normalizer, normalizer_converted);
-  } else {
-    s.factor = call.host_scale();  // reads and checks a CPU normaliser
-  }
+  SoftmaxScale s =
+      rt::scale_by_normalizer<SoftmaxScale>(call.scale * call.alpha_value, call.normalizer, normalizer_converted);
 
   const at::Tensor grad = compute_grad ? rt::empty(logits.sizes(), options) : rt::empty({0}, options);
   at::Tensor loss = reduce ? rt::empty({}, options.dtype(call.math_dtype())) : rt::empty(target.sizes(), options);
