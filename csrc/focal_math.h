@@ -196,6 +196,19 @@ FOCAL_HOST_DEVICE V modulating_factor(V q, V log_q, V gamma) {
   }
 }
 
+// gamma, a constant for the kinds that fix it (the host picks kOne and kTwo for exactly 1 and 2):
+// no register holds it in the kernels.
+template <GammaKind G, typename V>
+FOCAL_HOST_DEVICE V gamma_of(V gamma) {
+  if constexpr (G == GammaKind::kOne) {
+    return V(1);
+  } else if constexpr (G == GammaKind::kTwo) {
+    return V(2);
+  } else {
+    return gamma;
+  }
+}
+
 template <typename V>
 struct LossAndGrad {
   V loss;
@@ -223,7 +236,7 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, const SigmoidParts<V>& s, V gam
   } else {
     // ce * sigmoid(-z) first: both factors are bounded together, while gamma * ce alone can
     // overflow at the largest logits.
-    r.grad = w * O::fmadd(gamma, ce * s.sig_neg, s.sig);
+    r.grad = w * O::fmadd(gamma_of<G>(gamma), ce * s.sig_neg, s.sig);
   }
   return r;
 }

@@ -84,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
                                  : args.target_kind == TargetKind::kClassIdScore;
   // A tensor alpha, like a per-element weight, takes the general kernel; so does a background_index
   // other than -1 and cols (RowWalk::ids_from).
+  // It tests class ids in 32 bits, so the ignore_index too must fit.
   const bool ids_kernel = ids_targets && reduce && aligned && args.elem_weight == nullptr &&
                           args.class_alpha == nullptr &&
                           (args.background_index == -1 || args.background_index == cols) &&
-                          cols < (int64_t{1} << 30);  // 32-bit columns
+                          args.ignore_index == static_cast<int32_t>(args.ignore_index) &&
+                          numel <= kIdsKernelElements;  // 32-bit element indices
   const bool float_kernel = focal && args.target_kind == TargetKind::kFloat && aligned &&
                             args.row_weight == nullptr && args.elem_weight == nullptr &&
                             args.class_alpha == nullptr && args.label_smoothing == 0.0 &&
@@ -113,9 +115,7 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
         using Shape = decltype(shape);
         partials = sums_of(tile_count<scalar_t>(numel));
         const int blocks = tile_blocks<Shape>(partials, max_blocks(Shape::kBlocksPerSm));
-        const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1,
-                                           int64_t{blocks} * (Shape::kThreads / kWarp) * kTileElements<scalar_t>,
-                                           args.background_index);
+        const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1, args.background_index);
         if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
           if constexpr (std::is_same_v<Shape, DefaultLaunchShapeFor<scalar_t>>) {
             launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,

@@ -240,29 +240,28 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
   return static_cast<int>(wanted < max_blocks ? wanted : max_blocks);
 }
 
-// How focal_ids_kernel follows rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 as a
-// multiply-high, an add and a shift (Granlund and Montgomery's method, as in ATen's IntDivider),
-// and the rows and columns a lane's first element moves by from one of its tiles to the next
-// (`step` elements: the grid's warps times a tile), and `ids_from`, the first of the cols + 1 class
-// ids the fast path takes for classes and background: -1, or 0 when background_index is cols (the
-// host sends any other background_index to the general kernel). Made by the host, so that the
-// kernel reads all of it from its parameters rather than holding it in registers.
+// The most elements focal_ids_kernel takes (the host sends larger ones to focal_kernel): its element
+// indices, up to a tile past the last element, stay below 2^31.
+inline constexpr int64_t kIdsKernelElements = (int64_t{1} << 31) - (int64_t{1} << 16);
+
+// How focal_ids_kernel finds rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 as a
+// multiply-high, an add and a shift (Granlund and Montgomery's method, as in ATen's IntDivider), and
+// `ids_from`, the first of the cols + 1 class ids the fast path takes for classes and background:
+// -1, or 0 when background_index is cols (the host sends any other background_index to the general
+// kernel). Made by the host, so that the kernel reads all of it from its parameters rather than
+// holding it in registers.
 struct RowWalk {
   uint32_t magic = 1;
   uint32_t shift = 0;
   int32_t cols = 1;
-  int32_t step_cols = 0;
-  int64_t step_rows = 0;
-  uint64_t ids_from = ~uint64_t{0};  // -1 as unsigned: the id arithmetic wraps, never overflows
+  uint32_t ids_from = ~uint32_t{0};  // -1 as unsigned: the id arithmetic wraps, never overflows
 
-  static RowWalk make(int64_t cols, int64_t step, int64_t background_index = -1) {
+  static RowWalk make(int64_t cols, int64_t background_index = -1) {
     RowWalk w;
-    w.ids_from = background_index == cols ? 0 : ~uint64_t{0};
+    w.ids_from = background_index == cols ? 0 : ~uint32_t{0};
     w.cols = static_cast<int32_t>(cols);
     while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
     w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
-    w.step_rows = step / cols;
-    w.step_cols = static_cast<int32_t>(step - w.step_rows * cols);
     return w;
   }
   __device__ __forceinline__ uint32_t rows_in(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
@@ -513,10 +512,11 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
 
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
 // loss (reduction "none") and gradient times `scale` written out; returns the sum of their
-// alpha-weighted losses, left to right. What focal_ids_kernel leaves to the general code; not
-// inlined, so that its copies in the unrolled loop stay out of the instruction cache.
+// alpha-weighted losses, left to right. What focal_ids_kernel leaves to the general code, after
+// its hot loop. Inlined: a call there would make every value live across it (the lane's sums, its
+// element index) a stack slot for the whole kernel, loaded and stored in the hot loop too.
 template <typename scalar_t, GammaKind G, LossKind L>
-__device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
+__device__ __forceinline__ at::opmath_type<scalar_t> focal_pack_slow(
     const KernelArgs& a, at::opmath_type<scalar_t> scale, int64_t e0, int len, int64_t row,
     int64_t col) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -543,9 +543,10 @@ __device__ __noinline__ at::opmath_type<scalar_t> focal_pack_slow(
 // reduced loss, 16-byte aligned logits and gradient: the loss of dense detection, written for the
 // memory roofline (csrc/cuda/README.md). Tiles as above; each lane loads Shape::kInFlightBytes / 16
 // packs and their rows' class ids (and weights) before it uses any (a shape with AsyncLoads keeps
-// that many packs and ids on their way through a ring in shared memory). It follows the row and
-// column of its first pack in a tile from tile to tile (a division only before the loop) and finds
-// those of its other packs with RowWalk. A pack within one row whose row has no positive in it
+// that many packs and ids on their way through a ring in shared memory). Element indices are 32-bit
+// (at most kIdsKernelElements elements); each pack's row is its first element's index divided by
+// the columns with RowWalk's multiply-high, so that a lane carries no row or column from pack to
+// pack or tile to tile. A pack within one row whose row has no positive in it
 // (nearly every pack: a row has at most one positive among its C classes, a background row none)
 // runs focal_hard with z = x on every element, alpha's negative weight, the row's weight and the
 // scale folded into one factor; a pack of an ignored row writes zeros; any other pack (a positive,
@@ -584,13 +585,15 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   auto* grad_all = static_cast<P*>(a.grad);
 
   const int lane = threadIdx.x % kWarp;
-  const int64_t first_tile = (static_cast<int64_t>(blockIdx.x) * Shape::kThreads + threadIdx.x) / kWarp;
-  // The lane's first element in its tile, with its row and column; from tile to tile they move by
-  // walk's step (the tile is e_lane / kTile).
-  int64_t e_lane = first_tile * kTile + lane * kVec;
-  int64_t row0 = e_lane / cols;
-  int32_t col0 = static_cast<int32_t>(e_lane - row0 * cols);
-  const int64_t step = static_cast<int64_t>(gridDim.x) * (Shape::kThreads / kWarp) * kTile;
+  // Elements, rows and tiles in 32 bits: the host gives this kernel at most kIdsKernelElements
+  // elements and a grid of at most one warp per tile, so that every element index below (up to a
+  // tile past the end) stays under 2^31, as RowWalk::rows_in needs.
+  const uint32_t n32 = static_cast<uint32_t>(n);
+  const uint32_t first_tile = (blockIdx.x * Shape::kThreads + threadIdx.x) / kWarp;
+  // The lane's first element in its tile (the tile is e_lane / kTile); the rows and columns of its
+  // packs follow from it.
+  uint32_t e_lane = first_tile * kTile + lane * kVec;
+  const uint32_t step = gridDim.x * (Shape::kThreads / kWarp) * kTile;
   int64_t touched = 0;
   // A lane's packs lie kWarp packs apart; its last one in a tile ends here, past its first element.
   constexpr int32_t kLaneEnd = (kLanePacks - 1) * kWarp * kVec + kVec;
@@ -602,28 +605,24 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   // The loop twice, with and without the gradient (a forward under no_grad), so that neither
   // tests for it per pack.
   const auto run = [&](auto writes_grad) {
-    for (; e_lane - lane * kVec < n; e_lane += step) {
-      const int64_t left64 = n - e_lane;  // elements from the lane's first to the end
-      const int32_t left = static_cast<int32_t>(left64 < kTile ? left64 : kTile);
-      const int64_t* row_ids = ids + row0;
-      const uint64_t pack0 = static_cast<uint64_t>(e_lane) / kVec;  // unsigned: a shift
+    for (; e_lane - lane * kVec < n32; e_lane += step) {
+      const int32_t left_all = static_cast<int32_t>(n32 - e_lane);  // from the lane's first to the end
+      const int32_t left = left_all < kTile ? left_all : kTile;
+      const uint32_t pack0 = e_lane / kVec;
       const P* x_lane = x_all + pack0;
       acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
       acc_t others = 0;     // the other packs' alpha-weighted losses
       uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
-      // The row of the lane's pack k, relative to row0, and its column there.
-      const auto row_of = [&](int k) {
-        return walk.rows_in(static_cast<uint32_t>(col0 + k * kWarp * kVec));
+      // The row of the lane's pack k's first element, and its column there.
+      const auto row_of = [&](int k) { return walk.rows_in(e_lane + k * kWarp * kVec); };
+      const auto col_of = [&](int k, uint32_t row) {
+        return static_cast<int32_t>(e_lane + k * kWarp * kVec - row * static_cast<uint32_t>(cols));
       };
-      const auto col_of = [&](int k, uint32_t rows_on) {
-        return static_cast<int32_t>(static_cast<uint32_t>(col0 + k * kWarp * kVec) -
-                                    rows_on * static_cast<uint32_t>(cols));
-      };
-      // The lane's pack k, whose first element lies `rows_on` rows past row0 (loaded: its logits,
-      // its row's class id and, with row weights, its row's weight; each 0 for a pack that is not
-      // whole), taken here or marked for after the loop. `whole_tile`: every pack of the lane's
-      // tile is known to be whole.
-      const auto take = [&](auto whole_tile, int k, uint32_t rows_on, const P& x, int64_t label,
+      // The lane's pack k, whose first element lies in row `row` (loaded: its logits, its row's
+      // class id and, with row weights, its row's weight; for a pack that is not whole, none of
+      // them is used), taken here or marked for after the loop. `whole_tile`: every pack of the
+      // lane's tile is known to be whole.
+      const auto take = [&](auto whole_tile, int k, uint32_t row, const P& x, int64_t label,
                             scalar_t weight) {
         const int32_t offset = k * kWarp * kVec;  // elements past the lane's first
         bool whole = true;
@@ -632,17 +631,19 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           whole = offset + kVec <= left;
         }
         touched += whole ? kVec : left - offset;
-        const int32_t col = col_of(k, rows_on);
-        bool fast = false, ignored = false;
-        if (whole && col + kVec <= cols) {
-          // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
-          ignored = label == a.ignore_index;
-          const bool negative =
-              static_cast<uint64_t>(label) - walk.ids_from <= static_cast<uint64_t>(cols) &&
-              static_cast<uint64_t>(label - col) >= static_cast<uint64_t>(kVec);
-          fast = ignored || negative;
-        }
-        if (fast && ignored) {
+        const int32_t col = col_of(k, row);
+        // Within one row; ignored, or a class or background (walk.ids_from) outside [col, col + kVec).
+        // Tested in 32 bits (the host sends an ignore_index outside int32 to the general kernel):
+        // a label whose upper word is not its lower word's sign, an invalid one, is never fast.
+        // `&` rather than `&&`: every test is cheap, and none is a branch.
+        const uint32_t id = static_cast<uint32_t>(label);
+        const bool candidate = whole & (col + kVec <= cols) &
+                               (static_cast<uint32_t>(static_cast<uint64_t>(label) >> 32) ==
+                                static_cast<uint32_t>(static_cast<int32_t>(id) >> 31));
+        const bool ignored = candidate & (id == static_cast<uint32_t>(a.ignore_index));
+        const bool fast = candidate & (id - walk.ids_from <= static_cast<uint32_t>(cols)) &
+                          (id - static_cast<uint32_t>(col) >= static_cast<uint32_t>(kVec));
+        if (ignored) {
           // An ignored row (a few percent of anchors in detection) stays in this loop, with no
           // loss and a zero gradient whatever its logits.
           if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
@@ -674,7 +675,7 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           P x[kInFlight];
           int64_t label[kInFlight];
           scalar_t weight[kInFlight] = {};
-          uint32_t rows_on[kInFlight];  // of each pack's first element, past row0
+          uint32_t rows[kInFlight];  // of each pack's first element
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
             const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
@@ -682,20 +683,17 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
             // unwritten keeps the round before's value, so nvcc would carry (and spill) every
             // pack and id of a round from one round to the next.
             const bool whole = offset + kVec <= left;
-            rows_on[i] = row_of(r + i);
-            label[i] = whole ? row_ids[rows_on[i]] : int64_t{0};
+            rows[i] = whole ? row_of(r + i) : 0;  // row 0 for a pack that is not whole: any row
+            label[i] = ids[rows[i]];
             x[i] = whole ? x_lane[offset / kVec] : P{};
           }
           if (row_weight != nullptr) {  // after the others: the branch must not split them
 #pragma unroll
-            for (int i = 0; i < kInFlight; ++i) {
-              const int32_t offset = (r + i) * kWarp * kVec;
-              weight[i] = offset + kVec <= left ? row_weight[row0 + rows_on[i]] : scalar_t(0);
-            }
+            for (int i = 0; i < kInFlight; ++i) weight[i] = row_weight[rows[i]];
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            take(std::false_type{}, r + i, rows_on[i], x[i], label[i], weight[i]);
+            take(std::false_type{}, r + i, rows[i], x[i], label[i], weight[i]);
           }
         }
       };
@@ -706,27 +704,33 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           // so kInFlight packs are always on their way, in no register.
           const auto request = [&](int k, int slot) {
             async_copy<16>(&ring_packs[slot][threadIdx.x], x_lane + k * kWarp);
-            async_copy<8>(&ring_ids[slot][threadIdx.x], row_ids + row_of(k));
+            async_copy<8>(&ring_ids[slot][threadIdx.x], ids + row_of(k));
             async_commit();
           };
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) request(i, i);
+          // Pack k, out of slot i.
+          const auto take_slot = [&](int k, int i, const P& x, int64_t label) {
+            const uint32_t row = row_of(k);
+            take(std::true_type{}, k, row, x, label,
+                 row_weight != nullptr ? row_weight[row] : scalar_t(0));
+          };
+          // Every round but the last refills each slot as soon as its pack has left it.
 #pragma unroll 1
-          for (int r = 0; r < kLanePacks; r += kInFlight) {
+          for (int r = 0; r < kLanePacks - kInFlight; r += kInFlight) {
 #pragma unroll
             for (int i = 0; i < kInFlight; ++i) {
               async_wait<kInFlight - 1>();  // pack r + i has arrived: the oldest request
               const P x = ring_packs[i][threadIdx.x];
               const int64_t label = ring_ids[i][threadIdx.x];
-              if (r + kInFlight < kLanePacks) {  // every round but the last
-                request(r + i + kInFlight, i);
-              } else {
-                async_commit();  // an empty group, so that the wait above counts alike
-              }
-              const uint32_t rows_on = row_of(r + i);
-              take(std::true_type{}, r + i, rows_on, x, label,
-                   row_weight != nullptr ? row_weight[row0 + rows_on] : scalar_t(0));
+              request(r + i + kInFlight, i);
+              take_slot(r + i, i, x, label);
             }
+          }
+          async_wait<0>();  // the last round's packs
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            take_slot(kLanePacks - kInFlight + i, i, ring_packs[i][threadIdx.x], ring_ids[i][threadIdx.x]);
           }
         } else {
           // The lane's last, partial tile, a pack at a time (the fast path's packs are still
@@ -735,10 +739,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           for (int k = 0; k < kLanePacks; ++k) {
             const int32_t offset = k * kWarp * kVec;
             const bool whole = offset + kVec <= left;
-            const uint32_t rows_on = row_of(k);
-            take(std::false_type{}, k, rows_on, whole ? x_lane[offset / kVec] : P{},
-                 whole ? row_ids[rows_on] : int64_t{0},
-                 whole && row_weight != nullptr ? row_weight[row0 + rows_on] : scalar_t(0));
+            const uint32_t row = row_of(k);
+            take(std::false_type{}, k, row, whole ? x_lane[offset / kVec] : P{},
+                 whole ? ids[row] : int64_t{0},
+                 whole && row_weight != nullptr ? row_weight[row] : scalar_t(0));
           }
         }
       } else {
@@ -750,21 +754,15 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         const int k = __ffs(slow) - 1;
         slow &= slow - 1;
         const int32_t offset = k * kWarp * kVec;
-        const uint32_t rows_on = row_of(k);
+        const uint32_t row = row_of(k);
         const int len = left - offset < kVec ? left - offset : kVec;
         others = add_rn(others, focal_pack_slow<scalar_t, G, L>(a, scale, e_lane + offset, len,
-                                                                row0 + rows_on, col_of(k, rows_on)));
+                                                                row, col_of(k, row)));
       }
       // alpha = 1 gives negatives no weight: their sum, even an overflowed one, counts 0 (inf * 0
       // is NaN).
       store_tile_sum(alpha.neg == acc_t(0) ? others : add_rn(negatives * alpha.neg, others),
-                     static_cast<uint64_t>(e_lane) / kTile, tile_sums);
-      row0 += walk.step_rows;
-      col0 += walk.step_cols;
-      if (col0 >= cols) {
-        col0 -= cols;
-        ++row0;
-      }
+                     e_lane / kTile, tile_sums);
     }
   };
   if (grad_all != nullptr) {

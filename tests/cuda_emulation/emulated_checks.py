@@ -278,11 +278,12 @@ def test_class_id_kernel_over_row_layouts(dtype, cols):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("ignore_index", [-100, -2, 80])
+@pytest.mark.parametrize("ignore_index", [-100, -2, 80, -(2**40)])
 def test_class_id_kernel_ignored_rows_are_exact_zeros_whatever_their_logits(dtype, ignore_index):
     """The roofline kernel keeps ignored rows in its fast loop: their gradient is exactly 0 and
     their loss absent even where the logits are inf or NaN, as on the CPU, whether ignore_index is
-    below -1 or at or past the class count (where an id that is not ignored is invalid)."""
+    below -1 or at or past the class count (where an id that is not ignored is invalid), or outside
+    int32 (the general kernel's case: the roofline kernel tests ids in 32 bits)."""
     g = torch.Generator().manual_seed(11)
     x = make_logits((300, 80), dtype, g)
     ids = _ids_with_every_case(300, 80, g, ignore_index=ignore_index)
@@ -311,10 +312,14 @@ def test_class_id_kernel_invalid_ids_poison_their_rows(dtype):
     x = make_logits((300, 80), dtype, g)
     ids = _ids_with_every_case(300, 80, g)
     ids[17], ids[250], ids[251] = 80, -7, 2**63 - 1  # out of range, the last without signed overflow
+    # Out of range, whose lower 32 bits are a class, background, the ignore_index (the kernel tests
+    # ids in 32 bits) or a column of their own row.
+    poisoned = [17, 250, 251, 40, 41, 42, 43, 44]
+    ids[poisoned[3:]] = torch.tensor([2**32 + 5, 2**32 - 1, 2**32 - 100, -(2**32) + 3, 2**33 + 44])
     total, grad = loss_op(EMU, x, ids, reduction="sum")
     assert torch.isnan(total)
     bad = torch.zeros(300, dtype=torch.bool)
-    bad[[17, 250, 251]] = True
+    bad[poisoned] = True
     assert torch.isnan(grad[bad]).all() and not torch.isnan(grad[~bad]).any()
     ok_total, ok_grad = loss_op(CPU, x[~bad], ids[~bad], reduction="sum")
     assert_close_ulps(grad[~bad], ok_grad, dtype, GRAD_ULPS[dtype], "grad of the valid rows", normwise=True)
