@@ -636,8 +636,10 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
         // Tested in 32 bits (the host sends an ignore_index outside int32 to the general kernel):
         // a label whose upper word is not its lower word's sign, an invalid one, is never fast.
         // `&` rather than `&&`: every test is cheap, and none is a branch.
+        // Unsigned throughout: a pack that is not whole may have any row, so any column.
         const uint32_t id = static_cast<uint32_t>(label);
-        const bool candidate = whole & (col + kVec <= cols) &
+        const bool candidate = whole &
+                               (static_cast<uint32_t>(col) + kVec <= static_cast<uint32_t>(cols)) &
                                (static_cast<uint32_t>(static_cast<uint64_t>(label) >> 32) ==
                                 static_cast<uint32_t>(static_cast<int32_t>(id) >> 31));
         const bool ignored = candidate & (id == static_cast<uint32_t>(a.ignore_index));
