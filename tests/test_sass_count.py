@@ -465,15 +465,26 @@ def test_tiny_kernel_budget_failure_and_errors(tiny_cubin):
 BUILT = sc.default_binary()
 
 
-# What the launch shapes other than t256_f64_b6 give up by design, for both roofline kernels:
-# t256_f64_b4 its occupancy (64 registers a thread: 50 %), t128_f32_b12 its bytes in flight (two
-# 16-byte packs of logits, or of logits and targets, and the class ids' 8 bytes each).
-BY_DESIGN = {"t256_f64_b4": "occupancy", "t128_f32_b12": "bytes_in_flight"}
 SHAPE_NAMES = {(256, 64, 4): "t256_f64_b4", (128, 32, 12): "t128_f32_b12", (256, 64, 6): "t256_f64_b6"}
-# The other budgets the built kernels miss today (sm_90, nvcc 13.0), with the number measured:
-# (kernel, dtype, launch shape name, check) -> measured. Kept here rather than loosened, so that a
-# change in either direction fails the test below and is written down (csrc/cuda/README.md).
+# What the launch shapes other than t256_f64_b6 give up by design, for both roofline kernels and
+# every 16- and 32-bit dtype, with the number measured: t256_f64_b4 its occupancy (64 registers a
+# thread: 50 %), t128_f32_b12 its bytes in flight (two 16-byte packs of logits, or of logits and
+# targets, and, for class ids, their rows' ids).
+BY_DESIGN = {
+    **{(kernel, dtype, "t256_f64_b4", "occupancy"): 0.5
+       for kernel in ("focal_ids_kernel", "focal_float_kernel") for dtype in ("float32", "bfloat16", "float16")},
+    **{("focal_float_kernel", dtype, "t128_f32_b12", "bytes_in_flight"): 32
+       for dtype in ("float32", "bfloat16", "float16")},
+    ("focal_ids_kernel", "float32", "t128_f32_b12", "bytes_in_flight"): 56,
+    ("focal_ids_kernel", "bfloat16", "t128_f32_b12", "bytes_in_flight"): 44,
+    ("focal_ids_kernel", "float16", "t128_f32_b12", "bytes_in_flight"): 44,
+}
+# The roofline budgets the built kernels miss today (sm_90, nvcc 13.0): those above and the others,
+# with the number measured: (kernel, dtype, launch shape name, check) -> measured. Kept here rather
+# than loosened, so that a change in either direction fails the test below and is written down
+# (csrc/cuda/README.md).
 KNOWN_MISSES = {
+    **BY_DESIGN,
     ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 33.19,
     ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 32.69,
     ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 30.38,
@@ -567,8 +578,8 @@ def test_built_extension_roofline_budgets(built):
     it (float64's libm calls and the IEEE division of the float32 float-target kernel at a general
     gamma apart: at gamma 0, 1 and 2 the soft target's gradient has no quotient); each roofline budget
     (occupancy >= 75 %, >= 64 bytes in flight, no spill in the hot loop, instructions per element)
-    holds, but for the one a shape gives up by design (BY_DESIGN), or misses by exactly the number
-    KNOWN_MISSES records. No hot loop spills."""
+    holds, or misses by exactly the number KNOWN_MISSES records (among them what shapes 0 and 1 give
+    up by design, BY_DESIGN). No hot loop spills."""
     size = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
     kernels = [k for k in built["kernels"] if k["kernel"] in ("focal_ids_kernel", "focal_float_kernel")]
     shaped = {(k["kernel"], k["dtype"], _shape_name(k["launch_shape"])) for k in kernels
@@ -585,8 +596,6 @@ def test_built_extension_roofline_budgets(built):
     misses, unexpected = {}, []
     for r in built["roofline"]:
         key = (r["kernel"], r["dtype"], _shape_name(r["shape"]), r["check"])
-        if BY_DESIGN.get(key[2]) == key[3]:
-            continue
         if r["status"] == "FAIL":
             misses[key] = r["measured"]
         elif key in KNOWN_MISSES:
