@@ -12,11 +12,11 @@ one run on a GPU machine:
 2. times forward + backward of every hot path (class ids, float targets, and class ids with a row
    weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
    CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
-   the logits) in the same run; and the softmax focal loss in both its layouts (a block per row of
-   the same 80 classes, one variant; and, in every variant of the thread-per-element kernel, the
-   two layouts it takes: a thread per pixel of 21-class segmentation logits, and a thread per row
-   of 20 classes, each of as many elements) against its own floor (``torch.softmax`` and the write
-   of a gradient);
+   the logits) in the same run; and the softmax focal loss in each of its kernels (a warp per row
+   of the same 80 classes and a block per row of 1000 classes, as many elements, one variant each;
+   and, in every variant of the thread-per-element kernel, the two layouts it takes: a thread per
+   pixel of 21-class segmentation logits, and a thread per row of 20 classes, each of as many
+   elements) against its own floor (``torch.softmax`` and the write of a gradient);
 3. checks that every variant gives the same loss and gradient, bit for bit;
 4. writes JSON and a markdown table, and prints this GPU's line of ``kArchVariants``.
 
@@ -52,13 +52,15 @@ DTYPES = ["float32", "bfloat16", "float16"]
 FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
             "softmax": ("kSoftmaxVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_VARIANT")}
 # path -> the variant family that applies to it (None: one variant)
-PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": None, "softmax_pixels": "softmax",
-         "softmax_short_rows": "softmax"}
+PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": None, "softmax_long_rows": None,
+         "softmax_pixels": "softmax", "softmax_short_rows": "softmax"}
 # The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
 FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
-            "softmax_pixels": "softmax_floor_pixels", "softmax_short_rows": "softmax_floor_short_rows"}
+            "softmax_long_rows": "softmax_floor_long_rows", "softmax_pixels": "softmax_floor_pixels",
+            "softmax_short_rows": "softmax_floor_short_rows"}
 SEGMENTATION_CLASSES, SEGMENTATION_SIDE = 21, 64  # the thread-per-pixel layout: (n, 21, 64, 64)
 SHORT_ROW_CLASSES = 20  # rows short enough for a thread each (kThreadRowClasses in softmax_kernels.cuh)
+LONG_ROW_CLASSES = 1000  # rows long enough for a block each (over kWarpRowClasses)
 REPEATS = 15
 POSITIVE_FRACTION, IGNORED_FRACTION = 0.005, 0.02  # as benchmarks/bench.py's anchors
 
@@ -160,7 +162,8 @@ def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
     """Logits, targets (class ids, or their one-hot floats for the float path) and a row weight
     (row_weight path only), made on the device. The softmax paths: (rows, cols) logits with a class
     id per row; (n, 21, 64, 64) segmentation logits of about rows x cols elements with a class id
-    per pixel; or rows of 20 classes, as many elements; a few percent ignored (-100) in each."""
+    per pixel; or rows of 20 or of 1000 classes, as many elements; a few percent ignored (-100) in
+    each."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
@@ -170,10 +173,11 @@ def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
             n = max(1, rows * cols // (classes * side * side))
             x = (torch.randn(n, classes, side, side, generator=g, device=device) * 3).to(dtype)
             ids = torch.randint(0, classes, (n, side, side), generator=g, device=device)
-        elif path == "softmax_short_rows":
-            n = max(1, rows * cols // SHORT_ROW_CLASSES)
-            x = (torch.randn(n, SHORT_ROW_CLASSES, generator=g, device=device) * 3).to(dtype)
-            ids = torch.randint(0, SHORT_ROW_CLASSES, (n,), generator=g, device=device)
+        elif path in ("softmax_short_rows", "softmax_long_rows"):
+            classes = SHORT_ROW_CLASSES if path == "softmax_short_rows" else LONG_ROW_CLASSES
+            n = max(1, rows * cols // classes)
+            x = (torch.randn(n, classes, generator=g, device=device) * 3).to(dtype)
+            ids = torch.randint(0, classes, (n,), generator=g, device=device)
         else:
             x = (torch.randn(rows, cols, generator=g, device=device) * 3).to(dtype)
             ids = torch.randint(0, cols, (rows,), generator=g, device=device)

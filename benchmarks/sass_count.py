@@ -76,6 +76,7 @@ KERNEL_FACTS = {
     # The softmax focal loss's kernels (softmax_cuda.cu): blocks of 128 threads, no launch shapes;
     # several passes over each row, read one by one (passes()).
     "softmax_elements_kernel": {"target": "ClassId", "threads": 128, "passes": True},
+    "softmax_warp_rows_kernel": {"target": "ClassId", "threads": 128, "passes": True},
     "softmax_rows_kernel": {"target": "ClassId", "threads": 128, "passes": True},
 }
 DEFAULT_ARCH = "sm_90"

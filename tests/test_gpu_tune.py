@@ -22,10 +22,11 @@ def test_plan_covers_every_variant_of_every_path():
             for path in ("ids", "float", "row_weight"):
                 assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(shapes)
             # The softmax's thread-per-element kernel in each of its variants and both its layouts,
-            # the block-per-row one alone.
+            # the warp-per-row and block-per-row ones alone.
             for path in ("softmax_pixels", "softmax_short_rows"):
                 assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(softmax)
-            assert [c["variant"] for c in mine if c["path"] == "softmax_rows"] == [None]
+            for path in ("softmax_rows", "softmax_long_rows"):
+                assert [c["variant"] for c in mine if c["path"] == path] == [None]
             # Each path has its floor at the same size and dtype.
             assert {c["path"] for c in mine if c["variant"] is None} >= set(tune.FLOOR_OF.values())
 
@@ -57,6 +58,9 @@ def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_f
     assert loss.dim() == 0 and grad.shape == x.shape and torch.isfinite(grad).all()
     x, ids, _ = tune.make_inputs("softmax_short_rows", 2000, 80, torch.float32, torch.device("cpu"))
     assert x.shape == (8000, tune.SHORT_ROW_CLASSES) and ids.shape == (8000,) and (ids == -100).any()
+    assert torch.isfinite(tune.op_call(x, ids, None, softmax=True)[1]).all()
+    x, ids, _ = tune.make_inputs("softmax_long_rows", 2000, 80, torch.float32, torch.device("cpu"))
+    assert x.shape == (160, tune.LONG_ROW_CLASSES) and ids.shape == (160,)
     assert torch.isfinite(tune.op_call(x, ids, None, softmax=True)[1]).all()
     x, ids, _ = tune.make_inputs("softmax_rows", 64, 80, torch.float32, torch.device("cpu"))
     assert x.shape == (64, 80) and ids.shape == (64,)
@@ -99,7 +103,7 @@ def test_arch_table_is_read_and_checked():
 def test_dry_run_and_the_error_without_a_gpu(capsys, tmp_path):
     assert tune.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 108 timings" in out and "sm_90 -> t256_f64_b4 + c1" in out
+    assert "plan: 120 timings" in out and "sm_90 -> t256_f64_b4 + c1" in out
     if torch.cuda.is_available():
         return  # the real run is `make gpu-tune`'s, not a test's
     assert tune.main(["--no-build", "--out", str(tmp_path)]) == 2

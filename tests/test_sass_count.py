@@ -502,7 +502,7 @@ def _shape_name(shape):
 # one run of the script: its listing of a
 # two-architecture build is some 400 MB, which takes cuobjdump and the parser most of a minute.
 BUILT_KERNELS = (r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel|softmax_elements_kernel"
-                 r"|softmax_rows_kernel)<")
+                 r"|softmax_warp_rows_kernel|softmax_rows_kernel)<")
 
 
 # The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
@@ -610,24 +610,29 @@ def test_built_extension_roofline_budgets(built):
 
 def _softmax_variant(k) -> str:
     """The variant of a softmax kernel: c1 / c16 (classes per load) of the thread-per-element one,
-    "rows" for the block-per-row one."""
-    return f"c{k['other_template_args'][1]}" if k["kernel"] == "softmax_elements_kernel" else "rows"
+    "warp" for the warp-per-row one, "rows" for the block-per-row one."""
+    if k["kernel"] == "softmax_elements_kernel":
+        return f"c{k['other_template_args'][1]}"
+    return "warp" if k["kernel"] == "softmax_warp_rows_kernel" else "rows"
 
 
 @uses_listing
 def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at_gamma_2(built):
-    """The softmax focal loss's two kernels (blocks of 128 threads) in every dtype, gamma kind and
+    """The softmax focal loss's three kernels (blocks of 128 threads) in every dtype, gamma kind and
     smoothing, the thread-per-element one in both variants (c16 only without smoothing and not in
     float64): no local memory in any pass over the classes, and none at all at gamma 0, 1 and 2 (at a
     general gamma nvcc keeps a value or three of the thread-per-element kernel in local memory
     across its tiles, loaded once per tile); and at gamma 2 without label smoothing, the common case, in 16- and
-    32-bit data: c1 and the block-per-row kernel at most 40 registers (75 % occupancy); c16, which
-    holds a chunk of 16 classes, at least 50 % occupancy with 64 bytes in flight in float32
-    (csrc/cuda/README.md). Bytes in flight are read pass by pass in the next test."""
-    kernels = [k for k in built["kernels"] if k["kernel"] in ("softmax_elements_kernel", "softmax_rows_kernel")]
+    32-bit data: c1, the warp-per-row and the block-per-row kernels at most 40 registers (75 %
+    occupancy); c16, which holds a chunk of 16 classes, at least 50 % occupancy with 64 bytes in
+    flight in float32 (csrc/cuda/README.md). Bytes in flight are read pass by pass in the next test."""
+    names = ("softmax_elements_kernel", "softmax_warp_rows_kernel", "softmax_rows_kernel")
+    kernels = [k for k in built["kernels"] if k["kernel"] in names]
     found = {(k["kernel"], k["dtype"], k["gamma"], k["other_template_args"][0], _softmax_variant(k)) for k in kernels}
     dtypes, gammas = ("float32", "bfloat16", "float16", "float64"), ("Zero", "One", "Two", "General")
     want = {("softmax_rows_kernel", d, g, smooth, "rows") for d in dtypes for g in gammas for smooth in ("false", "true")}
+    want |= {("softmax_warp_rows_kernel", d, g, smooth, "warp") for d in dtypes for g in gammas
+             for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, smooth, "c1") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, "false", "c16") for d in dtypes[:3] for g in gammas}
     assert found == want
@@ -646,36 +651,50 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
 
 
 # The softmax kernels' passes over a row (sass_count.passes), bytes in flight of each in address
-# order, at gamma 2 without smoothing (sm_90, nvcc 13.0): c1 and the block-per-row kernel have one
-# loop per pass (maximum, sum of exponentials, gradient), all below the 64-byte budget; c16 has the
-# whole chunks' loop and the remainder's of each pass, 64 bytes or more in its float32 chunks (16
-# classes of 2 bytes are 32 in 16-bit data). A change in either direction fails the test below and
-# is written down here.
+# order, at gamma 2 without smoothing (sm_90, nvcc 13.0): c1 has one loop per pass (maximum, sum of
+# exponentials, gradient), all below the 64-byte budget; c16 and the block-per-row kernel (chunks
+# of 8 of a thread's classes, 128 apart) have the whole chunks' loop and the remainder's of each
+# pass: c16 64 bytes or more in its float32 chunks (16 classes of 2 bytes are 32 in 16-bit data),
+# the block-per-row kernel 32 in float32 (10 to 16 in 16-bit data; ptxas unrolls the maximum's
+# remainder loop too). The warp-per-row kernel makes its three passes over
+# registers: its one pass over memory is its row loop's, which requests a lane's 8 logits and the
+# row's class id before it uses any (40 bytes in float32, 24 in 16-bit data); the loops nvcc's
+# layout of the ignored rows' and the gradient's branches adds after it are not passes. A change in
+# either direction fails the test below and is written down here.
 KNOWN_SOFTMAX_IN_FLIGHT = {
+    ("softmax_warp_rows_kernel", "float32", "warp"): [40],
+    ("softmax_warp_rows_kernel", "bfloat16", "warp"): [24],
+    ("softmax_warp_rows_kernel", "float16", "warp"): [24],
     ("softmax_elements_kernel", "float32", "c1"): [16, 12, 4],
     ("softmax_elements_kernel", "bfloat16", "c1"): [8, 2, 2],
     ("softmax_elements_kernel", "float16", "c1"): [8, 2, 2],
     ("softmax_elements_kernel", "float32", "c16"): [96, 64, 64, 16, 64, 4],
     ("softmax_elements_kernel", "bfloat16", "c16"): [38, 32, 32, 8, 24, 2],
     ("softmax_elements_kernel", "float16", "c16"): [36, 32, 32, 8, 24, 2],
-    ("softmax_rows_kernel", "float32", "rows"): [24, 16, 4],
-    ("softmax_rows_kernel", "bfloat16", "rows"): [10, 4, 2],
-    ("softmax_rows_kernel", "float16", "rows"): [10, 4, 2],
+    ("softmax_rows_kernel", "float32", "rows"): [32, 64, 32, 16, 32, 4],
+    ("softmax_rows_kernel", "bfloat16", "rows"): [16, 14, 12, 8, 10, 2],
+    ("softmax_rows_kernel", "float16", "rows"): [16, 14, 12, 8, 10, 2],
 }
 
 
 @uses_listing
 def test_built_extension_softmax_passes_are_read_one_by_one(built):
     """Each pass of the softmax kernels is read on its own: loads only for the maximum and the sum
-    of exponentials, then the gradient's pass (c16: its chunks' loop and its remainder), which
-    stores; each pass's bytes in flight are the ones recorded."""
+    of exponentials, then the gradient's pass (c16 and the block-per-row kernel: its chunks' loop
+    and its remainder), which stores; each pass's bytes in flight are the ones recorded; the
+    warp-per-row kernel's one pass over memory requests a lane's logits and the row's id first."""
     expected = dict(KNOWN_SOFTMAX_IN_FLIGHT)
     for k in built["kernels"]:
         key = (k["kernel"], k["dtype"], _softmax_variant(k)) if k["kernel"].startswith("softmax") else None
         if key not in expected or k["gamma"] != "Two" or k["other_template_args"][0] != "false":
             continue
         passes = k["passes"]
-        storing = 2 if key[2] == "c16" else 1
+        if key[2] == "warp":
+            (row, *_) = passes
+            assert row["global_loads"] >= 9 and row["global_stores"] > 0, (key, passes)  # 8 logits, the id
+            assert [row["bytes_in_flight"]] == expected.pop(key), (key, passes)
+            continue
+        storing = 2 if key[2] in ("c16", "rows") else 1
         assert [p["global_stores"] > 0 for p in passes] == [False] * (len(passes) - storing) + [True] * storing, (key, passes)
         assert all(p["instructions_per_load"] > 1 for p in passes), (key, passes)
         assert [p["bytes_in_flight"] for p in passes] == expected.pop(key), (key, passes)

@@ -72,11 +72,13 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
     no_classes.fill_(0.0);
     args.logits = no_classes.const_data_ptr();
   }
+  // The layout and the number of classes pick the kernel (so the order of every sum).
   const bool per_thread = call.inner() > 1 || call.classes() <= kThreadRowClasses;
+  const bool warp_rows = !per_thread && call.classes() <= kWarpRowClasses;
   // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave of as many
   // as the kernel's registers let an SM hold.
   const SoftmaxTiles tiles = per_thread ? SoftmaxTiles::make(elements, kWarp) : SoftmaxTiles::make(call.outer(), 1);
-  const int64_t tiles_per_block = per_thread ? kSoftmaxThreads / kWarp : 1;
+  const int64_t tiles_per_block = per_thread || warp_rows ? kSoftmaxThreads / kWarp : 1;
   const int64_t wanted = (tiles.count + tiles_per_block - 1) / tiles_per_block;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "softmax_focal_cuda", [&] {
@@ -100,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
             constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
             run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
           });
+        } else if (warp_rows) {
+          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth>);
         } else {
           run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth>);
         }

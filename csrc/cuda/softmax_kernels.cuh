@@ -7,8 +7,12 @@
 //   (N, C, H, W), and rows of at most kThreadRowClasses classes, where a row is short enough for
 //   one thread (the three passes then hit L1). Compiled in variants (kSoftmaxVariantNames) that
 //   load 1 or 16 classes before they use any;
+// - softmax_warp_rows_kernel: one warp per row, for rows of up to kWarpRowClasses classes (those of
+//   detection and most classification): the row held in the lanes' registers, read once, its
+//   maximum and exp sum in a fixed tree of shuffles;
 // - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
 //   cub::BlockReduce, each thread striding over the row's classes.
+// Which kernel a call takes depends on its layout and number of classes alone.
 // A reduced loss is summed in tiles fixed by the data (a warp's elements, a run of rows), whose
 // sums are added in a fixed order by sum_blocks_kernel (tile_sums.cuh): no atomics, and the same
 // bits for every variant and grid size. Compiled by nvcc, and for tests as host C++ against the
@@ -19,6 +23,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 #include <ATen/OpMathType.h>
 
@@ -137,24 +142,31 @@ __device__ __forceinline__ acc_t class_weight(const SoftmaxArgs& a, int64_t c, i
   return factor ? q * factor[c] : q;
 }
 
-// f(c, logit of class c) for c = 0, 1, ..., C - 1 in turn, the logits `inner` apart from x. With
-// kChunk > 1 whole chunks of kChunk classes are read, all of them before any is used, so that
-// kChunk loads are in flight; the classes after the last whole chunk are read one by one. f sees
-// the same values in the same order either way.
-template <int kChunk, typename acc_t, typename scalar_t, typename F>
-__device__ __forceinline__ void for_classes(const scalar_t* x, int64_t C, int64_t inner, F&& f) {
-  int64_t c = 0;
+// f(c, logit of class c) for c = first, first + kStep, ... below C in turn, class c's logit at
+// x[c * pitch]. With kChunk > 1 whole chunks of kChunk classes are read, all of them before any is
+// used, so that kChunk loads are in flight; the classes after the last whole chunk are read one by
+// one. f sees the same values in the same order either way.
+template <int kChunk, int kStep, typename acc_t, typename scalar_t, typename F>
+__device__ __forceinline__ void for_strided(const scalar_t* x, int64_t first, int64_t C, int64_t pitch,
+                                            F&& f) {
+  int64_t c = first;
   if constexpr (kChunk > 1) {
-    for (; c + kChunk <= C; c += kChunk) {
+    for (; c + kChunk * kStep <= C + kStep - 1; c += kChunk * kStep) {
       scalar_t v[kChunk];
-      const scalar_t* p = x + c * inner;
+      const scalar_t* p = x + c * pitch;
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i, p += inner) v[i] = *p;
+      for (int i = 0; i < kChunk; ++i, p += kStep * pitch) v[i] = *p;
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) f(c + i, static_cast<acc_t>(v[i]));
+      for (int i = 0; i < kChunk; ++i) f(c + i * kStep, static_cast<acc_t>(v[i]));
     }
   }
-  for (; c < C; ++c) f(c, static_cast<acc_t>(x[c * inner]));
+  for (; c < C; c += kStep) f(c, static_cast<acc_t>(x[c * pitch]));
+}
+
+// Every class of an element, c = 0, 1, ..., C - 1, the logits `inner` apart from x.
+template <int kChunk, typename acc_t, typename scalar_t, typename F>
+__device__ __forceinline__ void for_classes(const scalar_t* x, int64_t C, int64_t inner, F&& f) {
+  for_strided<kChunk, 1, acc_t>(x, 0, C, inner, std::forward<F>(f));
 }
 
 // One thread per element. Warp w of the grid takes tiles w, w + (the grid's warps), ...; lane l of
@@ -253,8 +265,161 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   trace_elements(touched);
 }
 
-// One block per row. Block b takes tiles of tiles.per_tile rows, b, b + (the grid's blocks), ...;
-// thread 0 adds the losses of a tile's rows in their order and writes the tile's sum.
+// Rows of kThreadRowClasses + 1 to kWarpRowClasses classes take a warp each: lane l holds classes
+// l, l + 32, ..., l + 32 (kWarpRowLoads - 1) in registers, all loaded before any is used, for the
+// row's three passes (one read of the logits where a block per row reads them three times, with 48
+// of its 128 threads idle at 80 classes and five barriers per row).
+constexpr int kWarpRowLoads = 8;
+constexpr int64_t kWarpRowClasses = int64_t{kWarp} * kWarpRowLoads;
+// Blocks per SM its registers must allow: 12 (40 registers, 75 % occupancy) for 16- and 32-bit
+// data at gamma 0, 1 and 2; 8 (64 registers) with label smoothing (a second sum, per-class weights)
+// or a general gamma (a log and an exp per class), which spill under 40; float64, whose math takes
+// about twice the registers, 4.
+template <typename scalar_t, GammaKind G, bool kSmooth>
+inline constexpr int kWarpRowBlocksPerSm =
+    sizeof(scalar_t) == 8 ? 4 : kSmooth || G == GammaKind::kGeneral ? 8 : 12;
+
+// The warp's values added in store_tile_sum's fixed tree (lane l adds lane l + 16's, then l + 8's,
+// ..., l + 1's), and lane 0's result given to every lane, so that all of them hold the same bits.
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_row_sum(acc_t v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// The warp's maximum by softmax_max in the same tree, lane 0's result given to every lane (the
+// maximum of +0 and -0 is the first operand: a tree fixed by the data fixes which one).
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_row_max(acc_t v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    v = softmax_max<acc_t, Ops<acc_t>>(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// One warp per row. Warp w of the grid takes tiles of tiles.per_tile rows, w, w + (the grid's
+// warps), ...; a row's sums are each lane's classes in order, then the lanes' sums in
+// warp_row_sum's tree; every lane computes the row's loss from the same bits, and lane 0 adds a
+// tile's rows' losses in their order and writes the tile's sum.
+template <typename scalar_t, GammaKind G, bool kSmooth>
+__global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t, G, kSmooth>)
+    softmax_warp_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
+                             at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using O = Ops<acc_t>;
+  constexpr int K = kWarpRowLoads;
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const int64_t C = a.classes;
+  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
+  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  const int lane = threadIdx.x % kWarp;
+  // The lane's slots i < K hold classes lane + 32 i: the row's below `held`; no lane has a class in
+  // slot `slots` or after, which the whole warp skips by one branch (rows of 33 to 64 classes take
+  // two slots' work, not eight).
+  const int held = C > lane ? static_cast<int>((C - 1 - lane) / kWarp + 1) : 0;
+  const int slots = static_cast<int>((C + kWarp - 1) / kWarp);
+  const auto for_held = [&](auto&& f) {
+#pragma unroll
+    for (int i = 0; i < K; ++i) {
+      if (i >= slots) break;
+      if (i < held) f(i, lane + kWarp * i);
+    }
+  };
+
+  // Row r's loss (unscaled; 0 if ignored; the same in every lane), with its gradient and, for
+  // reduction "none", its scaled loss written.
+  const auto one_row = [&](int64_t r) -> acc_t {
+    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + r * C;
+    scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + r * C : nullptr;
+    const int64_t id = a.target[r];
+    // The row's logits are requested with its class id, before either is used (an ignored row's
+    // too: a few percent of rows, read for nothing, against a latency paid once per row).
+    scalar_t held_x[K] = {};
+    for_held([&](int i, int c) { held_x[i] = x[c]; });
+    if (id == a.ignore_index) {  // the same branch for the whole warp
+      if (a.loss && lane == 0) static_cast<scalar_t*>(a.loss)[r] = scalar_t(0);
+      if (grad) for_held([&](int, int c) { grad[c] = scalar_t(0); });
+      return acc_t(0);
+    }
+    acc_t v[K];
+#pragma unroll
+    for (int i = 0; i < K; ++i) v[i] = static_cast<acc_t>(held_x[i]);
+    const bool valid = id >= 0 && id < C;
+    const int y = valid ? static_cast<int>(id) : -1;  // the target's class, in 32 bits (C <= 256)
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for_held([&](int i, int) { m = softmax_max<acc_t, O>(m, v[i]); });
+    m = warp_row_max(m);
+    SoftmaxSums<acc_t> sums;
+    for_held([&](int i, int) { softmax_accumulate<acc_t, O>(sums, v[i] - m); });
+    const acc_t below = warp_row_sum(sums.below);
+    const acc_t ties = warp_row_sum(sums.ties);
+    const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, valid ? below : static_cast<acc_t>(NAN), ties);
+
+    acc_t loss;
+    if constexpr (!kSmooth) {
+      const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id]) : m);
+      const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
+      const acc_t fy = factor && valid ? factor[id] : acc_t(1);
+      loss = fy * term.value;
+      if (grad) {
+        const acc_t t_y = fy * term.slope;
+        const acc_t k = -t_y * row.inv_total * scale;
+        const acc_t g_y = t_y * py.one_minus_p * scale;
+        // exp(x - m) again, the same bits as the sum's: kept, the 8 values spill under 40 registers.
+        for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(c == y ? g_y : O::exp(v[i] - m) * k); });
+      }
+    } else {
+      acc_t part_loss = 0, part_t = 0;
+      for_held([&](int i, int c) {
+        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, v[i]);
+        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
+        part_loss = O::fmadd(qa, term.value, part_loss);
+        part_t = O::fmadd(qa, term.slope, part_t);
+      });
+      loss = warp_row_sum(part_loss);
+      const acc_t sum_t = warp_row_sum(part_t);
+      if (grad) {
+        for_held([&](int i, int c) {
+          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, v[i]);
+          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
+          grad[c] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
+        });
+      }
+    }
+    if (a.loss && lane == 0) static_cast<scalar_t*>(a.loss)[r] = static_cast<scalar_t>(loss * scale);
+    return loss;
+  };
+
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kSoftmaxThreads / kWarp);
+  int64_t touched = 0;
+  for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * kSoftmaxThreads + threadIdx.x) / kWarp;
+       tile < tiles.count; tile += warps) {
+    const int64_t first = tile * tiles.per_tile;
+    const int64_t end = first + tiles.per_tile < a.outer ? first + tiles.per_tile : a.outer;
+    acc_t sum = 0;
+    for (int64_t r = first; r < end; ++r) {
+      touched += held;
+      const acc_t loss = one_row(r);
+      sum = r == first ? loss : add_rn(sum, loss);
+    }
+    if (tile_sums != nullptr && lane == 0) tile_sums[tile] = sum;
+  }
+  trace_elements(touched);
+}
+
+// One block per row (rows of more than kWarpRowClasses classes). Block b takes tiles of
+// tiles.per_tile rows, b, b + (the grid's blocks), ...; thread 0 adds the losses of a tile's rows
+// in their order and writes the tile's sum. Thread t takes classes t, t + 128, ... of each pass,
+// kRowChunk of them loaded before any is used (for_strided: the same values in the same order).
+// Label smoothing and float64, whose math takes the registers, load one at a time.
 template <typename scalar_t, GammaKind G, bool kSmooth>
 __global__ void __launch_bounds__(kSoftmaxThreads)
     softmax_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
@@ -271,6 +436,11 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const int tid = threadIdx.x;
+  constexpr int kRowChunk = sizeof(scalar_t) == 8 || kSmooth ? 1 : 8;
+  // f(c, logit of class c) for the thread's classes of the row at x, in turn.
+  const auto for_mine = [&](const scalar_t* x, auto&& f) {
+    for_strided<kRowChunk, kSoftmaxThreads, acc_t>(x, tid, C, 1, f);
+  };
 
   // Every thread of the block reduces `value`; all of them get the result.
   const auto block_sum = [&](acc_t value) {
@@ -297,16 +467,14 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     }
     const bool valid = id >= 0 && id < C;
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t c = tid; c < C; c += kSoftmaxThreads) m = softmax_max<acc_t, O>(m, static_cast<acc_t>(x[c]));
+    for_mine(x, [&](int64_t, acc_t xc) { m = softmax_max<acc_t, O>(m, xc); });
     m = BlockReduce(storage).Reduce(m, MaxOp{});
     if (tid == 0) broadcast[1] = m;
     __syncthreads();
     m = broadcast[1];
     __syncthreads();
     SoftmaxSums<acc_t> sums;
-    for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-      softmax_accumulate<acc_t, O>(sums, static_cast<acc_t>(x[c]) - m);
-    }
+    for_mine(x, [&](int64_t, acc_t xc) { softmax_accumulate<acc_t, O>(sums, xc - m); });
     const acc_t below = block_sum(sums.below);
     const acc_t ties = block_sum(sums.ties);
     const SoftmaxRow<acc_t> row =
@@ -321,10 +489,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
       if (grad) {
         const acc_t t_y = fy * term.slope;
         const acc_t k = -t_y * row.inv_total * scale;
-        for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-          const acc_t g = c == id ? t_y * py.one_minus_p * scale : O::exp(static_cast<acc_t>(x[c]) - m) * k;
-          grad[c] = static_cast<scalar_t>(g);
-        }
+        for_mine(x, [&](int64_t c, acc_t xc) {
+          grad[c] = static_cast<scalar_t>(c == id ? t_y * py.one_minus_p * scale : O::exp(xc - m) * k);
+        });
       }
     } else {
       acc_t part_loss = 0, part_t = 0;

@@ -300,6 +300,25 @@ T __shfl_down_sync(unsigned mask, T value, unsigned offset) {
   return out;
 }
 
+// __shfl_sync over a full warp: every lane receives lane `src_lane`'s value (as on the GPU, the
+// source lane taken modulo the warp's width).
+template <typename T>
+T __shfl_sync(unsigned mask, T value, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "one register's worth");
+  focal_emu::Warp* w = focal_emu::warp;
+  if (w == nullptr || mask != 0xffffffffu || blockDim.x % focal_emu::kWarpThreads != 0) {
+    std::fputs("emulated CUDA: __shfl_sync needs a full warp inside a kernel\n", stderr);
+    std::abort();
+  }
+  const unsigned lane = threadIdx.x % focal_emu::kWarpThreads;
+  std::memcpy(&w->slots[lane], &value, sizeof(T));
+  w->barrier.arrive_and_wait();
+  T out;
+  std::memcpy(&out, &w->slots[static_cast<unsigned>(src_lane) % focal_emu::kWarpThreads], sizeof(T));
+  w->barrier.arrive_and_wait();
+  return out;
+}
+
 namespace cub {
 
 // cub::BlockReduce<T, BLOCK_THREADS> with its default algorithm, BLOCK_REDUCE_WARP_REDUCTIONS, for

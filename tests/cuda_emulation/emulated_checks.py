@@ -772,10 +772,12 @@ def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, c
             assert_close_ulps(grad, cpu_grad, dtype, GRAD_ULPS[dtype], "grad vs CPU op, " + what, normwise=True)
 # ---- softmax_focal_loss ---------------------------------------------------------------------------
 # The emulated op against the CPU op (the same math of csrc/softmax_math.h over another libm and
-# another summation order) and against focal.reference in float64, over both kernels: one thread per
-# element (segmentation layouts, rows of up to 32 classes) and one block per row (longer rows).
+# another summation order) and against focal.reference in float64, over the three kernels: one thread
+# per element (segmentation layouts, rows of up to 32 classes), one warp per row (rows of up to 256
+# classes: "unbatched" too) and one block per row (longer rows).
 
-SOFTMAX_SHAPES = {"rows-thread": (37, 20), "rows-block": (9, 300), "segmentation": (3, 7, 5, 11), "unbatched": (45,)}
+SOFTMAX_SHAPES = {"rows-thread": (37, 20), "rows-warp": (11, 80), "rows-block": (9, 300),
+                  "segmentation": (3, 7, 5, 11), "unbatched": (45,)}
 SOFTMAX_GAMMAS = [0.0, 1.0, 2.0, 2.5]
 # Relative agreement of every output with the CPU op: float32 math rounded to the dtype.
 SOFTMAX_RTOL = {torch.float32: 2e-5, torch.float64: 1e-10, torch.float16: 2**-10, torch.bfloat16: 2**-7}
@@ -908,7 +910,8 @@ def test_softmax_empty_and_all_ignored():
 
 SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
 # Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
-SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-block": (13, 40), "segmentation": (3, 18, 5, 11)}
+SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (13, 40), "rows-block": (9, 300),
+                 "segmentation": (3, 18, 5, 11)}
 
 
 def softmax_variant(name, grid):
@@ -926,7 +929,7 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
     unreduced losses are the unscaled ones)."""
     shape = SOFTMAX_TILED[layout]
     x, t = _softmax_problem(shape, dtype, 31)
-    per_thread = layout != "rows-block"
+    per_thread = layout not in ("rows-warp", "rows-block")
     for reduction, smoothing, compute_grad in (("sum", 0.0, True), ("sum", 0.1, False), ("mean", 0.1, True),
                                                ("none", 0.0, True)):
         first = None
