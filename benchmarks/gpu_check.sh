@@ -12,6 +12,8 @@
 #   tests      pytest: tests/test_cuda.py and every test parametrised with device=cuda (-k cuda; the
 #              emulated-CUDA tests, a CPU proof, are left to `make test`)
 #   bench      benchmarks/bench.py --device cuda, headline and paper shapes, fp32/bf16/fp16, fwd+bwd
+#   tune       benchmarks/gpu_tune.py --no-build (make gpu-tune on the build above): every variant of
+#              every hot path against its floor, OUTDIR/tune/gpu_tune.{json,md}, this GPU's table line
 #   family     benchmarks/bench.py --device cuda --losses star quality varifocal: headline shape, fp32/bf16
 #   softmax    benchmarks/bench.py --device cuda --losses softmax: the softmax focal loss, headline and voc
 #   profile    benchmarks/profile_kernels.py: each kernel's device time in a fwd+bwd step, headline shape
@@ -207,7 +209,7 @@ fi
 # tests, bench, sanitizers
 
 if (( BUILD_RC != 0 )); then
-  for s in tests bench family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
+  for s in tests bench tune family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "the build failed"; done
 else
   # Test files that import torchvision cannot be collected without it; none of them is CUDA-specific
   # but for one device=cuda case, so they are left out (and said so) rather than failing the step.
@@ -219,11 +221,13 @@ else
   run_step tests 150 "$PY" -m pytest tests ${PYTEST_IGNORE[@]+"${PYTEST_IGNORE[@]}"} -k "cuda and not emulated" -q -rs -p no:cacheprovider \
     --junitxml "$OUTDIR/tests.xml"
   if (( ! HAVE_GPU && NO_GPU_OK )); then
-    for s in bench family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
+    for s in bench tune family softmax profile detectors memcheck racecheck ncu; do skip_step "$s" "no GPU visible (--no-gpu-ok)"; done
   else
     run_step bench 170 "$PY" benchmarks/bench.py --device cuda --shapes headline paper \
       --dtype float32 bfloat16 float16 --modes fwdbwd --impls fused_ids fused_float tv tv_compile \
       --budget 0.3 --require-fused --json "$OUTDIR/bench.json" --plot "$OUTDIR/bench.png"
+    # The tuner on this build, in the same run, so that one command on a lent GPU does both.
+    run_step tune 170 "$PY" benchmarks/gpu_tune.py --no-build --out "$OUTDIR/tune" --budget-s 140
     run_step family 60 "$PY" benchmarks/bench.py --device cuda --losses star quality varifocal --shapes headline \
       --dtype float32 bfloat16 --modes fwdbwd --impls fused_ids fused_float reference --budget 0.3 \
       --json "$OUTDIR/family.json" --plot "$OUTDIR/family.png"

@@ -67,6 +67,31 @@ struct FastFloatOps : AccurateFloatOps {
   }
 };
 
+// The softmax focal loss's primitives (softmax_kernels.cuh): libm's (Ops) for float32 and float64
+// data; for 16-bit data, exp from the hardware's ex2 with the argument rounded once, as FastFloatOps
+// (relative error about 2^-21 where the softmax takes it, z = x - max <= 0; results below 2^-126
+// flushed to 0): a tenth of the instructions of expf, which the softmax evaluates twice per element.
+struct FastSoftmaxOps : Ops<float> {
+  static __device__ __forceinline__ float exp(float z) { return approx_exp2(z * 1.4426950408889634f); }
+};
+
+template <typename scalar_t>
+struct SoftmaxMathForImpl {
+  using type = FastSoftmaxOps;  // bfloat16, float16
+};
+template <>
+struct SoftmaxMathForImpl<float> {
+  using type = Ops<float>;
+};
+template <>
+struct SoftmaxMathForImpl<double> {
+  using type = Ops<double>;
+};
+
+// The primitives the softmax kernels use for data of type scalar_t.
+template <typename scalar_t>
+using SoftmaxMathFor = typename SoftmaxMathForImpl<scalar_t>::type;
+
 template <typename scalar_t>
 struct MathForImpl {
   using type = FastFloatOps;  // bfloat16, float16

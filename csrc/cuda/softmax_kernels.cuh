@@ -1,5 +1,6 @@
 // The kernels of the softmax focal loss (softmax_cuda.cu launches them). The math is
-// csrc/softmax_math.h with scalar float (float64 for float64 data) and libm's primitives.
+// csrc/softmax_math.h with scalar float (float64 for float64 data) and SoftmaxMathFor's primitives
+// (device_math.cuh: libm's, but for 16-bit data an exp from the hardware's ex2).
 //
 // Two kernels, by layout:
 // - softmax_elements_kernel: one thread per element (n, position), its classes `inner` apart, so
@@ -177,7 +178,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     softmax_elements_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                             at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  using O = Ops<acc_t>;
+  using O = SoftmaxMathFor<scalar_t>;
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const int64_t C = a.classes, inner = a.inner, elements = a.outer * a.inner;
@@ -310,7 +311,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
     softmax_warp_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                              at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  using O = Ops<acc_t>;
+  using O = SoftmaxMathFor<scalar_t>;
   constexpr int K = kWarpRowLoads;
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
@@ -425,7 +426,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     softmax_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                         at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  using O = Ops<acc_t>;
+  using O = SoftmaxMathFor<scalar_t>;
   using BlockReduce = cub::BlockReduce<acc_t, kSoftmaxThreads>;
   __shared__ typename BlockReduce::TempStorage storage;
   __shared__ acc_t broadcast[2];
