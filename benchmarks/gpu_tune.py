@@ -12,8 +12,8 @@ one run on a GPU machine:
 2. times forward + backward of every hot path (class ids, float targets, and class ids with a row
    weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
    CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
-   the logits) in the same run; and the softmax focal loss in each of its kernels (a warp per row
-   of the same 80 classes and a block per row of 1000 classes, as many elements, one variant each;
+   the logits) in the same run; and the softmax focal loss in each of its kernels (16 lanes per
+   row of the same 80 classes and a block per row of 1000 classes, as many elements, one variant each;
    and, in every variant of the thread-per-element kernel, the two layouts it takes: a thread per
    pixel of 21-class segmentation logits, and a thread per row of 20 classes, each of as many
    elements) against its own floor (``torch.softmax`` and the write of a gradient);

@@ -340,14 +340,16 @@ def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeyp
 
 @cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["rows", "long-rows", "longer-rows", "pixels"])
+@pytest.mark.parametrize("layout", ["rows", "long-rows", "wide-rows", "longer-rows", "pixels"])
 def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, layout, monkeypatch):
     """FOCAL_CUDA_SOFTMAX_VARIANT picks the classes per load of the softmax's thread-per-element
     kernel, FOCAL_CUDA_GRID the grid: every variant on one block, 7 or a wave of them gives the
     default's loss and gradient bit for bit, for rows of 21 classes and 21-class pixels (a thread
-    per element), rows of 80 classes (a warp per row) and of 1000 (a block per row)."""
+    per element), rows of 80 and of 200 classes (16 and 32 lanes per row) and of 1000 (a block per
+    row)."""
     g = torch.Generator().manual_seed(8)
-    shape = {"rows": (30011, 21), "long-rows": (9001, 80), "longer-rows": (701, 1000), "pixels": (5, 21, 61, 67)}[layout]
+    shape = {"rows": (30011, 21), "long-rows": (9001, 80), "wide-rows": (4001, 200), "longer-rows": (701, 1000),
+             "pixels": (5, 21, 61, 67)}[layout]
     x = make_logits(shape, dtype, g)
     ids = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=g)
     ids.view(-1)[::13] = -100

@@ -610,10 +610,10 @@ def test_built_extension_roofline_budgets(built):
 
 def _softmax_variant(k) -> str:
     """The variant of a softmax kernel: c1 / c16 (classes per load) of the thread-per-element one,
-    "warp" for the warp-per-row one, "rows" for the block-per-row one."""
+    w16 / w32 (lanes per row) of the warp-per-row one, "rows" for the block-per-row one."""
     if k["kernel"] == "softmax_elements_kernel":
         return f"c{k['other_template_args'][1]}"
-    return "warp" if k["kernel"] == "softmax_warp_rows_kernel" else "rows"
+    return f"w{k['other_template_args'][1]}" if k["kernel"] == "softmax_warp_rows_kernel" else "rows"
 
 
 @uses_listing
@@ -631,8 +631,8 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
     found = {(k["kernel"], k["dtype"], k["gamma"], k["other_template_args"][0], _softmax_variant(k)) for k in kernels}
     dtypes, gammas = ("float32", "bfloat16", "float16", "float64"), ("Zero", "One", "Two", "General")
     want = {("softmax_rows_kernel", d, g, smooth, "rows") for d in dtypes for g in gammas for smooth in ("false", "true")}
-    want |= {("softmax_warp_rows_kernel", d, g, smooth, "warp") for d in dtypes for g in gammas
-             for smooth in ("false", "true")}
+    want |= {("softmax_warp_rows_kernel", d, g, smooth, f"w{lanes}") for d in dtypes for g in gammas
+             for smooth in ("false", "true") for lanes in (16, 32)}
     want |= {("softmax_elements_kernel", d, g, smooth, "c1") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, "false", "c16") for d in dtypes[:3] for g in gammas}
     assert found == want
@@ -656,15 +656,15 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
 # the 64-byte budget; c16 and the block-per-row kernel (chunks of 8 of a thread's classes, 128
 # apart) have the whole chunks' loop and the remainder's of each pass: c16 64 bytes or more in its
 # float32 chunks (16 classes of 2 bytes are 32 in 16-bit data), the block-per-row kernel 32 in
-# float32 (16 in 16-bit data; ptxas unrolls the remainder loops too). The warp-per-row kernel makes its three passes over
-# registers: its one pass over memory is its row loop's, which requests a lane's 8 logits and the
-# row's class id before it uses any (40 bytes in float32, 24 in 16-bit data); the loops nvcc's
-# layout of the ignored rows' and the gradient's branches adds after it are not passes. A change in
-# either direction fails the test below and is written down here.
+# float32 (16 in 16-bit data; ptxas unrolls the remainder loops too). The warp-per-row kernel (16
+# or 32 lanes per row) makes its three passes over registers: its one pass over memory is its row
+# loop's, which requests a lane's 8 logits and the row's class id before it uses any (40 bytes in
+# float32, 24 in 16-bit data); the loops nvcc's layout of the ignored rows' and the gradient's
+# branches adds after it are not passes. A change in either direction fails the test below and is
+# written down here.
 KNOWN_SOFTMAX_IN_FLIGHT = {
-    ("softmax_warp_rows_kernel", "float32", "warp"): [40],
-    ("softmax_warp_rows_kernel", "bfloat16", "warp"): [24],
-    ("softmax_warp_rows_kernel", "float16", "warp"): [24],
+    **{("softmax_warp_rows_kernel", dtype, lanes): [24 if dtype != "float32" else 40]
+       for dtype in ("float32", "bfloat16", "float16") for lanes in ("w16", "w32")},
     ("softmax_elements_kernel", "float32", "c1"): [16, 12, 4],
     ("softmax_elements_kernel", "bfloat16", "c1"): [8, 10, 8, 2],
     ("softmax_elements_kernel", "float16", "c1"): [8, 10, 8, 2],
@@ -689,7 +689,7 @@ def test_built_extension_softmax_passes_are_read_one_by_one(built):
         if key not in expected or k["gamma"] != "Two" or k["other_template_args"][0] != "false":
             continue
         passes = k["passes"]
-        if key[2] == "warp":
+        if key[2] in ("w16", "w32"):
             (row, *_) = passes
             assert row["global_loads"] >= 9 and row["global_stores"] > 0, (key, passes)  # 8 logits, the id
             assert [row["bytes_in_flight"]] == expected.pop(key), (key, passes)

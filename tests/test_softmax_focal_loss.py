@@ -550,14 +550,14 @@ def test_raw_op_guards_memory():
 # ---- every device (CUDA where a GPU is visible) ---------------------------------------------------
 
 
-# The three CUDA kernels (a thread per element, a warp per row, a block per row) over the gamma paths and
-# smoothing; the CPU's instantiations are test_instantiations.py's, so one case per dtype and layout runs
-# on the CPU here.
+# The three CUDA kernels (a thread per element, 16 or 32 lanes per row, a block per row) over the gamma
+# paths and smoothing; the CPU's instantiations are test_instantiations.py's, so one case per dtype and
+# layout runs on the CPU here.
 DEVICE_CASES = {"cuda": [(g, s) for g in (0.0, 2.0, 2.5) for s in (0.0, 0.1)], "cpu": [(2.5, 0.1)]}
 
 
-@pytest.mark.parametrize("shape", [(40, 20), (16, 80), (8, 300), (2, 21, 3, 5)],
-                         ids=["short-rows", "rows", "long-rows", "NCHW"])
+@pytest.mark.parametrize("shape", [(40, 20), (17, 80), (9, 200), (8, 300), (2, 21, 3, 5)],
+                         ids=["short-rows", "rows", "wide-rows", "long-rows", "NCHW"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_device_matches_reference(device, dtype, shape):
     """The device's kernels against the float64 reference, with a normaliser tensor on the device."""

@@ -74,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   }
   // The layout and the number of classes pick the kernel (so the order of every sum).
   const bool per_thread = call.inner() > 1 || call.classes() <= kThreadRowClasses;
-  const bool warp_rows = !per_thread && call.classes() <= kWarpRowClasses;
+  // (The warp-per-row kernel counts rows in 32 bits.)
+  const bool warp_rows = !per_thread && call.classes() <= kWarpRowClasses && call.outer() < (int64_t{1} << 31);
   // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave of as many
   // as the kernel's registers let an SM hold.
   const SoftmaxTiles tiles = per_thread ? SoftmaxTiles::make(elements, kWarp) : SoftmaxTiles::make(call.outer(), 1);
@@ -102,8 +103,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
             constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
             run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
           });
+        } else if (warp_rows && warp_row_lanes(call.classes()) < kWarp) {
+          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp / 2>);
         } else if (warp_rows) {
-          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth>);
+          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp>);
         } else {
           run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth>);
         }

@@ -8,9 +8,9 @@
 //   (N, C, H, W), and rows of at most kThreadRowClasses classes, where a row is short enough for
 //   one thread (the three passes then hit L1). Compiled in variants (kSoftmaxVariantNames) that
 //   load 1 or 16 classes before they use any;
-// - softmax_warp_rows_kernel: one warp per row, for rows of up to kWarpRowClasses classes (those of
-//   detection and most classification): the row held in the lanes' registers, read once, its
-//   maximum and exp sum in a fixed tree of shuffles;
+// - softmax_warp_rows_kernel: 16 or 32 lanes per row, for rows of up to kWarpRowClasses classes
+//   (those of detection and most classification): the row held in the lanes' registers, read
+//   once, its maximum and exp sum in a fixed tree of shuffles;
 // - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
 //   cub::BlockReduce, each thread striding over the row's classes.
 // Which kernel a call takes depends on its layout and number of classes alone.
@@ -266,12 +266,15 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   trace_elements(touched);
 }
 
-// Rows of kThreadRowClasses + 1 to kWarpRowClasses classes take a warp each: lane l holds classes
-// l, l + 32, ..., l + 32 (kWarpRowLoads - 1) in registers, all loaded before any is used, for the
-// row's three passes (one read of the logits where a block per row reads them three times, with 48
-// of its 128 threads idle at 80 classes and five barriers per row).
+// Rows of kThreadRowClasses + 1 to kWarpRowClasses classes take a group of lanes each: 16 for rows
+// of up to 128 classes (two rows per warp), 32 for longer ones. Lane g of a group holds classes
+// g, g + G, ..., g + G (kWarpRowLoads - 1) of its row in registers, all loaded before any is used,
+// for the row's three passes: one read of the logits, where a block per row reads them three times
+// (with 48 of its 128 threads idle at 80 classes, and five barriers per row).
 constexpr int kWarpRowLoads = 8;
 constexpr int64_t kWarpRowClasses = int64_t{kWarp} * kWarpRowLoads;
+// The lanes per row that rows of C classes take (kThreadRowClasses < C <= kWarpRowClasses).
+inline constexpr int warp_row_lanes(int64_t C) { return C <= kWarpRowClasses / 2 ? kWarp / 2 : kWarp; }
 // Blocks per SM its registers must allow: 12 (40 registers, 75 % occupancy) for 16- and 32-bit
 // data at gamma 0, 1 and 2; 8 (64 registers) with label smoothing (a second sum, per-class weights)
 // or a general gamma (a log and an exp per class), which spill under 40; float64, whose math takes
@@ -280,86 +283,93 @@ template <typename scalar_t, GammaKind G, bool kSmooth>
 inline constexpr int kWarpRowBlocksPerSm =
     sizeof(scalar_t) == 8 ? 4 : kSmooth || G == GammaKind::kGeneral ? 8 : 12;
 
-// The warp's values added in store_tile_sum's fixed tree (lane l adds lane l + 16's, then l + 8's,
-// ..., l + 1's), and lane 0's result given to every lane, so that all of them hold the same bits.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_row_sum(acc_t v) {
+// Each group of kLanes lanes' values added in store_tile_sum's fixed tree (lane g adds lane
+// g + kLanes / 2's, then g + kLanes / 4's, ..., g + 1's: the group's first lane reads its own
+// group's lanes only), and that lane's result given to every lane of the group, so that all of them
+// hold the same bits. Every lane of the warp calls it.
+template <int kLanes, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
     v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
   }
-  return __shfl_sync(0xffffffffu, v, 0);
+  return __shfl_sync(0xffffffffu, v, static_cast<int>(threadIdx.x % kWarp) / kLanes * kLanes);
 }
 
-// The warp's maximum by softmax_max in the same tree, lane 0's result given to every lane (the
-// maximum of +0 and -0 is the first operand: a tree fixed by the data fixes which one).
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_row_max(acc_t v) {
+// The group's maximum by softmax_max in the same tree (the maximum of +0 and -0 is its first
+// operand: a tree fixed by the data fixes which one).
+template <int kLanes, typename acc_t>
+__device__ __forceinline__ acc_t group_max(acc_t v) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
     v = softmax_max<acc_t, Ops<acc_t>>(v, __shfl_down_sync(0xffffffffu, v, offset));
   }
-  return __shfl_sync(0xffffffffu, v, 0);
+  return __shfl_sync(0xffffffffu, v, static_cast<int>(threadIdx.x % kWarp) / kLanes * kLanes);
 }
 
-// One warp per row. Warp w of the grid takes tiles of tiles.per_tile rows, w, w + (the grid's
-// warps), ...; a row's sums are each lane's classes in order, then the lanes' sums in
-// warp_row_sum's tree; every lane computes the row's loss from the same bits, and lane 0 adds a
-// tile's rows' losses in their order and writes the tile's sum.
-template <typename scalar_t, GammaKind G, bool kSmooth>
+// A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rows, w, w +
+// (the grid's warps), ..., 32 / kLanes rows of a tile at a time (group j the j-th); a row's sums
+// are each lane's classes in order, then its group's lanes' sums in group_sum's tree; every lane of
+// a group computes its row's loss from the same bits, and the warp adds a tile's rows' losses in
+// their order (the same bits in every lane) and lane 0 writes the tile's sum.
+template <typename scalar_t, GammaKind G, bool kSmooth, int kLanes>
 __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t, G, kSmooth>)
     softmax_warp_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                              at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using O = SoftmaxMathFor<scalar_t>;
   constexpr int K = kWarpRowLoads;
+  constexpr int kRows = kWarp / kLanes;  // rows a warp takes at a time
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
-  const int64_t C = a.classes;
+  const int C = static_cast<int>(a.classes);  // at most kWarpRowClasses
   const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
   const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const int lane = threadIdx.x % kWarp;
-  // The lane's slots i < K hold classes lane + 32 i: the row's below `held`; no lane has a class in
-  // slot `slots` or after, which the whole warp skips by one branch (rows of 33 to 64 classes take
-  // two slots' work, not eight).
-  const int held = C > lane ? static_cast<int>((C - 1 - lane) / kWarp + 1) : 0;
-  const int slots = static_cast<int>((C + kWarp - 1) / kWarp);
+  const int group = lane / kLanes, in_group = lane % kLanes;
+  // The lane's slots i < K hold classes in_group + kLanes i: the row's below `held`; no lane has a
+  // class in slot `slots` or after, which the whole warp skips by one branch.
+  const int held = C > in_group ? (C - 1 - in_group) / kLanes + 1 : 0;
+  const int slots = (C + kLanes - 1) / kLanes;
   const auto for_held = [&](auto&& f) {
 #pragma unroll
     for (int i = 0; i < K; ++i) {
       if (i >= slots) break;
-      if (i < held) f(i, lane + kWarp * i);
+      if (i < held) f(i, in_group + kLanes * i);
     }
   };
 
-  // Row r's loss (unscaled; 0 if ignored; the same in every lane), with its gradient and, for
-  // reduction "none", its scaled loss written.
-  const auto one_row = [&](int64_t r) -> acc_t {
-    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + r * C;
-    scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + r * C : nullptr;
-    const int64_t id = a.target[r];
+  // Row r's loss (unscaled; 0 if ignored; the same in every lane of the group), with its gradient
+  // and, for reduction "none", its scaled loss written. Every lane of the warp calls it, for the
+  // shuffles: a group without a row (`live` false: past a tile's last row) computes on zeros and
+  // writes nothing.
+  const auto one_row = [&](uint32_t r, bool live) -> acc_t {
+    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + int64_t{r} * C;
+    scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + int64_t{r} * C : nullptr;
+    const int64_t id = live ? a.target[r] : a.ignore_index;
     // The row's logits are requested with its class id, before either is used (an ignored row's
     // too: a few percent of rows, read for nothing, against a latency paid once per row).
     scalar_t held_x[K] = {};
-    for_held([&](int i, int c) { held_x[i] = x[c]; });
-    if (id == a.ignore_index) {  // the same branch for the whole warp
-      if (a.loss && lane == 0) static_cast<scalar_t*>(a.loss)[r] = scalar_t(0);
+    if (live) for_held([&](int i, int c) { held_x[i] = x[c]; });
+    const bool kept = id != a.ignore_index;  // false for a group without a row
+    if (live && !kept) {
+      if (a.loss && in_group == 0) static_cast<scalar_t*>(a.loss)[r] = scalar_t(0);
       if (grad) for_held([&](int, int c) { grad[c] = scalar_t(0); });
-      return acc_t(0);
     }
+    if (!kept) grad = nullptr;
     acc_t v[K];
 #pragma unroll
     for (int i = 0; i < K; ++i) v[i] = static_cast<acc_t>(held_x[i]);
-    const bool valid = id >= 0 && id < C;
+    const bool valid = kept && id >= 0 && id < C;
     const int y = valid ? static_cast<int>(id) : -1;  // the target's class, in 32 bits (C <= 256)
     acc_t m = -std::numeric_limits<acc_t>::infinity();
     for_held([&](int i, int) { m = softmax_max<acc_t, O>(m, v[i]); });
-    m = warp_row_max(m);
+    m = group_max<kLanes>(m);
     SoftmaxSums<acc_t> sums;
     for_held([&](int i, int) { softmax_accumulate<acc_t, O>(sums, v[i] - m); });
-    const acc_t below = warp_row_sum(sums.below);
-    const acc_t ties = warp_row_sum(sums.ties);
+    const acc_t below = group_sum<kLanes>(sums.below);
+    const acc_t ties = group_sum<kLanes>(sums.ties);
     const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, valid ? below : static_cast<acc_t>(NAN), ties);
 
     acc_t loss;
@@ -384,8 +394,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
         part_loss = O::fmadd(qa, term.value, part_loss);
         part_t = O::fmadd(qa, term.slope, part_t);
       });
-      loss = warp_row_sum(part_loss);
-      const acc_t sum_t = warp_row_sum(part_t);
+      loss = group_sum<kLanes>(part_loss);
+      const acc_t sum_t = group_sum<kLanes>(part_t);
       if (grad) {
         for_held([&](int i, int c) {
           const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, v[i]);
@@ -395,21 +405,30 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
         });
       }
     }
-    if (a.loss && lane == 0) static_cast<scalar_t*>(a.loss)[r] = static_cast<scalar_t>(loss * scale);
+    if (!kept) return acc_t(0);
+    if (a.loss && in_group == 0) static_cast<scalar_t*>(a.loss)[r] = static_cast<scalar_t>(loss * scale);
     return loss;
   };
 
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kSoftmaxThreads / kWarp);
+  // Rows and tiles in 32 bits: the host gives this kernel fewer than 2^31 rows.
+  const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
+  const uint32_t rows = static_cast<uint32_t>(a.outer), per_tile = static_cast<uint32_t>(tiles.per_tile);
+  const uint32_t tile_count = static_cast<uint32_t>(tiles.count);
   int64_t touched = 0;
-  for (int64_t tile = (static_cast<int64_t>(blockIdx.x) * kSoftmaxThreads + threadIdx.x) / kWarp;
-       tile < tiles.count; tile += warps) {
-    const int64_t first = tile * tiles.per_tile;
-    const int64_t end = first + tiles.per_tile < a.outer ? first + tiles.per_tile : a.outer;
+  for (uint32_t tile = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp; tile < tile_count; tile += warps) {
+    const uint32_t first = tile * per_tile;
+    const uint32_t end = rows - first > per_tile ? first + per_tile : rows;
     acc_t sum = 0;
-    for (int64_t r = first; r < end; ++r) {
-      touched += held;
-      const acc_t loss = one_row(r);
-      sum = r == first ? loss : add_rn(sum, loss);
+    for (uint32_t base = first; base < end; base += kRows) {
+      const bool live = base + group < end;
+      if (live) touched += held;
+      const acc_t loss = one_row(live ? base + group : base, live);
+      // The rows' losses in their order, group j's from its first lane.
+#pragma unroll
+      for (int j = 0; j < kRows; ++j) {
+        const acc_t lj = kRows == 1 ? loss : __shfl_sync(0xffffffffu, loss, j * kLanes);
+        if (base + j < end) sum = base + j == first ? lj : add_rn(sum, lj);
+      }
     }
     if (tile_sums != nullptr && lane == 0) tile_sums[tile] = sum;
   }

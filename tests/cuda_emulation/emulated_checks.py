@@ -773,10 +773,10 @@ def test_quality_losses_take_the_class_id_kernel_over_row_layouts(loss, dtype, c
 # ---- softmax_focal_loss ---------------------------------------------------------------------------
 # The emulated op against the CPU op (the same math of csrc/softmax_math.h over another libm and
 # another summation order) and against focal.reference in float64, over the three kernels: one thread
-# per element (segmentation layouts, rows of up to 32 classes), one warp per row (rows of up to 256
-# classes: "unbatched" too) and one block per row (longer rows).
+# per element (segmentation layouts, rows of up to 32 classes), 16 or 32 lanes per row (rows of up to
+# 128 or 256 classes: "unbatched" too, with 16) and one block per row (longer rows).
 
-SOFTMAX_SHAPES = {"rows-thread": (37, 20), "rows-warp": (11, 80), "rows-block": (9, 300),
+SOFTMAX_SHAPES = {"rows-thread": (37, 20), "rows-warp": (11, 80), "rows-wide": (7, 200), "rows-block": (9, 300),
                   "segmentation": (3, 7, 5, 11), "unbatched": (45,)}
 SOFTMAX_GAMMAS = [0.0, 1.0, 2.0, 2.5]
 # Relative agreement of every output with the CPU op: float32 math rounded to the dtype.
@@ -910,7 +910,9 @@ def test_softmax_empty_and_all_ignored():
 
 SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
 # Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
-SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (13, 40), "rows-block": (9, 300),
+# Tiles of 3 rows (11 or 9 rows in at most 4 tiles): with 16 lanes per row, a warp's second group
+# has no row in a tile's second round.
+SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (11, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
                  "segmentation": (3, 18, 5, 11)}
 
 
@@ -929,7 +931,7 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
     unreduced losses are the unscaled ones)."""
     shape = SOFTMAX_TILED[layout]
     x, t = _softmax_problem(shape, dtype, 31)
-    per_thread = layout not in ("rows-warp", "rows-block")
+    per_thread = layout not in ("rows-warp", "rows-wide", "rows-block")
     for reduction, smoothing, compute_grad in (("sum", 0.0, True), ("sum", 0.1, False), ("mean", 0.1, True),
                                                ("none", 0.0, True)):
         first = None
