@@ -22,7 +22,7 @@
 #   memcheck   compute-sanitizer memcheck on benchmarks/sanitize_cases.py
 #   racecheck  compute-sanitizer racecheck on the same cases
 #   ncu        Nsight Compute on one float32 launch of the class-id and the float-target loss kernels
-# The whole run keeps within GPU_CHECK_BUDGET_S seconds (default 480): each step gets at most its own
+# The whole run keeps within GPU_CHECK_BUDGET_S seconds (default 600): each step gets at most its own
 # cap and what is left. Prints a summary, writes OUTDIR/summary.json (and the console to
 # OUTDIR/gpu-check.log), exits 1 if any step failed.
 #
@@ -48,7 +48,7 @@ for arg in "$@"; do
 done
 OUTDIR="${OUTDIR:-outputs/gpu-check}"
 PY="${PYTHON:-python3}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-480}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-600}"
 BUILD_MODE="${GPU_CHECK_BUILD:-pip}"
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

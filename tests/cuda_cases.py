@@ -154,22 +154,24 @@ SOFTMAX_MAX_TILES_EMULATED = 4  # kSoftmaxMaxTiles of csrc/cuda/softmax_kernels.
 
 def softmax_tiles(items: int, per_unit: int, max_tiles: int = SOFTMAX_MAX_TILES_EMULATED) -> tuple[int, int]:
     """SoftmaxTiles::make: (per_tile, count) for `items` elements in units of a warp's 32
-    (softmax_elements_kernel) or rows in units of 1 (softmax_rows_kernel)."""
+    (softmax_elements_kernel), or rows in units of a round of the rows a warp takes at a time (1 or
+    2: softmax_warp_rows_kernel) or of 1 (softmax_rows_kernel)."""
     units = -(-items // per_unit)
     per_tile = -(-units // max_tiles) if units > max_tiles else 1
     return per_tile, -(-items // (per_unit * per_tile))
 
 
-def softmax_reduced_sum(losses: torch.Tensor, per_thread: bool) -> torch.Tensor:
+def softmax_reduced_sum(losses: torch.Tensor, per_thread: bool, round_rows: int = 1) -> torch.Tensor:
     """The unscaled sum that the softmax kernels and sum_blocks_kernel compute, in their order, of
     `losses` (each element's or row's unscaled loss, 0 where ignored, in the accumulation dtype, in
     memory order), as the emulation tiles them: per_thread, a tile is a warp's 32 x per_tile
     elements, lane l adding its elements l, l + 32, ... in turn, the lanes' sums in store_tile_sum's
-    tree; else a tile is per_tile rows added in order. Then the tiles' sums as sum_blocks_kernel adds
-    them, on any grid and in any variant."""
+    tree; else a tile is per_tile rounds of `round_rows` rows (2 where 16 lanes take a row), added
+    in order. Then the tiles' sums as sum_blocks_kernel adds them, on any grid and in any variant."""
     values = losses.reshape(-1)
-    per_tile, count = softmax_tiles(values.numel(), WARP if per_thread else 1)
-    span = (WARP if per_thread else 1) * per_tile
+    unit = WARP if per_thread else round_rows
+    per_tile, count = softmax_tiles(values.numel(), unit)
+    span = unit * per_tile
     padded = torch.zeros(count * span, dtype=values.dtype)  # + 0.0 changes no sum
     padded[: values.numel()] = values
     if per_thread:
@@ -183,9 +185,9 @@ def softmax_reduced_sum(losses: torch.Tensor, per_thread: bool) -> torch.Tensor:
             offset //= 2
         tile_sums = lanes[:, 0]
     else:
-        rows = padded.view(count, per_tile)
+        rows = padded.view(count, span)
         tile_sums = rows[:, 0].clone()
-        for k in range(1, per_tile):
+        for k in range(1, span):
             tile_sums = tile_sums + rows[:, k]
     return _block_reduce(_thread_sums(tile_sums, THREADS, 1).view(1, THREADS))[0]
 

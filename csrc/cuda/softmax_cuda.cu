@@ -76,9 +76,12 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const bool per_thread = call.inner() > 1 || call.classes() <= kThreadRowClasses;
   // (The warp-per-row kernel counts rows in 32 bits.)
   const bool warp_rows = !per_thread && call.classes() <= kWarpRowClasses && call.outer() < (int64_t{1} << 31);
-  // Tiles of a warp's elements, or of rows; as many blocks as they fill, up to one wave of as many
-  // as the kernel's registers let an SM hold.
-  const SoftmaxTiles tiles = per_thread ? SoftmaxTiles::make(elements, kWarp) : SoftmaxTiles::make(call.outer(), 1);
+  // Tiles of a warp's elements, or of rows (of whole rounds of the rows a warp takes at a time: two
+  // with 16 lanes per row, so that no group idles for want of a row but at the end); as many blocks
+  // as they fill, up to one wave of as many as the kernel's registers let an SM hold.
+  const int64_t round_rows = warp_rows ? kWarp / warp_row_lanes(call.classes()) : 1;
+  const SoftmaxTiles tiles =
+      per_thread ? SoftmaxTiles::make(elements, kWarp) : SoftmaxTiles::make(call.outer(), round_rows);
   const int64_t tiles_per_block = per_thread || warp_rows ? kSoftmaxThreads / kWarp : 1;
   const int64_t wanted = (tiles.count + tiles_per_block - 1) / tiles_per_block;
 

@@ -2,7 +2,7 @@
 // csrc/softmax_math.h with scalar float (float64 for float64 data) and SoftmaxMathFor's primitives
 // (device_math.cuh: libm's, but for 16-bit data an exp from the hardware's ex2).
 //
-// Two kernels, by layout:
+// Three kernels, by layout and row length:
 // - softmax_elements_kernel: one thread per element (n, position), its classes `inner` apart, so
 //   neighbouring threads read neighbouring addresses in every pass: segmentation logits
 //   (N, C, H, W), and rows of at most kThreadRowClasses classes, where a row is short enough for
@@ -13,7 +13,8 @@
 //   once, its maximum and exp sum in a fixed tree of shuffles;
 // - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
 //   cub::BlockReduce, each thread striding over the row's classes.
-// Which kernel a call takes depends on its layout and number of classes alone.
+// Which kernel a call takes depends on its layout and number of classes alone (and, for rows of 33 to
+// 256 classes, on there being fewer than 2^31 rows).
 // A reduced loss is summed in tiles fixed by the data (a warp's elements, a run of rows), whose
 // sums are added in a fixed order by sum_blocks_kernel (tile_sums.cuh): no atomics, and the same
 // bits for every variant and grid size. Compiled by nvcc, and for tests as host C++ against the
@@ -84,7 +85,8 @@ __device__ __forceinline__ double resolve_scale(const SoftmaxScale& s) {
 }
 
 // How a reduced loss is cut into tiles, from the data's size alone: `per_tile` elements per lane
-// (softmax_elements_kernel: a tile is a warp's 32 x per_tile elements) or rows per tile
+// (softmax_elements_kernel: a tile is a warp's 32 x per_tile elements), rounds of rows per tile
+// (softmax_warp_rows_kernel: a round is the 1 or 2 rows a warp takes at a time) or rows per tile
 // (softmax_rows_kernel), so that there are at most about kSoftmaxMaxTiles of them.
 struct SoftmaxTiles {
   int64_t per_tile = 1;
@@ -307,8 +309,9 @@ __device__ __forceinline__ acc_t group_max(acc_t v) {
   return __shfl_sync(0xffffffffu, v, static_cast<int>(threadIdx.x % kWarp) / kLanes * kLanes);
 }
 
-// A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rows, w, w +
-// (the grid's warps), ..., 32 / kLanes rows of a tile at a time (group j the j-th); a row's sums
+// A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rounds of
+// kRows = 32 / kLanes rows, w, w + (the grid's warps), ..., a round at a time (group j its j-th row,
+// if the data has it); a row's sums
 // are each lane's classes in order, then its group's lanes' sums in group_sum's tree; every lane of
 // a group computes its row's loss from the same bits, and the warp adds a tile's rows' losses in
 // their order (the same bits in every lane) and lane 0 writes the tile's sum.
@@ -412,7 +415,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
 
   // Rows and tiles in 32 bits: the host gives this kernel fewer than 2^31 rows.
   const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
-  const uint32_t rows = static_cast<uint32_t>(a.outer), per_tile = static_cast<uint32_t>(tiles.per_tile);
+  // Tiles of tiles.per_tile rounds of kRows rows (SoftmaxTiles::make(rows, kRows)).
+  const uint32_t rows = static_cast<uint32_t>(a.outer), per_tile = static_cast<uint32_t>(tiles.per_tile) * kRows;
   const uint32_t tile_count = static_cast<uint32_t>(tiles.count);
   int64_t touched = 0;
   for (uint32_t tile = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp; tile < tile_count; tile += warps) {

@@ -897,6 +897,34 @@ def test_softmax_saturated_and_nan_logits(layout):
     assert torch.equal(torch.isnan(grad), torch.isnan(want_grad))
 
 
+@pytest.mark.parametrize("classes", [33, 128, 129, 256, 257])
+def test_softmax_rows_at_the_edges_of_each_kernel(classes):
+    """Rows of 33 and 128 classes (16 lanes each), 129 and 256 (32 lanes), 257 (a block), one to
+    eleven of them, against the CPU op: an ignore_index that is itself a class (0), and ids past
+    either end, whose rows alone are NaN."""
+    g = torch.Generator().manual_seed(classes)
+    for rows, dtype, (gamma, smoothing) in itertools.product((1, 3, 11), (torch.float32, torch.bfloat16),
+                                                             ((2.0, 0.0), (2.5, 0.1))):
+        x = (torch.randn(rows, classes, generator=g, dtype=torch.float64) * 3).to(dtype)
+        t = torch.randint(0, classes, (rows,), generator=g)
+        t[::4] = 0  # ignored below
+        kwargs = dict(gamma=gamma, smoothing=smoothing, ignore_index=0)
+        loss, grad = _softmax_op(EMU, x, t, **kwargs)
+        want_loss, want_grad = _softmax_op(CPU, x, t, **kwargs)
+        what = f"{rows} rows of {classes}, {dtype}, gamma {gamma}, smoothing {smoothing}"
+        _assert_softmax_close(loss, want_loss, dtype, f"loss, {what}")
+        _assert_softmax_close(grad, want_grad, dtype, f"grad, {what}")
+        assert (loss[t == 0] == 0).all() and (grad[t == 0] == 0).all(), what
+        if rows > 1:
+            t[-1], t[1] = classes, -5
+            bad_loss, bad_grad = _softmax_op(EMU, x, t, **kwargs)
+            bad = torch.zeros(rows, dtype=torch.bool)
+            bad[[1, rows - 1]] = True
+            assert torch.isnan(bad_loss[bad]).all() and torch.isnan(bad_grad[bad]).all(), what
+            # Every other row exactly as before: rows are independent.
+            assert torch.equal(bad_loss[~bad], loss[~bad]) and torch.equal(bad_grad[~bad], grad[~bad]), what
+
+
 def test_softmax_empty_and_all_ignored():
     for reduction in REDUCTIONS:
         loss, grad = _softmax_op(EMU, torch.empty(0, 5), torch.empty(0, dtype=torch.long), reduction=reduction)
@@ -910,8 +938,8 @@ def test_softmax_empty_and_all_ignored():
 
 SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
 # Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
-# Tiles of 3 rows (11 or 9 rows in at most 4 tiles): with 16 lanes per row, a warp's second group
-# has no row in a tile's second round.
+# At most 4 tiles: of 2 rounds of 2 rows (16 lanes per row, 11 rows: the last tile's second round
+# has one row) or of 3 rows (9 rows, 32 lanes per row; a block per row).
 SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (11, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
                  "segmentation": (3, 18, 5, 11)}
 
@@ -925,13 +953,14 @@ def softmax_variant(name, grid):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", list(SOFTMAX_TILED))
 def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(layout, dtype):
-    """Both kernels, every reduction, with and without smoothing and the gradient: the same bits
+    """Every kernel, every reduction, with and without smoothing and the gradient: the same bits
     in every variant (classes per load) and on one block, three or a wave of them, and the sum
     bitwise the model of its order in tests/cuda_cases.py (float32 and float64, where the
     unreduced losses are the unscaled ones)."""
     shape = SOFTMAX_TILED[layout]
     x, t = _softmax_problem(shape, dtype, 31)
     per_thread = layout not in ("rows-warp", "rows-wide", "rows-block")
+    round_rows = 2 if layout == "rows-warp" else 1  # rows a warp takes at a time: 16 lanes per row
     for reduction, smoothing, compute_grad in (("sum", 0.0, True), ("sum", 0.1, False), ("mean", 0.1, True),
                                                ("none", 0.0, True)):
         first = None
@@ -946,7 +975,8 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
                 assert_bitwise_equal(a, b, f"{layout} {reduction} {what}: {name} on {grid or 'a wave of'} blocks")
         if dtype != torch.bfloat16 and reduction == "sum":
             unscaled, _ = _softmax_op(EMU, x, t, smoothing=smoothing, gamma=1.5, compute_grad=False)
-            assert_bitwise_equal(first[0], softmax_reduced_sum(unscaled, per_thread), f"{layout} sum vs its order")
+            assert_bitwise_equal(first[0], softmax_reduced_sum(unscaled, per_thread, round_rows),
+                                 f"{layout} sum vs its order")
 
 
 def test_softmax_over_no_classes_reads_no_logit():
