@@ -136,14 +136,59 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   if (threadIdx.x == 0) *out = kept_sum > 0 ? sum : 1.0;
 }
 
-// q_c a_c for class c of an element of class `id`.
-template <typename acc_t>
-__device__ __forceinline__ acc_t class_weight(const SoftmaxArgs& a, int64_t c, int64_t id, acc_t q_target,
-                                             acc_t q_other) {
-  const acc_t q = c == id ? q_target : q_other;
-  const auto* factor = static_cast<const acc_t*>(a.class_factor);
-  return factor ? q * factor[c] : q;
-}
+// The softmax focal loss of one element (a row, or a pixel's classes), once its maximum and sums
+// are known, as every kernel computes it. Without label smoothing: its loss (unscaled) and its
+// gradient, the target class's target_grad() and every other class c's k() exp(x_c - max), both
+// times the scale. x_y is the target's logit (the maximum for an invalid id, whose row the sums
+// make NaN), weight its class's a_y.
+template <GammaKind G, typename O, typename acc_t>
+struct HardTerms {
+  SoftmaxProb<acc_t> py;
+  FocalTerm<acc_t> term;
+  acc_t weight;  // a_y
+
+  __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, acc_t x_y, acc_t weight_, acc_t gamma)
+      : py(softmax_prob<acc_t, O>(row, x_y)), term(softmax_focal_term<G, acc_t, O>(py, gamma)), weight(weight_) {}
+  __device__ __forceinline__ acc_t loss() const { return weight * term.value; }
+  __device__ __forceinline__ acc_t target_grad(acc_t scale) const { return weight * term.slope * py.one_minus_p * scale; }
+  __device__ __forceinline__ acc_t k(const SoftmaxRow<acc_t>& row, acc_t scale) const {
+    return -(weight * term.slope) * row.inv_total * scale;
+  }
+};
+
+// With label smoothing every class c is a target, of weight q_c a_c (q: 1 - eps + eps / C for the
+// element's class, eps / C for the others; a: the class factor, if any): class c's share of the
+// element's loss and of the sum of its slopes, then its gradient (unscaled) from that sum.
+template <GammaKind G, typename O, typename acc_t>
+struct SmoothedTerms {
+  const acc_t* factor;  // a_c, or none
+  acc_t q_other, q_target, gamma;
+
+  __device__ __forceinline__ SmoothedTerms(const SoftmaxArgs& a, acc_t gamma_)
+      : factor(static_cast<const acc_t*>(a.class_factor)),
+        q_other(static_cast<acc_t>(a.label_smoothing / static_cast<double>(a.classes))),
+        q_target(static_cast<acc_t>(1.0 - a.label_smoothing) + q_other),
+        gamma(gamma_) {}
+
+  __device__ __forceinline__ acc_t weight(int64_t c, int64_t id) const {
+    const acc_t q = c == id ? q_target : q_other;
+    return factor ? q * factor[c] : q;
+  }
+  __device__ __forceinline__ void add(const SoftmaxRow<acc_t>& row, int64_t c, int64_t id, acc_t xc, acc_t& loss,
+                                      acc_t& slopes) const {
+    const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
+    const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+    const acc_t qa = weight(c, id);
+    loss = O::fmadd(qa, term.value, loss);
+    slopes = O::fmadd(qa, term.slope, slopes);
+  }
+  __device__ __forceinline__ acc_t grad(const SoftmaxRow<acc_t>& row, int64_t c, int64_t id, acc_t xc,
+                                        acc_t slopes) const {
+    const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
+    const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
+    return softmax_grad<acc_t, O>(prob, weight(c, id) * term.slope, slopes);
+  }
+};
 
 // f(c, logit of class c) for c = first, first + kStep, ... below C in turn, class c's logit at
 // x[c * pitch]. With kChunk > 1 whole chunks of kChunk classes are read, all of them before any is
@@ -184,8 +229,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const int64_t C = a.classes, inner = a.inner, elements = a.outer * a.inner;
-  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
-  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const SmoothedTerms<G, O, acc_t> smoothed(a, gamma);
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const auto* x_all = static_cast<const scalar_t*>(a.logits);
   auto* grad_all = static_cast<scalar_t*>(a.grad);
@@ -215,6 +259,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
     acc_t loss = 0;
     if constexpr (!kSmooth) {
+      // HardTerms's math written out: through it, ptxas keeps 5 values of the float32 kernel at a
+      // general gamma in local memory.
       const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id * inner]) : m);
       const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
       const acc_t fy = factor && valid ? factor[id] : acc_t(1);
@@ -223,25 +269,15 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
         const acc_t t_y = fy * term.slope;
         const acc_t k = -t_y * row.inv_total * scale;
         for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
-          const acc_t g = c == id ? t_y * py.one_minus_p * scale : O::exp(xc - m) * k;
-          grad[c * inner] = static_cast<scalar_t>(g);
+          grad[c * inner] = static_cast<scalar_t>(c == id ? t_y * py.one_minus_p * scale : O::exp(xc - m) * k);
         });
       }
     } else {
       acc_t sum_t = 0;
-      for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
-        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
-        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
-        loss = O::fmadd(qa, term.value, loss);
-        sum_t = O::fmadd(qa, term.slope, sum_t);
-      });
+      for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) { smoothed.add(row, c, id, xc, loss, sum_t); });
       if (grad) {
         for_classes<kChunk, acc_t>(x, C, inner, [&](int64_t c, acc_t xc) {
-          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, xc);
-          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
-          grad[c * inner] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
+          grad[c * inner] = static_cast<scalar_t>(smoothed.grad(row, c, id, xc, sum_t) * scale);
         });
       }
     }
@@ -326,8 +362,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const int C = static_cast<int>(a.classes);  // at most kWarpRowClasses
-  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
-  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const SmoothedTerms<G, O, acc_t> smoothed(a, gamma);
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const int lane = threadIdx.x % kWarp;
   const int group = lane / kLanes, in_group = lane % kLanes;
@@ -377,35 +412,21 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
 
     acc_t loss;
     if constexpr (!kSmooth) {
-      const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id]) : m);
-      const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
-      const acc_t fy = factor && valid ? factor[id] : acc_t(1);
-      loss = fy * term.value;
+      const HardTerms<G, O, acc_t> h(row, valid ? static_cast<acc_t>(x[id]) : m,
+                                     factor && valid ? factor[id] : acc_t(1), gamma);
+      loss = h.loss();
       if (grad) {
-        const acc_t t_y = fy * term.slope;
-        const acc_t k = -t_y * row.inv_total * scale;
-        const acc_t g_y = t_y * py.one_minus_p * scale;
+        const acc_t k = h.k(row, scale), g_y = h.target_grad(scale);
         // exp(x - m) again, the same bits as the sum's: kept, the 8 values spill under 40 registers.
         for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(c == y ? g_y : O::exp(v[i] - m) * k); });
       }
     } else {
       acc_t part_loss = 0, part_t = 0;
-      for_held([&](int i, int c) {
-        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, v[i]);
-        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
-        part_loss = O::fmadd(qa, term.value, part_loss);
-        part_t = O::fmadd(qa, term.slope, part_t);
-      });
+      for_held([&](int i, int c) { smoothed.add(row, c, id, v[i], part_loss, part_t); });
       loss = group_sum<kLanes>(part_loss);
       const acc_t sum_t = group_sum<kLanes>(part_t);
       if (grad) {
-        for_held([&](int i, int c) {
-          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, v[i]);
-          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
-          grad[c] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
-        });
+        for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(smoothed.grad(row, c, id, v[i], sum_t) * scale); });
       }
     }
     if (!kept) return acc_t(0);
@@ -456,8 +477,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const int64_t C = a.classes;
-  const acc_t q_other = static_cast<acc_t>(a.label_smoothing / static_cast<double>(C));
-  const acc_t q_target = static_cast<acc_t>(1.0 - a.label_smoothing) + q_other;
+  const SmoothedTerms<G, O, acc_t> smoothed(a, gamma);
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const int tid = threadIdx.x;
   constexpr int kRowChunk = sizeof(scalar_t) == 8 || kSmooth ? 1 : 8;
@@ -506,35 +526,24 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
     acc_t loss;
     if constexpr (!kSmooth) {
-      const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? static_cast<acc_t>(x[id]) : m);
-      const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
-      const acc_t fy = factor && valid ? factor[id] : acc_t(1);
-      loss = fy * term.value;
+      const HardTerms<G, O, acc_t> h(row, valid ? static_cast<acc_t>(x[id]) : m,
+                                     factor && valid ? factor[id] : acc_t(1), gamma);
+      loss = h.loss();
       if (grad) {
-        const acc_t t_y = fy * term.slope;
-        const acc_t k = -t_y * row.inv_total * scale;
+        const acc_t k = h.k(row, scale);
         for_mine(x, [&](int64_t c, acc_t xc) {
-          grad[c] = static_cast<scalar_t>(c == id ? t_y * py.one_minus_p * scale : O::exp(xc - m) * k);
+          grad[c] = static_cast<scalar_t>(c == id ? h.target_grad(scale) : O::exp(xc - m) * k);
         });
       }
     } else {
       acc_t part_loss = 0, part_t = 0;
-      for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-        const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, static_cast<acc_t>(x[c]));
-        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-        const acc_t qa = class_weight<acc_t>(a, c, id, q_target, q_other);
-        part_loss = O::fmadd(qa, term.value, part_loss);
-        part_t = O::fmadd(qa, term.slope, part_t);
-      }
+      for_mine(x, [&](int64_t c, acc_t xc) { smoothed.add(row, c, id, xc, part_loss, part_t); });
       loss = block_sum(part_loss);
       const acc_t sum_t = block_sum(part_t);
       if (grad) {
-        for (int64_t c = tid; c < C; c += kSoftmaxThreads) {
-          const SoftmaxProb<acc_t> prob = softmax_prob<acc_t, O>(row, static_cast<acc_t>(x[c]));
-          const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(prob, gamma);
-          const acc_t t = class_weight<acc_t>(a, c, id, q_target, q_other) * term.slope;
-          grad[c] = static_cast<scalar_t>(softmax_grad<acc_t, O>(prob, t, sum_t) * scale);
-        }
+        for_mine(x, [&](int64_t c, acc_t xc) {
+          grad[c] = static_cast<scalar_t>(smoothed.grad(row, c, id, xc, sum_t) * scale);
+        });
       }
     }
     if (a.loss && tid == 0) static_cast<scalar_t*>(a.loss)[r] = static_cast<scalar_t>(loss * scale);
