@@ -278,45 +278,45 @@ inline void __syncthreads() {
 
 // ---- CUB --------------------------------------------------------------------------------------
 
-// __shfl_down_sync over a full warp (mask 0xffffffff, which the kernels always pass): lane l
-// receives lane l + offset's value, or its own when that lane is past the warp's end. Every lane
-// writes its slot, all wait, all read, all wait again before a slot can be rewritten.
-template <typename T>
-T __shfl_down_sync(unsigned mask, T value, unsigned offset) {
+namespace focal_emu {
+
+// A shuffle over a full warp (mask 0xffffffff, which the kernels always pass): every lane writes
+// `value` to its slot, all wait, each reads the slot of lane source(lane) (its own value when that
+// is past the warp's end), and all wait again before a slot can be rewritten.
+template <typename T, typename Source>
+T warp_shuffle(const char* name, unsigned mask, T value, Source source) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "one register's worth");
-  focal_emu::Warp* w = focal_emu::warp;
-  if (w == nullptr || mask != 0xffffffffu || blockDim.x % focal_emu::kWarpThreads != 0) {
-    std::fputs("emulated CUDA: __shfl_down_sync needs a full warp inside a kernel\n", stderr);
+  Warp* w = warp;
+  if (w == nullptr || mask != 0xffffffffu || blockDim.x % kWarpThreads != 0) {
+    std::fprintf(stderr, "emulated CUDA: %s needs a full warp inside a kernel\n", name);
     std::abort();
   }
-  const unsigned lane = threadIdx.x % focal_emu::kWarpThreads;
+  const unsigned lane = threadIdx.x % kWarpThreads;
   std::memcpy(&w->slots[lane], &value, sizeof(T));
   w->barrier.arrive_and_wait();
   T out = value;
-  if (lane + offset < static_cast<unsigned>(focal_emu::kWarpThreads)) {
-    std::memcpy(&out, &w->slots[lane + offset], sizeof(T));
+  if (const unsigned from = source(lane); from < static_cast<unsigned>(kWarpThreads)) {
+    std::memcpy(&out, &w->slots[from], sizeof(T));
   }
   w->barrier.arrive_and_wait();
   return out;
 }
 
-// __shfl_sync over a full warp: every lane receives lane `src_lane`'s value (as on the GPU, the
-// source lane taken modulo the warp's width).
+}  // namespace focal_emu
+
+// Lane l receives lane l + offset's value, or its own when that lane is past the warp's end.
+template <typename T>
+T __shfl_down_sync(unsigned mask, T value, unsigned offset) {
+  return focal_emu::warp_shuffle("__shfl_down_sync", mask, value, [&](unsigned lane) { return lane + offset; });
+}
+
+// Every lane receives lane src_lane's value (as on the GPU, the source lane taken modulo the warp's
+// width).
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int src_lane) {
-  static_assert(sizeof(T) <= sizeof(uint64_t), "one register's worth");
-  focal_emu::Warp* w = focal_emu::warp;
-  if (w == nullptr || mask != 0xffffffffu || blockDim.x % focal_emu::kWarpThreads != 0) {
-    std::fputs("emulated CUDA: __shfl_sync needs a full warp inside a kernel\n", stderr);
-    std::abort();
-  }
-  const unsigned lane = threadIdx.x % focal_emu::kWarpThreads;
-  std::memcpy(&w->slots[lane], &value, sizeof(T));
-  w->barrier.arrive_and_wait();
-  T out;
-  std::memcpy(&out, &w->slots[static_cast<unsigned>(src_lane) % focal_emu::kWarpThreads], sizeof(T));
-  w->barrier.arrive_and_wait();
-  return out;
+  return focal_emu::warp_shuffle("__shfl_sync", mask, value, [&](unsigned) {
+    return static_cast<unsigned>(src_lane) % focal_emu::kWarpThreads;
+  });
 }
 
 namespace cub {
