@@ -24,7 +24,9 @@ How the hot loop is found (see also benchmarks/README.md):
    stores more without taking more elements).
 3. Elements per trip = unroll x (``--bytes-per-iteration`` / size of the dtype): 32 bytes for
    focal_ids_kernel (two packs per trip), 16 for other kernels (one pack). ``--elements-per-
-   iteration N`` overrides the pack size for kernels that take another amount.
+   iteration N`` overrides the pack size for kernels that take another amount. A kernel with a
+   launch shape (the roofline kernels) takes the shape's bytes per trip, unroll 1: its rounds are
+   loops of their own, and a loop beside them that loads a pack at a time is its partial tile's.
 4. The loop's length is static: every instruction in its address range, taken or not on a given
    trip. For a loop body without branches it is the executed count; ``branches`` and ``calls`` in the
    table say when it is not (a ``CALL`` runs code outside the range, not counted).
@@ -576,11 +578,16 @@ def analyse(
                 per_pack = max(1, trip_bytes // info["element_bytes"])
             else:
                 per_pack = None  # no dtype among the template arguments: say so rather than guess
-            elements = hot.unroll * per_pack if per_pack else None
+            # A launch shape fixes the trip (its rounds are loops of their own, never unrolled by
+            # the compiler); a loop beside it that takes a pack at a time is the kernel's own path
+            # for a partial tile, not a remainder of an unrolled copy.
+            from_shape = shape is not None and facts and bytes_per_iteration is None and elements_per_iteration is None
+            unroll = 1 if from_shape else hot.unroll
+            elements = unroll * per_pack if per_pack else None
             record["hot_loop"] = {
                 **hot.loop.summary(),
                 "candidate_loops": len(hot.candidates),
-                "unroll": hot.unroll,
+                "unroll": unroll,
                 "elements_per_iteration": elements,
                 "instructions_per_element": len(hot.loop.instructions) / elements if elements else None,
                 "bytes_in_flight": bytes_in_flight(hot.loop)["bytes"],

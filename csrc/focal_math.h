@@ -241,9 +241,22 @@ FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, const SigmoidParts<V>& s, V gam
   return r;
 }
 
+// Whether the primitives O define hard_parts(z): z's sigmoid parts for focal_hard alone, whose
+// sigmoid(-z) is only ever added to a multiple of sigmoid(z) (q + gamma CE sigmoid(-z) above, with
+// both terms positive, CE <= |z| + 1 and q >= 1/2 wherever sigmoid(-z) <= 1/2) and so may carry an
+// absolute error of an ulp of 1 rather than a relative one; sig and log1p_e stay relatively exact.
+template <typename O, typename V, typename = void>
+struct HasHardParts : std::false_type {};
+template <typename O, typename V>
+struct HasHardParts<O, V, std::void_t<decltype(O::hard_parts(std::declval<V>()))>> : std::true_type {};
+
 template <GammaKind G, typename V, typename O = Ops<V>>
 FOCAL_HOST_DEVICE LossAndGrad<V> focal_hard(V z, V gamma) {
-  return focal_hard<G, V, O>(z, sigmoid_parts<V, O, kTinyExpUnseenFor<G>>(z), gamma);
+  if constexpr (HasHardParts<O, V>::value) {
+    return focal_hard<G, V, O>(z, O::hard_parts(z), gamma);
+  } else {
+    return focal_hard<G, V, O>(z, sigmoid_parts<V, O, kTinyExpUnseenFor<G>>(z), gamma);
+  }
 }
 
 // Soft target t in [0, 1] (torchvision's definition, exact for t in {0, 1} too):

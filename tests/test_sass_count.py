@@ -476,22 +476,15 @@ BY_DESIGN = {
     **{("focal_float_kernel", dtype, "t128_f32_b12", "bytes_in_flight"): 32
        for dtype in ("float32", "bfloat16", "float16")},
     ("focal_ids_kernel", "float32", "t128_f32_b12", "bytes_in_flight"): 56,
-    ("focal_ids_kernel", "bfloat16", "t128_f32_b12", "bytes_in_flight"): 44,
-    ("focal_ids_kernel", "float16", "t128_f32_b12", "bytes_in_flight"): 44,
+    ("focal_ids_kernel", "bfloat16", "t128_f32_b12", "bytes_in_flight"): 52,
+    ("focal_ids_kernel", "float16", "t128_f32_b12", "bytes_in_flight"): 52,
 }
-# The roofline budgets the built kernels miss today (sm_90, nvcc 13.0): those above and the others,
-# with the number measured: (kernel, dtype, launch shape name, check) -> measured. Kept here rather
-# than loosened, so that a change in either direction fails the test below and is written down
+# The roofline budgets the built kernels miss (sm_90, nvcc 13.0), with the number measured:
+# (kernel, dtype, launch shape name, check) -> measured. Only those above, by design: every shape
+# meets the instruction budget in every dtype, and shape 2 meets all four. Kept here rather than
+# loosened, so that a change in either direction fails the test below and is written down
 # (csrc/cuda/README.md).
-KNOWN_MISSES = {
-    **BY_DESIGN,
-    ('focal_ids_kernel', 'bfloat16', 't128_f32_b12', 'instructions_per_element'): 33.19,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b4', 'instructions_per_element'): 32.69,
-    ('focal_ids_kernel', 'bfloat16', 't256_f64_b6', 'instructions_per_element'): 30.38,
-    ('focal_ids_kernel', 'float16', 't128_f32_b12', 'instructions_per_element'): 32.81,
-    ('focal_ids_kernel', 'float16', 't256_f64_b4', 'instructions_per_element'): 32.56,
-    ('focal_ids_kernel', 'float16', 't256_f64_b6', 'instructions_per_element'): 30.38,
-}
+KNOWN_MISSES = dict(BY_DESIGN)
 
 
 def _shape_name(shape):

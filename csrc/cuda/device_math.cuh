@@ -5,7 +5,8 @@
 // polynomial (within 2 ulp), and the hardware's reciprocal for sigmoid's 1 / (1 + e) (within 1 ulp):
 // outputs within a few float32 ulp of the exact values.
 // bfloat16 / float16 data (FastFloatOps): exp from the hardware's ex2, log(1 + e) from a
-// degree-5 polynomial and quotients from its full-range division (2 ulp), every intermediate within
+// degree-5 polynomial (focal_hard: -log(1 - s) on [0, 1/2], hard_parts) and quotients from its
+// full-range division (2 ulp), every intermediate within
 // about 2^-16 of its exact value, far below the spacing of the stored results (2^-8 for bfloat16,
 // 2^-11 for float16); reduced sums, kept in float32, inherit that relative accuracy.
 // float64 data: the libm functions of Ops<double>, as on the CPU.
@@ -44,6 +45,18 @@ __device__ __forceinline__ float log1p_unit_polynomial<5>(float e) {
   return fmaf(p * e, e, e);
 }
 
+// -log(1 - s) = log(1 + s / (1 - s)) for s in [0, 1/2] as s + s^2 Q(s), Q of degree 4 fitted for the
+// smallest relative error after rounding of the coefficients to float: below 7.1e-6 (2^-17.1) over
+// every float s.
+__device__ __forceinline__ float log1m_half_polynomial(float s) {
+  float p = 0.8238962292671204f;
+  p = fmaf(p, s, -0.2804429829120636f);
+  p = fmaf(p, s, 0.3882231116294861f);
+  p = fmaf(p, s, 0.3169211149215698f);
+  p = fmaf(p, s, 0.5006147623062134f);
+  return fmaf(p * s, s, s);  // exactly s for tiny s
+}
+
 struct AccurateFloatOps : Ops<float> {
   static __device__ __forceinline__ float exp_neg_abs(float z) { return expf(-fabsf(z)); }
   static __device__ __forceinline__ float log1p_unit(float e, float, float) {
@@ -64,6 +77,18 @@ struct FastFloatOps : AccurateFloatOps {
   }
   static __device__ __forceinline__ float log1p_unit(float e, float, float) {
     return log1p_unit_polynomial<5>(e);
+  }
+  // focal_hard's parts (focal_math.h, HasHardParts) with no select: sigmoid(z) = 1 / (1 + 2^(-z
+  // log2 e)) (0 once the power overflows, 1 once it underflows), sigmoid(-z) = 1 - sigmoid(z)
+  // (within 2^-24 absolute), and log(1 + exp(-|z|)) = -log(1 - sigmoid(-|z|)), the smaller of the
+  // two taken from whichever is relatively exact: sigmoid(z) itself below 1/2, and 1 - sigmoid(z)
+  // above, where log(1 + exp(-|z|)) only adds to CE = z + log(1 + exp(-z)) >= z.
+  static __device__ __forceinline__ SigmoidParts<float> hard_parts(float z) {
+    SigmoidParts<float> s;
+    s.sig = approx_reciprocal(1.f + approx_exp2(z * -1.4426950408889634f));
+    s.sig_neg = 1.f - s.sig;
+    s.log1p_e = log1m_half_polynomial(fminf(s.sig, s.sig_neg));
+    return s;
   }
 };
 

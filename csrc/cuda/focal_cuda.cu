@@ -115,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> run_elementwise_loss(const FocalCall& call) {
         using Shape = decltype(shape);
         partials = sums_of(tile_count<scalar_t>(numel));
         const int blocks = tile_blocks<Shape>(partials, max_blocks(Shape::kBlocksPerSm));
-        const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1, args.background_index);
+        const RowWalk walk = RowWalk::make(ids_kernel ? cols : 1, args.background_index, args.row_weight != nullptr);
         if (!focal) {  // QFL and VFL: the default shape only (FOCAL_CUDA_VARIANT does not apply)
           if constexpr (std::is_same_v<Shape, DefaultLaunchShapeFor<scalar_t>>) {
             launch_family_ids_kernel(args, logits.scalar_type(), call.gamma_kind(), walk, s, sums, blocks,

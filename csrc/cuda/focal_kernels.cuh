@@ -254,12 +254,19 @@ struct RowWalk {
   uint32_t magic = 1;
   uint32_t shift = 0;
   int32_t cols = 1;
+  uint32_t minus_cols = ~uint32_t{0};  // -cols as unsigned: a column is n + row * minus_cols, one multiply-add
   uint32_t ids_from = ~uint32_t{0};  // -1 as unsigned: the id arithmetic wraps, never overflows
+  // Row r's weight is the kernel's weights[r * weight_stride]: 1 with row weights, 0 without, where
+  // every row reads one weight of 1 (focal_ids_kernel). A parameter rather than a test of the
+  // weights' pointer in the kernel, so that nvcc cannot turn the product back into a test per pack.
+  uint32_t weight_stride = 0;
 
-  static RowWalk make(int64_t cols, int64_t background_index = -1) {
+  static RowWalk make(int64_t cols, int64_t background_index = -1, bool row_weights = false) {
     RowWalk w;
+    w.weight_stride = row_weights ? 1 : 0;
     w.ids_from = background_index == cols ? 0 : ~uint32_t{0};
     w.cols = static_cast<int32_t>(cols);
+    w.minus_cols = uint32_t{0} - static_cast<uint32_t>(cols);
     while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
     w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
     return w;
@@ -510,6 +517,21 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   trace_elements(touched);
 }
 
+// A weight of 1 in device memory, in the bits of each dtype: the row weight of every row of a
+// launch without row weights (focal_ids_kernel), so that no pack tests for them.
+__device__ const float kUnitFloat = 1.f;
+__device__ const double kUnitDouble = 1.0;
+__device__ const uint16_t kUnitBFloat16 = 0x3f80;
+__device__ const uint16_t kUnitHalf = 0x3c00;
+
+template <typename scalar_t>
+__device__ __forceinline__ const scalar_t* unit_weight() {
+  if constexpr (std::is_same_v<scalar_t, float>) return &kUnitFloat;
+  if constexpr (std::is_same_v<scalar_t, double>) return &kUnitDouble;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return reinterpret_cast<const scalar_t*>(&kUnitBFloat16);
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) return reinterpret_cast<const scalar_t*>(&kUnitHalf);
+}
+
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
 // loss (reduction "none") and gradient times `scale` written out; returns the sum of their
 // alpha-weighted losses, left to right. What focal_ids_kernel leaves to the general code, after
@@ -580,7 +602,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
   const acc_t gamma = static_cast<acc_t>(a.gamma);
   const acc_t negative_grad_w = alpha.neg * scale;
   const auto* ids = static_cast<const int64_t*>(a.targets);
-  const auto* row_weight = static_cast<const scalar_t*>(a.row_weight);  // or nullptr
+  // Row r's weight: the row weights', or a 1 shared by every row (RowWalk::weight_stride).
+  const auto* weights = a.row_weight != nullptr ? static_cast<const scalar_t*>(a.row_weight) : unit_weight<scalar_t>();
+  const uint32_t weight_stride = walk.weight_stride;
   const auto* x_all = static_cast<const P*>(a.logits);
   auto* grad_all = static_cast<P*>(a.grad);
 
@@ -613,17 +637,22 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
       acc_t negatives = 0;  // the fast packs' losses, before alpha's negative weight
       acc_t others = 0;     // the other packs' alpha-weighted losses
       uint32_t slow = 0;    // bit k: the lane's pack k is one of the others
+      // A round of kInFlight packs marks its others in the top bits of `slow` (one OR of a
+      // constant each), after moving the rounds before down to make room: after the last round,
+      // bit k is pack k's.
+      constexpr int kRoundMarks = kLanePacks - kInFlight;
+      const auto next_round = [&]() { slow >>= kInFlight; };
       // The row of the lane's pack k's first element, and its column there.
       const auto row_of = [&](int k) { return walk.rows_in(e_lane + k * kWarp * kVec); };
       const auto col_of = [&](int k, uint32_t row) {
-        return static_cast<int32_t>(e_lane + k * kWarp * kVec - row * static_cast<uint32_t>(cols));
+        return static_cast<int32_t>(e_lane + k * kWarp * kVec + row * walk.minus_cols);
       };
       // The lane's pack k, whose first element lies in row `row` (loaded: its logits, its row's
-      // class id and, with row weights, its row's weight; for a pack that is not whole, none of
-      // them is used), taken here or marked for after the loop. `whole_tile`: every pack of the
-      // lane's tile is known to be whole.
+      // class id and weight; for a pack that is not whole, none of them is used), taken here, or
+      // left for after the loop by setting its bit `mark` in `slow`. `whole_tile`: every pack of
+      // the lane's tile is known to be whole.
       const auto take = [&](auto whole_tile, int k, uint32_t row, const P& x, int64_t label,
-                            scalar_t weight) {
+                            scalar_t weight, uint32_t mark) {
         const int32_t offset = k * kWarp * kVec;  // elements past the lane's first
         bool whole = true;
         if constexpr (!decltype(whole_tile)::value) {
@@ -650,9 +679,9 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           // loss and a zero gradient whatever its logits.
           if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = P{};
         } else if (fast) {
-          // A row weight scales the pack's gradient factor and its sum (exactly when there is
-          // none: a product by 1).
-          const acc_t w = row_weight != nullptr ? static_cast<acc_t>(weight) : acc_t(1);
+          // The row's weight scales the pack's gradient factor and its sum (exactly, without row
+          // weights: a product by 1).
+          const acc_t w = static_cast<acc_t>(weight);
           const acc_t grad_w = negative_grad_w * w;
           acc_t xf[kVec];
           unpack(x, xf);
@@ -667,88 +696,77 @@ __global__ void __launch_bounds__(Shape::kThreads, Shape::kBlocksPerSm)
           negatives = add_rn(negatives, pack_sum * w);
           if constexpr (decltype(writes_grad)::value) grad_all[pack0 + offset / kVec] = grad;
         } else {
-          slow |= 1u << k;
+          slow |= mark;
         }
       };
-      // The lane's packs in rounds of kInFlight, loaded into registers.
-      const auto rounds = [&]() {
+      if (left < kLaneEnd) {
+        // The lane's last, partial tile, a pack at a time, in every shape (the fast path's packs
+        // are still taken by it: which path a pack takes depends on the data alone, never on the
+        // shape).
+#pragma unroll 1
+        for (int k = 0; k < kLanePacks; ++k) {
+          const int32_t offset = k * kWarp * kVec;
+          const bool whole = offset + kVec <= left;
+          const uint32_t row = row_of(k);
+          take(std::false_type{}, k, row, whole ? x_lane[offset / kVec] : P{},
+               whole ? ids[row] : int64_t{0}, weights[(whole ? row : 0) * weight_stride], 1u << k);
+        }
+      } else if constexpr (Shape::kAsyncLoads) {
+        // A ring of kInFlight slots in shared memory per thread, each holding a pack and its row's
+        // class id: pack k + kInFlight is requested as soon as pack k has left its slot, so
+        // kInFlight packs are always on their way, in no register.
+        const auto request = [&](int k, int slot) {
+          async_copy<16>(&ring_packs[slot][threadIdx.x], x_lane + k * kWarp);
+          async_copy<8>(&ring_ids[slot][threadIdx.x], ids + row_of(k));
+          async_commit();
+        };
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) request(i, i);
+        // Pack k, out of slot i.
+        const auto take_slot = [&](int k, int i, const P& x, int64_t label) {
+          const uint32_t row = row_of(k);
+          take(std::true_type{}, k, row, x, label, weights[row * weight_stride], 1u << (kRoundMarks + i));
+        };
+        // Every round but the last refills each slot as soon as its pack has left it.
+#pragma unroll 1
+        for (int r = 0; r < kLanePacks - kInFlight; r += kInFlight) {
+          next_round();
+#pragma unroll
+          for (int i = 0; i < kInFlight; ++i) {
+            async_wait<kInFlight - 1>();  // pack r + i has arrived: the oldest request
+            const P x = ring_packs[i][threadIdx.x];
+            const int64_t label = ring_ids[i][threadIdx.x];
+            request(r + i + kInFlight, i);
+            take_slot(r + i, i, x, label);
+          }
+        }
+        async_wait<0>();  // the last round's packs
+        next_round();
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          take_slot(kLanePacks - kInFlight + i, i, ring_packs[i][threadIdx.x], ring_ids[i][threadIdx.x]);
+        }
+      } else {
+        // The lane's packs in rounds of kInFlight, loaded into registers.
 #pragma unroll 1
         for (int r = 0; r < kLanePacks; r += kInFlight) {
+          next_round();
           P x[kInFlight];
           int64_t label[kInFlight];
-          scalar_t weight[kInFlight] = {};
+          scalar_t weight[kInFlight];
           uint32_t rows[kInFlight];  // of each pack's first element
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            const int32_t offset = (r + i) * kWarp * kVec;  // elements past the lane's first
-            // A pack past the end takes zeros rather than no value: a register a load may leave
-            // unwritten keeps the round before's value, so nvcc would carry (and spill) every
-            // pack and id of a round from one round to the next.
-            const bool whole = offset + kVec <= left;
-            rows[i] = whole ? row_of(r + i) : 0;  // row 0 for a pack that is not whole: any row
+            rows[i] = row_of(r + i);
             label[i] = ids[rows[i]];
-            x[i] = whole ? x_lane[offset / kVec] : P{};
-          }
-          if (row_weight != nullptr) {  // after the others: the branch must not split them
-#pragma unroll
-            for (int i = 0; i < kInFlight; ++i) weight[i] = row_weight[rows[i]];
+            x[i] = load_here(x_lane + (r + i) * kWarp);
+            weight[i] = weights[rows[i] * weight_stride];
           }
 #pragma unroll
           for (int i = 0; i < kInFlight; ++i) {
-            take(std::false_type{}, r + i, rows[i], x[i], label[i], weight[i]);
+            take(std::true_type{}, r + i, rows[i], x[i], label[i], weight[i], 1u << (kRoundMarks + i));
           }
         }
-      };
-      if constexpr (Shape::kAsyncLoads) {
-        if (left >= kLaneEnd) {
-          // A ring of kInFlight slots in shared memory per thread, each holding a pack and its
-          // row's class id: pack k + kInFlight is requested as soon as pack k has left its slot,
-          // so kInFlight packs are always on their way, in no register.
-          const auto request = [&](int k, int slot) {
-            async_copy<16>(&ring_packs[slot][threadIdx.x], x_lane + k * kWarp);
-            async_copy<8>(&ring_ids[slot][threadIdx.x], ids + row_of(k));
-            async_commit();
-          };
-#pragma unroll
-          for (int i = 0; i < kInFlight; ++i) request(i, i);
-          // Pack k, out of slot i.
-          const auto take_slot = [&](int k, int i, const P& x, int64_t label) {
-            const uint32_t row = row_of(k);
-            take(std::true_type{}, k, row, x, label,
-                 row_weight != nullptr ? row_weight[row] : scalar_t(0));
-          };
-          // Every round but the last refills each slot as soon as its pack has left it.
-#pragma unroll 1
-          for (int r = 0; r < kLanePacks - kInFlight; r += kInFlight) {
-#pragma unroll
-            for (int i = 0; i < kInFlight; ++i) {
-              async_wait<kInFlight - 1>();  // pack r + i has arrived: the oldest request
-              const P x = ring_packs[i][threadIdx.x];
-              const int64_t label = ring_ids[i][threadIdx.x];
-              request(r + i + kInFlight, i);
-              take_slot(r + i, i, x, label);
-            }
-          }
-          async_wait<0>();  // the last round's packs
-#pragma unroll
-          for (int i = 0; i < kInFlight; ++i) {
-            take_slot(kLanePacks - kInFlight + i, i, ring_packs[i][threadIdx.x], ring_ids[i][threadIdx.x]);
-          }
-        } else {
-          // The lane's last, partial tile, a pack at a time (the fast path's packs are still
-          // taken by it: which path a pack takes depends on the data alone, never on the shape).
-#pragma unroll 1
-          for (int k = 0; k < kLanePacks; ++k) {
-            const int32_t offset = k * kWarp * kVec;
-            const bool whole = offset + kVec <= left;
-            const uint32_t row = row_of(k);
-            take(std::false_type{}, k, row, whole ? x_lane[offset / kVec] : P{},
-                 whole ? ids[row] : int64_t{0},
-                 whole && row_weight != nullptr ? row_weight[row] : scalar_t(0));
-          }
-        }
-      } else {
-        rounds();
       }
       // The other packs, in the lane's order, after the loop above: the call, and the registers
       // it needs saved, stay out of it.

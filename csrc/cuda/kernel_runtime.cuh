@@ -60,6 +60,25 @@ __device__ __forceinline__ float approx_exp2(float x) {
 #endif
 }
 
+// The 16 bytes at `src` (16-byte aligned global memory), loaded where the call stands: nvcc would
+// otherwise move a load that only one branch uses into that branch, after the tests that choose it
+// (and the loads they wait for), so that its latency no longer overlaps theirs.
+template <typename T>
+__device__ __forceinline__ T load_here(const T* src) {
+  static_assert(sizeof(T) == 16, "load_here takes 16 bytes");
+  T out;
+#if defined(FOCAL_CUDA_EMULATION)
+  memcpy(&out, src, sizeof(T));
+#else
+  uint32_t w[4];
+  asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+               : "l"(src));
+  memcpy(&out, w, sizeof(T));
+#endif
+  return out;
+}
+
 // Copies from global into shared memory that hold no register while in flight (cp.async, sm_80 and
 // newer; a plain copy on older GPUs and in the emulation). async_copy starts one of `Bytes` (both
 // addresses aligned to it), async_commit closes the group of those the thread started since its
