@@ -584,6 +584,10 @@ def test_built_extension_roofline_budgets(built):
         assert hot is not None and hot["global_stores"] >= 1 and shape is not None, k["name"]
         trip = shape["in_flight_bytes"] if k["kernel"] == "focal_ids_kernel" else max(16, shape["in_flight_bytes"] // 2)
         assert hot["elements_per_iteration"] == trip // size[k["dtype"]], k["name"]
+        # The loop counted is a trip of the shape's packs, not the partial tile's loop of one pack:
+        # two 16-byte stores a pack (class ids: the gradient, or an ignored row's zeros; float
+        # targets: the loss and the gradient).
+        assert hot["global_stores"] == 2 * (trip // 16), (k["name"], hot["global_stores"])
         float32_division = (k["kernel"], k["dtype"], k["gamma"]) == ("focal_float_kernel", "float32", "General")
         assert hot["calls"] == 0 or k["dtype"] == "float64" or float32_division, k["name"]
     misses, unexpected = {}, []
