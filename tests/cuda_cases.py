@@ -149,7 +149,7 @@ def cuda_reduced_sum(losses: torch.Tensor, dtype: torch.dtype, blocks: int | Non
     return _block_reduce(_thread_sums(lanes[:, 0], THREADS, 1).view(1, THREADS))[0]
 
 
-SOFTMAX_MAX_TILES_EMULATED = 4  # kSoftmaxMaxTiles of csrc/cuda/softmax_kernels.cuh in the emulation
+SOFTMAX_MAX_TILES_EMULATED = 8  # kSoftmaxMaxTiles of csrc/cuda/softmax_kernels.cuh in the emulation
 
 
 def softmax_tiles(items: int, per_unit: int, max_tiles: int = SOFTMAX_MAX_TILES_EMULATED) -> tuple[int, int]:

@@ -40,12 +40,13 @@ namespace focal::cuda {
 constexpr int kSoftmaxThreads = 128;
 // Rows up to this many classes take one thread each.
 constexpr int64_t kThreadRowClasses = 32;
-// At most about this many tiles: their sums are added by one block. The emulation takes 4, so that
-// the tests' small inputs have lanes of several elements and tiles of several rows.
+// At most about this many tiles: their sums are added by one block. The emulation takes 8, so that
+// the tests' small inputs have lanes of several elements, tiles of several rows, and more tiles than
+// a block has warps (on a grid of one block, a warp then takes a second tile).
 #if !defined(FOCAL_CUDA_EMULATION)
 constexpr int64_t kSoftmaxMaxTiles = 8192;
 #else
-constexpr int64_t kSoftmaxMaxTiles = 4;
+constexpr int64_t kSoftmaxMaxTiles = 8;
 #endif
 
 // The variants of softmax_elements_kernel, by index: the classes each thread loads before it uses

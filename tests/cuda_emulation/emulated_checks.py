@@ -26,6 +26,7 @@ from cuda_cases import (
     DTYPES,
     GAMMAS,
     REDUCTIONS,
+    WARP,
     accumulation_dtype,
     assert_close_ulps,
     cuda_reduced_sum,
@@ -33,6 +34,7 @@ from cuda_cases import (
     make_logits,
     make_targets,
     softmax_reduced_sum,
+    softmax_tiles,
     summation_error_bound,
     vector_width,
 )
@@ -937,11 +939,13 @@ def test_softmax_empty_and_all_ignored():
 
 
 SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
-# Shapes whose tiles (4 at most in the emulation) hold several warps' elements or several rows.
-# At most 4 tiles: of 2 rounds of 2 rows (16 lanes per row, 11 rows: the last tile's second round
-# has one row) or of 3 rows (9 rows, 32 lanes per row; a block per row).
-SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (11, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
-                 "segmentation": (3, 18, 5, 11)}
+# Shapes whose tiles (8 at most in the emulation) hold several warps' elements or several rows, and
+# are more than a block's 4 warps, so that on a grid of one block a warp takes a second tile (and
+# starts its sum afresh): 5 tiles of 2 warps' elements (300 rows of 20 classes; 297 pixels), 6 of 3
+# rounds of 2 rows (16 lanes per row, 35 rows: the last tile's third round has one row), 5 of 2 rows
+# (9 rows, 32 lanes per row; a block per row: the last tile has one).
+SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (35, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
+                 "segmentation": (3, 18, 9, 11)}
 
 
 def softmax_variant(name, grid):
@@ -961,6 +965,9 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
     x, t = _softmax_problem(shape, dtype, 31)
     per_thread = layout not in ("rows-warp", "rows-wide", "rows-block")
     round_rows = 2 if layout == "rows-warp" else 1  # rows a warp takes at a time: 16 lanes per row
+    items = t.numel() if per_thread else shape[0]
+    per_tile, tiles = softmax_tiles(items, WARP if per_thread else round_rows)
+    assert per_tile > 1 and tiles > 4, (per_tile, tiles)  # several units a tile, a second tile for a warp
     for reduction, smoothing, compute_grad in (("sum", 0.0, True), ("sum", 0.1, False), ("mean", 0.1, True),
                                                ("none", 0.0, True)):
         first = None
