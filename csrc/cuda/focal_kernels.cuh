@@ -526,10 +526,16 @@ __device__ const uint16_t kUnitHalf = 0x3c00;
 
 template <typename scalar_t>
 __device__ __forceinline__ const scalar_t* unit_weight() {
-  if constexpr (std::is_same_v<scalar_t, float>) return &kUnitFloat;
-  if constexpr (std::is_same_v<scalar_t, double>) return &kUnitDouble;
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return reinterpret_cast<const scalar_t*>(&kUnitBFloat16);
-  if constexpr (std::is_same_v<scalar_t, c10::Half>) return reinterpret_cast<const scalar_t*>(&kUnitHalf);
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return &kUnitFloat;
+  } else if constexpr (std::is_same_v<scalar_t, double>) {
+    return &kUnitDouble;
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return reinterpret_cast<const scalar_t*>(&kUnitBFloat16);
+  } else {
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "a weight of 1 in the bits of this dtype");
+    return reinterpret_cast<const scalar_t*>(&kUnitHalf);
+  }
 }
 
 // Elements [e0, e0 + len) of a class-id launch, one at a time (row, col: those of e0): their
