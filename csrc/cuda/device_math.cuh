@@ -57,6 +57,9 @@ __device__ __forceinline__ float log1m_half_polynomial(float s) {
   return fmaf(p * s, s, s);  // exactly s for tiny s
 }
 
+// log2(e): exp(z) = 2^(z log2 e), the argument rounded once, for the hardware's ex2.
+constexpr float kLog2E = 1.4426950408889634f;
+
 struct AccurateFloatOps : Ops<float> {
   static __device__ __forceinline__ float exp_neg_abs(float z) { return expf(-fabsf(z)); }
   static __device__ __forceinline__ float log1p_unit(float e, float, float) {
@@ -73,7 +76,7 @@ struct FastFloatOps : AccurateFloatOps {
   // 2 ulp: no IEEE division, whose exact rounding 16-bit results cannot show.
   static __device__ __forceinline__ float div(float a, float b) { return approx_divide(a, b); }
   static __device__ __forceinline__ float exp_neg_abs(float z) {
-    return approx_exp2(fabsf(z) * -1.4426950408889634f);
+    return approx_exp2(fabsf(z) * -kLog2E);
   }
   static __device__ __forceinline__ float log1p_unit(float e, float, float) {
     return log1p_unit_polynomial<5>(e);
@@ -85,7 +88,7 @@ struct FastFloatOps : AccurateFloatOps {
   // above, where log(1 + exp(-|z|)) only adds to CE = z + log(1 + exp(-z)) >= z.
   static __device__ __forceinline__ SigmoidParts<float> hard_parts(float z) {
     SigmoidParts<float> s;
-    s.sig = approx_reciprocal(1.f + approx_exp2(z * -1.4426950408889634f));
+    s.sig = approx_reciprocal(1.f + approx_exp2(z * -kLog2E));
     s.sig_neg = 1.f - s.sig;
     s.log1p_e = log1m_half_polynomial(fminf(s.sig, s.sig_neg));
     return s;
@@ -98,7 +101,7 @@ struct FastFloatOps : AccurateFloatOps {
 // the argument's rounding, at worst 2^-17.5 near z = -87, below which results flush to 0): two
 // instructions where expf takes about ten, and the softmax takes two exponentials per element.
 struct FastSoftmaxOps : Ops<float> {
-  static __device__ __forceinline__ float exp(float z) { return approx_exp2(z * 1.4426950408889634f); }
+  static __device__ __forceinline__ float exp(float z) { return approx_exp2(z * kLog2E); }
 };
 
 template <typename scalar_t>

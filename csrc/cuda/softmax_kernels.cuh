@@ -150,6 +150,12 @@ struct HardTerms {
 
   __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, acc_t x_y, acc_t weight_, acc_t gamma)
       : py(softmax_prob<acc_t, O>(row, x_y)), term(softmax_focal_term<G, acc_t, O>(py, gamma)), weight(weight_) {}
+  // Those of a row whose logits are x[0], ..., x[C - 1], of class `id` (`valid`: 0 <= id < C), its
+  // class's a_y from `factor` if there is one.
+  template <typename scalar_t>
+  __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, const scalar_t* x, int64_t id, bool valid,
+                                       const acc_t* factor, acc_t gamma)
+      : HardTerms(row, valid ? static_cast<acc_t>(x[id]) : row.max, factor && valid ? factor[id] : acc_t(1), gamma) {}
   __device__ __forceinline__ acc_t loss() const { return weight * term.value; }
   __device__ __forceinline__ acc_t target_grad(acc_t scale) const { return weight * term.slope * py.one_minus_p * scale; }
   __device__ __forceinline__ acc_t k(const SoftmaxRow<acc_t>& row, acc_t scale) const {
@@ -322,28 +328,24 @@ template <typename scalar_t, GammaKind G, bool kSmooth>
 inline constexpr int kWarpRowBlocksPerSm =
     sizeof(scalar_t) == 8 ? 4 : kSmooth || G == GammaKind::kGeneral ? 8 : 12;
 
-// Each group of kLanes lanes' values added in store_tile_sum's fixed tree (lane g adds lane
-// g + kLanes / 2's, then g + kLanes / 4's, ..., g + 1's: the group's first lane reads its own
-// group's lanes only), and that lane's result given to every lane of the group, so that all of them
-// hold the same bits. Every lane of the warp calls it.
-template <int kLanes, typename acc_t>
-__device__ __forceinline__ acc_t group_sum(acc_t v) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
-  }
+// Each group of kLanes lanes' values combined by `op` in lanes_tree's fixed tree (tile_sums.cuh),
+// and the group's first lane's result given to every lane of the group, so that all of them hold
+// the same bits. Every lane of the warp calls it.
+template <int kLanes, typename acc_t, typename Op>
+__device__ __forceinline__ acc_t group_reduce(acc_t v, Op op) {
+  v = lanes_tree<kLanes>(v, op);
   return __shfl_sync(0xffffffffu, v, static_cast<int>(threadIdx.x % kWarp) / kLanes * kLanes);
 }
 
-// The group's maximum by softmax_max in the same tree (the maximum of +0 and -0 is its first
-// operand: a tree fixed by the data fixes which one).
+// The group's sum, and its maximum by softmax_max (the maximum of +0 and -0 is its first operand: a
+// tree fixed by the data fixes which one).
+template <int kLanes, typename acc_t>
+__device__ __forceinline__ acc_t group_sum(acc_t v) {
+  return group_reduce<kLanes>(v, [](acc_t a, acc_t b) { return add_rn(a, b); });
+}
 template <int kLanes, typename acc_t>
 __device__ __forceinline__ acc_t group_max(acc_t v) {
-#pragma unroll
-  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
-    v = softmax_max<acc_t, Ops<acc_t>>(v, __shfl_down_sync(0xffffffffu, v, offset));
-  }
-  return __shfl_sync(0xffffffffu, v, static_cast<int>(threadIdx.x % kWarp) / kLanes * kLanes);
+  return group_reduce<kLanes>(v, MaxOp{});
 }
 
 // A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rounds of
@@ -413,8 +415,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
 
     acc_t loss;
     if constexpr (!kSmooth) {
-      const HardTerms<G, O, acc_t> h(row, valid ? static_cast<acc_t>(x[id]) : m,
-                                     factor && valid ? factor[id] : acc_t(1), gamma);
+      const HardTerms<G, O, acc_t> h(row, x, id, valid, factor, gamma);
       loss = h.loss();
       if (grad) {
         const acc_t k = h.k(row, scale), g_y = h.target_grad(scale);
@@ -527,8 +528,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 
     acc_t loss;
     if constexpr (!kSmooth) {
-      const HardTerms<G, O, acc_t> h(row, valid ? static_cast<acc_t>(x[id]) : m,
-                                     factor && valid ? factor[id] : acc_t(1), gamma);
+      const HardTerms<G, O, acc_t> h(row, x, id, valid, factor, gamma);
       loss = h.loss();
       if (grad) {
         const acc_t k = h.k(row, scale);

@@ -12,15 +12,24 @@ namespace focal::cuda {
 
 constexpr int kWarp = 32;
 
-// tile_sums[tile] = the 32 lanes' values added in a fixed tree: lane l adds lane l + 16's, then
-// l + 8's, ..., l + 1's, so lane 0 ends with ((v0 + v16) + (v8 + v24)) + ... Every lane of the warp
+// Each group of kLanes lanes' values (kLanes a power of two, at most 32) combined by `op` in a
+// fixed tree: lane l takes op(its value, lane l + kLanes / 2's), then l + kLanes / 4's, ..., l + 1's,
+// so that a group's first lane ends with its own group's values only, for 32 lanes
+// op(op(op(v0, v16), op(v8, v24)), ...). Every lane of the warp must call it.
+template <int kLanes, typename acc_t, typename Op>
+__device__ __forceinline__ acc_t lanes_tree(acc_t v, Op op) {
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset /= 2) {
+    v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// tile_sums[tile] = the 32 lanes' values added in lanes_tree's fixed tree. Every lane of the warp
 // must call it.
 template <typename acc_t>
 __device__ __forceinline__ void store_tile_sum(acc_t v, int64_t tile, acc_t* __restrict__ tile_sums) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    v = add_rn(v, __shfl_down_sync(0xffffffffu, v, offset));
-  }
+  v = lanes_tree<kWarp>(v, [](acc_t a, acc_t b) { return add_rn(a, b); });
   if (threadIdx.x % kWarp == 0) tile_sums[tile] = v;
 }
 
