@@ -127,6 +127,7 @@ BRANCH = re.compile(r"^BRA(?:\.[\w.]+)?\s+(?:[!\w.]+\s*,\s*)*(?P<target>0x[0-9a-
 GLOBAL_STORE = re.compile(r"^(?:STG|ST)(?:\.|$)")
 PACK_STORE = re.compile(r"^(?:STG|ST)\..*\b128$")
 GLOBAL_LOAD = re.compile(r"^(?:LDG|LD)(?:\.|$)")
+SHARED_LOAD = re.compile(r"^LDS(?:\.|$)")
 
 
 class SassError(Exception):
@@ -278,14 +279,36 @@ def find_hot_loop(instructions: list[Instruction]) -> HotLoop | None:
 
 def passes(instructions: list[Instruction]) -> list[dict]:
     """The passes over a row's elements of a kernel that makes several (the softmax focal loss's:
-    maximum, sum of exponentials, gradient): its innermost loops that load from global memory, in
-    address order, each its loop summary with bytes in flight and instructions per load. Where
-    each load is one element (a thread's classes `inner` apart), instructions per load are
-    instructions per element. The compiler's unrolled copy of a pass and its remainder are two
-    entries; the unrolled one has the most loads."""
-    loading = [lp for lp in innermost(find_loops(instructions)) if lp.count(GLOBAL_LOAD)]
-    return [{**lp.summary(), "instructions_per_load": len(lp.instructions) / lp.count(GLOBAL_LOAD),
-             "bytes_in_flight": bytes_in_flight(lp)["bytes"]} for lp in loading]
+    maximum, sum of exponentials, gradient): its innermost loops that load from global memory, or
+    that read shared memory where the kernel stages its rows there (``reads``: "global" or
+    "shared"), in address order, each its loop summary with instructions per load and, for global
+    memory, bytes in flight. Where each load is one element (a thread's classes `inner` apart, or a
+    lane's classes in shared memory), instructions per load are instructions per element. The
+    compiler's unrolled copy of a pass and its remainder are two entries; the unrolled one has the
+    most loads."""
+    out = []
+    for lp in innermost(find_loops(instructions)):
+        if lp.count(GLOBAL_LOAD):
+            out.append({**lp.summary(), "reads": "global", "instructions_per_load": len(lp.instructions) / lp.count(GLOBAL_LOAD),
+                        "bytes_in_flight": bytes_in_flight(lp)["bytes"]})
+        elif lp.count(SHARED_LOAD):
+            out.append({**lp.summary(), "reads": "shared", "instructions_per_load": len(lp.instructions) / lp.count(SHARED_LOAD),
+                        "bytes_in_flight": None})
+    return out
+
+
+def async_loop(instructions: list[Instruction]) -> dict | None:
+    """The innermost loop that both copies into shared memory (cp.async) and waits for its copies,
+    a kernel's loop over what it stages there (the softmax warp-per-row kernel's rounds through its
+    ring): its summary, with bytes in flight read as bytes_in_flight() reads them. None without one."""
+    staging = [lp for lp in find_loops(instructions)
+               if lp.count(ASYNC_COPY) and any(i.base_opcode == "DEPBAR" and ASYNC_WAIT.search(i.operands)
+                                               for i in lp.instructions)]
+    inner = innermost(staging)
+    if not inner:
+        return None
+    lp = min(inner, key=lambda x: len(x.instructions))
+    return {**lp.summary(), "bytes_in_flight": bytes_in_flight(lp)["bytes"]}
 
 
 def occupancy(registers: int, threads: int, arch: str = DEFAULT_ARCH, shared_bytes: int = 0) -> float:
@@ -333,15 +356,17 @@ def bytes_in_flight(loop: Loop) -> dict:
 
     A loop that loads through shared memory (cp.async: LDGSTS, holding no register) waits with
     ``DEPBAR.LE SB0, n`` until at most n of its groups of copies are pending: at each wait n + 1
-    groups are in flight, so it counts (n + 1) times the bytes of one group (the loop's copied
-    bytes over its waits)."""
+    groups are in flight, so it counts (n + 1) times the bytes of one group: the loop's copied
+    bytes over its groups (``LDGDEPBAR``, cp.async.commit_group, closes one), or over its waits
+    where it commits none itself."""
     copies = [ins for ins in loop.instructions if ASYNC_COPY.match(ins.opcode)]
     waits = [int(m[1], 0) for ins in loop.instructions
              if ins.base_opcode == "DEPBAR" and (m := ASYNC_WAIT.search(ins.operands))]
     if copies and waits:
-        group = sum(_load_bytes(ins.opcode) for ins in copies) / len(waits)
+        groups = sum(ins.base_opcode == "LDGDEPBAR" for ins in loop.instructions) or len(waits)
+        group = sum(_load_bytes(ins.opcode) for ins in copies) / groups
         depth = min(waits) + 1
-        return {"bytes": int(group * depth), "loads": round(len(copies) / len(waits) * depth)}
+        return {"bytes": int(group * depth), "loads": round(len(copies) / groups * depth)}
     pending: set[int] = set()
     total = loads = 0
     for ins in loop.instructions:
@@ -564,6 +589,7 @@ def analyse(
             "function_instructions": len(fn.instructions),
             "loops": [lp.summary() for lp in find_loops(fn.instructions)],
             "passes": passes(fn.instructions) if facts.get("passes") else None,
+            "async_loop": async_loop(fn.instructions),
             "hot_loop": None,
         }
         if record["registers"] is not None:

@@ -343,9 +343,11 @@ def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeyp
 @pytest.mark.parametrize("layout", ["rows", "long-rows", "wide-rows", "longer-rows", "pixels"])
 def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, layout, monkeypatch):
     """FOCAL_CUDA_SOFTMAX_VARIANT picks the classes per load of the softmax's thread-per-element
-    kernel, FOCAL_CUDA_GRID the grid: every variant on one block, 7 or a wave of them gives the
+    kernel, FOCAL_CUDA_SOFTMAX_ROWS_VARIANT registers or ring for the warp-per-row one,
+    FOCAL_CUDA_GRID the grid: every pair of variants on one block, 7 or a wave of them gives the
     default's loss and gradient bit for bit, for rows of 21 classes and 21-class pixels (a thread
-    per element), rows of 80 and of 200 classes (16 and 32 lanes per row) and of 1000 (a block per
+    per element), rows of 80 and of 200 classes (16 and 32 lanes per row; also from logits 4 or 2
+    bytes past a 16-byte boundary, which the ring leaves to the registers) and of 1000 (a block per
     row)."""
     g = torch.Generator().manual_seed(8)
     shape = {"rows": (30011, 21), "long-rows": (9001, 80), "wide-rows": (4001, 200), "longer-rows": (701, 1000),
@@ -354,24 +356,32 @@ def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, l
     ids = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=g)
     ids.view(-1)[::13] = -100
 
-    def run():
-        xd = x.cuda().requires_grad_()
+    def run(shift=0):
+        # shift: the logits that many elements into their storage on the GPU
+        storage = torch.empty(x.numel() + shift, dtype=dtype, device="cuda")
+        xd = storage[shift:].view(x.shape).copy_(x).detach().requires_grad_()
         loss = focal.softmax_focal_loss(xd, ids.cuda(), gamma=2.0, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xd)
         return loss.detach(), grad
 
-    for name in ("FOCAL_CUDA_SOFTMAX_VARIANT", "FOCAL_CUDA_GRID"):
+    for name in ("FOCAL_CUDA_SOFTMAX_VARIANT", "FOCAL_CUDA_SOFTMAX_ROWS_VARIANT", "FOCAL_CUDA_GRID"):
         monkeypatch.delenv(name, raising=False)
     loss, grad = run()
-    for name, grid in itertools.product(_variant_names("softmax"), [None, "1", "7"]):
+    for name, rows, grid in itertools.product(_variant_names("softmax"), _variant_names("softmax_rows"),
+                                              [None, "1", "7"]):
         monkeypatch.setenv("FOCAL_CUDA_SOFTMAX_VARIANT", name)
+        monkeypatch.setenv("FOCAL_CUDA_SOFTMAX_ROWS_VARIANT", rows)
         if grid is None:
             monkeypatch.delenv("FOCAL_CUDA_GRID", raising=False)
         else:
             monkeypatch.setenv("FOCAL_CUDA_GRID", grid)
         other_loss, other_grad = run()
-        assert_bitwise_equal(other_loss, loss, f"loss, {name} on {grid or 'a wave of'} blocks")
-        assert_bitwise_equal(other_grad, grad, f"gradient, {name} on {grid or 'a wave of'} blocks")
+        assert_bitwise_equal(other_loss, loss, f"loss, {name} + {rows} on {grid or 'a wave of'} blocks")
+        assert_bitwise_equal(other_grad, grad, f"gradient, {name} + {rows} on {grid or 'a wave of'} blocks")
+    if layout in ("long-rows", "wide-rows"):
+        other_loss, other_grad = run(shift=1)  # 4 or 2 bytes into a 16-byte block
+        assert_bitwise_equal(other_loss, loss, "loss, logits not 16-byte aligned")
+        assert_bitwise_equal(other_grad, grad, "gradient, logits not 16-byte aligned")
 
 
 @cuda_kernels

@@ -80,10 +80,11 @@ __device__ __forceinline__ T load_here(const T* src) {
 }
 
 // Copies from global into shared memory that hold no register while in flight (cp.async, sm_80 and
-// newer; a plain copy on older GPUs and in the emulation). async_copy starts one of `Bytes` (both
-// addresses aligned to it), async_commit closes the group of those the thread started since its
-// last, and async_wait<N> returns once at most N of the thread's groups are still in flight: the
-// older groups' data is then in shared memory, for the calling thread.
+// newer; a plain copy on older GPUs; in the emulation, a copy that lands at the wait that lets it
+// go). async_copy starts one of `Bytes` (both addresses aligned to it); async_commit closes the
+// group of those the thread started since its last, and async_wait<N> returns once at most N of
+// the thread's groups are still in flight: the older groups' data is then in shared memory, for the
+// calling thread (the warp's other lanes see it after a __syncwarp).
 #if !defined(FOCAL_CUDA_EMULATION) && (!defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800)
 #define FOCAL_CP_ASYNC 1
 #else
@@ -93,7 +94,9 @@ __device__ __forceinline__ T load_here(const T* src) {
 template <int Bytes>
 __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_src) {
   static_assert(Bytes == 8 || Bytes == 16, "async_copy takes 8 or 16 bytes");
-#if FOCAL_CP_ASYNC
+#if defined(FOCAL_CUDA_EMULATION)
+  focal_emu::async_copy(shared_dst, global_src, Bytes, Bytes);
+#elif FOCAL_CP_ASYNC
   const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
   if constexpr (Bytes == 16) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
@@ -106,15 +109,33 @@ __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_
 #endif
 }
 
+// async_copy<16> of which only the first `src_bytes` (0 to 16) are read, the rest zeros.
+__device__ __forceinline__ void async_copy_head(void* shared_dst, const void* global_src, uint32_t src_bytes) {
+#if defined(FOCAL_CUDA_EMULATION)
+  focal_emu::async_copy(shared_dst, global_src, 16, static_cast<int>(src_bytes));
+#elif FOCAL_CP_ASYNC
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(global_src), "r"(src_bytes)
+               : "memory");
+#else
+  memcpy(shared_dst, global_src, src_bytes);
+  memset(static_cast<char*>(shared_dst) + src_bytes, 0, 16 - src_bytes);
+#endif
+}
+
 __device__ __forceinline__ void async_commit() {
-#if FOCAL_CP_ASYNC
+#if defined(FOCAL_CUDA_EMULATION)
+  focal_emu::async_commit();
+#elif FOCAL_CP_ASYNC
   asm volatile("cp.async.commit_group;" ::: "memory");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void async_wait() {
-#if FOCAL_CP_ASYNC
+#if defined(FOCAL_CUDA_EMULATION)
+  focal_emu::async_wait(N);
+#elif FOCAL_CP_ASYNC
   asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }

@@ -33,8 +33,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const auto options = logits.options();
   const bool reduce = call.reduction != Reduction::kNone;
   const int64_t elements = call.outer() * call.inner();
+  const ArchVariants table = arch_variants();
   const int variant = variant_index({"FOCAL_CUDA_SOFTMAX_VARIANT", kSoftmaxVariantNames, kSoftmaxVariantCount},
-                                    arch_variants().softmax);
+                                    table.softmax);
+  const int rows_variant = variant_index(
+      {"FOCAL_CUDA_SOFTMAX_ROWS_VARIANT", kWarpRowVariantNames, kWarpRowVariantCount}, table.softmax_rows);
 
   at::Tensor normalizer_converted;
   SoftmaxScale s =
@@ -106,10 +109,19 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
             constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
             run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
           });
-        } else if (warp_rows && warp_row_lanes(call.classes()) < kWarp) {
-          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp / 2>);
         } else if (warp_rows) {
-          run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp>);
+          // The ring copies whole 16-byte blocks, from the one that holds a tile's first logit: for
+          // logits that are not 16-byte aligned, the first tile's block begins before them, maybe
+          // outside their memory. float64's rounds span more of the ring's steps than it allows.
+          const bool ring_fits = sizeof(scalar_t) <= 4 && reinterpret_cast<uintptr_t>(args.logits) % 16 == 0;
+          with_warp_row_variant(ring_fits ? rows_variant : 0, [&](auto through_ring) {
+            constexpr bool kRing = decltype(through_ring)::value && sizeof(scalar_t) <= 4;
+            if (warp_row_lanes(call.classes()) < kWarp) {
+              run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp / 2, kRing>);
+            } else {
+              run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp, kRing>);
+            }
+          });
         } else {
           run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth>);
         }

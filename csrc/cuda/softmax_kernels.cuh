@@ -9,8 +9,9 @@
 //   one thread (the three passes then hit L1). Compiled in variants (kSoftmaxVariantNames) that
 //   load 1 or 16 classes before they use any;
 // - softmax_warp_rows_kernel: 16 or 32 lanes per row, for rows of up to kWarpRowClasses classes
-//   (those of detection and most classification): the row held in the lanes' registers, read
-//   once, its maximum and exp sum in a fixed tree of shuffles;
+//   (those of detection and most classification): the row read once, its maximum and exp sum in a
+//   fixed tree of shuffles. Compiled in variants (kWarpRowVariantNames) that hold the row in the
+//   lanes' registers or stream the warp's rows through shared memory (RowRing);
 // - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
 //   cub::BlockReduce, each thread striding over the row's classes.
 // Which kernel a call takes depends on its layout and number of classes alone (and, for rows of 33 to
@@ -150,10 +151,10 @@ struct HardTerms {
 
   __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, acc_t x_y, acc_t weight_, acc_t gamma)
       : py(softmax_prob<acc_t, O>(row, x_y)), term(softmax_focal_term<G, acc_t, O>(py, gamma)), weight(weight_) {}
-  // Those of a row whose logits are x[0], ..., x[C - 1], of class `id` (`valid`: 0 <= id < C), its
-  // class's a_y from `factor` if there is one.
-  template <typename scalar_t>
-  __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, const scalar_t* x, int64_t id, bool valid,
+  // Those of a row whose logits are x[0], ..., x[C - 1] (a pointer, or RingRow), of class `id`
+  // (`valid`: 0 <= id < C), its class's a_y from `factor` if there is one.
+  template <typename Logits>
+  __device__ __forceinline__ HardTerms(const SoftmaxRow<acc_t>& row, const Logits& x, int64_t id, bool valid,
                                        const acc_t* factor, acc_t gamma)
       : HardTerms(row, valid ? static_cast<acc_t>(x[id]) : row.max, factor && valid ? factor[id] : acc_t(1), gamma) {}
   __device__ __forceinline__ acc_t loss() const { return weight * term.value; }
@@ -320,6 +321,113 @@ constexpr int kWarpRowLoads = 8;
 constexpr int64_t kWarpRowClasses = int64_t{kWarp} * kWarpRowLoads;
 // The lanes per row that rows of C classes take (kThreadRowClasses < C <= kWarpRowClasses).
 inline constexpr int warp_row_lanes(int64_t C) { return C <= kWarpRowClasses / 2 ? kWarp / 2 : kWarp; }
+// The warp-per-row kernel's variants, by index (the host's table per architecture and
+// FOCAL_CUDA_SOFTMAX_ROWS_VARIANT name them so): where a row's logits wait between their request
+// and their use. "registers": each lane requests its classes of the row, up to 8 logits, and the
+// row's id into registers (40 bytes in flight in float32, 24 in 16-bit data); "ring": the warp
+// streams its tile's rows through shared memory (RowRing), 16 bytes a lane in each of the 6 steps
+// in flight, held in no register. The host takes "registers" for float64 and for logits that are
+// not 16-byte aligned (the ring's first block would begin before them).
+inline constexpr int kWarpRowVariantCount = 2;
+inline constexpr const char* kWarpRowVariantNames[kWarpRowVariantCount] = {"registers", "ring"};
+
+// f(std::bool_constant<through the ring>) for the variant of that index ("registers" for any other).
+template <typename F>
+decltype(auto) with_warp_row_variant(int index, F&& f) {
+  if (index == 1) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+struct alignas(16) Bytes16 {
+  uint32_t w[4];
+};
+
+// A warp's tile of rows streamed through 4 KiB of shared memory (softmax_warp_rows_kernel's
+// "ring"): the tile's bytes, from the 16-byte block that holds its first logit, in steps of 512
+// bytes, each lane's 16 of a step one cp.async (zeros past the tile's end) and each step its own
+// group of copies. Step k lands in slot k mod kSteps. A round starts in some step a and ends in step
+// a + 2 at most (its 1 or 2 rows are at most 1 KiB: kWarpRowClasses 4-byte logits), so with the
+// steps up to a + kSteps - 1 requested, waiting until at most kPending groups are in flight lands
+// all of it, and the slot that step a + kSteps - 1 overwrites held step a - 1, which no lane still
+// reads. The warp's lanes take part in every call alike.
+struct RowRing {
+  static constexpr int kSteps = 8;
+  static constexpr uint32_t kStepBytes = kWarp * 16;
+  static constexpr uint32_t kBytes = kSteps * kStepBytes;
+  static constexpr int kSpan = 2;                      // steps a round reaches past its first
+  static constexpr int kPending = kSteps - 1 - kSpan;  // groups in flight while a round is used
+
+  Bytes16* slots;  // the warp's kSteps * kWarp blocks
+  const char* from = nullptr;  // the 16-byte block of the tile's first logit
+  uint32_t length = 0;         // the tile's bytes from `from` (under 2^31: SoftmaxTiles)
+  uint32_t next = 0;           // the step to request next
+
+  __device__ __forceinline__ explicit RowRing(Bytes16* warp_slots) : slots(warp_slots) {}
+
+  // Step `next`'s copy of this lane, if the tile has its bytes, and a group either way.
+  __device__ __forceinline__ void request() {
+    const uint32_t lane = threadIdx.x % kWarp;
+    const uint32_t offset = next * kStepBytes + lane * 16u;
+    if (offset < length) {
+      const uint32_t left = length - offset;
+      async_copy_head(&slots[(next % kSteps) * kWarp + lane], from + offset, left < 16u ? left : 16u);
+    }
+    async_commit();
+    ++next;
+  }
+  // A tile's bytes [begin, end) begin to stream; returns how far into the ring's bytes `begin` is.
+  __device__ __forceinline__ uint32_t start(const char* begin, const char* end) {
+    const auto skew = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(begin) % 16u);
+    from = begin - skew;
+    length = static_cast<uint32_t>(end - from);
+    next = 0;
+    __syncwarp();  // every lane is done with the last tile's slots
+#pragma unroll
+    for (int k = 0; k < kSteps; ++k) request();
+    return skew;
+  }
+  // The round whose bytes begin `offset` bytes from `from`: later steps requested, its own landed
+  // and seen by every lane.
+  __device__ __forceinline__ void reach(uint32_t offset) {
+    __syncwarp();  // every lane is done with the last round's slots
+    const uint32_t first = offset / kStepBytes;
+#pragma unroll
+    for (int k = 0; k < kSpan; ++k) {
+      if (next < first + kSteps) request();
+    }
+    async_wait<kPending>();
+    __syncwarp();  // every lane's copies seen by every lane
+  }
+  // The T `offset` bytes from `from` (a requested step that has landed), read where it is called:
+  // each pass reads the ring again rather than hold a row in registers.
+  template <typename T>
+  __device__ __forceinline__ T at(uint32_t offset) const {
+    static_assert(sizeof(T) == 2 || sizeof(T) == 4, "the ring holds 16- and 32-bit logits");
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+    const char* p = reinterpret_cast<const char*>(slots) + offset % kBytes;
+    Bits bits;
+#if defined(FOCAL_CUDA_EMULATION)
+    memcpy(&bits, p, sizeof(T));
+#else
+    bits = *reinterpret_cast<const volatile Bits*>(p);
+#endif
+    T v;
+    memcpy(&v, &bits, sizeof(T));
+    return v;
+  }
+};
+
+// A row's logits in the ring, x[c] for its class c.
+template <typename scalar_t>
+struct RingRow {
+  const RowRing* ring;
+  uint32_t offset;  // the row's first byte from ring->from
+  template <typename Index>
+  __device__ __forceinline__ scalar_t operator[](Index c) const {
+    return ring->at<scalar_t>(offset + static_cast<uint32_t>(c) * static_cast<uint32_t>(sizeof(scalar_t)));
+  }
+};
+
 // Blocks per SM its registers must allow: 12 (40 registers, 75 % occupancy) for 16- and 32-bit
 // data at gamma 0, 1 and 2; 8 (64 registers) with label smoothing (a second sum, per-class weights)
 // or a general gamma (a log and an exp per class), which spill under 40; float64, whose math takes
@@ -350,16 +458,18 @@ __device__ __forceinline__ acc_t group_max(acc_t v) {
 
 // A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rounds of
 // kRows = 32 / kLanes rows, w, w + (the grid's warps), ..., a round at a time (group j its j-th row,
-// if the data has it); a row's sums
-// are each lane's classes in order, then its group's lanes' sums in group_sum's tree; every lane of
-// a group computes its row's loss from the same bits, and the warp adds a tile's rows' losses in
-// their order (the same bits in every lane) and lane 0 writes the tile's sum.
-template <typename scalar_t, GammaKind G, bool kSmooth, int kLanes>
+// if the data has it); a row's sums are each lane's classes in order, then its group's lanes' sums
+// in group_sum's tree; every lane of a group computes its row's loss from the same bits, and the
+// warp adds a tile's rows' losses in their order (the same bits in every lane) and lane 0 writes
+// the tile's sum. kRing: the logits come through the warp's RowRing, and each round's ids are
+// requested a round ahead; the same values in the same order, so the same bits.
+template <typename scalar_t, GammaKind G, bool kSmooth, int kLanes, bool kRing>
 __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t, G, kSmooth>)
     softmax_warp_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                              at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using O = SoftmaxMathFor<scalar_t>;
+  static_assert(!kRing || sizeof(scalar_t) <= 4, "a round of float64 spans more steps than RowRing allows");
   constexpr int K = kWarpRowLoads;
   constexpr int kRows = kWarp / kLanes;  // rows a warp takes at a time
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
@@ -367,6 +477,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   const int C = static_cast<int>(a.classes);  // at most kWarpRowClasses
   const SmoothedTerms<G, O, acc_t> smoothed(a, gamma);
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  const auto* logits = static_cast<const scalar_t*>(a.logits);
   const int lane = threadIdx.x % kWarp;
   const int group = lane / kLanes, in_group = lane % kLanes;
   // The lane's slots i < K hold classes in_group + kLanes i: the row's below `held`; no lane has a
@@ -374,41 +485,54 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   const int held = C > in_group ? (C - 1 - in_group) / kLanes + 1 : 0;
   const int slots = (C + kLanes - 1) / kLanes;
   const auto for_held = [&](auto&& f) {
+    if constexpr (kRing) {
+#pragma unroll 1
+      for (int i = 0; i < held; ++i) f(i, in_group + kLanes * i);
+    } else {
 #pragma unroll
-    for (int i = 0; i < K; ++i) {
-      if (i >= slots) break;
-      if (i < held) f(i, in_group + kLanes * i);
+      for (int i = 0; i < K; ++i) {
+        if (i >= slots) break;
+        if (i < held) f(i, in_group + kLanes * i);
+      }
     }
   };
 
-  // Row r's loss (unscaled; 0 if ignored; the same in every lane of the group), with its gradient
-  // and, for reduction "none", its scaled loss written. Every lane of the warp calls it, for the
-  // shuffles: a group without a row (`live` false: past a tile's last row) computes on zeros and
-  // writes nothing.
-  const auto one_row = [&](uint32_t r, bool live) -> acc_t {
-    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + int64_t{r} * C;
+  // Row r's loss (unscaled; 0 if ignored; the same in every lane of the group), its logits x[c]
+  // (a pointer, or RingRow) and its class id `id`, with its gradient and, for reduction "none", its
+  // scaled loss written. Every lane of the warp calls it, for the shuffles: a group without a row
+  // (`live` false: past a tile's last row, id ignore_index) computes on zeros (through the ring, on
+  // whatever the ring holds) and writes nothing.
+  const auto one_row = [&](uint32_t r, bool live, const auto& x, int64_t id) -> acc_t {
     scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + int64_t{r} * C : nullptr;
-    const int64_t id = live ? a.target[r] : a.ignore_index;
-    // The row's logits are requested with its class id, before either is used (an ignored row's
-    // too: a few percent of rows, read for nothing, against a latency paid once per row).
-    scalar_t held_x[K] = {};
-    if (live) for_held([&](int i, int c) { held_x[i] = x[c]; });
+    // From memory, the row's logits are requested with its class id, before either is used (an
+    // ignored row's too: a few percent of rows, read for nothing, against a latency paid once per
+    // row), and held in registers for the three passes; the ring's are read from it in each pass.
+    acc_t v[K];
+    if constexpr (!kRing) {
+      scalar_t held_x[K] = {};
+      if (live) for_held([&](int i, int c) { held_x[i] = x[c]; });
+#pragma unroll
+      for (int i = 0; i < K; ++i) v[i] = static_cast<acc_t>(held_x[i]);
+    }
+    const auto value = [&](int i, int c) -> acc_t {
+      if constexpr (kRing) {
+        return static_cast<acc_t>(x[c]);
+      } else {
+        return v[i];
+      }
+    };
     const bool kept = id != a.ignore_index;  // false for a group without a row
     if (live && !kept) {
       if (a.loss && in_group == 0) static_cast<scalar_t*>(a.loss)[r] = scalar_t(0);
       if (grad) for_held([&](int, int c) { grad[c] = scalar_t(0); });
     }
     if (!kept) grad = nullptr;
-    acc_t v[K];
-#pragma unroll
-    for (int i = 0; i < K; ++i) v[i] = static_cast<acc_t>(held_x[i]);
     const bool valid = kept && id >= 0 && id < C;
-    const int y = valid ? static_cast<int>(id) : -1;  // the target's class, in 32 bits (C <= 256)
     acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for_held([&](int i, int) { m = softmax_max<acc_t, O>(m, v[i]); });
+    for_held([&](int i, int c) { m = softmax_max<acc_t, O>(m, value(i, c)); });
     m = group_max<kLanes>(m);
     SoftmaxSums<acc_t> sums;
-    for_held([&](int i, int) { softmax_accumulate<acc_t, O>(sums, v[i] - m); });
+    for_held([&](int i, int c) { softmax_accumulate<acc_t, O>(sums, value(i, c) - m); });
     const acc_t below = group_sum<kLanes>(sums.below);
     const acc_t ties = group_sum<kLanes>(sums.ties);
     const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, valid ? below : static_cast<acc_t>(NAN), ties);
@@ -419,16 +543,19 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
       loss = h.loss();
       if (grad) {
         const acc_t k = h.k(row, scale), g_y = h.target_grad(scale);
+        const int y = valid ? static_cast<int>(id) : -1;  // the target's class, in 32 bits (C <= 256)
         // exp(x - m) again, the same bits as the sum's: kept, the 8 values spill under 40 registers.
-        for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(c == y ? g_y : O::exp(v[i] - m) * k); });
+        for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(c == y ? g_y : O::exp(value(i, c) - m) * k); });
       }
     } else {
       acc_t part_loss = 0, part_t = 0;
-      for_held([&](int i, int c) { smoothed.add(row, c, id, v[i], part_loss, part_t); });
+      for_held([&](int i, int c) { smoothed.add(row, c, id, value(i, c), part_loss, part_t); });
       loss = group_sum<kLanes>(part_loss);
       const acc_t sum_t = group_sum<kLanes>(part_t);
       if (grad) {
-        for_held([&](int i, int c) { grad[c] = static_cast<scalar_t>(smoothed.grad(row, c, id, v[i], sum_t) * scale); });
+        for_held([&](int i, int c) {
+          grad[c] = static_cast<scalar_t>(smoothed.grad(row, c, id, value(i, c), sum_t) * scale);
+        });
       }
     }
     if (!kept) return acc_t(0);
@@ -440,24 +567,46 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
   // Tiles of tiles.per_tile rounds of kRows rows (SoftmaxTiles::make(rows, kRows)).
   const uint32_t rows = static_cast<uint32_t>(a.outer), per_tile = static_cast<uint32_t>(tiles.per_tile) * kRows;
-  const uint32_t tile_count = static_cast<uint32_t>(tiles.count);
+  __shared__ Bytes16 ring_slots[kRing ? kSoftmaxThreads / kWarp : 1][kRing ? RowRing::kSteps * kWarp : 1];
+  RowRing ring(ring_slots[kRing ? threadIdx.x / kWarp : 0]);
+  const uint32_t row_bytes = static_cast<uint32_t>(C) * static_cast<uint32_t>(sizeof(scalar_t));
   int64_t touched = 0;
-  for (uint32_t tile = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp; tile < tile_count; tile += warps) {
-    const uint32_t first = tile * per_tile;
+  // A tile is known by its first row alone (its number, first / per_tile, is needed once): one value
+  // carried from tile to tile, not two.
+  for (uint32_t first = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp * per_tile; first < rows;
+       first += warps * per_tile) {
     const uint32_t end = rows - first > per_tile ? first + per_tile : rows;
-    acc_t sum = 0;
-    for (uint32_t base = first; base < end; base += kRows) {
+    uint32_t offset = 0;  // with the ring, the round's first byte from ring.from
+    int64_t id_ahead = a.ignore_index;  // with the ring, the next round's id
+    if constexpr (kRing) {
+      offset = ring.start(reinterpret_cast<const char*>(logits + int64_t{first} * C),
+                          reinterpret_cast<const char*>(logits + int64_t{end} * C));
+      if (first + group < end) id_ahead = a.target[first + group];
+    }
+    // -0 + x is x for every x (-0 + +0 is +0): the sum starts from the first row's loss.
+    acc_t sum = -acc_t(0);
+    for (uint32_t base = first; base < end; base += kRows, offset += kRows * row_bytes) {
       const bool live = base + group < end;
       if (live) touched += held;
-      const acc_t loss = one_row(live ? base + group : base, live);
+      const uint32_t r = live ? base + group : base;
+      acc_t loss;
+      if constexpr (kRing) {
+        const int64_t id = id_ahead;
+        const uint32_t ahead = base + kRows + group;
+        id_ahead = ahead < end ? a.target[ahead] : a.ignore_index;
+        ring.reach(offset);
+        loss = one_row(r, live, RingRow<scalar_t>{&ring, offset + (r - base) * row_bytes}, id);
+      } else {
+        loss = one_row(r, live, logits + int64_t{r} * C, live ? a.target[r] : a.ignore_index);
+      }
       // The rows' losses in their order, group j's from its first lane.
 #pragma unroll
       for (int j = 0; j < kRows; ++j) {
         const acc_t lj = kRows == 1 ? loss : __shfl_sync(0xffffffffu, loss, j * kLanes);
-        if (base + j < end) sum = base + j == first ? lj : add_rn(sum, lj);
+        if (base + j < end) sum = add_rn(sum, lj);
       }
     }
-    if (tile_sums != nullptr && lane == 0) tile_sums[tile] = sum;
+    if (tile_sums != nullptr && lane == 0) tile_sums[first / per_tile] = sum;
   }
   trace_elements(touched);
 }

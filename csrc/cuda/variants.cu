@@ -13,17 +13,18 @@ namespace focal::cuda {
 namespace {
 
 // The variants per GPU architecture, as `make gpu-tune` measures them: {major, minor, launch shape
-// of the roofline kernels, classes per load of the softmax's thread-per-element kernel}. An
-// architecture not listed takes 0 and 0.
+// of the roofline kernels, classes per load of the softmax's thread-per-element kernel, registers or
+// ring of its warp-per-row kernel}. An architecture not listed takes 0, 0 and 0.
 struct ArchEntry {
   int major, minor;
   int shape;
   int softmax;
+  int softmax_rows;
 };
 constexpr ArchEntry kArchVariants[] = {
-    {8, 0, 0, 0},  // A100: not yet measured
-    {8, 9, 0, 0},  // L4, RTX 40: not yet measured
-    {9, 0, 0, 0},  // H100, H200: not yet measured
+    {8, 0, 0, 0, 0},  // A100: not yet measured
+    {8, 9, 0, 0, 0},  // L4, RTX 40: not yet measured
+    {9, 0, 0, 0, 0},  // H100, H200: not yet measured
 };
 
 }  // namespace
@@ -31,7 +32,7 @@ constexpr ArchEntry kArchVariants[] = {
 ArchVariants arch_variants() {
   const auto [major, minor] = rt::compute_capability();
   for (const ArchEntry& a : kArchVariants) {
-    if (a.major == major && a.minor == minor) return {a.shape, a.softmax};
+    if (a.major == major && a.minor == minor) return {a.shape, a.softmax, a.softmax_rows};
   }
   return {};
 }

@@ -145,6 +145,49 @@ class Barrier {
 
 inline thread_local Barrier* block_barrier = nullptr;
 
+// cp.async as the GPU may run it at its latest: a copy from global into shared memory lands only
+// when a cp.async.wait_group lets its group go, so that a kernel that reads its data before that
+// wait (or another lane's before a __syncwarp) reads what was there. `bytes` of the 16 (or 8) come
+// from `src`, the rest are zeros, as with cp.async's src-size.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes, size;
+};
+struct AsyncCopies {
+  std::vector<std::vector<AsyncCopy>> committed;  // oldest first
+  std::vector<AsyncCopy> open;                    // since the last commit
+};
+inline thread_local AsyncCopies async_copies;
+
+inline void async_copy(void* dst, const void* src, int size, int bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0 ||
+      bytes < 0 || bytes > size) {
+    std::fprintf(stderr, "emulated CUDA: cp.async of %d of %d bytes from %p to %p: misaligned or oversized\n",
+                 bytes, size, src, dst);
+    std::abort();
+  }
+  async_copies.open.push_back({dst, src, bytes, size});
+}
+
+inline void async_commit() {
+  async_copies.committed.push_back(std::move(async_copies.open));
+  async_copies.open.clear();
+}
+
+// Lands every committed group but the `pending` most recent ones.
+inline void async_wait(size_t pending) {
+  auto& groups = async_copies.committed;
+  const size_t landing = groups.size() > pending ? groups.size() - pending : 0;
+  for (size_t g = 0; g < landing; ++g) {
+    for (const AsyncCopy& c : groups[g]) {
+      if (c.bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+      std::memset(static_cast<char*>(c.dst) + c.bytes, 0, static_cast<size_t>(c.size - c.bytes));
+    }
+  }
+  groups.erase(groups.begin(), groups.begin() + static_cast<std::ptrdiff_t>(landing));
+}
+
 // The calling thread's warp: a barrier of its 32 lanes and one exchange slot per lane, for the
 // warp shuffles below.
 struct Warp {
@@ -234,7 +277,9 @@ class Device {
       gridDim = grid_;
       block_barrier = &*barrier_;
       warp = warps_[id / kWarpThreads].get();
+      async_copies = {};
       (*kernel_)();
+      async_copies = {};  // copies never waited for land nowhere: nothing may read them
       // An exited thread no longer takes part in __syncthreads() or a shuffle, as on the GPU.
       block_barrier->arrive_and_drop();
       warp->barrier.arrive_and_drop();
@@ -303,6 +348,16 @@ T warp_shuffle(const char* name, unsigned mask, T value, Source source) {
 }
 
 }  // namespace focal_emu
+
+// A barrier of the calling thread's warp (mask 0xffffffff, which the kernels always pass): every
+// lane's writes to shared memory before it are seen by every lane after it.
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+  if (focal_emu::warp == nullptr || mask != 0xffffffffu || blockDim.x % focal_emu::kWarpThreads != 0) {
+    std::fputs("emulated CUDA: __syncwarp needs a full warp inside a kernel\n", stderr);
+    std::abort();
+  }
+  focal_emu::warp->barrier.arrive_and_wait();
+}
 
 // Lane l receives lane l + offset's value, or its own when that lane is past the warp's end.
 template <typename T>

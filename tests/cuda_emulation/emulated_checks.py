@@ -938,20 +938,27 @@ def test_softmax_empty_and_all_ignored():
     assert loss.item() == 0 and torch.equal(grad, torch.zeros(6, 40))
 
 
-SOFTMAX_VARIANTS = ["c1", "c16"]  # kSoftmaxVariantNames: classes per load of the thread-per-element kernel
+# Variants of the softmax kernels, in pairs: the thread-per-element kernel's classes per load
+# (kSoftmaxVariantNames) and the warp-per-row kernel's registers or ring (kWarpRowVariantNames).
+SOFTMAX_VARIANTS = [("c1", "registers"), ("c16", "ring")]
 # Shapes whose tiles (8 at most in the emulation) hold several warps' elements or several rows, and
 # are more than a block's 4 warps, so that on a grid of one block a warp takes a second tile (and
 # starts its sum afresh): 5 tiles of 2 warps' elements (300 rows of 20 classes; 297 pixels), 6 of 3
 # rounds of 2 rows (16 lanes per row, 35 rows: the last tile's third round has one row), 5 of 2 rows
-# (9 rows, 32 lanes per row; a block per row: the last tile has one).
+# (9 rows, 32 lanes per row; a block per row: the last tile has one). The "long" ones have tiles of
+# 10 to 12 KiB of float32 logits, so that the warp-per-row kernel's ring (4 KiB a warp) wraps round
+# in a tile, with rows of 37 and 203 classes, whose rows start at every offset from a 16-byte block.
 SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (35, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
-                 "segmentation": (3, 18, 9, 11)}
+                 "segmentation": (3, 18, 9, 11), "rows-warp-long": (601, 37), "rows-wide-long": (101, 203)}
+SOFTMAX_WARP_ROWS = {"rows-warp": 2, "rows-wide": 1, "rows-warp-long": 2, "rows-wide-long": 1}  # rows a round
 
 
 def softmax_variant(name, grid):
-    """softmax_elements_kernel in variant `name`, the softmax kernels on a grid of `grid` blocks
-    (None: as chosen)."""
-    return environment(FOCAL_CUDA_SOFTMAX_VARIANT=name, FOCAL_CUDA_GRID=grid)
+    """The softmax kernels in variant `name` (a pair of SOFTMAX_VARIANTS, or the thread-per-element
+    kernel's name alone) on a grid of `grid` blocks (None: as chosen)."""
+    elements, rows = (name, None) if isinstance(name, str) else name
+    return environment(FOCAL_CUDA_SOFTMAX_VARIANT=elements, FOCAL_CUDA_SOFTMAX_ROWS_VARIANT=rows,
+                       FOCAL_CUDA_GRID=grid)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -963,8 +970,8 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
     unreduced losses are the unscaled ones)."""
     shape = SOFTMAX_TILED[layout]
     x, t = _softmax_problem(shape, dtype, 31)
-    per_thread = layout not in ("rows-warp", "rows-wide", "rows-block")
-    round_rows = 2 if layout == "rows-warp" else 1  # rows a warp takes at a time: 16 lanes per row
+    per_thread = layout not in (*SOFTMAX_WARP_ROWS, "rows-block")
+    round_rows = SOFTMAX_WARP_ROWS.get(layout, 1)  # rows a warp takes at a time: 2 with 16 lanes per row
     items = t.numel() if per_thread else shape[0]
     per_tile, tiles = softmax_tiles(items, WARP if per_thread else round_rows)
     assert per_tile > 1 and tiles > 4, (per_tile, tiles)  # several units a tile, a second tile for a warp
@@ -986,6 +993,24 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
                                  f"{layout} sum vs its order")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_softmax_ring_takes_logits_at_any_address(dtype):
+    """The warp-per-row kernel's ring copies whole 16-byte blocks, from the one that holds a tile's
+    first logit, which may begin before the logits: logits that start 4 or 2 bytes into a block
+    (which the host sends to the kernel's registers, as a block before them may lie outside their
+    memory) give the same bits as aligned ones through the ring."""
+    x, t = _softmax_problem(SOFTMAX_TILED["rows-warp-long"], dtype, 5)
+    storage = torch.empty(x.numel() + 8, dtype=dtype)
+    shifted = storage[1:1 + x.numel()].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    with softmax_variant(("c1", "ring"), None):
+        want = _softmax_op(EMU, x, t, reduction="sum")
+        got = _softmax_op(EMU, shifted, t, reduction="sum")
+    for a, b, what in zip(got, want, ("loss", "grad")):
+        assert_bitwise_equal(a, b, f"{what}: logits at an odd address")
+
+
 def test_softmax_over_no_classes_reads_no_logit():
     """Logits with 0 classes: every class id not ignored is out of range, which CUDA cannot raise
     without a host sync, so its loss is NaN; an ignored one's is 0. Nothing outside memory is read
@@ -1001,6 +1026,11 @@ def test_softmax_variant_override_is_checked():
     x, t = _softmax_problem(SOFTMAX_SHAPES["rows-thread"], torch.float32, 1)
     with softmax_variant("c99", None), pytest.raises(
             RuntimeError, match=r"FOCAL_CUDA_SOFTMAX_VARIANT=c99 is not a variant of focal's CUDA kernels \(c1, c16\)"):
+        _softmax_op(EMU, x, t, reduction="sum")
+    x, t = _softmax_problem(SOFTMAX_SHAPES["rows-thread"], torch.float32, 1)
+    with softmax_variant(("c1", "rings"), None), pytest.raises(
+            RuntimeError, match=r"FOCAL_CUDA_SOFTMAX_ROWS_VARIANT=rings is not a variant of focal's CUDA kernels "
+                                r"\(registers, ring\)"):
         _softmax_op(EMU, x, t, reduction="sum")
 
 
