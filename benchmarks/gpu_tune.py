@@ -52,7 +52,7 @@ DTYPES = ["float32", "bfloat16", "float16"]
 # the column of kArchVariants.
 FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
             "softmax": ("kSoftmaxVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_VARIANT"),
-            "softmax_rows": ("kWarpRowVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_ROWS_VARIANT")}
+            "softmax_rows": ("kRowVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_ROWS_VARIANT")}
 # path -> the variant family that applies to it (None: one variant)
 PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": "softmax_rows",
          "softmax_long_rows": None, "softmax_pixels": "softmax", "softmax_short_rows": "softmax"}

@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
   const int variant = variant_index({"FOCAL_CUDA_SOFTMAX_VARIANT", kSoftmaxVariantNames, kSoftmaxVariantCount},
                                     table.softmax);
   const int rows_variant = variant_index(
-      {"FOCAL_CUDA_SOFTMAX_ROWS_VARIANT", kWarpRowVariantNames, kWarpRowVariantCount}, table.softmax_rows);
+      {"FOCAL_CUDA_SOFTMAX_ROWS_VARIANT", kRowVariantNames, kRowVariantCount}, table.softmax_rows);
 
   at::Tensor normalizer_converted;
   SoftmaxScale s =
@@ -109,21 +109,25 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
             constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
             run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
           });
-        } else if (warp_rows) {
-          // The ring copies whole 16-byte blocks, from the one that holds a tile's first logit: for
+        } else {
+          // The rings copy whole 16-byte blocks, from the one that holds a tile's first logit: for
           // logits that are not 16-byte aligned, the first tile's block begins before them, maybe
-          // outside their memory. float64's rounds span more of the ring's steps than it allows.
-          const bool ring_fits = sizeof(scalar_t) <= 4 && reinterpret_cast<uintptr_t>(args.logits) % 16 == 0;
-          with_warp_row_variant(ring_fits ? rows_variant : 0, [&](auto through_ring) {
+          // outside their memory. float64's rows, and the block-per-row kernel's rows of more than
+          // 8 KiB, span more of a ring's steps than it allows; its tiles' bytes are counted in 32 bits.
+          const int64_t row_bytes = call.classes() * static_cast<int64_t>(sizeof(scalar_t));
+          const bool ring_fits = sizeof(scalar_t) <= 4 && reinterpret_cast<uintptr_t>(args.logits) % 16 == 0 &&
+                                 (warp_rows || (row_bytes <= BlockRowRing::kRoundBytes &&
+                                                tiles.per_tile * row_bytes < (int64_t{1} << 31)));
+          with_row_variant(ring_fits ? rows_variant : 0, [&](auto through_ring) {
             constexpr bool kRing = decltype(through_ring)::value && sizeof(scalar_t) <= 4;
-            if (warp_row_lanes(call.classes()) < kWarp) {
+            if (!warp_rows) {
+              run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth, kRing>);
+            } else if (warp_row_lanes(call.classes()) < kWarp) {
               run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp / 2, kRing>);
             } else {
               run_kernel(&softmax_warp_rows_kernel<scalar_t, G, kSmooth, kWarp, kRing>);
             }
           });
-        } else {
-          run_kernel(&softmax_rows_kernel<scalar_t, G, kSmooth>);
         }
       };
       if (label_smoothing > 0) run(std::true_type{});

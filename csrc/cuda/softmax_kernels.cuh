@@ -10,7 +10,7 @@
 //   load 1 or 16 classes before they use any;
 // - softmax_warp_rows_kernel: 16 or 32 lanes per row, for rows of up to kWarpRowClasses classes
 //   (those of detection and most classification): the row read once, its maximum and exp sum in a
-//   fixed tree of shuffles. Compiled in variants (kWarpRowVariantNames) that hold the row in the
+//   fixed tree of shuffles. Compiled in variants (kRowVariantNames) that hold the row in the
 //   lanes' registers or stream the warp's rows through shared memory (RowRing);
 // - softmax_rows_kernel: one block per row, for longer rows: the row's maximum and exp sum by
 //   cub::BlockReduce, each thread striding over the row's classes.
@@ -34,6 +34,7 @@
 #include "../softmax_math.h"
 #include "device_math.cuh"
 #include "kernel_runtime.cuh"
+#include "row_ring.cuh"
 #include "tile_sums.cuh"
 
 namespace focal::cuda {
@@ -202,11 +203,12 @@ struct SmoothedTerms {
 // x[c * pitch]. With kChunk > 1 whole chunks of kChunk classes are read, all of them before any is
 // used, so that kChunk loads are in flight; the classes after the last whole chunk are read one by
 // one. f sees the same values in the same order either way.
-template <int kChunk, int kStep, typename acc_t, typename scalar_t, typename F>
-__device__ __forceinline__ void for_strided(const scalar_t* x, int64_t first, int64_t C, int64_t pitch,
-                                            F&& f) {
+template <int kChunk, int kStep, typename acc_t, typename Logits, typename F>
+__device__ __forceinline__ void for_strided(const Logits& x, int64_t first, int64_t C, int64_t pitch, F&& f) {
   int64_t c = first;
   if constexpr (kChunk > 1) {
+    static_assert(std::is_pointer_v<Logits>, "chunks are read from memory");
+    using scalar_t = std::remove_cv_t<std::remove_pointer_t<Logits>>;
     for (; c + kChunk * kStep <= C + kStep - 1; c += kChunk * kStep) {
       scalar_t v[kChunk];
       const scalar_t* p = x + c * pitch;
@@ -325,108 +327,20 @@ inline constexpr int warp_row_lanes(int64_t C) { return C <= kWarpRowClasses / 2
 // FOCAL_CUDA_SOFTMAX_ROWS_VARIANT name them so): where a row's logits wait between their request
 // and their use. "registers": each lane requests its classes of the row, up to 8 logits, and the
 // row's id into registers (40 bytes in flight in float32, 24 in 16-bit data); "ring": the warp
-// streams its tile's rows through shared memory (RowRing), 16 bytes a lane in each of the 6 steps
-// in flight, held in no register. The host takes "registers" for float64 and for logits that are
-// not 16-byte aligned (the ring's first block would begin before them).
-inline constexpr int kWarpRowVariantCount = 2;
-inline constexpr const char* kWarpRowVariantNames[kWarpRowVariantCount] = {"registers", "ring"};
+// streams its tile's rows through shared memory (WarpRowRing), 16 bytes a lane in each of the 6
+// steps in flight, held in no register. The same names pick the block-per-row kernel's variants:
+// "ring" streams a block's rows through 16 KiB (BlockRowRing). The host takes "registers" for
+// float64, for logits that are not 16-byte aligned (the ring's first block would begin before
+// them) and for rows longer than a ring's round.
+inline constexpr int kRowVariantCount = 2;
+inline constexpr const char* kRowVariantNames[kRowVariantCount] = {"registers", "ring"};
 
 // f(std::bool_constant<through the ring>) for the variant of that index ("registers" for any other).
 template <typename F>
-decltype(auto) with_warp_row_variant(int index, F&& f) {
+decltype(auto) with_row_variant(int index, F&& f) {
   if (index == 1) return f(std::true_type{});
   return f(std::false_type{});
 }
-
-struct alignas(16) Bytes16 {
-  uint32_t w[4];
-};
-
-// A warp's tile of rows streamed through 4 KiB of shared memory (softmax_warp_rows_kernel's
-// "ring"): the tile's bytes, from the 16-byte block that holds its first logit, in steps of 512
-// bytes, each lane's 16 of a step one cp.async (zeros past the tile's end) and each step its own
-// group of copies. Step k lands in slot k mod kSteps. A round starts in some step a and ends in step
-// a + 2 at most (its 1 or 2 rows are at most 1 KiB: kWarpRowClasses 4-byte logits), so with the
-// steps up to a + kSteps - 1 requested, waiting until at most kPending groups are in flight lands
-// all of it, and the slot that step a + kSteps - 1 overwrites held step a - 1, which no lane still
-// reads. The warp's lanes take part in every call alike.
-struct RowRing {
-  static constexpr int kSteps = 8;
-  static constexpr uint32_t kStepBytes = kWarp * 16;
-  static constexpr uint32_t kBytes = kSteps * kStepBytes;
-  static constexpr int kSpan = 2;                      // steps a round reaches past its first
-  static constexpr int kPending = kSteps - 1 - kSpan;  // groups in flight while a round is used
-
-  Bytes16* slots;  // the warp's kSteps * kWarp blocks
-  const char* from = nullptr;  // the 16-byte block of the tile's first logit
-  uint32_t length = 0;         // the tile's bytes from `from` (under 2^31: SoftmaxTiles)
-  uint32_t next = 0;           // the step to request next
-
-  __device__ __forceinline__ explicit RowRing(Bytes16* warp_slots) : slots(warp_slots) {}
-
-  // Step `next`'s copy of this lane, if the tile has its bytes, and a group either way.
-  __device__ __forceinline__ void request() {
-    const uint32_t lane = threadIdx.x % kWarp;
-    const uint32_t offset = next * kStepBytes + lane * 16u;
-    if (offset < length) {
-      const uint32_t left = length - offset;
-      async_copy_head(&slots[(next % kSteps) * kWarp + lane], from + offset, left < 16u ? left : 16u);
-    }
-    async_commit();
-    ++next;
-  }
-  // A tile's bytes [begin, end) begin to stream; returns how far into the ring's bytes `begin` is.
-  __device__ __forceinline__ uint32_t start(const char* begin, const char* end) {
-    const auto skew = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(begin) % 16u);
-    from = begin - skew;
-    length = static_cast<uint32_t>(end - from);
-    next = 0;
-    __syncwarp();  // every lane is done with the last tile's slots
-#pragma unroll
-    for (int k = 0; k < kSteps; ++k) request();
-    return skew;
-  }
-  // The round whose bytes begin `offset` bytes from `from`: later steps requested, its own landed
-  // and seen by every lane.
-  __device__ __forceinline__ void reach(uint32_t offset) {
-    __syncwarp();  // every lane is done with the last round's slots
-    const uint32_t first = offset / kStepBytes;
-#pragma unroll
-    for (int k = 0; k < kSpan; ++k) {
-      if (next < first + kSteps) request();
-    }
-    async_wait<kPending>();
-    __syncwarp();  // every lane's copies seen by every lane
-  }
-  // The T `offset` bytes from `from` (a requested step that has landed), read where it is called:
-  // each pass reads the ring again rather than hold a row in registers.
-  template <typename T>
-  __device__ __forceinline__ T at(uint32_t offset) const {
-    static_assert(sizeof(T) == 2 || sizeof(T) == 4, "the ring holds 16- and 32-bit logits");
-    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
-    const char* p = reinterpret_cast<const char*>(slots) + offset % kBytes;
-    Bits bits;
-#if defined(FOCAL_CUDA_EMULATION)
-    memcpy(&bits, p, sizeof(T));
-#else
-    bits = *reinterpret_cast<const volatile Bits*>(p);
-#endif
-    T v;
-    memcpy(&v, &bits, sizeof(T));
-    return v;
-  }
-};
-
-// A row's logits in the ring, x[c] for its class c.
-template <typename scalar_t>
-struct RingRow {
-  const RowRing* ring;
-  uint32_t offset;  // the row's first byte from ring->from
-  template <typename Index>
-  __device__ __forceinline__ scalar_t operator[](Index c) const {
-    return ring->at<scalar_t>(offset + static_cast<uint32_t>(c) * static_cast<uint32_t>(sizeof(scalar_t)));
-  }
-};
 
 // Blocks per SM its registers must allow: 12 (40 registers, 75 % occupancy) for 16- and 32-bit
 // data at gamma 0, 1 and 2; 8 (64 registers) with label smoothing (a second sum, per-class weights)
@@ -456,6 +370,10 @@ __device__ __forceinline__ acc_t group_max(acc_t v) {
   return group_reduce<kLanes>(v, MaxOp{});
 }
 
+// The warp-per-row kernel's ring: 4 KiB a warp, rounds of at most 1 KiB (kWarpRowClasses 4-byte logits).
+using WarpRowRing = RowRing<kWarp, 8, 2>;
+static_assert(WarpRowRing::kRoundBytes >= kWarpRowClasses * 4, "a round of 16- or 32-bit logits fits");
+
 // A group of kLanes lanes per row. Warp w of the grid takes tiles of tiles.per_tile rounds of
 // kRows = 32 / kLanes rows, w, w + (the grid's warps), ..., a round at a time (group j its j-th row,
 // if the data has it); a row's sums are each lane's classes in order, then its group's lanes' sums
@@ -469,7 +387,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
                              at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using O = SoftmaxMathFor<scalar_t>;
-  static_assert(!kRing || sizeof(scalar_t) <= 4, "a round of float64 spans more steps than RowRing allows");
+  static_assert(!kRing || sizeof(scalar_t) <= 4, "a round of float64 spans more steps than the ring allows");
   constexpr int K = kWarpRowLoads;
   constexpr int kRows = kWarp / kLanes;  // rows a warp takes at a time
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
@@ -567,8 +485,8 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
   // Tiles of tiles.per_tile rounds of kRows rows (SoftmaxTiles::make(rows, kRows)).
   const uint32_t rows = static_cast<uint32_t>(a.outer), per_tile = static_cast<uint32_t>(tiles.per_tile) * kRows;
-  __shared__ Bytes16 ring_slots[kRing ? kSoftmaxThreads / kWarp : 1][kRing ? RowRing::kSteps * kWarp : 1];
-  RowRing ring(ring_slots[kRing ? threadIdx.x / kWarp : 0]);
+  __shared__ Bytes16 ring_slots[kRing ? kSoftmaxThreads / kWarp : 1][kRing ? WarpRowRing::kSteps * kWarp : 1];
+  WarpRowRing ring(ring_slots[kRing ? threadIdx.x / kWarp : 0]);
   const uint32_t row_bytes = static_cast<uint32_t>(C) * static_cast<uint32_t>(sizeof(scalar_t));
   int64_t touched = 0;
   // A tile is known by its first row alone (its number, first / per_tile, is needed once): one value
@@ -595,7 +513,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
         const uint32_t ahead = base + kRows + group;
         id_ahead = ahead < end ? a.target[ahead] : a.ignore_index;
         ring.reach(offset);
-        loss = one_row(r, live, RingRow<scalar_t>{&ring, offset + (r - base) * row_bytes}, id);
+        loss = one_row(r, live, RingRow<scalar_t, WarpRowRing>{&ring, offset + (r - base) * row_bytes}, id);
       } else {
         loss = one_row(r, live, logits + int64_t{r} * C, live ? a.target[r] : a.ignore_index);
       }
@@ -611,15 +529,21 @@ __global__ void __launch_bounds__(kSoftmaxThreads, kWarpRowBlocksPerSm<scalar_t,
   trace_elements(touched);
 }
 
+// The block-per-row kernel's ring: 16 KiB a block, rows of at most 8 KiB.
+using BlockRowRing = RowRing<kSoftmaxThreads, 8, 4>;
+
 // One block per row (rows of more than kWarpRowClasses classes). Block b takes tiles of
 // tiles.per_tile rows, b, b + (the grid's blocks), ...; thread 0 adds the losses of a tile's rows
 // in their order and writes the tile's sum. Thread t takes classes t, t + 128, ... of each pass,
 // kRowChunk of them loaded before any is used (for_strided: the same values in the same order).
-// Label smoothing and float64, whose math takes the registers, load one at a time.
-template <typename scalar_t, GammaKind G, bool kSmooth>
+// Label smoothing and float64, whose math takes the registers, load one at a time. kRing: the
+// block streams its tile's rows through its BlockRowRing (rows of at most kRoundBytes), and each
+// pass reads them from there, one class at a time, in the same order (the same bits).
+template <typename scalar_t, GammaKind G, bool kSmooth, bool kRing>
 __global__ void __launch_bounds__(kSoftmaxThreads)
     softmax_rows_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles,
                         at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+  static_assert(!kRing || sizeof(scalar_t) <= 4, "the ring holds 16- and 32-bit logits");
   using acc_t = at::opmath_type<scalar_t>;
   using O = SoftmaxMathFor<scalar_t>;
   using BlockReduce = cub::BlockReduce<acc_t, kSoftmaxThreads>;
@@ -631,9 +555,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   const SmoothedTerms<G, O, acc_t> smoothed(a, gamma);
   const auto* factor = static_cast<const acc_t*>(a.class_factor);
   const int tid = threadIdx.x;
-  constexpr int kRowChunk = sizeof(scalar_t) == 8 || kSmooth ? 1 : 8;
-  // f(c, logit of class c) for the thread's classes of the row at x, in turn.
-  const auto for_mine = [&](const scalar_t* x, auto&& f) {
+  constexpr int kRowChunk = sizeof(scalar_t) == 8 || kSmooth || kRing ? 1 : 8;
+  // f(c, logit of class c) for the thread's classes of the row x (a pointer, or RingRow), in turn.
+  const auto for_mine = [&](const auto& x, auto&& f) {
     for_strided<kRowChunk, kSoftmaxThreads, acc_t>(x, tid, C, 1, f);
   };
 
@@ -647,10 +571,9 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     return result;
   };
 
-  // Row r's loss (unscaled; 0 if ignored, valid in thread 0), with its gradient and, for
-  // reduction "none", its scaled loss written.
-  const auto one_row = [&](int64_t r) -> acc_t {
-    const scalar_t* x = static_cast<const scalar_t*>(a.logits) + r * C;
+  // Row r's loss (unscaled; 0 if ignored, valid in thread 0), its logits x[c] (a pointer, or
+  // RingRow), with its gradient and, for reduction "none", its scaled loss written.
+  const auto one_row = [&](int64_t r, const auto& x) -> acc_t {
     scalar_t* grad = a.grad ? static_cast<scalar_t*>(a.grad) + r * C : nullptr;
     const int64_t id = a.target[r];
     if (id == a.ignore_index) {  // the same branch for the whole block
@@ -700,14 +623,29 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
     return loss;
   };
 
+  const auto* logits = static_cast<const scalar_t*>(a.logits);
+  __shared__ Bytes16 ring_slots[kRing ? BlockRowRing::kSteps * kSoftmaxThreads : 1];
+  BlockRowRing ring(ring_slots);
+  const auto row_bytes = static_cast<uint32_t>(C * static_cast<int64_t>(sizeof(scalar_t)));  // with the ring
   int64_t touched = 0;
   for (int64_t tile = blockIdx.x; tile < tiles.count; tile += gridDim.x) {
     const int64_t first = tile * tiles.per_tile;
     const int64_t end = first + tiles.per_tile < a.outer ? first + tiles.per_tile : a.outer;
+    uint32_t offset = 0;  // with the ring, the row's first byte from ring.from
+    if constexpr (kRing) {
+      offset = ring.start(reinterpret_cast<const char*>(logits + first * C),
+                          reinterpret_cast<const char*>(logits + end * C));
+    }
     acc_t sum = 0;  // thread 0's
-    for (int64_t r = first; r < end; ++r) {
+    for (int64_t r = first; r < end; ++r, offset += row_bytes) {
       if (tid < C) touched += (C - 1 - tid) / kSoftmaxThreads + 1;
-      const acc_t loss = one_row(r);
+      acc_t loss;
+      if constexpr (kRing) {
+        ring.reach(offset);
+        loss = one_row(r, RingRow<scalar_t, BlockRowRing>{&ring, offset});
+      } else {
+        loss = one_row(r, logits + r * C);
+      }
       sum = r == first ? loss : add_rn(sum, loss);
     }
     if (tile_sums != nullptr && tid == 0) tile_sums[tile] = sum;

@@ -12,7 +12,7 @@ namespace focal::cuda {
 struct ArchVariants {
   int shape = 0;    // the roofline kernels' launch shape (kLaunchShapeNames, focal_kernels.cuh)
   int softmax = 0;  // softmax_elements_kernel's classes per load (kSoftmaxVariantNames, softmax_kernels.cuh)
-  int softmax_rows = 0;  // softmax_warp_rows_kernel's registers or ring (kWarpRowVariantNames, ditto)
+  int softmax_rows = 0;  // softmax_warp_rows_kernel's registers or ring (kRowVariantNames, ditto)
 };
 ArchVariants arch_variants();
 

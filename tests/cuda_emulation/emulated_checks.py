@@ -939,18 +939,22 @@ def test_softmax_empty_and_all_ignored():
 
 
 # Variants of the softmax kernels, in pairs: the thread-per-element kernel's classes per load
-# (kSoftmaxVariantNames) and the warp-per-row kernel's registers or ring (kWarpRowVariantNames).
+# (kSoftmaxVariantNames) and the row kernels' registers or ring (kRowVariantNames).
 SOFTMAX_VARIANTS = [("c1", "registers"), ("c16", "ring")]
 # Shapes whose tiles (8 at most in the emulation) hold several warps' elements or several rows, and
 # are more than a block's 4 warps, so that on a grid of one block a warp takes a second tile (and
 # starts its sum afresh): 5 tiles of 2 warps' elements (300 rows of 20 classes; 297 pixels), 6 of 3
 # rounds of 2 rows (16 lanes per row, 35 rows: the last tile's third round has one row), 5 of 2 rows
 # (9 rows, 32 lanes per row; a block per row: the last tile has one). The "long" ones have tiles of
-# 10 to 12 KiB of float32 logits, so that the warp-per-row kernel's ring (4 KiB a warp) wraps round
-# in a tile, with rows of 37 and 203 classes, whose rows start at every offset from a 16-byte block.
+# 10 to 25 KiB of float32 logits, so that the row kernels' rings (4 KiB a warp, 16 KiB a block) wrap
+# round in a tile, with rows of 37, 203 and 301 classes, which start at every offset from a 16-byte
+# block; rows of 2050 classes are longer than the block's ring takes in float32 (8 KiB), not in
+# bfloat16.
 SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (35, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
-                 "segmentation": (3, 18, 9, 11), "rows-warp-long": (601, 37), "rows-wide-long": (101, 203)}
+                 "segmentation": (3, 18, 9, 11), "rows-warp-long": (601, 37), "rows-wide-long": (101, 203),
+                 "rows-block-long": (161, 301), "rows-block-wide": (9, 2050)}
 SOFTMAX_WARP_ROWS = {"rows-warp": 2, "rows-wide": 1, "rows-warp-long": 2, "rows-wide-long": 1}  # rows a round
+SOFTMAX_BLOCK_ROWS = ("rows-block", "rows-block-long", "rows-block-wide")
 
 
 def softmax_variant(name, grid):
@@ -970,7 +974,7 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
     unreduced losses are the unscaled ones)."""
     shape = SOFTMAX_TILED[layout]
     x, t = _softmax_problem(shape, dtype, 31)
-    per_thread = layout not in (*SOFTMAX_WARP_ROWS, "rows-block")
+    per_thread = layout not in (*SOFTMAX_WARP_ROWS, *SOFTMAX_BLOCK_ROWS)
     round_rows = SOFTMAX_WARP_ROWS.get(layout, 1)  # rows a warp takes at a time: 2 with 16 lanes per row
     items = t.numel() if per_thread else shape[0]
     per_tile, tiles = softmax_tiles(items, WARP if per_thread else round_rows)
@@ -994,12 +998,13 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_softmax_ring_takes_logits_at_any_address(dtype):
-    """The warp-per-row kernel's ring copies whole 16-byte blocks, from the one that holds a tile's
-    first logit, which may begin before the logits: logits that start 4 or 2 bytes into a block
-    (which the host sends to the kernel's registers, as a block before them may lie outside their
-    memory) give the same bits as aligned ones through the ring."""
-    x, t = _softmax_problem(SOFTMAX_TILED["rows-warp-long"], dtype, 5)
+@pytest.mark.parametrize("layout", ["rows-warp-long", "rows-block-long"])
+def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
+    """The row kernels' rings copy whole 16-byte blocks, from the one that holds a tile's first
+    logit, which may begin before the logits: logits that start 4 or 2 bytes into a block (which
+    the host sends to the kernels' registers, as a block before them may lie outside their memory)
+    give the same bits as aligned ones through the ring."""
+    x, t = _softmax_problem(SOFTMAX_TILED[layout], dtype, 5)
     storage = torch.empty(x.numel() + 8, dtype=dtype)
     shifted = storage[1:1 + x.numel()].view(x.shape)
     shifted.copy_(x)
