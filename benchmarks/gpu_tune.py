@@ -2,9 +2,10 @@
 
 The class-id and float-target kernels (csrc/cuda/focal_kernels.cuh) are compiled in a few launch
 shapes (threads per block, bytes in flight per thread, register cap), the softmax focal loss's
-thread-per-element kernel (csrc/cuda/softmax_kernels.cuh) in a few numbers of classes per load and
-its warp-per-row kernel with its rows in registers or streamed through shared memory (a ring),
-and the host code picks one of each per GPU architecture from one table (``kArchVariants`` in
+thread-per-element kernel (csrc/cuda/softmax_kernels.cuh) in a few numbers of classes per load or
+through a ring in shared memory, and its row kernels with their rows in registers or streamed
+through shared memory (a ring), and the host code picks one of each per GPU architecture from one
+table (``kArchVariants`` in
 csrc/cuda/variants.cu). Results do not depend on the variant, only the time does. This script, in
 one run on a GPU machine:
 
@@ -14,8 +15,8 @@ one run on a GPU machine:
    weight) in every shape, at 200000 x 80 and 960000 x 80, in float32, bfloat16 and float16, with
    CUDA events after an L2 flush (benchmarks/bench.py's timer), and the floor (``torch.sigmoid`` of
    the logits) in the same run; and the softmax focal loss in each of its kernels (16 lanes per
-   row of the same 80 classes, in both its variants, and a block per row of 1000 classes, as many
-   elements; and, in every variant of the thread-per-element kernel, the two layouts it takes: a thread per
+   row of the same 80 classes and a block per row of 1000 classes, as many elements, each in both
+   its variants; and, in every variant of the thread-per-element kernel, the two layouts it takes: a thread per
    pixel of 21-class segmentation logits, and a thread per row of 20 classes, each of as many
    elements) against its own floor (``torch.softmax`` and the write of a gradient);
 3. checks that every variant gives the same loss and gradient, bit for bit;
@@ -55,7 +56,7 @@ FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
             "softmax_rows": ("kRowVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_ROWS_VARIANT")}
 # path -> the variant family that applies to it (None: one variant)
 PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": "softmax_rows",
-         "softmax_long_rows": None, "softmax_pixels": "softmax", "softmax_short_rows": "softmax"}
+         "softmax_long_rows": "softmax_rows", "softmax_pixels": "softmax", "softmax_short_rows": "softmax"}
 # The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
 FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
             "softmax_long_rows": "softmax_floor_long_rows", "softmax_pixels": "softmax_floor_pixels",

@@ -340,18 +340,19 @@ def test_every_launch_shape_gives_the_same_bits_on_this_gpu(dtype, kind, monkeyp
 
 @cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["rows", "long-rows", "wide-rows", "longer-rows", "pixels"])
+@pytest.mark.parametrize("layout", ["rows", "long-rows", "wide-rows", "longer-rows", "pixels", "pixels-32"])
 def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, layout, monkeypatch):
-    """FOCAL_CUDA_SOFTMAX_VARIANT picks the classes per load of the softmax's thread-per-element
-    kernel, FOCAL_CUDA_SOFTMAX_ROWS_VARIANT registers or ring for the warp-per-row one,
+    """FOCAL_CUDA_SOFTMAX_VARIANT picks the softmax's thread-per-element kernel's variant (classes
+    per load, or its ring), FOCAL_CUDA_SOFTMAX_ROWS_VARIANT registers or ring for the row kernels,
     FOCAL_CUDA_GRID the grid: every pair of variants on one block, 7 or a wave of them gives the
     default's loss and gradient bit for bit, for rows of 21 classes and 21-class pixels (a thread
-    per element), rows of 80 and of 200 classes (16 and 32 lanes per row; also from logits 4 or 2
-    bytes past a 16-byte boundary, which the ring leaves to the registers) and of 1000 (a block per
-    row)."""
+    per element; images of 64 x 64, a multiple of 32 positions, also through its ring), rows of 80
+    and of 200 classes (16 and 32 lanes per row) and of 1000 (a block per row); and where a ring
+    would be taken, logits 4 or 2 bytes past a 16-byte boundary, which the rings leave to the
+    others, give the same bits."""
     g = torch.Generator().manual_seed(8)
     shape = {"rows": (30011, 21), "long-rows": (9001, 80), "wide-rows": (4001, 200), "longer-rows": (701, 1000),
-             "pixels": (5, 21, 61, 67)}[layout]
+             "pixels": (5, 21, 61, 67), "pixels-32": (3, 21, 64, 64)}[layout]
     x = make_logits(shape, dtype, g)
     ids = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=g)
     ids.view(-1)[::13] = -100
@@ -378,7 +379,7 @@ def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, l
         other_loss, other_grad = run()
         assert_bitwise_equal(other_loss, loss, f"loss, {name} + {rows} on {grid or 'a wave of'} blocks")
         assert_bitwise_equal(other_grad, grad, f"gradient, {name} + {rows} on {grid or 'a wave of'} blocks")
-    if layout in ("long-rows", "wide-rows"):
+    if layout in ("long-rows", "wide-rows", "longer-rows", "pixels-32"):
         other_loss, other_grad = run(shift=1)  # 4 or 2 bytes into a 16-byte block
         assert_bitwise_equal(other_loss, loss, "loss, logits not 16-byte aligned")
         assert_bitwise_equal(other_grad, grad, "gradient, logits not 16-byte aligned")

@@ -491,11 +491,11 @@ def _shape_name(shape):
     return SHAPE_NAMES.get((shape["threads"], shape["in_flight_bytes"], shape["blocks_per_sm"]))
 
 
-# The loss kernels of the built extension (the sigmoid family's three, the softmax's two), read by
+# The loss kernels of the built extension (the sigmoid family's three, the softmax's four), read by
 # one run of the script: its listing of a
 # two-architecture build is some 400 MB, which takes cuobjdump and the parser most of a minute.
 BUILT_KERNELS = (r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel|softmax_elements_kernel"
-                 r"|softmax_warp_rows_kernel|softmax_rows_kernel)<")
+                 r"|softmax_pixels_ring_kernel|softmax_warp_rows_kernel|softmax_rows_kernel)<")
 
 
 # The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
@@ -610,11 +610,19 @@ def _softmax_variant(k) -> str:
     w16 / w32 (lanes per row) of the warp-per-row one, "rows" for the block-per-row one; the row
     kernels' with "-ring" where they stage their rows in shared memory."""
     args = k["other_template_args"]
+    if k["kernel"] == "softmax_pixels_ring_kernel":
+        return "ring"
     if k["kernel"] == "softmax_elements_kernel":
         return f"c{args[1]}"
     if k["kernel"] == "softmax_warp_rows_kernel":
         return f"w{args[1]}" + ("-ring" if args[2] == "true" else "")
     return "rows" + ("-ring" if args[1] == "true" else "")
+
+
+def _smoothing(k) -> str:
+    """Whether a softmax kernel has label smoothing ("true" / "false"; the thread-per-element
+    kernel's ring has none)."""
+    return "false" if k["kernel"] == "softmax_pixels_ring_kernel" else k["other_template_args"][0]
 
 
 @uses_listing
@@ -628,9 +636,9 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
     occupancy; the row kernels' ring variants with their 16 KiB of shared memory per block too);
     c16, which holds a chunk of 16 classes, at least 50 % occupancy with 64 bytes in flight in
     float32 (csrc/cuda/README.md). Bytes in flight are read pass by pass in the next test."""
-    names = ("softmax_elements_kernel", "softmax_warp_rows_kernel", "softmax_rows_kernel")
+    names = ("softmax_elements_kernel", "softmax_pixels_ring_kernel", "softmax_warp_rows_kernel", "softmax_rows_kernel")
     kernels = [k for k in built["kernels"] if k["kernel"] in names]
-    found = {(k["kernel"], k["dtype"], k["gamma"], k["other_template_args"][0], _softmax_variant(k)) for k in kernels}
+    found = {(k["kernel"], k["dtype"], k["gamma"], _smoothing(k), _softmax_variant(k)) for k in kernels}
     dtypes, gammas = ("float32", "bfloat16", "float16", "float64"), ("Zero", "One", "Two", "General")
     want = {("softmax_rows_kernel", d, g, smooth, "rows") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_rows_kernel", d, g, smooth, "rows-ring") for d in dtypes[:3] for g in gammas
@@ -641,6 +649,7 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
              for smooth in ("false", "true") for lanes in (16, 32)}
     want |= {("softmax_elements_kernel", d, g, smooth, "c1") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, "false", "c16") for d in dtypes[:3] for g in gammas}
+    want |= {("softmax_pixels_ring_kernel", d, g, "false", "ring") for d in dtypes[:3] for g in gammas}
     assert found == want
     for k in kernels:
         if k["dtype"] != "float64":  # float64 is not budgeted: its exp and log are libm calls
@@ -649,7 +658,7 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
                 assert k["spill_stores"] == k["spill_loads"] == k["local_bytes"] == 0, k["name"]
             else:
                 assert k["spill_stores"] + k["spill_loads"] <= 6, k["name"]
-        if k["gamma"] == "Two" and k["other_template_args"][0] == "false" and k["dtype"] != "float64":
+        if k["gamma"] == "Two" and _smoothing(k) == "false" and k["dtype"] != "float64":
             if _softmax_variant(k) == "c16":
                 assert k["occupancy"] >= 0.5, (k["name"], k["registers"], k["occupancy"])
             else:
@@ -679,6 +688,12 @@ KNOWN_SOFTMAX_IN_FLIGHT = {
     # what is recorded is their instructions per element (maximum, sum of exponentials, gradient).
     **{("softmax_warp_rows_kernel", dtype, f"{lanes}-ring"): [96, *([11, 25, 27] if dtype == "float32" else [12, 18, 21])]
        for dtype in ("float32", "bfloat16", "float16") for lanes in ("w16", "w32")},
+    # The thread-per-element kernel's ring (segmentation layouts): 8 groups of one 16-byte copy a
+    # lane in flight at each wait (7 steps ahead and the one waited for), and the static
+    # instructions of its loop over steps, whose three passes' branches each take 4 classes of a
+    # step in float32 and 8 in 16-bit data.
+    **{("softmax_pixels_ring_kernel", dtype, "ring"): [128, 489 if dtype == "float32" else 613]
+       for dtype in ("float32", "bfloat16", "float16")},
     # The block-per-row kernel's ring: 4 groups of 16-byte copies a thread in flight at each wait
     # (its rows reach 4 steps past their first), and passes that nvcc unrolls (16 / 4 / 4 classes).
     **{("softmax_rows_kernel", dtype, "rows-ring"): [64, *([86 / 16, 76 / 4, 103 / 4] if dtype == "float32"
@@ -707,9 +722,14 @@ def test_built_extension_softmax_passes_are_read_one_by_one(built):
     expected = dict(KNOWN_SOFTMAX_IN_FLIGHT)
     for k in built["kernels"]:
         key = (k["kernel"], k["dtype"], _softmax_variant(k)) if k["kernel"].startswith("softmax") else None
-        if key not in expected or k["gamma"] != "Two" or k["other_template_args"][0] != "false":
+        if key not in expected or k["gamma"] != "Two" or _smoothing(k) != "false":
             continue
         passes = k["passes"]
+        if key[0] == "softmax_pixels_ring_kernel":
+            bytes_in_flight, step_instructions = expected.pop(key)
+            assert k["async_loop"]["bytes_in_flight"] == bytes_in_flight >= 64, (key, k["async_loop"])
+            assert k["async_loop"]["instructions"] == step_instructions, (key, k["async_loop"])
+            continue
         if key[2].endswith("-ring"):
             bytes_in_flight, *per_element = expected.pop(key)
             assert k["async_loop"]["bytes_in_flight"] == bytes_in_flight >= 64, (key, k["async_loop"])

@@ -201,7 +201,9 @@ struct LaunchShape {
 // registers in blocks of 128 (12 blocks, 75 %); 2, 64 bytes in flight under 40 registers (6 blocks
 // of 256, 75 %), through shared memory. README.md says what each costs in registers and spills.
 inline constexpr int kLaunchShapeCount = 3;
-inline constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
+// static: each library built from this (the extension, its emulation) has its own names, and a
+// process that loads both reads each library's with its own count.
+static constexpr const char* kLaunchShapeNames[kLaunchShapeCount] = {"t256_f64_b4", "t128_f32_b12",
                                                                      "t256_f64_b6"};
 
 // f(LaunchShape<...>{}) for the shape of that index (0 for any other).
@@ -244,8 +246,8 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
 // indices, up to a tile past the last element, stay below 2^31.
 inline constexpr int64_t kIdsKernelElements = (int64_t{1} << 31) - (int64_t{1} << 16);
 
-// How focal_ids_kernel finds rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 as a
-// multiply-high, an add and a shift (Granlund and Montgomery's method, as in ATen's IntDivider), and
+// How focal_ids_kernel finds rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 (Divider's
+// magic and shift, kernel_runtime.cuh), and
 // `ids_from`, the first of the cols + 1 class ids the fast path takes for classes and background:
 // -1, or 0 when background_index is cols (the host sends any other background_index to the general
 // kernel). Made by the host, so that the kernel reads all of it from its parameters rather than
@@ -267,8 +269,9 @@ struct RowWalk {
     w.ids_from = background_index == cols ? 0 : ~uint32_t{0};
     w.cols = static_cast<int32_t>(cols);
     w.minus_cols = uint32_t{0} - static_cast<uint32_t>(cols);
-    while ((uint64_t{1} << w.shift) < static_cast<uint64_t>(cols)) ++w.shift;
-    w.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << w.shift) - cols)) / cols + 1);
+    const Divider by_cols = Divider::make(cols);
+    w.magic = by_cols.magic;
+    w.shift = by_cols.shift;
     return w;
   }
   __device__ __forceinline__ uint32_t rows_in(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }

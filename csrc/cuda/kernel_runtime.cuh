@@ -140,6 +140,21 @@ __device__ __forceinline__ void async_wait() {
 #endif
 }
 
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 as a multiply-high, an add and a shift (Granlund and
+// Montgomery's method, as in ATen's IntDivider), the constants made by the host.
+struct Divider {
+  uint32_t magic = 1;
+  uint32_t shift = 0;
+
+  static Divider make(int64_t d) {
+    Divider v;
+    while ((uint64_t{1} << v.shift) < static_cast<uint64_t>(d)) ++v.shift;
+    v.magic = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << v.shift) - d)) / d + 1);
+    return v;
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
 // Reports that the calling thread touched `n` elements. Only the emulation counts them (tests check
 // that a kernel does the work they expect, e.g. none); on the GPU this compiles to nothing.
 __device__ __forceinline__ void trace_elements(int64_t n) {

@@ -92,10 +92,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor tile_sums = reduce ? rt::empty({tiles.count}, options.dtype(call.math_dtype())) : at::Tensor();
     acc_t* sums = reduce ? tile_sums.mutable_data_ptr<acc_t>() : nullptr;
-    const auto run_kernel = [&](auto kernel) {
+    const auto run_kernel = [&](auto kernel, auto... more) {
       const int64_t most = max_blocks(rt::resident_blocks(kernel, kSoftmaxThreads));
       const int blocks = static_cast<int>(wanted < most ? wanted : most);
-      rt::launch(kernel, blocks, kSoftmaxThreads, stream, args, s, tiles, sums);
+      rt::launch(kernel, blocks, kSoftmaxThreads, stream, args, s, tiles, more..., sums);
     };
     with_gamma_kind(call.gamma_kind(), [&](auto gamma_kind) {
       constexpr GammaKind G = decltype(gamma_kind)::value;
@@ -103,12 +103,24 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
         constexpr bool kSmooth = decltype(smooth)::value;
         if (per_thread) {
           // float64 and label smoothing, whose math takes the registers (a chunk would spill), load
-          // one class at a time in every variant.
+          // one class at a time in every variant; the ring takes the segmentation layouts it fits.
           constexpr bool kOneByOne = sizeof(scalar_t) == 8 || kSmooth;
-          with_softmax_chunk(kOneByOne ? 0 : variant, [&](auto chunk) {
-            constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
-            run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
-          });
+          bool ring = false;
+          if constexpr (!kOneByOne) {
+            ring = variant == kSoftmaxRingVariant &&
+                   PixelSteps::fits(call.outer(), call.classes(), call.inner(), sizeof(scalar_t), args.logits);
+            if (ring) {
+              const PixelSteps steps =
+                  PixelSteps::make(call.classes(), call.inner(), kWarp / kPixelPieces<scalar_t>);
+              run_kernel(&softmax_pixels_ring_kernel<scalar_t, G>, steps);
+            }
+          }
+          if (!ring) {
+            with_softmax_chunk(kOneByOne ? 0 : variant, [&](auto chunk) {
+              constexpr int kChunk = kOneByOne ? 1 : decltype(chunk)::value;
+              run_kernel(&softmax_elements_kernel<scalar_t, G, kSmooth, kChunk>);
+            });
+          }
         } else {
           // The rings copy whole 16-byte blocks, from the one that holds a tile's first logit: for
           // logits that are not 16-byte aligned, the first tile's block begins before them, maybe

@@ -51,13 +51,17 @@ constexpr int64_t kSoftmaxMaxTiles = 8192;
 constexpr int64_t kSoftmaxMaxTiles = 8;
 #endif
 
-// The variants of softmax_elements_kernel, by index: the classes each thread loads before it uses
-// any of them, in each pass over its element's classes. c1 uses each class's logit as it comes (40
-// registers: 75 % occupancy at gamma 2); c16 has 64 bytes of float32 logits in flight in each
-// pass's whole chunks, under 56 registers (README.md). float64 and label smoothing take c1 in
-// every variant.
-inline constexpr int kSoftmaxVariantCount = 2;
-inline constexpr const char* kSoftmaxVariantNames[kSoftmaxVariantCount] = {"c1", "c16"};
+// The variants of the thread-per-element kernel, by index: the classes each thread loads before it
+// uses any of them, in each pass over its element's classes, or a ring. c1 uses each class's logit
+// as it comes (40 registers: 75 % occupancy at gamma 2); c16 has 64 bytes of float32 logits in
+// flight in each pass's whole chunks, under 56 registers (README.md); "ring" is
+// softmax_pixels_ring_kernel, for the segmentation layouts PixelSteps::fits takes (c1 for the
+// others). float64 and label smoothing take c1 in every variant.
+inline constexpr int kSoftmaxVariantCount = 3;
+// static: each library built from this (the extension, its emulation) has its own names, and a
+// process that loads both reads each library's with its own count.
+static constexpr const char* kSoftmaxVariantNames[kSoftmaxVariantCount] = {"c1", "c16", "ring"};
+inline constexpr int kSoftmaxRingVariant = 2;
 
 // f(std::integral_constant<int, classes per load>) for the variant of that index (0 for any other).
 template <typename F>
@@ -314,6 +318,180 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   trace_elements(touched);
 }
 
+// How softmax_pixels_ring_kernel walks its steps, made by the host. A unit is a warp's 32
+// elements (softmax_elements_kernel's tiles of units), here 32 consecutive positions of one image;
+// a step is kWarp 16-byte pieces: kPixelPieces pieces hold a class's 32 logits, so a step holds
+// kWarp / kPixelPieces classes; a pass over a unit's classes takes `steps` steps, and a unit three
+// passes (maximum, sum of exponentials, gradient).
+template <typename scalar_t>
+inline constexpr int kPixelPieces = kWarp * static_cast<int>(sizeof(scalar_t)) / 16;
+struct PixelSteps {
+  uint32_t steps = 1;
+  Divider per_pass;  // q / steps
+  Divider per_unit;  // q / (3 steps)
+  Divider per_image;  // e / inner
+
+  // Whether the ring takes logits (outer, C, inner) of `element_bytes` at `logits`: whole units in
+  // an image (inner a multiple of 32), each class's 32 logits 16-byte aligned, 16- or 32-bit data,
+  // indices in 32 bits.
+  static bool fits(int64_t outer, int64_t C, int64_t inner, int64_t element_bytes, const void* logits) {
+    return inner > 1 && inner % kWarp == 0 && C > 0 && element_bytes <= 4 &&
+           reinterpret_cast<uintptr_t>(logits) % 16 == 0 && outer * C * inner < (int64_t{1} << 31);
+  }
+  static PixelSteps make(int64_t C, int64_t inner, int64_t classes_per_step) {
+    PixelSteps p;
+    p.steps = static_cast<uint32_t>((C + classes_per_step - 1) / classes_per_step);
+    p.per_pass = Divider::make(p.steps);
+    p.per_unit = Divider::make(int64_t{3} * p.steps);
+    p.per_image = Divider::make(inner);
+    return p;
+  }
+};
+
+// softmax_elements_kernel's "ring" variant, for the logits PixelSteps::fits takes, without label
+// smoothing: the same tiles of units, the same math in the same order for each element (the same
+// bits), but each class's 32 logits of a unit reach the warp through shared memory. The warp
+// streams its tile's units' classes, three times each (once a pass), through a ring of kSteps
+// steps (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, classes
+// (q mod steps) * kPerStep and on; each lane copies one 16-byte piece of it (cp.async), each step is
+// its own group, and step q + kSteps - 1 is requested before step q is used, into the slot that
+// step q - 1 held (every lane is done with it: a __syncwarp), so that kSteps - 1 groups of 16 bytes
+// a lane are in flight while a step is used. An element that is ignored computes as the others do
+// and writes zeros.
+template <typename scalar_t, GammaKind G>
+__global__ void __launch_bounds__(kSoftmaxThreads, 12)
+    softmax_pixels_ring_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles, PixelSteps ps,
+                               at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using O = SoftmaxMathFor<scalar_t>;
+  static_assert(sizeof(scalar_t) <= 4, "the ring holds 16- and 32-bit logits");
+  constexpr int kPieces = kPixelPieces<scalar_t>;
+  constexpr int kPerStep = kWarp / kPieces;  // classes a step
+  constexpr int kSteps = 8;
+  constexpr int kElementsPerPiece = 16 / static_cast<int>(sizeof(scalar_t));
+  __shared__ Bytes16 ring[kSoftmaxThreads / kWarp][kSteps * kWarp];
+  Bytes16* slots = ring[threadIdx.x / kWarp];
+  const acc_t scale = static_cast<acc_t>(resolve_scale(s));
+  const acc_t gamma = static_cast<acc_t>(a.gamma);
+  const auto C = static_cast<uint32_t>(a.classes), inner = static_cast<uint32_t>(a.inner);
+  const auto elements = static_cast<uint32_t>(a.outer * a.inner);
+  const auto* factor = static_cast<const acc_t*>(a.class_factor);
+  const auto* x_all = static_cast<const scalar_t*>(a.logits);
+  auto* grad_all = static_cast<scalar_t*>(a.grad);
+  auto* loss_all = static_cast<scalar_t*>(a.loss);
+  const uint32_t lane = threadIdx.x % kWarp;
+  const uint32_t S = ps.steps;
+  const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
+  const auto per_tile = static_cast<uint32_t>(tiles.per_tile);
+  int64_t touched = 0;
+  for (uint32_t tile = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp; tile < tiles.count; tile += warps) {
+    const uint32_t first = tile * per_tile * kWarp;  // the tile's first element
+    const uint32_t units = (elements - first) / kWarp < per_tile ? (elements - first) / kWarp : per_tile;
+    const uint32_t total = units * 3 * S;  // the tile's steps
+    // This lane's piece of step q, if the tile has it (a class below C), and a group either way.
+    const auto request = [&](uint32_t q) {
+      if (q < total) {
+        const uint32_t unit = ps.per_unit(q);
+        const uint32_t c = (q - ps.per_pass(q) * S) * kPerStep + lane / kPieces;
+        if (c < C) {
+          const uint32_t e = first + unit * kWarp;
+          const uint32_t n = ps.per_image(e);
+          const scalar_t* src = x_all + (int64_t{n} * C + c) * inner + (e - n * inner) +
+                                (lane % kPieces) * kElementsPerPiece;
+          async_copy<16>(&slots[(q % kSteps) * kWarp + lane], src);
+        }
+      }
+      async_commit();
+    };
+    __syncwarp();  // every lane is done with the last tile's slots
+#pragma unroll 1
+    for (uint32_t q = 0; q < kSteps - 1; ++q) request(q);
+
+    acc_t lane_sum = 0;
+    uint32_t unit = 0, pass = 0, j = 0;  // step q's
+    int64_t id = 0;
+    bool valid = false;
+    acc_t m = 0, x_y = 0, k = 0, g_y = 0, loss = 0;
+    SoftmaxSums<acc_t> sums;
+#pragma unroll 1
+    for (uint32_t q = 0; q < total; ++q) {
+      __syncwarp();  // every lane is done with step q - 1's slot
+      request(q + kSteps - 1);
+      async_wait<kSteps - 1>();
+      __syncwarp();  // step q's pieces seen by every lane
+      const uint32_t e = first + unit * kWarp + lane;
+      if (pass == 0 && j == 0) {
+        id = a.target[e];
+        valid = id >= 0 && id < static_cast<int64_t>(C);  // else NaN, as softmax_elements_kernel
+        sums = SoftmaxSums<acc_t>{};
+      }
+      // Class i of the step: its 32 logits, lane l's at position l.
+      const auto* step = reinterpret_cast<const scalar_t*>(&slots[(q % kSteps) * kWarp]);
+      scalar_t* grad = nullptr;
+      if (pass == 2 && grad_all) {
+        const uint32_t n = ps.per_image(e);
+        grad = grad_all + int64_t{n} * C * inner + (e - n * inner);
+      }
+      // f(c, logit) for the step's classes c, in order.
+      const auto for_step = [&](auto&& f) {
+#pragma unroll
+        for (int i = 0; i < kPerStep; ++i) {
+          const uint32_t c = j * kPerStep + i;
+          if (c >= C) break;
+#if defined(FOCAL_CUDA_EMULATION)
+          scalar_t raw;
+          memcpy(&raw, step + i * kWarp + lane, sizeof(scalar_t));
+#else
+          const scalar_t raw = step[i * kWarp + lane];
+#endif
+          f(c, static_cast<acc_t>(raw));
+        }
+      };
+      if (pass == 0) {
+        for_step([&](uint32_t c, acc_t v) {
+          if (c == 0) m = v;  // softmax_max(x0, x0) is x0
+          m = softmax_max<acc_t, O>(m, v);
+          if (c == id) x_y = v;
+        });
+      } else if (pass == 1) {
+        for_step([&](uint32_t, acc_t v) { softmax_accumulate<acc_t, O>(sums, v - m); });
+      } else if (grad) {
+        const bool kept = id != a.ignore_index;
+        for_step([&](uint32_t c, acc_t v) {
+          grad[int64_t{c} * inner] = kept ? static_cast<scalar_t>(c == id ? g_y : O::exp(v - m) * k) : scalar_t(0);
+        });
+      }
+      if (j == S - 1 && pass == 1) {  // the sums are known: the element's loss and its gradient's factors
+        if (!valid) sums.below = static_cast<acc_t>(NAN);
+        const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, sums.below, sums.ties);
+        const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? x_y : m);
+        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
+        const acc_t fy = factor && valid ? factor[id] : acc_t(1);
+        loss = fy * term.value;
+        const acc_t t_y = fy * term.slope;
+        k = -t_y * row.inv_total * scale;
+        g_y = t_y * py.one_minus_p * scale;
+      }
+      if (j == S - 1 && pass == 2) {  // the element is done
+        const bool kept = id != a.ignore_index;
+        if (loss_all) loss_all[e] = kept ? static_cast<scalar_t>(loss * scale) : scalar_t(0);
+        const acc_t element_loss = kept ? loss : acc_t(0);
+        lane_sum = unit == 0 ? element_loss : add_rn(lane_sum, element_loss);
+        touched += C;
+      }
+      if (++j == S) {
+        j = 0;
+        if (++pass == 3) {
+          pass = 0;
+          ++unit;
+        }
+      }
+    }
+    if (tile_sums != nullptr) store_tile_sum(lane_sum, tile, tile_sums);
+  }
+  trace_elements(touched);
+}
+
 // Rows of kThreadRowClasses + 1 to kWarpRowClasses classes take a group of lanes each: 16 for rows
 // of up to 128 classes (two rows per warp), 32 for longer ones. Lane g of a group holds classes
 // g, g + G, ..., g + G (kWarpRowLoads - 1) of its row in registers, all loaded before any is used,
@@ -333,7 +511,9 @@ inline constexpr int warp_row_lanes(int64_t C) { return C <= kWarpRowClasses / 2
 // float64, for logits that are not 16-byte aligned (the ring's first block would begin before
 // them) and for rows longer than a ring's round.
 inline constexpr int kRowVariantCount = 2;
-inline constexpr const char* kRowVariantNames[kRowVariantCount] = {"registers", "ring"};
+// static: each library built from this (the extension, its emulation) has its own names, and a
+// process that loads both reads each library's with its own count.
+static constexpr const char* kRowVariantNames[kRowVariantCount] = {"registers", "ring"};
 
 // f(std::bool_constant<through the ring>) for the variant of that index ("registers" for any other).
 template <typename F>

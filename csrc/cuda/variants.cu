@@ -13,8 +13,8 @@ namespace focal::cuda {
 namespace {
 
 // The variants per GPU architecture, as `make gpu-tune` measures them: {major, minor, launch shape
-// of the roofline kernels, classes per load of the softmax's thread-per-element kernel, registers or
-// ring of its warp-per-row kernel}. An architecture not listed takes 0, 0 and 0.
+// of the roofline kernels, the softmax's thread-per-element kernel's variant (classes per load or
+// ring), registers or ring for its row kernels}. An architecture not listed takes 0, 0 and 0.
 struct ArchEntry {
   int major, minor;
   int shape;

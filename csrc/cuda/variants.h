@@ -11,8 +11,8 @@ namespace focal::cuda {
 // The table's entry for the current device's architecture: a variant of each family, by index.
 struct ArchVariants {
   int shape = 0;    // the roofline kernels' launch shape (kLaunchShapeNames, focal_kernels.cuh)
-  int softmax = 0;  // softmax_elements_kernel's classes per load (kSoftmaxVariantNames, softmax_kernels.cuh)
-  int softmax_rows = 0;  // softmax_warp_rows_kernel's registers or ring (kRowVariantNames, ditto)
+  int softmax = 0;  // the softmax's thread-per-element kernel: classes per load or ring (kSoftmaxVariantNames, softmax_kernels.cuh)
+  int softmax_rows = 0;  // the softmax's row kernels: registers or ring (kRowVariantNames, ditto)
 };
 ArchVariants arch_variants();
 
