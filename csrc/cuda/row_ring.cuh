@@ -37,7 +37,7 @@ struct RowRing {
 
   Bytes16* slots;              // kSteps * kThreads blocks
   const char* from = nullptr;  // the 16-byte block of the run's first logit
-  uint32_t length = 0;         // the run's bytes from `from` (the host keeps them under 2^31)
+  uint32_t length = 0;         // the run's bytes from `from` (the host keeps the run's under 2^31)
   uint32_t next = 0;           // the step to request next
 
   __device__ __forceinline__ explicit RowRing(Bytes16* slots_) : slots(slots_) {}

@@ -145,10 +145,12 @@ class Barrier {
 
 inline thread_local Barrier* block_barrier = nullptr;
 
-// cp.async as the GPU may run it at its latest: a copy from global into shared memory lands only
-// when a cp.async.wait_group lets its group go, so that a kernel that reads its data before that
-// wait (or another lane's before a __syncwarp) reads what was there. `bytes` of the 16 (or 8) come
-// from `src`, the rest are zeros, as with cp.async's src-size.
+// cp.async as the GPU may run it at its earliest and at its latest: when the copy is issued its
+// destination becomes all ones bits (NaN in every floating-point dtype), as if the copy were under
+// way, and its data lands only when a cp.async.wait_group lets its group go. A kernel that reads a
+// slot before the wait for its copy (or another lane's copy before a __syncwarp), or that refills a
+// slot another thread may still read, reads the poison. `bytes` of the 16 (or 8) come from `src`,
+// the rest are zeros, as with cp.async's src-size.
 struct AsyncCopy {
   void* dst;
   const void* src;
@@ -167,6 +169,7 @@ inline void async_copy(void* dst, const void* src, int size, int bytes) {
                  bytes, size, src, dst);
     std::abort();
   }
+  std::memset(dst, 0xFF, static_cast<size_t>(size));
   async_copies.open.push_back({dst, src, bytes, size});
 }
 
