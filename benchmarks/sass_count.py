@@ -80,7 +80,7 @@ KERNEL_FACTS = {
     "softmax_elements_kernel": {"target": "ClassId", "threads": 128, "passes": True},
     "softmax_warp_rows_kernel": {"target": "ClassId", "threads": 128, "passes": True},
     "softmax_rows_kernel": {"target": "ClassId", "threads": 128, "passes": True},
-    "softmax_pixels_ring_kernel": {"target": "ClassId", "threads": 128, "passes": True},
+    "softmax_elements_ring_kernel": {"target": "ClassId", "threads": 128, "passes": True},
 }
 DEFAULT_ARCH = "sm_90"
 

@@ -495,7 +495,7 @@ def _shape_name(shape):
 # one run of the script: its listing of a
 # two-architecture build is some 400 MB, which takes cuobjdump and the parser most of a minute.
 BUILT_KERNELS = (r"\b(?:focal_ids_kernel|focal_float_kernel|focal_kernel|softmax_elements_kernel"
-                 r"|softmax_pixels_ring_kernel|softmax_warp_rows_kernel|softmax_rows_kernel)<")
+                 r"|softmax_elements_ring_kernel|softmax_warp_rows_kernel|softmax_rows_kernel)<")
 
 
 # The general kernel's instantiations that spill (sm_90, nvcc 13.0): (dtype, target kind, gamma kind,
@@ -610,8 +610,8 @@ def _softmax_variant(k) -> str:
     w16 / w32 (lanes per row) of the warp-per-row one, "rows" for the block-per-row one; the row
     kernels' with "-ring" where they stage their rows in shared memory."""
     args = k["other_template_args"]
-    if k["kernel"] == "softmax_pixels_ring_kernel":
-        return "ring"
+    if k["kernel"] == "softmax_elements_ring_kernel":
+        return "ring-rows" if args[0] == "true" else "ring-pixels"
     if k["kernel"] == "softmax_elements_kernel":
         return f"c{args[1]}"
     if k["kernel"] == "softmax_warp_rows_kernel":
@@ -622,7 +622,7 @@ def _softmax_variant(k) -> str:
 def _smoothing(k) -> str:
     """Whether a softmax kernel has label smoothing ("true" / "false"; the thread-per-element
     kernel's ring has none)."""
-    return "false" if k["kernel"] == "softmax_pixels_ring_kernel" else k["other_template_args"][0]
+    return "false" if k["kernel"] == "softmax_elements_ring_kernel" else k["other_template_args"][0]
 
 
 @uses_listing
@@ -636,7 +636,7 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
     occupancy; the row kernels' ring variants with their 16 KiB of shared memory per block too);
     c16, which holds a chunk of 16 classes, at least 50 % occupancy with 64 bytes in flight in
     float32 (csrc/cuda/README.md). Bytes in flight are read pass by pass in the next test."""
-    names = ("softmax_elements_kernel", "softmax_pixels_ring_kernel", "softmax_warp_rows_kernel", "softmax_rows_kernel")
+    names = ("softmax_elements_kernel", "softmax_elements_ring_kernel", "softmax_warp_rows_kernel", "softmax_rows_kernel")
     kernels = [k for k in built["kernels"] if k["kernel"] in names]
     found = {(k["kernel"], k["dtype"], k["gamma"], _smoothing(k), _softmax_variant(k)) for k in kernels}
     dtypes, gammas = ("float32", "bfloat16", "float16", "float64"), ("Zero", "One", "Two", "General")
@@ -649,7 +649,8 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
              for smooth in ("false", "true") for lanes in (16, 32)}
     want |= {("softmax_elements_kernel", d, g, smooth, "c1") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, "false", "c16") for d in dtypes[:3] for g in gammas}
-    want |= {("softmax_pixels_ring_kernel", d, g, "false", "ring") for d in dtypes[:3] for g in gammas}
+    want |= {("softmax_elements_ring_kernel", d, g, "false", f"ring-{layout}") for d in dtypes[:3] for g in gammas
+             for layout in ("rows", "pixels")}
     assert found == want
     for k in kernels:
         if k["dtype"] != "float64":  # float64 is not budgeted: its exp and log are libm calls
@@ -688,11 +689,13 @@ KNOWN_SOFTMAX_IN_FLIGHT = {
     # what is recorded is their instructions per element (maximum, sum of exponentials, gradient).
     **{("softmax_warp_rows_kernel", dtype, f"{lanes}-ring"): [96, *([11, 25, 27] if dtype == "float32" else [12, 18, 21])]
        for dtype in ("float32", "bfloat16", "float16") for lanes in ("w16", "w32")},
-    # The thread-per-element kernel's ring (segmentation layouts): 8 groups of one 16-byte copy a
-    # lane in flight at each wait (7 steps ahead and the one waited for), and the static
-    # instructions of its loop over steps, whose three passes' branches each take 4 classes of a
-    # step in float32 and 8 in 16-bit data.
-    **{("softmax_pixels_ring_kernel", dtype, "ring"): [128, 489 if dtype == "float32" else 613]
+    # The thread-per-element kernel's ring (segmentation logits, and rows): 8 groups of one 16-byte
+    # copy a lane in flight at each wait (7 steps ahead and the one waited for), and the static
+    # instructions of its loop over steps, whose three passes' branches each take up to 4 classes of
+    # a step in float32 and 8 in 16-bit data.
+    **{("softmax_elements_ring_kernel", dtype, "ring-pixels"): [128, 491 if dtype == "float32" else 615]
+       for dtype in ("float32", "bfloat16", "float16")},
+    **{("softmax_elements_ring_kernel", dtype, "ring-rows"): [128, 567 if dtype == "float32" else 654]
        for dtype in ("float32", "bfloat16", "float16")},
     # The block-per-row kernel's ring: 4 groups of 16-byte copies a thread in flight at each wait
     # (its rows reach 4 steps past their first), and passes that nvcc unrolls (16 / 4 / 4 classes).
@@ -725,7 +728,7 @@ def test_built_extension_softmax_passes_are_read_one_by_one(built):
         if key not in expected or k["gamma"] != "Two" or _smoothing(k) != "false":
             continue
         passes = k["passes"]
-        if key[0] == "softmax_pixels_ring_kernel":
+        if key[0] == "softmax_elements_ring_kernel":
             bytes_in_flight, step_instructions = expected.pop(key)
             assert k["async_loop"]["bytes_in_flight"] == bytes_in_flight >= 64, (key, k["async_loop"])
             assert k["async_loop"]["instructions"] == step_instructions, (key, k["async_loop"])

@@ -103,16 +103,19 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
         constexpr bool kSmooth = decltype(smooth)::value;
         if (per_thread) {
           // float64 and label smoothing, whose math takes the registers (a chunk would spill), load
-          // one class at a time in every variant; the ring takes the segmentation layouts it fits.
+          // one class at a time in every variant; the ring takes the layouts it fits.
           constexpr bool kOneByOne = sizeof(scalar_t) == 8 || kSmooth;
           bool ring = false;
           if constexpr (!kOneByOne) {
             ring = variant == kSoftmaxRingVariant &&
-                   PixelSteps::fits(call.outer(), call.classes(), call.inner(), sizeof(scalar_t), args.logits);
+                   ElementSteps::fits(call.outer(), call.classes(), call.inner(), sizeof(scalar_t), args.logits);
             if (ring) {
-              const PixelSteps steps =
-                  PixelSteps::make(call.classes(), call.inner(), kWarp / kPixelPieces<scalar_t>);
-              run_kernel(&softmax_pixels_ring_kernel<scalar_t, G>, steps);
+              const ElementSteps steps = ElementSteps::make(call.classes(), call.inner(), sizeof(scalar_t));
+              if (call.inner() == 1) {
+                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, true>, steps);
+              } else {
+                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, false>, steps);
+              }
             }
           }
           if (!ring) {

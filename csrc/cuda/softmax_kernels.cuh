@@ -7,7 +7,8 @@
 //   neighbouring threads read neighbouring addresses in every pass: segmentation logits
 //   (N, C, H, W), and rows of at most kThreadRowClasses classes, where a row is short enough for
 //   one thread (the three passes then hit L1). Compiled in variants (kSoftmaxVariantNames) that
-//   load 1 or 16 classes before they use any;
+//   load 1 or 16 classes before they use any, or that stream the logits through shared memory
+//   (softmax_elements_ring_kernel);
 // - softmax_warp_rows_kernel: 16 or 32 lanes per row, for rows of up to kWarpRowClasses classes
 //   (those of detection and most classification): the row read once, its maximum and exp sum in a
 //   fixed tree of shuffles. Compiled in variants (kRowVariantNames) that hold the row in the
@@ -55,8 +56,8 @@ constexpr int64_t kSoftmaxMaxTiles = 8;
 // uses any of them, in each pass over its element's classes, or a ring. c1 uses each class's logit
 // as it comes (40 registers: 75 % occupancy at gamma 2); c16 has 64 bytes of float32 logits in
 // flight in each pass's whole chunks, under 56 registers (README.md); "ring" is
-// softmax_pixels_ring_kernel, for the segmentation layouts PixelSteps::fits takes (c1 for the
-// others). float64 and label smoothing take c1 in every variant.
+// softmax_elements_ring_kernel, for the layouts ElementSteps::fits takes (c1 for the others).
+// float64 and label smoothing take c1 in every variant.
 inline constexpr int kSoftmaxVariantCount = 3;
 // static: each library built from this (the extension, its emulation) has its own names, and a
 // process that loads both reads each library's with its own count.
@@ -318,29 +319,38 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   trace_elements(touched);
 }
 
-// How softmax_pixels_ring_kernel walks its steps, made by the host. A unit is a warp's 32
-// elements (softmax_elements_kernel's tiles of units), here 32 consecutive positions of one image;
-// a step is kWarp 16-byte pieces: kPixelPieces pieces hold a class's 32 logits, so a step holds
-// kWarp / kPixelPieces classes; a pass over a unit's classes takes `steps` steps, and a unit three
-// passes (maximum, sum of exponentials, gradient).
+// How softmax_elements_ring_kernel walks its steps, made by the host. A unit is a warp's 32
+// elements (softmax_elements_kernel's tiles of units); a step is 16 bytes a lane; a pass over a
+// unit's classes takes `steps` steps, and a unit three passes (maximum, sum of exponentials,
+// gradient).
+// - Segmentation logits (inner > 1): the unit's 32 elements are 32 consecutive positions of one
+//   image, so a class's 32 logits are 32 * sizeof(scalar_t) contiguous bytes, kPixelPieces
+//   16-byte pieces: a step holds kWarp / kPixelPieces classes of the unit, lane l copying piece
+//   l % kPixelPieces of class l / kPixelPieces, and each lane reads its position of each.
+// - Rows (inner 1, at most kThreadRowClasses classes): lane l's row, from the 16-byte block that
+//   holds its first logit; a step is the next block of each lane's row, which it copies and reads
+//   itself.
 template <typename scalar_t>
 inline constexpr int kPixelPieces = kWarp * static_cast<int>(sizeof(scalar_t)) / 16;
-struct PixelSteps {
+struct ElementSteps {
   uint32_t steps = 1;
-  Divider per_pass;  // q / steps
-  Divider per_unit;  // q / (3 steps)
-  Divider per_image;  // e / inner
+  Divider per_pass;   // q / steps
+  Divider per_unit;   // q / (3 steps)
+  Divider per_image;  // e / inner (segmentation logits)
 
-  // Whether the ring takes logits (outer, C, inner) of `element_bytes` at `logits`: whole units in
-  // an image (inner a multiple of 32), each class's 32 logits 16-byte aligned, 16- or 32-bit data,
-  // indices in 32 bits.
+  // Whether the ring takes logits (outer, C, inner) of `element_bytes` at `logits`: 16- or 32-bit
+  // data, 16-byte aligned, indices in 32 bits; segmentation logits whose images hold whole units
+  // (inner a multiple of 32), or rows of at most kThreadRowClasses classes.
   static bool fits(int64_t outer, int64_t C, int64_t inner, int64_t element_bytes, const void* logits) {
-    return inner > 1 && inner % kWarp == 0 && C > 0 && element_bytes <= 4 &&
+    return (inner == 1 ? C <= kThreadRowClasses : inner % kWarp == 0) && C > 0 && element_bytes <= 4 &&
            reinterpret_cast<uintptr_t>(logits) % 16 == 0 && outer * C * inner < (int64_t{1} << 31);
   }
-  static PixelSteps make(int64_t C, int64_t inner, int64_t classes_per_step) {
-    PixelSteps p;
-    p.steps = static_cast<uint32_t>((C + classes_per_step - 1) / classes_per_step);
+  static ElementSteps make(int64_t C, int64_t inner, int64_t element_bytes) {
+    ElementSteps p;
+    // Segmentation logits: a step is 512 bytes, 16 / element_bytes classes of 32 positions. A row:
+    // its C * element_bytes bytes, from up to 15 bytes into their first 16-byte block, 16 a step.
+    const int64_t bytes = C * element_bytes + (inner == 1 ? 15 : 0);
+    p.steps = static_cast<uint32_t>((bytes + 15) / 16);
     p.per_pass = Divider::make(p.steps);
     p.per_unit = Divider::make(int64_t{3} * p.steps);
     p.per_image = Divider::make(inner);
@@ -348,27 +358,29 @@ struct PixelSteps {
   }
 };
 
-// softmax_elements_kernel's "ring" variant, for the logits PixelSteps::fits takes, without label
+// softmax_elements_kernel's "ring" variant, for the logits ElementSteps::fits takes, without label
 // smoothing: the same tiles of units, the same math in the same order for each element (the same
-// bits), but each class's 32 logits of a unit reach the warp through shared memory. The warp
-// streams its tile's units' classes, three times each (once a pass), through a ring of kSteps
-// steps (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, classes
-// (q mod steps) * kPerStep and on; each lane copies one 16-byte piece of it (cp.async), each step is
-// its own group, and step q + kSteps - 1 is requested before step q is used, into the slot that
-// step q - 1 held (every lane is done with it: a __syncwarp), so that kSteps - 1 groups of 16 bytes
-// a lane are in flight while a step is used. An element that is ignored computes as the others do
-// and writes zeros.
-template <typename scalar_t, GammaKind G>
+// bits), but the logits reach the warp through shared memory. The warp streams its tile's units,
+// each unit's logits three times (once a pass), through a ring of kSteps steps of 16 bytes a lane
+// (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, and its (q mod steps)-th
+// step of that pass (ElementSteps); each lane copies 16 bytes of it (cp.async), each step is its
+// own group, and step q + kSteps - 1 is requested before step q is used, into the slot that step
+// q - 1 held (every lane is done with it: a __syncwarp), so that kSteps - 1 groups of 16 bytes a
+// lane are in flight while a step is used. An element that is ignored computes as the others do
+// and writes zeros; a lane past the last row (kRowsLayout) computes on what its slots hold and
+// writes nothing.
+template <typename scalar_t, GammaKind G, bool kRowsLayout>
 __global__ void __launch_bounds__(kSoftmaxThreads, 12)
-    softmax_pixels_ring_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles, PixelSteps ps,
-                               at::opmath_type<scalar_t>* __restrict__ tile_sums) {
+    softmax_elements_ring_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles, ElementSteps ps,
+                                 at::opmath_type<scalar_t>* __restrict__ tile_sums) {
   using acc_t = at::opmath_type<scalar_t>;
   using O = SoftmaxMathFor<scalar_t>;
   static_assert(sizeof(scalar_t) <= 4, "the ring holds 16- and 32-bit logits");
+  constexpr uint32_t kSize = sizeof(scalar_t);
   constexpr int kPieces = kPixelPieces<scalar_t>;
-  constexpr int kPerStep = kWarp / kPieces;  // classes a step
+  constexpr int kPerStep = kRowsLayout ? 16 / kSize : kWarp / kPieces;  // classes a step, at most
   constexpr int kSteps = 8;
-  constexpr int kElementsPerPiece = 16 / static_cast<int>(sizeof(scalar_t));
+  constexpr int kElementsPerPiece = 16 / static_cast<int>(kSize);
   __shared__ Bytes16 ring[kSoftmaxThreads / kWarp][kSteps * kWarp];
   Bytes16* slots = ring[threadIdx.x / kWarp];
   const acc_t scale = static_cast<acc_t>(resolve_scale(s));
@@ -383,22 +395,37 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
   const uint32_t S = ps.steps;
   const uint32_t warps = gridDim.x * (kSoftmaxThreads / kWarp);
   const auto per_tile = static_cast<uint32_t>(tiles.per_tile);
+  const int64_t all_bytes = int64_t{elements} * C * kSize;  // rows: the logits' bytes
   int64_t touched = 0;
   for (uint32_t tile = (blockIdx.x * kSoftmaxThreads + threadIdx.x) / kWarp; tile < tiles.count; tile += warps) {
     const uint32_t first = tile * per_tile * kWarp;  // the tile's first element
-    const uint32_t units = (elements - first) / kWarp < per_tile ? (elements - first) / kWarp : per_tile;
+    const uint32_t left = (elements - first + kWarp - 1) / kWarp;  // units from `first` on
+    const uint32_t units = left < per_tile ? left : per_tile;
     const uint32_t total = units * 3 * S;  // the tile's steps
-    // This lane's piece of step q, if the tile has it (a class below C), and a group either way.
+    // This lane's 16 bytes of step q, if the tile has them, and a group either way.
     const auto request = [&](uint32_t q) {
       if (q < total) {
         const uint32_t unit = ps.per_unit(q);
-        const uint32_t c = (q - ps.per_pass(q) * S) * kPerStep + lane / kPieces;
-        if (c < C) {
-          const uint32_t e = first + unit * kWarp;
-          const uint32_t n = ps.per_image(e);
-          const scalar_t* src = x_all + (int64_t{n} * C + c) * inner + (e - n * inner) +
-                                (lane % kPieces) * kElementsPerPiece;
-          async_copy<16>(&slots[(q % kSteps) * kWarp + lane], src);
+        const uint32_t j = q - ps.per_pass(q) * S;  // the step within its pass
+        Bytes16* slot = &slots[(q % kSteps) * kWarp + lane];
+        if constexpr (kRowsLayout) {
+          const uint32_t e = first + unit * kWarp + lane;
+          if (e < elements) {
+            const int64_t block = (int64_t{e} * C * kSize & ~int64_t{15}) + int64_t{16} * j;
+            if (block < all_bytes) {
+              const int64_t rest = all_bytes - block;
+              async_copy_head(slot, reinterpret_cast<const char*>(x_all) + block,
+                              static_cast<uint32_t>(rest < 16 ? rest : 16));
+            }
+          }
+        } else {
+          const uint32_t c = j * kPerStep + lane / kPieces;
+          if (c < C) {
+            const uint32_t e = first + unit * kWarp;
+            const uint32_t n = ps.per_image(e);
+            async_copy<16>(slot, x_all + (int64_t{n} * C + c) * inner + (e - n * inner) +
+                                     (lane % kPieces) * kElementsPerPiece);
+          }
         }
       }
       async_commit();
@@ -418,31 +445,46 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
       __syncwarp();  // every lane is done with step q - 1's slot
       request(q + kSteps - 1);
       async_wait<kSteps - 1>();
-      __syncwarp();  // step q's pieces seen by every lane
+      __syncwarp();  // step q's bytes seen by every lane
       const uint32_t e = first + unit * kWarp + lane;
+      const bool live = !kRowsLayout || e < elements;
       if (pass == 0 && j == 0) {
-        id = a.target[e];
+        id = live ? a.target[e] : a.ignore_index;
         valid = id >= 0 && id < static_cast<int64_t>(C);  // else NaN, as softmax_elements_kernel
         sums = SoftmaxSums<acc_t>{};
       }
-      // Class i of the step: its 32 logits, lane l's at position l.
-      const auto* step = reinterpret_cast<const scalar_t*>(&slots[(q % kSteps) * kWarp]);
       scalar_t* grad = nullptr;
-      if (pass == 2 && grad_all) {
-        const uint32_t n = ps.per_image(e);
-        grad = grad_all + int64_t{n} * C * inner + (e - n * inner);
+      if (pass == 2 && grad_all && live) {
+        if constexpr (kRowsLayout) {
+          grad = grad_all + int64_t{e} * C;
+        } else {
+          const uint32_t n = ps.per_image(e);
+          grad = grad_all + int64_t{n} * C * inner + (e - n * inner);
+        }
       }
-      // f(c, logit) for the step's classes c, in order.
+      // f(c, logit) for the step's classes c, in order: segmentation logits' classes j * kPerStep
+      // on, each its 32 positions (this lane's at position `lane`); a row's those whose bytes lie in
+      // the step's block of it, `skew` bytes after the block of its first logit.
       const auto for_step = [&](auto&& f) {
+        const char* bytes = reinterpret_cast<const char*>(kRowsLayout ? &slots[(q % kSteps) * kWarp + lane]
+                                                                       : &slots[(q % kSteps) * kWarp]);
+        uint32_t c_begin = j * kPerStep, c_end = C, skew = 0;
+        if constexpr (kRowsLayout) {
+          skew = e * C * kSize % 16;  // the low bits of the row's byte offset
+          c_begin = j == 0 ? 0 : (16 * j - skew) / kSize;
+          const uint32_t past = (16 * (j + 1) - skew) / kSize;
+          c_end = past < C ? past : C;
+        }
 #pragma unroll
         for (int i = 0; i < kPerStep; ++i) {
-          const uint32_t c = j * kPerStep + i;
-          if (c >= C) break;
+          const uint32_t c = c_begin + i;
+          if (c >= c_end) break;
+          const uint32_t at = kRowsLayout ? skew + c * kSize - 16 * j : (i * kWarp + lane) * kSize;
 #if defined(FOCAL_CUDA_EMULATION)
           scalar_t raw;
-          memcpy(&raw, step + i * kWarp + lane, sizeof(scalar_t));
+          memcpy(&raw, bytes + at, sizeof(scalar_t));
 #else
-          const scalar_t raw = step[i * kWarp + lane];
+          const scalar_t raw = *reinterpret_cast<const scalar_t*>(bytes + at);
 #endif
           f(c, static_cast<acc_t>(raw));
         }
@@ -472,7 +514,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
         k = -t_y * row.inv_total * scale;
         g_y = t_y * py.one_minus_p * scale;
       }
-      if (j == S - 1 && pass == 2) {  // the element is done
+      if (j == S - 1 && pass == 2 && live) {  // the element is done
         const bool kept = id != a.ignore_index;
         if (loss_all) loss_all[e] = kept ? static_cast<scalar_t>(loss * scale) : scalar_t(0);
         const acc_t element_loss = kept ? loss : acc_t(0);

@@ -953,7 +953,8 @@ SOFTMAX_VARIANTS = [("c1", "registers"), ("c16", "ring"), ("ring", "registers")]
 # classes are longer than the block's ring takes in float32 (8 KiB), not in bfloat16. Segmentation
 # logits of 256 positions an image are those the thread-per-element kernel's ring takes (whole
 # units of 32 in an image): 21 classes are 6 steps a pass in float32, 3 in bfloat16, and a tile of
-# 2 units 36 or 18 steps, round a ring of 8.
+# 2 units 36 or 18 steps, round a ring of 8. Its ring takes rows of 20 classes too (each lane its
+# own row, 6 or 4 steps a pass from the block of its first logit; the last unit has 12 rows).
 SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (35, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
                  "segmentation": (3, 18, 9, 11), "rows-warp-long": (301, 117), "rows-wide-long": (65, 251),
                  "rows-block-long": (41, 1501), "rows-block-wide": (9, 2050), "segmentation-32": (2, 21, 8, 32)}
@@ -1004,11 +1005,11 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["rows-warp-long", "rows-block-long", "segmentation-32"])
+@pytest.mark.parametrize("layout", ["rows-warp-long", "rows-block-long", "segmentation-32", "rows-thread"])
 def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
     """The rings copy whole 16-byte blocks: the row kernels' from the one that holds a tile's first
-    logit, which may begin before the logits; the thread-per-element kernel's a class's 32
-    positions, which must begin a block. Logits that start 4 or 2 bytes into a block (which the
+    logit, which may begin before the logits, and so the thread-per-element kernel's for each row;
+    its segmentation logits' a class's 32 positions, which must begin a block. Logits that start 4 or 2 bytes into a block (which the
     host sends to the kernels' other variants: a block before them may lie outside their memory)
     give the same bits as aligned ones through the rings."""
     x, t = _softmax_problem(SOFTMAX_TILED[layout], dtype, 5)
