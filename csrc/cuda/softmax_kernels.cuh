@@ -506,13 +506,10 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
       if (j == S - 1 && pass == 1) {  // the sums are known: the element's loss and its gradient's factors
         if (!valid) sums.below = static_cast<acc_t>(NAN);
         const SoftmaxRow<acc_t> row = softmax_row<acc_t, O>(m, sums.below, sums.ties);
-        const SoftmaxProb<acc_t> py = softmax_prob<acc_t, O>(row, valid ? x_y : m);
-        const FocalTerm<acc_t> term = softmax_focal_term<G, acc_t, O>(py, gamma);
-        const acc_t fy = factor && valid ? factor[id] : acc_t(1);
-        loss = fy * term.value;
-        const acc_t t_y = fy * term.slope;
-        k = -t_y * row.inv_total * scale;
-        g_y = t_y * py.one_minus_p * scale;
+        const HardTerms<G, O, acc_t> h(row, valid ? x_y : m, factor && valid ? factor[id] : acc_t(1), gamma);
+        loss = h.loss();
+        k = h.k(row, scale);
+        g_y = h.target_grad(scale);
       }
       if (j == S - 1 && pass == 2 && live) {  // the element is done
         const bool kept = id != a.ignore_index;
