@@ -56,12 +56,17 @@ FAMILIES = {"shape": ("kLaunchShapeNames", KERNELS, "FOCAL_CUDA_VARIANT"),
             "softmax_rows": ("kRowVariantNames", SOFTMAX_KERNELS, "FOCAL_CUDA_SOFTMAX_ROWS_VARIANT")}
 # path -> the variant family that applies to it (None: one variant)
 PATHS = {"ids": "shape", "float": "shape", "row_weight": "shape", "softmax_rows": "softmax_rows",
-         "softmax_long_rows": "softmax_rows", "softmax_pixels": "softmax", "softmax_short_rows": "softmax"}
+         "softmax_long_rows": "softmax_rows", "softmax_pixels": "softmax", "softmax_straddling_pixels": "softmax",
+         "softmax_short_rows": "softmax"}
 # The floor each path is measured against: the sigmoid's, or the softmax's (with the gradient's write).
 FLOOR_OF = {"ids": "floor", "float": "floor", "row_weight": "floor", "softmax_rows": "softmax_floor_rows",
             "softmax_long_rows": "softmax_floor_long_rows", "softmax_pixels": "softmax_floor_pixels",
+            "softmax_straddling_pixels": "softmax_floor_straddling_pixels",
             "softmax_short_rows": "softmax_floor_short_rows"}
 SEGMENTATION_CLASSES, SEGMENTATION_SIDE = 21, 64  # the thread-per-pixel layout: (n, 21, 64, 64)
+# Images of 60 x 60: 3600 positions, not a multiple of a warp's 32, so that a warp's 32 elements
+# may straddle two images (the ring's word-by-word layout, ElementLayout in softmax_kernels.cuh).
+STRADDLING_SIDE = 60
 SHORT_ROW_CLASSES = 20  # rows short enough for a thread each (kThreadRowClasses in softmax_kernels.cuh)
 LONG_ROW_CLASSES = 1000  # rows long enough for a block each (over kWarpRowClasses)
 REPEATS = 15
@@ -164,15 +169,16 @@ def build_for_visible_gpu(python: str) -> None:
 def make_inputs(path: str, rows: int, cols: int, dtype, device, seed: int = 0):
     """Logits, targets (class ids, or their one-hot floats for the float path) and a row weight
     (row_weight path only), made on the device. The softmax paths: (rows, cols) logits with a class
-    id per row; (n, 21, 64, 64) segmentation logits of about rows x cols elements with a class id
-    per pixel; or rows of 20 or of 1000 classes, as many elements; a few percent ignored (-100) in
-    each."""
+    id per row; (n, 21, 64, 64) or (n, 21, 60, 60) segmentation logits of about rows x cols
+    elements with a class id per pixel; or rows of 20 or of 1000 classes, as many elements; a few
+    percent ignored (-100) in each."""
     import torch
 
     g = torch.Generator(device=device).manual_seed(seed)
     if path.startswith("softmax"):
-        if path == "softmax_pixels":
-            side, classes = SEGMENTATION_SIDE, SEGMENTATION_CLASSES
+        if path in ("softmax_pixels", "softmax_straddling_pixels"):
+            side = SEGMENTATION_SIDE if path == "softmax_pixels" else STRADDLING_SIDE
+            classes = SEGMENTATION_CLASSES
             n = max(1, rows * cols // (classes * side * side))
             x = (torch.randn(n, classes, side, side, generator=g, device=device) * 3).to(dtype)
             ids = torch.randint(0, classes, (n, side, side), generator=g, device=device)

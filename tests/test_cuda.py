@@ -346,13 +346,14 @@ def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, l
     per load, or its ring), FOCAL_CUDA_SOFTMAX_ROWS_VARIANT registers or ring for the row kernels,
     FOCAL_CUDA_GRID the grid: every pair of variants on one block, 7 or a wave of them gives the
     default's loss and gradient bit for bit, for rows of 21 classes and 21-class pixels (a thread
-    per element; images of 64 x 64, a multiple of 32 positions, also through its ring), rows of 80
+    per element, also through its ring: images of 64 x 64, a multiple of 32 positions, in 16-byte
+    pieces; of 61 x 66, whose warps' 32 pixels may straddle two images, word by word), rows of 80
     and of 200 classes (16 and 32 lanes per row) and of 1000 (a block per row); and where a ring
-    would be taken, logits 4 or 2 bytes past a 16-byte boundary, which the rings leave to the
-    others, give the same bits."""
+    would be taken, logits 4 or 2 bytes past a 16-byte boundary (which the rings leave to the
+    others, but for the words of float32 pixels) give the same bits."""
     g = torch.Generator().manual_seed(8)
     shape = {"rows": (30011, 21), "long-rows": (9001, 80), "wide-rows": (4001, 200), "longer-rows": (701, 1000),
-             "pixels": (5, 21, 61, 67), "pixels-32": (3, 21, 64, 64)}[layout]
+             "pixels": (5, 21, 61, 66), "pixels-32": (3, 21, 64, 64)}[layout]
     x = make_logits(shape, dtype, g)
     ids = torch.randint(0, shape[1], (shape[0],) + shape[2:], generator=g)
     ids.view(-1)[::13] = -100
@@ -379,7 +380,7 @@ def test_every_softmax_variant_and_grid_gives_the_same_bits_on_this_gpu(dtype, l
         other_loss, other_grad = run()
         assert_bitwise_equal(other_loss, loss, f"loss, {name} + {rows} on {grid or 'a wave of'} blocks")
         assert_bitwise_equal(other_grad, grad, f"gradient, {name} + {rows} on {grid or 'a wave of'} blocks")
-    if layout in ("long-rows", "wide-rows", "longer-rows", "pixels-32"):
+    if layout in ("long-rows", "wide-rows", "longer-rows", "pixels", "pixels-32"):
         other_loss, other_grad = run(shift=1)  # 4 or 2 bytes into a 16-byte block
         assert_bitwise_equal(other_loss, loss, "loss, logits not 16-byte aligned")
         assert_bitwise_equal(other_grad, grad, "gradient, logits not 16-byte aligned")

@@ -25,7 +25,7 @@ def test_plan_covers_every_variant_of_every_path():
                 assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(shapes)
             # The softmax's thread-per-element kernel in each of its variants and both its layouts,
             # the row kernels in each of theirs.
-            for path in ("softmax_pixels", "softmax_short_rows"):
+            for path in ("softmax_pixels", "softmax_straddling_pixels", "softmax_short_rows"):
                 assert sorted(c["variant"] for c in mine if c["path"] == path) == sorted(softmax)
             for path in ("softmax_rows", "softmax_long_rows"):
                 assert [c["variant"] for c in mine if c["path"] == path] == row_variants
@@ -64,6 +64,9 @@ def test_softmax_problems_run_on_the_cpu_op_and_are_measured_against_their_own_f
     assert (ids == -100).any() and ids.max() < classes
     loss, grad = tune.op_call(x, ids, weight, softmax=True)
     assert loss.dim() == 0 and grad.shape == x.shape and torch.isfinite(grad).all()
+    x, ids, _ = tune.make_inputs("softmax_straddling_pixels", 2000, 80, torch.float32, torch.device("cpu"))
+    side = tune.STRADDLING_SIDE
+    assert x.shape == (2, classes, side, side) and side * side % 32 != 0  # a warp's 32 pixels may straddle both
     x, ids, _ = tune.make_inputs("softmax_short_rows", 2000, 80, torch.float32, torch.device("cpu"))
     assert x.shape == (8000, tune.SHORT_ROW_CLASSES) and ids.shape == (8000,) and (ids == -100).any()
     assert torch.isfinite(tune.op_call(x, ids, None, softmax=True)[1]).all()
@@ -115,7 +118,7 @@ def test_arch_table_is_read_and_checked():
 def test_dry_run_and_the_error_without_a_gpu(capsys, tmp_path):
     assert tune.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 144 timings" in out and "sm_90 -> t256_f64_b4 + c1 + registers" in out
+    assert "plan: 168 timings" in out and "sm_90 -> t256_f64_b4 + c1 + registers" in out
     if torch.cuda.is_available():
         return  # the real run is `make gpu-tune`'s, not a test's
     assert tune.main(["--no-build", "--out", str(tmp_path)]) == 2

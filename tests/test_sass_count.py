@@ -610,8 +610,8 @@ def _softmax_variant(k) -> str:
     w16 / w32 (lanes per row) of the warp-per-row one, "rows" for the block-per-row one; the row
     kernels' with "-ring" where they stage their rows in shared memory."""
     args = k["other_template_args"]
-    if k["kernel"] == "softmax_elements_ring_kernel":
-        return "ring-rows" if args[0] == "true" else "ring-pixels"
+    if k["kernel"] == "softmax_elements_ring_kernel":  # ring-rows, ring-pixelpieces, ring-pixelwords
+        return "ring-" + args[0].removeprefix("ElementLayout::").lower()
     if k["kernel"] == "softmax_elements_kernel":
         return f"c{args[1]}"
     if k["kernel"] == "softmax_warp_rows_kernel":
@@ -650,7 +650,7 @@ def test_built_extension_softmax_kernels_never_spill_and_hold_their_occupancy_at
     want |= {("softmax_elements_kernel", d, g, smooth, "c1") for d in dtypes for g in gammas for smooth in ("false", "true")}
     want |= {("softmax_elements_kernel", d, g, "false", "c16") for d in dtypes[:3] for g in gammas}
     want |= {("softmax_elements_ring_kernel", d, g, "false", f"ring-{layout}") for d in dtypes[:3] for g in gammas
-             for layout in ("rows", "pixels")}
+             for layout in ("rows", "pixelpieces", "pixelwords")}
     assert found == want
     for k in kernels:
         if k["dtype"] != "float64":  # float64 is not budgeted: its exp and log are libm calls
@@ -689,11 +689,14 @@ KNOWN_SOFTMAX_IN_FLIGHT = {
     # what is recorded is their instructions per element (maximum, sum of exponentials, gradient).
     **{("softmax_warp_rows_kernel", dtype, f"{lanes}-ring"): [96, *([11, 25, 27] if dtype == "float32" else [12, 18, 21])]
        for dtype in ("float32", "bfloat16", "float16") for lanes in ("w16", "w32")},
-    # The thread-per-element kernel's ring (segmentation logits, and rows): 8 groups of one 16-byte
-    # copy a lane in flight at each wait (7 steps ahead and the one waited for), and the static
-    # instructions of its loop over steps, whose three passes' branches each take up to 4 classes of
-    # a step in float32 and 8 in 16-bit data.
-    **{("softmax_elements_ring_kernel", dtype, "ring-pixels"): [128, 491 if dtype == "float32" else 615]
+    # The thread-per-element kernel's ring (segmentation logits, and rows): 8 groups of 16 bytes a
+    # lane in flight at each wait (7 steps ahead and the one waited for; one copy of 16 bytes, or four
+    # of a word for segmentation logits of other image sizes), and the static instructions of its
+    # loop over steps, whose three passes' branches each take up to 4 classes of a step in float32
+    # and 8 in 16-bit data.
+    **{("softmax_elements_ring_kernel", dtype, "ring-pixelpieces"): [128, 491 if dtype == "float32" else 615]
+       for dtype in ("float32", "bfloat16", "float16")},
+    **{("softmax_elements_ring_kernel", dtype, "ring-pixelwords"): [128, 532 if dtype == "float32" else 674]
        for dtype in ("float32", "bfloat16", "float16")},
     **{("softmax_elements_ring_kernel", dtype, "ring-rows"): [128, 567 if dtype == "float32" else 654]
        for dtype in ("float32", "bfloat16", "float16")},

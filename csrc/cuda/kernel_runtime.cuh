@@ -93,7 +93,7 @@ __device__ __forceinline__ T load_here(const T* src) {
 
 template <int Bytes>
 __device__ __forceinline__ void async_copy(void* shared_dst, const void* global_src) {
-  static_assert(Bytes == 8 || Bytes == 16, "async_copy takes 8 or 16 bytes");
+  static_assert(Bytes == 4 || Bytes == 8 || Bytes == 16, "async_copy takes 4, 8 or 16 bytes");
 #if defined(FOCAL_CUDA_EMULATION)
   focal_emu::async_copy(shared_dst, global_src, Bytes, Bytes);
 #elif FOCAL_CP_ASYNC

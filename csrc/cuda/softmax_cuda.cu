@@ -107,15 +107,20 @@ std::tuple<at::Tensor, at::Tensor> softmax_focal_loss(
           constexpr bool kOneByOne = sizeof(scalar_t) == 8 || kSmooth;
           bool ring = false;
           if constexpr (!kOneByOne) {
-            ring = variant == kSoftmaxRingVariant &&
-                   ElementSteps::fits(call.outer(), call.classes(), call.inner(), sizeof(scalar_t), args.logits);
-            if (ring) {
+            const std::optional<ElementLayout> layout =
+                variant == kSoftmaxRingVariant
+                    ? ElementSteps::layout_of(call.outer(), call.classes(), call.inner(), sizeof(scalar_t), args.logits)
+                    : std::nullopt;
+            if (layout) {
               const ElementSteps steps = ElementSteps::make(call.classes(), call.inner(), sizeof(scalar_t));
-              if (call.inner() == 1) {
-                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, true>, steps);
+              if (*layout == ElementLayout::kRows) {
+                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, ElementLayout::kRows>, steps);
+              } else if (*layout == ElementLayout::kPixelPieces) {
+                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, ElementLayout::kPixelPieces>, steps);
               } else {
-                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, false>, steps);
+                run_kernel(&softmax_elements_ring_kernel<scalar_t, G, ElementLayout::kPixelWords>, steps);
               }
+              ring = true;
             }
           }
           if (!ring) {

@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 
@@ -56,7 +57,7 @@ constexpr int64_t kSoftmaxMaxTiles = 8;
 // uses any of them, in each pass over its element's classes, or a ring. c1 uses each class's logit
 // as it comes (40 registers: 75 % occupancy at gamma 2); c16 has 64 bytes of float32 logits in
 // flight in each pass's whole chunks, under 56 registers (README.md); "ring" is
-// softmax_elements_ring_kernel, for the layouts ElementSteps::fits takes (c1 for the others).
+// softmax_elements_ring_kernel, for the layouts ElementSteps::layout_of takes (c1 for the others).
 // float64 and label smoothing take c1 in every variant.
 inline constexpr int kSoftmaxVariantCount = 3;
 // static: each library built from this (the extension, its emulation) has its own names, and a
@@ -319,17 +320,24 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
   trace_elements(touched);
 }
 
-// How softmax_elements_ring_kernel walks its steps, made by the host. A unit is a warp's 32
-// elements (softmax_elements_kernel's tiles of units); a step is 16 bytes a lane; a pass over a
-// unit's classes takes `steps` steps, and a unit three passes (maximum, sum of exponentials,
-// gradient).
-// - Segmentation logits (inner > 1): the unit's 32 elements are 32 consecutive positions of one
-//   image, so a class's 32 logits are 32 * sizeof(scalar_t) contiguous bytes, kPixelPieces
-//   16-byte pieces: a step holds kWarp / kPixelPieces classes of the unit, lane l copying piece
-//   l % kPixelPieces of class l / kPixelPieces, and each lane reads its position of each.
-// - Rows (inner 1, at most kThreadRowClasses classes): lane l's row, from the 16-byte block that
-//   holds its first logit; a step is the next block of each lane's row, which it copies and reads
-//   itself.
+// The layouts softmax_elements_ring_kernel takes, by how a warp copies a step of a unit (a warp's
+// 32 elements; a step is 16 bytes a lane):
+// - kPixelPieces: segmentation logits (inner > 1) whose images hold whole units (inner a multiple
+//   of 32), so that a class's 32 logits of a unit are 32 * sizeof(scalar_t) contiguous bytes,
+//   kPixelPieces<scalar_t> 16-byte pieces: a step holds kWarp / kPixelPieces classes of the unit,
+//   lane l copying piece l % kPixelPieces of class l / kPixelPieces;
+// - kPixelWords: segmentation logits of any other image size (float32), or of an even one (16-bit
+//   data): a unit may straddle two images, so each lane copies the 4-byte word that holds its own
+//   position's logit of each of the step's classes (in 16-bit data two neighbouring lanes' one word,
+//   half the step's classes each). The step holds what kPixelPieces's does, where kPixelPieces's
+//   does: every lane reads its position of each class the same way;
+// - kRows: rows (inner 1) of at most kThreadRowClasses classes, lane l's row from the 16-byte block
+//   that holds its first logit; a step is the next block of each lane's row, which it copies and
+//   reads itself.
+enum class ElementLayout { kPixelPieces, kPixelWords, kRows };
+
+// How softmax_elements_ring_kernel walks its steps, made by the host: a pass over a unit's classes
+// takes `steps` steps, and a unit three passes (maximum, sum of exponentials, gradient).
 template <typename scalar_t>
 inline constexpr int kPixelPieces = kWarp * static_cast<int>(sizeof(scalar_t)) / 16;
 struct ElementSteps {
@@ -338,12 +346,22 @@ struct ElementSteps {
   Divider per_unit;   // q / (3 steps)
   Divider per_image;  // e / inner (segmentation logits)
 
-  // Whether the ring takes logits (outer, C, inner) of `element_bytes` at `logits`: 16- or 32-bit
-  // data, 16-byte aligned, indices in 32 bits; segmentation logits whose images hold whole units
-  // (inner a multiple of 32), or rows of at most kThreadRowClasses classes.
-  static bool fits(int64_t outer, int64_t C, int64_t inner, int64_t element_bytes, const void* logits) {
-    return (inner == 1 ? C <= kThreadRowClasses : inner % kWarp == 0) && C > 0 && element_bytes <= 4 &&
-           reinterpret_cast<uintptr_t>(logits) % 16 == 0 && outer * C * inner < (int64_t{1} << 31);
+  // The layout in which the ring takes logits (outer, C, inner) of `element_bytes` at `logits`, if
+  // it takes them: 16- or 32-bit data, indices in 32 bits, and rows of at most kThreadRowClasses
+  // classes, or segmentation logits (16-bit: an even number of positions an image); whole 16-byte
+  // blocks are copied from 16-byte aligned logits, words from 4-byte aligned ones.
+  static std::optional<ElementLayout> layout_of(int64_t outer, int64_t C, int64_t inner, int64_t element_bytes,
+                                                const void* logits) {
+    const auto address = reinterpret_cast<uintptr_t>(logits);
+    if (C <= 0 || element_bytes > 4 || outer * C * inner >= (int64_t{1} << 31)) return std::nullopt;
+    if (inner == 1) {
+      if (C <= kThreadRowClasses && address % 16 == 0) return ElementLayout::kRows;
+    } else if (inner % kWarp == 0 && address % 16 == 0) {
+      return ElementLayout::kPixelPieces;
+    } else if ((element_bytes == 4 || inner % 2 == 0) && address % 4 == 0) {
+      return ElementLayout::kPixelWords;
+    }
+    return std::nullopt;
   }
   static ElementSteps make(int64_t C, int64_t inner, int64_t element_bytes) {
     ElementSteps p;
@@ -358,18 +376,18 @@ struct ElementSteps {
   }
 };
 
-// softmax_elements_kernel's "ring" variant, for the logits ElementSteps::fits takes, without label
-// smoothing: the same tiles of units, the same math in the same order for each element (the same
-// bits), but the logits reach the warp through shared memory. The warp streams its tile's units,
-// each unit's logits three times (once a pass), through a ring of kSteps steps of 16 bytes a lane
-// (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, and its (q mod steps)-th
-// step of that pass (ElementSteps); each lane copies 16 bytes of it (cp.async), each step is its
-// own group, and step q + kSteps - 1 is requested before step q is used, into the slot that step
-// q - 1 held (every lane is done with it: a __syncwarp), so that kSteps - 1 groups of 16 bytes a
-// lane are in flight while a step is used. An element that is ignored computes as the others do
-// and writes zeros; a lane past the last row (kRowsLayout) computes on what its slots hold and
-// writes nothing.
-template <typename scalar_t, GammaKind G, bool kRowsLayout>
+// softmax_elements_kernel's "ring" variant, for the logits ElementSteps::layout_of takes, without
+// label smoothing: the same tiles of units, the same math in the same order for each element (the
+// same bits), but the logits reach the warp through shared memory. The warp streams its tile's
+// units, each unit's logits three times (once a pass), through a ring of kSteps steps of 16 bytes a
+// lane (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, and its (q mod
+// steps)-th step of that pass (ElementSteps); each lane copies 16 bytes of it (cp.async, as kLayout
+// says), each step is its own group, and step q + kSteps - 1 is requested before step q is used,
+// into the slot that step q - 1 held (every lane is done with it: a __syncwarp), so that
+// kSteps - 1 groups of 16 bytes a lane are in flight while a step is used. An element that is
+// ignored computes as the others do and writes zeros; a lane past the last element computes on
+// what its slots hold and writes nothing.
+template <typename scalar_t, GammaKind G, ElementLayout kLayout>
 __global__ void __launch_bounds__(kSoftmaxThreads, 12)
     softmax_elements_ring_kernel(SoftmaxArgs a, SoftmaxScale s, SoftmaxTiles tiles, ElementSteps ps,
                                  at::opmath_type<scalar_t>* __restrict__ tile_sums) {
@@ -377,8 +395,10 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
   using O = SoftmaxMathFor<scalar_t>;
   static_assert(sizeof(scalar_t) <= 4, "the ring holds 16- and 32-bit logits");
   constexpr uint32_t kSize = sizeof(scalar_t);
+  constexpr bool kRowsLayout = kLayout == ElementLayout::kRows;
   constexpr int kPieces = kPixelPieces<scalar_t>;
-  constexpr int kPerStep = kRowsLayout ? 16 / kSize : kWarp / kPieces;  // classes a step, at most
+  constexpr int kPerStep = 16 / kSize;  // classes a step, at most
+  constexpr uint32_t kWordElements = 4 / kSize;  // a lane's word of segmentation logits: 1 or 2 positions
   constexpr int kSteps = 8;
   constexpr int kElementsPerPiece = 16 / static_cast<int>(kSize);
   __shared__ Bytes16 ring[kSoftmaxThreads / kWarp][kSteps * kWarp];
@@ -418,13 +438,30 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
                               static_cast<uint32_t>(rest < 16 ? rest : 16));
             }
           }
-        } else {
+        } else if constexpr (kLayout == ElementLayout::kPixelPieces) {
           const uint32_t c = j * kPerStep + lane / kPieces;
           if (c < C) {
             const uint32_t e = first + unit * kWarp;
             const uint32_t n = ps.per_image(e);
             async_copy<16>(slot, x_all + (int64_t{n} * C + c) * inner + (e - n * inner) +
                                      (lane % kPieces) * kElementsPerPiece);
+          }
+        } else {
+          // The word of positions w, w + 1 (16-bit) of the unit, of the step's classes i = lane % 2,
+          // lane % 2 + 2, ... (float32: position `lane`, every class i of the step), to where
+          // kPixelPieces's lanes copy position w of class i: byte (i * kWarp + w) * kSize of the step.
+          const uint32_t w = lane / kWordElements * kWordElements;
+          const uint32_t e = first + unit * kWarp + w;
+          if (e < elements) {
+            const uint32_t n = ps.per_image(e);
+            const scalar_t* x = x_all + (int64_t{n} * C + j * kPerStep) * inner + (e - n * inner);
+            char* step = reinterpret_cast<char*>(&slots[(q % kSteps) * kWarp]) + w * kSize;
+#pragma unroll
+            for (uint32_t t = 0; t < kPerStep / kWordElements; ++t) {
+              const uint32_t i = t * kWordElements + lane % kWordElements;
+              if (j * kPerStep + i >= C) break;
+              async_copy<4>(step + i * kWarp * kSize, x + int64_t{i} * inner);
+            }
           }
         }
       }
@@ -447,7 +484,7 @@ __global__ void __launch_bounds__(kSoftmaxThreads, 12)
       async_wait<kSteps - 1>();
       __syncwarp();  // step q's bytes seen by every lane
       const uint32_t e = first + unit * kWarp + lane;
-      const bool live = !kRowsLayout || e < elements;
+      const bool live = kLayout == ElementLayout::kPixelPieces || e < elements;  // (pieces: whole units)
       if (pass == 0 && j == 0) {
         id = live ? a.target[e] : a.ignore_index;
         valid = id >= 0 && id < static_cast<int64_t>(C);  // else NaN, as softmax_elements_kernel

@@ -951,14 +951,18 @@ SOFTMAX_VARIANTS = [("c1", "registers"), ("c16", "ring"), ("ring", "registers")]
 # which start at every offset from a 16-byte block (the rings hold 16- and 32-bit logits: no float64, and two of the reductions, the
 # emulated barriers of their many rows being what the checks spend most time on); rows of 2050
 # classes are longer than the block's ring takes in float32 (8 KiB), not in bfloat16. Segmentation
-# logits of 256 positions an image are those the thread-per-element kernel's ring takes (whole
-# units of 32 in an image): 21 classes are 6 steps a pass in float32, 3 in bfloat16, and a tile of
-# 2 units 36 or 18 steps, round a ring of 8. Its ring takes rows of 20 classes too (each lane its
-# own row, 6 or 4 steps a pass from the block of its first logit; the last unit has 12 rows).
+# logits of 256 positions an image are those the thread-per-element kernel's ring takes in 16-byte
+# pieces (whole units of 32 in an image): 21 classes are 6 steps a pass in float32, 3 in bfloat16,
+# and a tile of 2 units 36 or 18 steps, round a ring of 8. Images of 99 and 180 positions have
+# units that straddle two images, and a last unit in part, which its ring takes word by word
+# (float32 both, bfloat16 the even one). Its ring takes rows of 20 classes too (each lane its own
+# row, 6 or 4 steps a pass from the block of its first logit; the last unit has 12 rows).
 SOFTMAX_TILED = {"rows-thread": (300, 20), "rows-warp": (35, 40), "rows-wide": (9, 200), "rows-block": (9, 300),
                  "segmentation": (3, 18, 9, 11), "rows-warp-long": (301, 117), "rows-wide-long": (65, 251),
-                 "rows-block-long": (41, 1501), "rows-block-wide": (9, 2050), "segmentation-32": (2, 21, 8, 32)}
+                 "rows-block-long": (41, 1501), "rows-block-wide": (9, 2050), "segmentation-32": (2, 21, 8, 32),
+                 "segmentation-even": (2, 18, 6, 30)}
 SOFTMAX_LONG = ("rows-warp-long", "rows-wide-long", "rows-block-long")
+SOFTMAX_NO_FLOAT64 = (*SOFTMAX_LONG, "segmentation-even")  # layouts whose float64 tests no ring
 SOFTMAX_WARP_ROWS = {"rows-warp": 2, "rows-wide": 1, "rows-warp-long": 2, "rows-wide-long": 1}  # rows a round
 SOFTMAX_BLOCK_ROWS = ("rows-block", "rows-block-long", "rows-block-wide")
 
@@ -973,7 +977,7 @@ def softmax_variant(name, grid):
 
 @pytest.mark.parametrize(("layout", "dtype"), [
     (layout, dtype) for layout in SOFTMAX_TILED for dtype in (torch.float32, torch.bfloat16, torch.float64)
-    if not (layout in SOFTMAX_LONG and dtype == torch.float64)], ids=str)
+    if not (layout in SOFTMAX_NO_FLOAT64 and dtype == torch.float64)], ids=str)
 def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(layout, dtype):
     """Every kernel, every reduction, with and without smoothing and the gradient: the same bits
     in every variant (classes per load, registers or rings) and on one block, three or a wave of
@@ -1007,13 +1011,15 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["rows-warp-long", "rows-block-long", "segmentation-32", "rows-thread"])
+@pytest.mark.parametrize("layout", ["rows-warp-long", "rows-block-long", "segmentation-32", "segmentation-even",
+                                    "rows-thread"])
 def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
     """The rings copy whole 16-byte blocks: the row kernels' from the one that holds a tile's first
     logit, which may begin before the logits, and so the thread-per-element kernel's for each row;
-    its segmentation logits' a class's 32 positions, which must begin a block. Logits that start 4 or 2 bytes into a block (which the
-    host sends to the kernels' other variants: a block before them may lie outside their memory)
-    give the same bits as aligned ones through the rings."""
+    its segmentation logits' a class's 32 positions, which must begin a block. Logits that start 4
+    or 2 bytes into a block (which the host sends to the kernels' other variants: a block before
+    them may lie outside their memory; float32 segmentation logits to the ring's words, 2-byte
+    aligned 16-bit ones to c1) give the same bits as aligned ones through the rings."""
     x, t = _softmax_problem(SOFTMAX_TILED[layout], dtype, 5)
     storage = torch.empty(x.numel() + 8, dtype=dtype)
     shifted = storage[1:1 + x.numel()].view(x.shape)
