@@ -253,8 +253,7 @@ inline constexpr int64_t kIdsKernelElements = (int64_t{1} << 31) - (int64_t{1} <
 // kernel). Made by the host, so that the kernel reads all of it from its parameters rather than
 // holding it in registers.
 struct RowWalk {
-  uint32_t magic = 1;
-  uint32_t shift = 0;
+  Divider rows_in;  // rows_in(n): the whole rows in n elements
   int32_t cols = 1;
   uint32_t minus_cols = ~uint32_t{0};  // -cols as unsigned: a column is n + row * minus_cols, one multiply-add
   uint32_t ids_from = ~uint32_t{0};  // -1 as unsigned: the id arithmetic wraps, never overflows
@@ -269,12 +268,9 @@ struct RowWalk {
     w.ids_from = background_index == cols ? 0 : ~uint32_t{0};
     w.cols = static_cast<int32_t>(cols);
     w.minus_cols = uint32_t{0} - static_cast<uint32_t>(cols);
-    const Divider by_cols = Divider::make(cols);
-    w.magic = by_cols.magic;
-    w.shift = by_cols.shift;
+    w.rows_in = Divider::make(cols);
     return w;
   }
-  __device__ __forceinline__ uint32_t rows_in(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
 };
 
 // Loss (reduction "none") and gradient of every element, times the scale; with `tile_sums`, also
