@@ -327,13 +327,14 @@ __global__ void __launch_bounds__(kSoftmaxThreads)
 //   kPixelPieces<scalar_t> 16-byte pieces: a step holds kWarp / kPixelPieces classes of the unit,
 //   lane l copying piece l % kPixelPieces of class l / kPixelPieces;
 // - kPixelWords: segmentation logits of any other image size (float32), or of an even one (16-bit
-//   data): a unit may straddle two images, so each lane copies the 4-byte word that holds its own
-//   position's logit of each of the step's classes (in 16-bit data two neighbouring lanes' one word,
-//   half the step's classes each). The step holds what kPixelPieces's does, where kPixelPieces's
-//   does: every lane reads its position of each class the same way;
-// - kRows: rows (inner 1) of at most kThreadRowClasses classes, lane l's row from the 16-byte block
-//   that holds its first logit; a step is the next block of each lane's row, which it copies and
-//   reads itself.
+//   data), and those that are 4-byte but not 16-byte aligned: a unit may straddle two images, and a
+//   class's 32 logits need not start a 16-byte block, so each lane copies the 4-byte word that holds
+//   its own position's logit of each of the step's classes (in 16-bit data two neighbouring lanes'
+//   one word, half the step's classes each). The step holds what kPixelPieces's does, where
+//   kPixelPieces's does: every lane reads its position of each class the same way;
+// - kRows: rows (inner 1) of at most kThreadRowClasses classes, 16-byte aligned, lane l's row from
+//   the 16-byte block that holds its first logit; a step is the next block of each lane's row, which
+//   it copies and reads itself.
 enum class ElementLayout { kPixelPieces, kPixelWords, kRows };
 
 // How softmax_elements_ring_kernel walks its steps, made by the host: a pass over a unit's classes
@@ -381,8 +382,8 @@ struct ElementSteps {
 // same bits), but the logits reach the warp through shared memory. The warp streams its tile's
 // units, each unit's logits three times (once a pass), through a ring of kSteps steps of 16 bytes a
 // lane (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, and its (q mod
-// steps)-th step of that pass (ElementSteps); each lane copies 16 bytes of it (cp.async, as kLayout
-// says), each step is its own group, and step q + kSteps - 1 is requested before step q is used,
+// steps)-th step of that pass (ElementSteps); each lane's 16 bytes of it are copied (cp.async, as
+// kLayout says), each step is its own group, and step q + kSteps - 1 is requested before step q is used,
 // into the slot that step q - 1 held (every lane is done with it: a __syncwarp), so that
 // kSteps - 1 groups of 16 bytes a lane are in flight while a step is used. An element that is
 // ignored computes as the others do and writes zeros; a lane past the last element computes on

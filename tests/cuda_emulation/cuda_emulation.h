@@ -85,6 +85,7 @@ struct Counters {
   std::atomic<int64_t> launches{0};
   std::atomic<int64_t> elements{0};  // reported by the kernels through trace_elements()
   std::vector<int64_t> shapes;       // blocks and threads per block of each launch, in turn
+  std::atomic<int64_t> async_copies[17] = {};  // cp.async copies, by their size (4, 8 or 16 bytes)
 };
 inline Counters counters;
 
@@ -171,6 +172,7 @@ inline void async_copy(void* dst, const void* src, int size, int bytes) {
   }
   std::memset(dst, 0xFF, static_cast<size_t>(size));
   async_copies.open.push_back({dst, src, bytes, size});
+  counters.async_copies[size].fetch_add(1, std::memory_order_relaxed);
 }
 
 inline void async_commit() {

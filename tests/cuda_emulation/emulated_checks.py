@@ -1016,10 +1016,11 @@ def test_softmax_sums_and_gradients_are_the_same_bits_in_every_variant_and_grid(
 def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
     """The rings copy whole 16-byte blocks: the row kernels' from the one that holds a tile's first
     logit, which may begin before the logits, and so the thread-per-element kernel's for each row;
-    its segmentation logits' a class's 32 positions, which must begin a block. Logits that start 4
-    or 2 bytes into a block (which the host sends to the kernels' other variants: a block before
-    them may lie outside their memory; float32 segmentation logits to the ring's words, 2-byte
-    aligned 16-bit ones to c1) give the same bits as aligned ones through the rings."""
+    its pieces of segmentation logits, a class's 32 positions, must begin a block (its words, a
+    4-byte word). Logits that start 4 or 2 bytes into a block (which the host sends to the kernels'
+    other variants: a block before them may lie outside their memory; float32 segmentation logits
+    to the ring's words, 2-byte aligned 16-bit ones to c1) give the same bits as aligned ones
+    through the rings."""
     x, t = _softmax_problem(SOFTMAX_TILED[layout], dtype, 5)
     storage = torch.empty(x.numel() + 8, dtype=dtype)
     shifted = storage[1:1 + x.numel()].view(x.shape)
@@ -1030,6 +1031,40 @@ def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
         got = _softmax_op(EMU, shifted, t, reduction="sum")
     for a, b, what in zip(got, want, ("loss", "grad")):
         assert_bitwise_equal(a, b, f"{what}: logits at an odd address")
+
+
+# Which layout the thread-per-element kernel's ring takes, by the size of its copies (16 bytes: a
+# class's 32 positions in pieces, or a row's blocks; 4: each lane's word of each class; None: the
+# ring takes none, c1 runs): logits (shape), their dtype and how many elements into an aligned
+# storage they start.
+SOFTMAX_RING_ROUTES = [
+    ((2, 21, 8, 32), torch.float32, 0, 16), ((2, 21, 8, 32), torch.float32, 1, 4),
+    ((2, 21, 8, 32), torch.bfloat16, 0, 16), ((2, 21, 8, 32), torch.bfloat16, 2, 4),
+    ((2, 21, 8, 32), torch.bfloat16, 1, None),  # 2 bytes off a word
+    ((3, 18, 9, 11), torch.float32, 0, 4), ((3, 18, 9, 11), torch.bfloat16, 0, None),  # odd positions
+    ((2, 1, 6, 30), torch.float16, 0, 4),  # one class: odd lanes copy nothing, read their neighbour's word
+    ((3, 5, 4), torch.float32, 0, 4),  # a warp's 32 pixels in 8 images
+    ((300, 20), torch.float32, 0, 16), ((300, 20), torch.float32, 1, None), ((3, 18, 9, 11), torch.float64, 0, None),
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "shift", "copy_bytes"), SOFTMAX_RING_ROUTES, ids=str)
+def test_softmax_ring_takes_the_layouts_it_names(shape, dtype, shift, copy_bytes):
+    """The thread-per-element kernel in its ring variant takes each layout as ElementSteps::layout_of
+    says (read from the emulated cp.async copies it makes), and gives c1's bits."""
+    x, t = _softmax_problem(shape, dtype, 3)
+    storage = torch.empty(x.numel() + 8, dtype=dtype)
+    assert storage.data_ptr() % 16 == 0
+    x = storage[shift:shift + x.numel()].view(x.shape).copy_(x)
+    with softmax_variant("c1", None):
+        want = _softmax_op(EMU, x, t, reduction="sum")
+    EMU.reset_emulation_counters()
+    with softmax_variant("ring", None):
+        got = _softmax_op(EMU, x, t, reduction="sum")
+    copies = dict(zip((4, 8, 16), EMU.emulated_async_copies()))
+    assert [size for size, n in copies.items() if n] == ([copy_bytes] if copy_bytes else []), copies
+    for a, b, what in zip(got, want, ("loss", "grad")):
+        assert_bitwise_equal(a, b, f"{what}: ring against c1")
 
 
 def test_softmax_over_no_classes_reads_no_logit():

@@ -23,6 +23,13 @@ void reset_emulation_counters() {
   focal_emu::counters.launches = 0;
   focal_emu::counters.elements = 0;
   focal_emu::counters.shapes.clear();
+  for (auto& copies : focal_emu::counters.async_copies) copies = 0;
+}
+
+// [cp.async copies of 4, 8 and 16 bytes] since the last reset.
+std::vector<int64_t> emulated_async_copies() {
+  const auto& c = focal_emu::counters.async_copies;
+  return {c[4].load(), c[8].load(), c[16].load()};
 }
 
 // [blocks, threads per block] of each launch since the last reset, flattened.
@@ -42,6 +49,7 @@ TORCH_LIBRARY(focal_emu, m) {
   m.def("emulation_counters() -> int[]", &emulation_counters);
   m.def("reset_emulation_counters() -> ()", &reset_emulation_counters);
   m.def("emulated_launch_shapes() -> int[]", &emulated_launch_shapes);
+  m.def("emulated_async_copies() -> int[]", &emulated_async_copies);
   m.def("set_scalars_on_device(bool on) -> bool", &set_scalars_on_device);
   m.def("emulated_multiprocessors() -> int", &emulated_multiprocessors);
 }
