@@ -1033,10 +1033,10 @@ def test_softmax_ring_takes_logits_at_any_address(layout, dtype):
         assert_bitwise_equal(a, b, f"{what}: logits at an odd address")
 
 
-# Which layout the thread-per-element kernel's ring takes, by the size of its copies (16 bytes: a
-# class's 32 positions in pieces, or a row's blocks; 4: each lane's word of each class; None: the
-# ring takes none, c1 runs): logits (shape), their dtype and how many elements into an aligned
-# storage they start.
+# Which logits the softmax kernels' rings take, by the size of the copies they make: 16 bytes (the
+# thread-per-element kernel's pieces of a class's 32 positions and its rows' blocks; the row
+# kernels' blocks of their rows), 4 (the thread-per-element kernel's words), or None (no ring: c1 or
+# registers run). Logits (shape), their dtype, and how many elements into an aligned storage they start.
 SOFTMAX_RING_ROUTES = [
     ((2, 21, 8, 32), torch.float32, 0, 16), ((2, 21, 8, 32), torch.float32, 1, 4),
     ((2, 21, 8, 32), torch.bfloat16, 0, 16), ((2, 21, 8, 32), torch.bfloat16, 2, 4),
@@ -1045,26 +1045,30 @@ SOFTMAX_RING_ROUTES = [
     ((2, 1, 6, 30), torch.float16, 0, 4),  # one class: odd lanes copy nothing, read their neighbour's word
     ((3, 5, 4), torch.float32, 0, 4),  # a warp's 32 pixels in 8 images
     ((300, 20), torch.float32, 0, 16), ((300, 20), torch.float32, 1, None), ((3, 18, 9, 11), torch.float64, 0, None),
+    ((35, 40), torch.float32, 0, 16), ((35, 40), torch.float32, 1, None), ((9, 200), torch.bfloat16, 0, 16),
+    ((9, 300), torch.float16, 0, 16), ((9, 300), torch.float32, 1, None), ((9, 300), torch.float64, 0, None),
+    ((3, 2050), torch.float32, 0, None), ((3, 2050), torch.bfloat16, 0, 16),  # 8200 and 4100 bytes a row
 ]
 
 
 @pytest.mark.parametrize(("shape", "dtype", "shift", "copy_bytes"), SOFTMAX_RING_ROUTES, ids=str)
-def test_softmax_ring_takes_the_layouts_it_names(shape, dtype, shift, copy_bytes):
-    """The thread-per-element kernel in its ring variant takes each layout as ElementSteps::layout_of
-    says (read from the emulated cp.async copies it makes), and gives c1's bits."""
+def test_softmax_rings_take_the_logits_they_name(shape, dtype, shift, copy_bytes):
+    """In their ring variants the softmax kernels take the logits their hosts' conditions name (read
+    from the emulated cp.async copies they make: a ring that silently never ran would pass every
+    same-bits check), and give the other variants' bits."""
     x, t = _softmax_problem(shape, dtype, 3)
     storage = torch.empty(x.numel() + 8, dtype=dtype)
     assert storage.data_ptr() % 16 == 0
     x = storage[shift:shift + x.numel()].view(x.shape).copy_(x)
-    with softmax_variant("c1", None):
+    with softmax_variant(("c1", "registers"), None):
         want = _softmax_op(EMU, x, t, reduction="sum")
     EMU.reset_emulation_counters()
-    with softmax_variant("ring", None):
+    with softmax_variant(("ring", "ring"), None):
         got = _softmax_op(EMU, x, t, reduction="sum")
     copies = dict(zip((4, 8, 16), EMU.emulated_async_copies()))
     assert [size for size, n in copies.items() if n] == ([copy_bytes] if copy_bytes else []), copies
     for a, b, what in zip(got, want, ("loss", "grad")):
-        assert_bitwise_equal(a, b, f"{what}: ring against c1")
+        assert_bitwise_equal(a, b, f"{what}: rings against c1 and registers")
 
 
 def test_softmax_over_no_classes_reads_no_logit():
