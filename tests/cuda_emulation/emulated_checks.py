@@ -456,6 +456,7 @@ def test_reduced_sum_of_16_bit_logits_is_repeatable(dtype):
 # ---- Launch shapes and grid sizes: the same bits ----------------------------------------------------
 
 LAUNCH_SHAPES = {"t256_f64_b4": 256, "t128_f32_b12": 128, "t256_f64_b6": 256}  # name -> threads per block
+RING_SHAPE = "t256_f64_b6"  # the launch shape whose kernels stream whole tiles through shared memory
 GRIDS = [None, 1]  # FOCAL_CUDA_GRID: one wave (8, 12 or 24 blocks on the 2 emulated SMs, by shape), one block
 
 
@@ -483,9 +484,11 @@ def launch_shape(name, grid):
     return environment(FOCAL_CUDA_VARIANT=name, FOCAL_CUDA_GRID=grid)
 
 
-def _every_launch(dtype, call):
+def _every_launch(dtype, call, whole_tiles=False):
     """call() in every launch shape and grid size: the loss kernel's launch as asked, and the
-    results, which must be bitwise those of the first."""
+    results, which must be bitwise those of the first. Only RING_SHAPE copies through shared memory
+    (cp.async), and with `whole_tiles` (a roofline kernel's data of a whole tile a lane or more) it
+    must."""
     first = None
     shapes = list(LAUNCH_SHAPES)[:1] if dtype == torch.float64 else LAUNCH_SHAPES  # float64: one shape
     for name, grid in itertools.product(shapes, GRIDS):
@@ -496,9 +499,11 @@ def _every_launch(dtype, call):
             launches = list(zip(shapes[::2], shapes[1::2]))
             # The loss kernel's: the only launch, or the one before the sum of its tiles.
             blocks, threads = launches[-2] if len(launches) > 1 else launches[0]
+            copies = sum(EMU.emulated_async_copies())
         # float64 has one launch shape of its own; the grid is the one asked for, or one wave.
         assert threads == (256 if dtype == torch.float64 else LAUNCH_SHAPES[name]), (name, threads)
         assert grid is None or blocks <= grid, (name, grid, blocks)
+        assert (copies > 0) == (whole_tiles and name == RING_SHAPE and dtype != torch.float64), (name, copies)
         if first is None:
             first = got
             continue
@@ -529,7 +534,8 @@ def test_class_id_sums_and_gradients_are_the_same_bits_in_every_launch_shape_and
         for reduction, gamma, compute_grad, rw in (("sum", 2.0, True, None), ("sum", 1.5, True, row_weight),
                                                    ("mean", 1.5, False, None)):
             loss, grad = _every_launch(dtype, lambda: loss_op(EMU, x, ids, reduction=reduction, gamma=gamma,
-                                                              row_weight=rw, compute_grad=compute_grad))
+                                                              row_weight=rw, compute_grad=compute_grad),
+                                       whole_tiles=x.numel() >= tile)
             cpu_loss, cpu_grad = loss_op(CPU, x, ids, reduction=reduction, gamma=gamma, row_weight=rw)
             what = f"{rows}x{cols} {reduction}{' row-weighted' if rw is not None else ''}"
             assert_reduced_close(loss, cpu_loss, dtype, x.numel(), what + " vs CPU op",
@@ -550,7 +556,7 @@ def test_float_target_sums_and_gradients_are_the_same_bits_in_every_launch_shape
         x = make_logits((numel, 1), dtype, g)
         t = make_targets("soft", x, g)
         for reduction in REDUCTIONS:
-            _every_launch(dtype, lambda: loss_op(EMU, x, t, reduction=reduction, gamma=1.5))
+            _every_launch(dtype, lambda: loss_op(EMU, x, t, reduction=reduction, gamma=1.5), whole_tiles=numel >= tile)
         with launch_shape("t128_f32_b12", None):
             EMU.reset_emulation_counters()
             loss_op(EMU, x, t, reduction="sum", gamma=1.5, smoothing=0.1)
