@@ -246,12 +246,11 @@ inline int tile_blocks(int64_t tiles, int64_t max_blocks) {
 // indices, up to a tile past the last element, stay below 2^31.
 inline constexpr int64_t kIdsKernelElements = (int64_t{1} << 31) - (int64_t{1} << 16);
 
-// How focal_ids_kernel finds rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 (Divider's
-// magic and shift, kernel_runtime.cuh), and
-// `ids_from`, the first of the cols + 1 class ids the fast path takes for classes and background:
-// -1, or 0 when background_index is cols (the host sends any other background_index to the general
-// kernel). Made by the host, so that the kernel reads all of it from its parameters rather than
-// holding it in registers.
+// How focal_ids_kernel finds rows: n / cols for 0 <= n < 2^31 and 1 <= cols < 2^31 (a Divider,
+// kernel_runtime.cuh), and `ids_from`, the first of the cols + 1 class ids the fast path takes for
+// classes and background: -1, or 0 when background_index is cols (the host sends any other
+// background_index to the general kernel). Made by the host, so that the kernel reads all of it
+// from its parameters rather than holding it in registers.
 struct RowWalk {
   Divider rows_in;  // rows_in(n): the whole rows in n elements
   int32_t cols = 1;

@@ -383,8 +383,8 @@ struct ElementSteps {
 // units, each unit's logits three times (once a pass), through a ring of kSteps steps of 16 bytes a
 // lane (4 KiB): step q of the tile is unit q / (3 steps), pass q / steps mod 3, and its (q mod
 // steps)-th step of that pass (ElementSteps); each lane's 16 bytes of it are copied (cp.async, as
-// kLayout says), each step is its own group, and step q + kSteps - 1 is requested before step q is used,
-// into the slot that step q - 1 held (every lane is done with it: a __syncwarp), so that
+// kLayout says), each step is its own group, and step q + kSteps - 1 is requested before step q is
+// used, into the slot that step q - 1 held (every lane is done with it: a __syncwarp), so that
 // kSteps - 1 groups of 16 bytes a lane are in flight while a step is used. An element that is
 // ignored computes as the others do and writes zeros; a lane past the last element computes on
 // what its slots hold and writes nothing.
